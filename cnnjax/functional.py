@@ -1,0 +1,455 @@
+"""Pure functions for every layer of the lecture, on NHWC activations and HWIO kernels.
+
+Everything here is a plain function of arrays: no parameters are created, no state is kept.
+`cnnjax.nn` wraps these in Flax linen modules. Arguments are validated eagerly (on static
+shapes), so a bad call fails before anything is traced, with a message naming the argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+IntPair = Union[int, Sequence[int]]
+# int p, (ph, pw), ((top, bottom), (left, right)), 'SAME' or 'VALID'.
+Padding = Union[str, int, Sequence[int], Sequence[Sequence[int]]]
+
+DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+# --------------------------------------------------------------------------- argument parsing
+
+
+def _pair(value: IntPair, name: str, *, minimum: int = 1) -> tuple[int, int]:
+    """Normalises an int or a pair to a pair of ints >= minimum."""
+    if isinstance(value, (int,)) and not isinstance(value, bool):
+        pair = (value, value)
+    else:
+        try:
+            pair = tuple(int(v) for v in value)  # type: ignore[union-attr]
+        except TypeError:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+        if len(pair) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum} in both dimensions, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _check_rank(x: Array, rank: int, name: str, layout: str) -> None:
+    if x.ndim != rank:
+        raise ValueError(
+            f"{name} must have rank {rank} ({layout}), got shape {tuple(x.shape)}; "
+            f"add a batch dimension with x[None] or reshape to {layout}"
+        )
+
+
+def resolve_padding(
+    padding: Padding,
+    spatial: tuple[int, int],
+    window: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int] = (1, 1),
+    *,
+    name: str = "padding",
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Converts any accepted padding form to explicit ((top, bottom), (left, right))."""
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode == "VALID":
+            return ((0, 0), (0, 0))
+        if mode == "SAME":
+            pads = []
+            for size, k, s, d in zip(spatial, window, stride, dilation):
+                eff = (k - 1) * d + 1
+                out = -(-size // s)
+                total = max((out - 1) * s + eff - size, 0)
+                pads.append((total // 2, total - total // 2))
+            return tuple(pads)  # type: ignore[return-value]
+        raise ValueError(
+            f"{name} string must be 'SAME' or 'VALID', got {padding!r}; "
+            "or pass an int, a pair, or ((top, bottom), (left, right))"
+        )
+    if isinstance(padding, int) and not isinstance(padding, bool):
+        pads = ((padding, padding), (padding, padding))
+    else:
+        try:
+            items = list(padding)  # type: ignore[arg-type]
+        except TypeError:
+            raise ValueError(f"{name} must be an int, a pair, per-side pairs or a string, got {padding!r}") from None
+        if len(items) != 2:
+            raise ValueError(f"{name} must have 2 entries (height, width), got {padding!r}")
+        if all(isinstance(p, int) for p in items):
+            pads = ((items[0], items[0]), (items[1], items[1]))
+        else:
+            try:
+                pads = tuple((int(a), int(b)) for a, b in items)  # type: ignore[misc]
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{name} must be an int, (ph, pw) or ((top, bottom), (left, right)), got {padding!r}"
+                ) from None
+    if any(p < 0 for pair in pads for p in pair):
+        raise ValueError(f"{name} must be non-negative, got {padding!r}")
+    return pads  # type: ignore[return-value]
+
+
+def output_size(size: int, window: int, stride: int = 1, pad: int | tuple[int, int] = 0,
+                dilation: int = 1, ceil_mode: bool = False) -> int:
+    """The lecture's output-size formula floor((W - K + 2P) / S) + 1, with dilation and ceil mode."""
+    lo, hi = (pad, pad) if isinstance(pad, int) else pad
+    eff = (window - 1) * dilation + 1
+    span = size + lo + hi - eff
+    if span < 0:
+        return 0
+    if ceil_mode:
+        out = -(-span // stride) + 1
+        # The last window must start inside the input or the left padding (PyTorch's rule).
+        if (out - 1) * stride >= size + lo:
+            out -= 1
+        return out
+    return span // stride + 1
+
+
+def _check_window_fits(spatial, window, dilation, pads, what: str, arg: str) -> None:
+    for axis, size, k, d, (lo, hi) in zip(("height", "width"), spatial, window, dilation, pads):
+        eff = (k - 1) * d + 1
+        if eff > size + lo + hi:
+            raise ValueError(
+                f"{arg}: {what} of effective size {eff} (kernel {k}, dilation {d}) is larger than "
+                f"the padded input {axis} {size}+{lo}+{hi}={size + lo + hi}; use a smaller {arg}, "
+                "more padding, or a larger input"
+            )
+
+
+# --------------------------------------------------------------------------- convolution
+
+
+def conv2d(
+    x: Array,
+    kernel: Array,
+    bias: Array | None = None,
+    *,
+    stride: IntPair = 1,
+    padding: Padding = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    precision: lax.PrecisionLike = None,
+) -> Array:
+    """2-D cross-correlation: out[n, i, j, o] = bias[o] + sum_{k, di, dj} w[di, dj, k, o] * x[n, ...].
+
+    Args:
+      x: input, (N, H, W, C_in).
+      kernel: weights, (KH, KW, C_in // groups, C_out); C_out must be divisible by groups.
+      bias: optional (C_out,).
+      stride: int or (sh, sw), >= 1.
+      padding: int, (ph, pw), ((top, bottom), (left, right)), 'SAME' or 'VALID'.
+      dilation: int or (dh, dw), >= 1 (atrous convolution).
+      groups: feature groups; groups == C_in == C_out is a depthwise convolution.
+      precision: passed to `lax.conv_general_dilated`.
+
+    Returns:
+      (N, H_out, W_out, C_out) with H_out = floor((H + pt + pb - ((KH - 1) * dh + 1)) / sh) + 1.
+    """
+    _check_rank(x, 4, "x", "NHWC")
+    if kernel.ndim != 4:
+        raise ValueError(f"kernel must have rank 4 (HWIO), got shape {tuple(kernel.shape)}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    strides = _pair(stride, "stride")
+    dilations = _pair(dilation, "dilation")
+    c_in, (kh, kw, k_in, c_out) = x.shape[-1], kernel.shape
+    if c_in % groups:
+        raise ValueError(f"groups={groups} must divide the input channels {c_in} (x shape {tuple(x.shape)})")
+    if c_out % groups:
+        raise ValueError(f"groups={groups} must divide the output channels {c_out} (kernel shape {tuple(kernel.shape)})")
+    if k_in * groups != c_in:
+        raise ValueError(
+            f"channel mismatch: x has {c_in} channels but kernel {tuple(kernel.shape)} expects "
+            f"{k_in} x groups={groups} = {k_in * groups}; the kernel must be (KH, KW, C_in // groups, C_out)"
+        )
+    pads = resolve_padding(padding, x.shape[1:3], (kh, kw), strides, dilations)
+    _check_window_fits(x.shape[1:3], (kh, kw), dilations, pads, "kernel", "kernel")
+    if bias is not None and bias.shape != (c_out,):
+        raise ValueError(f"bias must have shape ({c_out},), got {tuple(bias.shape)}")
+    y = lax.conv_general_dilated(
+        x,
+        kernel.astype(x.dtype),
+        window_strides=strides,
+        padding=pads,
+        rhs_dilation=dilations,
+        dimension_numbers=DIMENSION_NUMBERS,
+        feature_group_count=groups,
+        precision=precision,
+    )
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y
+
+
+def dense(x: Array, kernel: Array, bias: Array | None = None, *, precision: lax.PrecisionLike = None) -> Array:
+    """Fully connected layer: x @ kernel + bias over the last axis."""
+    if kernel.ndim != 2:
+        raise ValueError(f"kernel must have rank 2 (in, out), got shape {tuple(kernel.shape)}")
+    if x.shape[-1] != kernel.shape[0]:
+        raise ValueError(
+            f"x has {x.shape[-1]} features but kernel {tuple(kernel.shape)} expects {kernel.shape[0]}; "
+            "flatten the input or fix the layer's input size"
+        )
+    y = jnp.matmul(x, kernel.astype(x.dtype), precision=precision)
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+def flatten(x: Array) -> Array:
+    """Flattens all but the batch axis (NHWC order)."""
+    if x.ndim < 2:
+        raise ValueError(f"x must have a batch axis and at least one more, got shape {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1)
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def _pool_geometry(x, kernel_size, stride, padding, ceil_mode, name):
+    _check_rank(x, 4, "x", "NHWC")
+    window = _pair(kernel_size, "kernel_size")
+    strides = window if stride is None else _pair(stride, "stride")
+    pads = resolve_padding(padding, x.shape[1:3], window, strides)
+    _check_window_fits(x.shape[1:3], window, (1, 1), pads, f"{name} window", "kernel_size")
+    if not isinstance(padding, str):
+        for k, (lo, hi) in zip(window, pads):
+            if max(lo, hi) > k // 2:
+                raise ValueError(
+                    f"padding {padding!r} must be at most half the pooling window {window}; "
+                    "larger padding makes windows that see only padding"
+                )
+    if ceil_mode:
+        # Extra padding on the far side so that the last partial window is kept.
+        new = []
+        for size, k, s, (lo, hi) in zip(x.shape[1:3], window, strides, pads):
+            out = output_size(size, k, s, (lo, hi), ceil_mode=True)
+            need = (out - 1) * s + k - (size + lo + hi)
+            new.append((lo, hi + max(need, 0)))
+        pads = tuple(new)
+    return window, strides, pads
+
+
+def max_pool(x: Array, kernel_size: IntPair, stride: IntPair | None = None, padding: Padding = 0,
+             *, ceil_mode: bool = False) -> Array:
+    """Max pooling (padding never wins: it is -inf); stride defaults to the window."""
+    window, strides, pads = _pool_geometry(x, kernel_size, stride, padding, ceil_mode, "pooling")
+    init = jnp.array(-jnp.inf, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+    return lax.reduce_window(x, init, lax.max, (1, *window, 1), (1, *strides, 1),
+                             ((0, 0), *pads, (0, 0)))
+
+
+def avg_pool(x: Array, kernel_size: IntPair, stride: IntPair | None = None, padding: Padding = 0,
+             *, ceil_mode: bool = False, count_include_pad: bool = True) -> Array:
+    """Average pooling. count_include_pad counts the explicit zero padding in the divisor
+    (PyTorch's default); the extra far-side padding of ceil_mode is never counted."""
+    window, strides, pads = _pool_geometry(x, kernel_size, stride, padding, ceil_mode, "pooling")
+    dims, wstrides, wpads = (1, *window, 1), (1, *strides, 1), ((0, 0), *pads, (0, 0))
+    total = lax.reduce_window(x, jnp.array(0, x.dtype), lax.add, dims, wstrides, wpads)
+    ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
+    if count_include_pad:
+        # Count the user's padding, but not the extra ceil-mode padding beyond it.
+        user = resolve_padding(padding, x.shape[1:3], window, strides)
+        ones = jnp.pad(ones, ((0, 0), *user, (0, 0)), constant_values=1)
+        extra = tuple((lo - ulo, hi - uhi) for (lo, hi), (ulo, uhi) in zip(pads, user))
+        count = lax.reduce_window(ones, jnp.array(0, x.dtype), lax.add, dims, wstrides, ((0, 0), *extra, (0, 0)))
+    else:
+        count = lax.reduce_window(ones, jnp.array(0, x.dtype), lax.add, dims, wstrides, wpads)
+    return total / count
+
+
+def global_avg_pool(x: Array, *, keepdims: bool = False) -> Array:
+    """Mean over the spatial axes: (N, H, W, C) -> (N, C) (or (N, 1, 1, C))."""
+    _check_rank(x, 4, "x", "NHWC")
+    return jnp.mean(x, axis=(1, 2), keepdims=keepdims)
+
+
+def global_max_pool(x: Array, *, keepdims: bool = False) -> Array:
+    """Max over the spatial axes."""
+    _check_rank(x, 4, "x", "NHWC")
+    return jnp.max(x, axis=(1, 2), keepdims=keepdims)
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def batch_norm_statistics(x: Array, *, axis_name: str | None = None) -> tuple[Array, Array]:
+    """Per-channel mean and biased variance over every axis but the last, in float32.
+
+    With `axis_name`, the statistics are those of the batch across all devices on that axis.
+    """
+    if x.ndim < 2:
+        raise ValueError(f"x must be (N, C) or (N, H, W, C), got shape {tuple(x.shape)}")
+    axes = tuple(range(x.ndim - 1))
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axes)
+    mean_sq = jnp.mean(jnp.square(x32), axes)
+    if axis_name is not None:
+        mean, mean_sq = lax.pmean((mean, mean_sq), axis_name)
+    # E[x^2] - E[x]^2 can round below zero.
+    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+    return mean, var
+
+
+def batch_norm_apply(x: Array, mean: Array, var: Array, scale: Array | None, bias: Array | None,
+                     *, eps: float = 1e-5) -> Array:
+    """y = (x - mean) / sqrt(var + eps) * scale + bias, folded to one multiply-add per element."""
+    c = x.shape[-1]
+    for name, v in (("mean", mean), ("var", var), ("scale", scale), ("bias", bias)):
+        if v is not None and v.shape != (c,):
+            raise ValueError(f"{name} must have shape ({c},) for x of shape {tuple(x.shape)}, got {tuple(v.shape)}")
+    mul = lax.rsqrt(var.astype(jnp.float32) + eps)
+    if scale is not None:
+        mul = mul * scale.astype(jnp.float32)
+    add = -mean.astype(jnp.float32) * mul
+    if bias is not None:
+        add = add + bias.astype(jnp.float32)
+    return (x * mul.astype(x.dtype) + add.astype(x.dtype)).astype(x.dtype)
+
+
+def batch_norm(
+    x: Array,
+    scale: Array | None,
+    bias: Array | None,
+    running_mean: Array,
+    running_var: Array,
+    *,
+    train: bool,
+    momentum: float = 0.9,
+    eps: float = 1e-5,
+    axis_name: str | None = None,
+) -> tuple[Array, tuple[Array, Array]]:
+    """Batch normalisation (Ioffe & Szegedy 2015).
+
+    Args:
+      x: (N, C) or (N, H, W, C).
+      scale, bias: learnable gamma and beta, (C,), or None.
+      running_mean, running_var: the running averages, (C,).
+      train: True normalises with the batch statistics (biased variance) and returns updated
+        running averages; False uses the running averages and returns them unchanged.
+      momentum: running = momentum * running + (1 - momentum) * batch (Flax convention).
+      eps: added to the variance.
+      axis_name: a mapped axis over which the batch statistics are averaged (the global batch).
+
+    Returns:
+      (y, (new_running_mean, new_running_var)).
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] (Flax convention, 0.9 = PyTorch's 0.1), got {momentum}")
+    if train:
+        mean, var = batch_norm_statistics(x, axis_name=axis_name)
+        new_mean = momentum * running_mean + (1.0 - momentum) * mean
+        new_var = momentum * running_var + (1.0 - momentum) * var
+        return batch_norm_apply(x, mean, var, scale, bias, eps=eps), (new_mean, new_var)
+    return batch_norm_apply(x, running_mean, running_var, scale, bias, eps=eps), (running_mean, running_var)
+
+
+def fold_batch_norm(
+    kernel: Array,
+    bias: Array | None,
+    scale: Array | None,
+    shift: Array | None,
+    mean: Array,
+    var: Array,
+    *,
+    eps: float = 1e-5,
+) -> tuple[Array, Array]:
+    """Folds an evaluation-mode BatchNorm into the preceding conv (HWIO) or dense (IO) layer.
+
+    BN(W x + b) = (W * g) x + (b - mean) * g + shift with g = scale / sqrt(var + eps), so the
+    folded layer has kernel W * g (per output channel, the last axis) and that bias.
+    """
+    c_out = kernel.shape[-1]
+    for name, v in (("bias", bias), ("scale", scale), ("shift", shift), ("mean", mean), ("var", var)):
+        if v is not None and v.shape != (c_out,):
+            raise ValueError(f"{name} must have shape ({c_out},) to match kernel {tuple(kernel.shape)}, got {tuple(v.shape)}")
+    g = lax.rsqrt(var.astype(jnp.float32) + eps)
+    if scale is not None:
+        g = g * scale
+    b = jnp.zeros((c_out,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    new_bias = (b - mean) * g
+    if shift is not None:
+        new_bias = new_bias + shift
+    return (kernel * g).astype(kernel.dtype), new_bias.astype(kernel.dtype)
+
+
+def local_response_norm(
+    x: Array,
+    size: int = 5,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    k: float = 2.0,
+    *,
+    alpha_over_n: bool = False,
+) -> Array:
+    """Local response normalisation across channels (Krizhevsky et al. 2012, section 3.3).
+
+    b_c = a_c / (k + alpha' * sum_{c' in [c - size//2, c + size//2]} a_{c'}^2) ** beta,
+    with alpha' = alpha (the paper's formula) or alpha / size when `alpha_over_n` (PyTorch, Caffe).
+    """
+    _check_rank(x, 4, "x", "NHWC")
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive int (channels in the window), got {size!r}")
+    a = alpha / size if alpha_over_n else alpha
+    sq = jnp.square(x.astype(jnp.float32))
+    half = size // 2
+    window_sum = lax.reduce_window(sq, 0.0, lax.add, (1, 1, 1, size), (1, 1, 1, 1),
+                                   ((0, 0), (0, 0), (0, 0), (half, size - 1 - half)))
+    return (x.astype(jnp.float32) / jnp.power(k + a * window_sum, beta)).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- regularisation and activations
+
+
+def dropout(x: Array, rate: float, rng: Array | None, *, deterministic: bool) -> Array:
+    """Inverted dropout: zero each unit with probability `rate`, scale survivors by 1 / (1 - rate)."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"rate must be in [0, 1), got {rate}")
+    if deterministic or rate == 0.0:
+        return x
+    if rng is None:
+        raise ValueError("dropout in training needs an rng: pass rngs={'dropout': key} to apply")
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+relu = jax.nn.relu
+relu6 = jax.nn.relu6
+leaky_relu = jax.nn.leaky_relu
+elu = jax.nn.elu
+gelu = jax.nn.gelu
+sigmoid = jax.nn.sigmoid
+tanh = jnp.tanh
+softmax = jax.nn.softmax
+log_softmax = jax.nn.log_softmax
+
+ACTIVATIONS = {
+    "relu": relu, "relu6": relu6, "leaky_relu": leaky_relu, "elu": elu, "gelu": gelu,
+    "sigmoid": sigmoid, "tanh": tanh, "identity": lambda x: x,
+}
+
+
+def get_activation(name: str):
+    """Looks up an activation function by name."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+def conv_output_shape(input_shape: Sequence[int], kernel_size: IntPair, features: int, *, stride: IntPair = 1,
+                      padding: Padding = 0, dilation: IntPair = 1) -> tuple[int, int, int, int]:
+    """Static output shape of conv2d for an NHWC input shape."""
+    k, s, d = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(dilation, "dilation")
+    pads = resolve_padding(padding, tuple(input_shape[1:3]), k, s, d)
+    h, w = (output_size(n, kk, ss, p, dd) for n, kk, ss, p, dd in zip(input_shape[1:3], k, s, pads, d))
+    return (input_shape[0], h, w, features)
+
