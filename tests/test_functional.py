@@ -1,0 +1,286 @@
+"""cnnjax.functional against naive NumPy references written from the lecture's definitions."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from cnnjax import functional as F
+
+
+# --------------------------------------------------------------------------- NumPy references
+
+
+def np_pad(x, pads, value=0.0):
+    (t, b), (l, r) = pads
+    return np.pad(x, ((0, 0), (t, b), (l, r), (0, 0)), constant_values=value)
+
+
+def np_conv2d(x, w, b, stride, pads, dilation, groups):
+    """out(N_i, C_out_j) = bias(C_out_j) + sum_k weight(C_out_j, k) * input(N_i, k), by loops."""
+    x = np_pad(x.astype(np.float64), pads)
+    n, h, wd, cin = x.shape
+    kh, kw, cig, cout = w.shape
+    sh, sw = stride
+    dh, dw = dilation
+    eh, ew = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    oh, ow = (h - eh) // sh + 1, (wd - ew) // sw + 1
+    cog = cout // groups
+    out = np.zeros((n, oh, ow, cout))
+    for o in range(cout):
+        g = o // cog
+        for i in range(oh):
+            for j in range(ow):
+                patch = x[:, i * sh:i * sh + eh:dh, j * sw:j * sw + ew:dw, g * cig:(g + 1) * cig]
+                out[:, i, j, o] = np.einsum("nhwc,hwc->n", patch, w[:, :, :, o])
+        if b is not None:
+            out[..., o] += b[o]
+    return out
+
+
+def np_pool(x, k, s, pads, op, count_include_pad=True, ceil_mode=False):
+    n, h, w, c = x.shape
+    (t, bt), (l, r) = pads
+    oh = F.output_size(h, k, s, (t, bt), ceil_mode=ceil_mode)
+    ow = F.output_size(w, k, s, (l, r), ceil_mode=ceil_mode)
+    out = np.zeros((n, oh, ow, c))
+    for i in range(oh):
+        for j in range(ow):
+            r0, c0 = i * s - t, j * s - l
+            rows = [rr for rr in range(r0, r0 + k)]
+            cols = [cc for cc in range(c0, c0 + k)]
+            vals, count = [], 0
+            for rr, cc in itertools.product(rows, cols):
+                inside_pad = -t <= rr < h + bt and -l <= cc < w + r
+                if 0 <= rr < h and 0 <= cc < w:
+                    vals.append(x[:, rr, cc, :])
+                    count += 1
+                elif inside_pad and count_include_pad and op == "avg":
+                    vals.append(np.zeros((n, c)))
+                    count += 1
+            stack = np.stack(vals)
+            out[:, i, j] = stack.max(0) if op == "max" else stack.sum(0) / count
+    return out
+
+
+# --------------------------------------------------------------------------- convolution
+
+
+def _random_conv_case(rng):
+    groups = int(rng.choice([1, 2, 3]))
+    cin = groups * int(rng.integers(1, 4))
+    cout = groups * int(rng.integers(1, 4))
+    kh, kw = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    stride = (int(rng.integers(1, 4)), int(rng.integers(1, 3)))
+    dilation = (int(rng.integers(1, 3)), int(rng.integers(1, 3)))
+    padding = [0, 1, (1, 2), ((0, 2), (1, 0)), "SAME", "VALID"][int(rng.integers(0, 6))]
+    h, w = int(rng.integers(6, 12)), int(rng.integers(6, 12))
+    return dict(groups=groups, cin=cin, cout=cout, k=(kh, kw), stride=stride, dilation=dilation,
+                padding=padding, hw=(h, w))
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_conv2d_matches_naive_formula(seed):
+    rng = np.random.default_rng(seed)
+    c = _random_conv_case(rng)
+    x = rng.standard_normal((2, *c["hw"], c["cin"])).astype(np.float32)
+    w = rng.standard_normal((*c["k"], c["cin"] // c["groups"], c["cout"])).astype(np.float32)
+    b = rng.standard_normal(c["cout"]).astype(np.float32) if seed % 2 else None
+    pads = F.resolve_padding(c["padding"], c["hw"], c["k"], c["stride"], c["dilation"])
+    got = F.conv2d(jnp.asarray(x), jnp.asarray(w), None if b is None else jnp.asarray(b), stride=c["stride"],
+                   padding=c["padding"], dilation=c["dilation"], groups=c["groups"],
+                   precision=jax.lax.Precision.HIGHEST)
+    want = np_conv2d(x, w, b, c["stride"], pads, c["dilation"], c["groups"])
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+
+
+def test_depthwise_conv_is_per_channel():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 5, 5, 4)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 1, 4)).astype(np.float32)
+    got = F.conv2d(jnp.asarray(x), jnp.asarray(w), padding=1, groups=4, precision="highest")
+    for ch in range(4):
+        single = np_conv2d(x[..., ch:ch + 1], w[..., ch:ch + 1], None, (1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+        np.testing.assert_allclose(np.asarray(got[..., ch]), single[..., 0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "size,k,s,p,d,want",
+    [(32, 3, 1, 1, 1, 32), (32, 3, 2, 1, 1, 16), (227, 11, 4, 0, 1, 55), (224, 7, 2, 3, 1, 112),
+     (7, 3, 1, 0, 2, 3), (28, 5, 1, 2, 1, 28), (10, 3, 3, 0, 1, 3), (13, 3, 1, 2, 2, 13)],
+)
+def test_output_size_formula(size, k, s, p, d, want):
+    assert F.output_size(size, k, s, p, d) == want == (size - ((k - 1) * d + 1) + 2 * p) // s + 1
+    x = jnp.zeros((1, size, size, 1))
+    y = F.conv2d(x, jnp.zeros((k, k, 1, 1)), stride=s, padding=p, dilation=d)
+    assert y.shape[1:3] == (want, want)
+    assert F.conv_output_shape(x.shape, k, 1, stride=s, padding=p, dilation=d)[1:3] == (want, want)
+
+
+def test_same_padding_keeps_size_at_stride_one():
+    x = jnp.ones((1, 9, 10, 2))
+    assert F.conv2d(x, jnp.ones((4, 3, 2, 3)), padding="SAME", dilation=2).shape == (1, 9, 10, 3)
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+@pytest.mark.parametrize("op", ["max", "avg"])
+@pytest.mark.parametrize("k,s,p,ceil,incl", [(2, 2, 0, False, True), (3, 2, 1, False, True), (3, 2, 1, False, False),
+                                             (3, 2, 0, True, True), (3, 3, 1, True, False), (3, 1, 1, False, True)])
+def test_pooling_matches_numpy(op, k, s, p, ceil, incl):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 7, 8, 3)).astype(np.float32)
+    if op == "max":
+        got = F.max_pool(jnp.asarray(x), k, s, p, ceil_mode=ceil)
+    else:
+        got = F.avg_pool(jnp.asarray(x), k, s, p, ceil_mode=ceil, count_include_pad=incl)
+    want = np_pool(x, k, s, ((p, p), (p, p)), op, count_include_pad=incl, ceil_mode=ceil)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+
+
+def test_ceil_mode_gives_googlenet_and_zfnet_sizes():
+    # GoogLeNet: 112 -> 56 with 3x3/2 ceil pooling; ZFNet: 110 -> 55 and 13 -> 6 (floor) maps.
+    assert F.max_pool(jnp.zeros((1, 112, 112, 1)), 3, 2, ceil_mode=True).shape[1] == 56
+    assert F.max_pool(jnp.zeros((1, 110, 110, 1)), 3, 2, ceil_mode=True).shape[1] == 55
+    assert F.max_pool(jnp.zeros((1, 110, 110, 1)), 3, 2).shape[1] == 54
+
+
+def test_global_avg_pool():
+    x = np.random.default_rng(2).standard_normal((3, 4, 5, 6)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(F.global_avg_pool(jnp.asarray(x))), x.mean((1, 2)), atol=1e-6)
+    assert F.global_avg_pool(jnp.asarray(x), keepdims=True).shape == (3, 1, 1, 6)
+
+
+# --------------------------------------------------------------------------- batch norm
+
+
+def test_batch_norm_train_and_eval_follow_the_formulas():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((4, 3, 3, 5)) * 3 + 2).astype(np.float32)
+    gamma, beta = rng.standard_normal(5).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    rm, rv = rng.standard_normal(5).astype(np.float32), rng.uniform(0.5, 2, 5).astype(np.float32)
+    y, (nm, nv) = F.batch_norm(jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta), jnp.asarray(rm), jnp.asarray(rv),
+                               train=True, momentum=0.9, eps=1e-5)
+    mu = x.reshape(-1, 5).mean(0)
+    var = x.reshape(-1, 5).var(0)  # biased, as in the lecture's mini-batch variance
+    np.testing.assert_allclose(np.asarray(y), (x - mu) / np.sqrt(var + 1e-5) * gamma + beta, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(nm), 0.9 * rm + 0.1 * mu, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(nv), 0.9 * rv + 0.1 * var, atol=1e-4)
+    y_eval, (em, ev) = F.batch_norm(jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta), jnp.asarray(rm),
+                                    jnp.asarray(rv), train=False)
+    np.testing.assert_allclose(np.asarray(y_eval), (x - rm) / np.sqrt(rv + 1e-5) * gamma + beta, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(em), rm)
+
+
+def test_batch_norm_on_dense_inputs_and_bf16_statistics_in_float32():
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((8, 3)), jnp.bfloat16) * 100 + 1000
+    mean, var = F.batch_norm_statistics(x)
+    assert mean.dtype == var.dtype == jnp.float32
+    x32 = np.asarray(x, np.float32)
+    np.testing.assert_allclose(np.asarray(mean), x32.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(var), x32.var(0), rtol=1e-2)
+    y, _ = F.batch_norm(x, None, None, jnp.zeros(3), jnp.ones(3), train=True)
+    assert y.dtype == jnp.bfloat16
+
+
+def test_batch_norm_axis_name_gives_global_batch_statistics():
+    x = np.random.default_rng(5).standard_normal((1, 8, 2, 2, 3)).astype(np.float32)
+    per = jax.vmap(lambda a: F.batch_norm_statistics(a, axis_name="batch"), axis_name="batch")(
+        jnp.asarray(x.reshape(4, 2, 2, 2, 3)))
+    whole = F.batch_norm_statistics(jnp.asarray(x[0]))
+    np.testing.assert_allclose(np.asarray(per[0][0]), np.asarray(whole[0]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(per[1][3]), np.asarray(whole[1]), atol=1e-5)
+
+
+def test_batch_norm_gradients():
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((4, 2, 2, 3)))
+    g, b = jnp.asarray(rng.standard_normal(3)), jnp.asarray(rng.standard_normal(3))
+    f = lambda x, g, b: F.batch_norm(x, g, b, jnp.zeros(3), jnp.ones(3), train=True)[0]
+    check_grads(f, (x, g, b), order=2, modes=("rev",), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("kind", ["conv", "dense"])
+def test_fold_batch_norm_equals_conv_then_eval_bn(kind):
+    rng = np.random.default_rng(7)
+    if kind == "conv":
+        x = jnp.asarray(rng.standard_normal((2, 6, 6, 4)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
+        layer = lambda w, b: F.conv2d(x, w, b, padding=1, stride=2, precision="highest")
+    else:
+        x = jnp.asarray(rng.standard_normal((3, 4)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((4, 5)), jnp.float32)
+        layer = lambda w, b: F.dense(x, w, b, precision="highest")
+    b = jnp.asarray(rng.standard_normal(5), jnp.float32)
+    gamma, beta = jnp.asarray(rng.standard_normal(5), jnp.float32), jnp.asarray(rng.standard_normal(5), jnp.float32)
+    mean, var = jnp.asarray(rng.standard_normal(5), jnp.float32), jnp.asarray(rng.uniform(0.2, 3, 5), jnp.float32)
+    ref, _ = F.batch_norm(layer(w, b), gamma, beta, mean, var, train=False)
+    fw, fb = F.fold_batch_norm(w, b, gamma, beta, mean, var)
+    np.testing.assert_allclose(np.asarray(layer(fw, fb)), np.asarray(ref), atol=1e-5, rtol=1e-5)
+    fw0, fb0 = F.fold_batch_norm(w, None, gamma, beta, mean, var)
+    ref0, _ = F.batch_norm(layer(w, None), gamma, beta, mean, var, train=False)
+    np.testing.assert_allclose(np.asarray(layer(fw0, fb0)), np.asarray(ref0), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- LRN, dropout
+
+
+@pytest.mark.parametrize("alpha_over_n", [False, True])
+def test_local_response_norm_matches_paper_formula(alpha_over_n):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 3, 3, 7)).astype(np.float32) * 5
+    n, alpha, beta, k = 5, 1e-2, 0.75, 2.0
+    a = alpha / n if alpha_over_n else alpha
+    want = np.empty_like(x)
+    for c in range(7):
+        lo, hi = max(0, c - n // 2), min(6, c + n // 2)
+        want[..., c] = x[..., c] / (k + a * (x[..., lo:hi + 1] ** 2).sum(-1)) ** beta
+    got = F.local_response_norm(jnp.asarray(x), n, alpha, beta, k, alpha_over_n=alpha_over_n)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+
+
+def test_dropout_scales_survivors_and_is_identity_when_deterministic():
+    x = jnp.ones((1000, 10))
+    y = F.dropout(x, 0.3, jax.random.key(0), deterministic=False)
+    kept = np.asarray(y) != 0
+    np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.7, rtol=1e-6)
+    assert abs(kept.mean() - 0.7) < 0.02
+    assert F.dropout(x, 0.3, None, deterministic=True) is x
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "call,words",
+    [
+        (lambda: F.conv2d(jnp.zeros((4, 4, 3)), jnp.zeros((3, 3, 3, 2))), ["x", "rank 4", "(4, 4, 3)"]),
+        (lambda: F.conv2d(jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 4, 2))), ["channel", "3", "4"]),
+        (lambda: F.conv2d(jnp.zeros((1, 8, 8, 4)), jnp.zeros((3, 3, 2, 3)), groups=2), ["groups=2", "output channels 3"]),
+        (lambda: F.conv2d(jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 1, 4)), groups=2), ["groups=2", "input channels 3"]),
+        (lambda: F.conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((7, 7, 1, 1)), padding=1), ["kernel", "larger", "padded"]),
+        (lambda: F.conv2d(jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 3, 1, 1)), stride=0), ["stride", ">= 1"]),
+        (lambda: F.conv2d(jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 3, 1, 1)), dilation=(1, -1)), ["dilation"]),
+        (lambda: F.conv2d(jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 3, 1, 1)), padding="FULL"), ["padding", "SAME", "VALID"]),
+        (lambda: F.conv2d(jnp.zeros((1, 8, 8, 1)), jnp.zeros((3, 3, 1, 1)), padding=-1), ["padding", "non-negative"]),
+        (lambda: F.max_pool(jnp.zeros((1, 2, 2, 1)), 3), ["kernel_size", "larger"]),
+        (lambda: F.max_pool(jnp.zeros((1, 8, 8, 1)), 2, padding=2), ["padding", "half"]),
+        (lambda: F.avg_pool(jnp.zeros((8, 8)), 2), ["x", "rank 4"]),
+        (lambda: F.dense(jnp.zeros((2, 5)), jnp.zeros((4, 3))), ["5 features", "4"]),
+        (lambda: F.dropout(jnp.zeros(3), 1.0, None, deterministic=False), ["rate"]),
+        (lambda: F.dropout(jnp.zeros(3), 0.5, None, deterministic=False), ["rng", "dropout"]),
+        (lambda: F.batch_norm(jnp.zeros((2, 3)), None, None, jnp.zeros(3), jnp.ones(3), train=True, momentum=1.5), ["momentum"]),
+        (lambda: F.get_activation("swishy"), ["swishy", "relu"]),
+    ],
+)
+def test_bad_input_raises_clear_value_error(call, words):
+    with pytest.raises(ValueError) as info:
+        call()
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
