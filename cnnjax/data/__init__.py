@@ -1,26 +1,41 @@
 """Input pipelines: data sets (tfds, embedded digits, local .npz), batching, augmentation.
 
-  ds = data.load_dataset('cifar10', data_dir='shared/data', validation_size=5000)
-  pipe = data.Pipeline(ds, 128, augment='cifar', normalize='per_pixel_mean', seed=0)
-  for batch in data.prefetch_to_device(pipe.train_batches(epoch)): ...
-  for batch in pipe.eval_batches('test'): ...  # padded; batch['mask'] marks real examples
+ds = data.load_dataset('cifar10', data_dir='shared/data', validation_size=5000)
+pipe = data.Pipeline(ds, 128, augment='cifar', normalize='per_pixel_mean', seed=0)
+for batch in data.prefetch_to_device(pipe.train_batches(epoch)): ...
+for batch in pipe.eval_batches('test'): ...  # padded; batch['mask'] marks real examples
 """
+
 from cnnjax.data import augment
-from cnnjax.data.pipeline import AUGMENTATIONS
-from cnnjax.data.pipeline import NORMALIZATIONS
-from cnnjax.data.pipeline import Pipeline
-from cnnjax.data.pipeline import prefetch_to_device
-from cnnjax.data.pipeline import shard_indices
-from cnnjax.data.pipeline import training_statistics
-from cnnjax.data.sources import ArraySource
-from cnnjax.data.sources import Dataset
-from cnnjax.data.sources import list_datasets
-from cnnjax.data.sources import load_dataset
-from cnnjax.data.sources import SubsetSource
-from cnnjax.data.sources import TfdsSource
+from cnnjax.data.pipeline import (
+    AUGMENTATIONS,
+    NORMALIZATIONS,
+    Pipeline,
+    prefetch_to_device,
+    shard_indices,
+    training_statistics,
+)
+from cnnjax.data.sources import (
+    ArraySource,
+    Dataset,
+    SubsetSource,
+    TfdsSource,
+    list_datasets,
+    load_dataset,
+)
 
 __all__ = [
-    'AUGMENTATIONS', 'NORMALIZATIONS', 'ArraySource', 'Dataset', 'Pipeline', 'SubsetSource',
-    'TfdsSource', 'augment', 'list_datasets', 'load_dataset', 'prefetch_to_device',
-    'shard_indices', 'training_statistics',
+    "AUGMENTATIONS",
+    "NORMALIZATIONS",
+    "ArraySource",
+    "Dataset",
+    "Pipeline",
+    "SubsetSource",
+    "TfdsSource",
+    "augment",
+    "list_datasets",
+    "load_dataset",
+    "prefetch_to_device",
+    "shard_indices",
+    "training_statistics",
 ]
