@@ -68,9 +68,14 @@ def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
 
 def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """float32 `(images / 255 - mean) / std`; mean and std broadcast against [H, W, C]."""
-    scale = (1.0 / (255.0 * np.asarray(std, np.float64))).astype(np.float32)
-    offset = (np.asarray(mean, np.float64) / np.asarray(std, np.float64)).astype(np.float32)
-    return images.astype(np.float32) * scale - offset
+    std = np.asarray(std, np.float64)
+    # Contiguous full-image operands: broadcasting along a 3-long last axis is ~10x slower.
+    scale = np.broadcast_to(1.0 / (255.0 * std), images.shape[1:]).astype(np.float32, "C")
+    offset = np.broadcast_to(mean / std, images.shape[1:]).astype(np.float32, "C")
+    out = images.astype(np.float32)
+    out *= scale
+    out -= offset
+    return out
 
 
 def pad_crop_flip(
@@ -99,13 +104,16 @@ def pad_crop_flip(
             f"pad_crop_flip: offsets must lie in [0, {2 * pad}], "
             f"got [{offsets.min()}, {offsets.max()}]"
         )
-    # One slice copy per image into a zeroed output beats a fancy-index gather over the batch
-    # (1.6 vs 4-5 ms for 128 CIFAR images) and never materialises the padded batch.
+    # One slice copy per image (mirrored in the copy) into a zeroed output: 1.7 ms for 128 CIFAR
+    # images, against 4-5 ms for a fancy-index gather over the padded batch.
     out = np.zeros_like(images)
-    for i, (oy, ox) in enumerate(offsets - pad):
+    for i, ((oy, ox), flip) in enumerate(zip((offsets - pad).tolist(), flips.tolist())):
         y0, y1, x0, x1 = max(0, oy), min(h, h + oy), max(0, ox), min(w, w + ox)
-        out[i, y0 - oy : y1 - oy, x0 - ox : x1 - ox] = images[i, y0:y1, x0:x1]
-    out[flips] = out[flips, :, ::-1]
+        src, left, right = images[i, y0:y1, x0:x1], x0 - ox, x1 - ox
+        if flip:
+            out[i, y0 - oy : y1 - oy, w - right : w - left] = src[:, ::-1]
+        else:
+            out[i, y0 - oy : y1 - oy, left:right] = src
     return out
 
 
