@@ -28,14 +28,7 @@ from cnnjax import data
 
 def pipeline_rate(pipe: data.Pipeline, steps: int, warmup: int = 2) -> float:
     """Host images/s of `steps` training batches (after `warmup`), crossing epochs as needed."""
-
-    def batches():
-        epoch = 0
-        while True:
-            yield from pipe.train_batches(epoch)
-            epoch += 1
-
-    it = batches()
+    it = pipe.train_stream()
     for _ in range(warmup):
         next(it)
     start = time.perf_counter()
@@ -88,13 +81,7 @@ def train_rates(model_name: str, pipe: data.Pipeline, steps: int):
     loss.block_until_ready()
     fixed = steps * len(label) / (time.perf_counter() - start)
 
-    def device_batches():
-        epoch = 0
-        while True:
-            yield from pipe.train_batches(epoch)
-            epoch += 1
-
-    it = data.prefetch_to_device(device_batches(), size=2)
+    it = data.prefetch_to_device(pipe.train_stream(), size=2)
     for _ in range(2):
         b = next(it)
         *state, loss = step(*state, b["image"], b["label"])

@@ -273,6 +273,14 @@ def test_train_epoch_order(tmp_path):
     np.testing.assert_array_equal(epoch_ids(pipe, 0, start_step=2), ids[16:])  # resumption
 
 
+def test_train_stream_resumes_across_epochs(tmp_path):
+    pipe = make_pipe(tmp_path)
+    epochs = [b["image"] for e in range(3) for b in pipe.train_batches(e)]
+    stream = pipe.train_stream(start_step=3)
+    resumed = [next(stream)["image"] for _ in range(10)]
+    np.testing.assert_array_equal(np.stack(resumed), np.stack(epochs[3:13]))
+
+
 def test_train_drops_the_last_partial_batch(tmp_path):
     pipe = make_pipe(tmp_path, n_train=43)
     ids = epoch_ids(pipe, 2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import itertools
 import os
 import queue
 import threading
@@ -236,6 +237,23 @@ class Pipeline:
             self._train_batch(order[s * b : (s + 1) * b], epoch, s)
             for s in range(start_step, self.steps_per_epoch)
         )
+
+    def train_stream(self, start_step: int = 0) -> Iterator[dict]:
+        """Training batches over consecutive epochs from global step `start_step`, endlessly.
+
+        Step `s` is batch `s % steps_per_epoch` of epoch `s // steps_per_epoch`, so a run
+        resumed at step `s` continues with exactly the batches it would have seen.
+        """
+        if not _is_int(start_step) or start_step < 0:
+            raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
+        epoch, step = divmod(int(start_step), self.steps_per_epoch)
+
+        def stream():
+            yield from self.train_batches(epoch, step)
+            for e in itertools.count(epoch + 1):
+                yield from self.train_batches(e)
+
+        return stream()
 
     def _train_batch(self, idx: np.ndarray, epoch: int, step: int) -> dict:
         source = self.ds.splits["train"]
