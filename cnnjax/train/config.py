@@ -1,0 +1,307 @@
+"""`TrainConfig`, the one place a run's hyper-parameters live, and the named presets.
+
+A config is plain data: it is written to `<workdir>/config.json`, read back by `cnnjax eval`, and
+compared on resume. Presets are configs with a name; the CLI starts from one and overrides fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("step", "cosine", "constant")
+WARMUPS = ("linear", "constant")
+WD_MASKS = ("all", "no_bn_bias")
+DTYPES = ("float32", "bfloat16")
+PARALLEL = ("shard_map", "pmap", "none")
+AUGMENTS = ("none", "cifar", "imagenet")
+NORMALIZES = ("per_pixel_mean", "per_channel", "scale")
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+# Fields that may change when a run is resumed (how long, how often, how it is shown).
+RESUMABLE_FIELDS = frozenset({
+    "num_steps", "num_epochs", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
+    "progress_bar", "data_dir",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run.
+
+    Args:
+      model: registry name (`cnnjax.models.list_models()`).
+      model_kwargs: extra overrides for `cnnjax.models.create` (e.g. {'zero_init_residual': True}).
+      dataset: `cnnjax.data` name ('digits', 'mnist', 'cifar10', 'imagenet2012', a .npz dir, ...).
+      data_dir: where the data set lives (None: the data module's default).
+      image_size: resize images to this side (None: the model's default input size).
+      channels: force 1 or 3 channels (None: the model's default input channels).
+      validation_size: training examples held out as the 'validation' split.
+      eval_split: split evaluated during and after training ('test' or 'validation').
+      augment: 'none', 'cifar' (pad 4, crop, flip) or 'imagenet' (scale augmentation, crop, flip).
+      normalize: 'per_pixel_mean' (the ResNet CIFAR recipe), 'per_channel' or 'scale'.
+      global_batch_size: examples per step over all devices and processes.
+      num_steps: length of the run in steps; exactly one of num_steps and num_epochs is set.
+      num_epochs: length of the run in epochs (rounded up to whole steps).
+      optimizer: 'sgd' (momentum, optionally Nesterov), 'adam' (L2 decay) or 'adamw' (decoupled).
+      learning_rate: peak rate for `base_batch_size` examples (or for this batch if that is None).
+      base_batch_size: linear scaling rule (Goyal et al. 2017): the rate used is
+        learning_rate * global_batch_size / base_batch_size. None: no scaling.
+      momentum: SGD momentum (or Adam's b1).
+      nesterov: Nesterov momentum for SGD.
+      weight_decay: L2 coefficient (added to the gradient, as in the ResNet paper), or AdamW's decay.
+      wd_mask: 'all' decays every parameter (the ResNet paper); 'no_bn_bias' skips every
+        parameter with fewer than two axes (BatchNorm scale and bias, layer biases).
+      schedule: 'step' (divide by 1/decay_factor at each boundary), 'cosine' (to zero at the
+        end, after the warm-up) or 'constant'.
+      boundaries: step-decay boundaries in steps (the paper: 32000, 48000).
+      boundary_epochs: the same in epochs (converted with the steps per epoch); use one of the two.
+      decay_factor: multiplier at each boundary (0.1).
+      warmup_steps: steps of warm-up before the schedule (0: none).
+      warmup: 'constant' holds warmup_lr (ResNet-110 on CIFAR: 0.01 for about 400 steps; the
+        paper warms up "until the training error is below 80%", a fixed count is used here) or
+        'linear' ramps from warmup_lr to the peak (Goyal et al.).
+      warmup_lr: the warm-up rate ('constant') or starting rate ('linear').
+      label_smoothing: epsilon of label smoothing (0: plain cross-entropy).
+      aux_weight: weight of auxiliary classifier losses (GoogLeNet: 0.3).
+      dtype: compute dtype; parameters and BatchNorm statistics stay float32.
+      parallel: 'shard_map' (jit over shard_map on a 1-D mesh of all devices), 'pmap', or
+        'none' (one device, no named axis).
+      seed: seeds initialisation, data order and dropout.
+      rng_impl: JAX PRNG implementation for initialisation and dropout. 'threefry2x32' is JAX's
+        default (identical on every backend); 'rbg' is much faster on TPU and compiles much
+        faster on CPU (big_vision and t5x use it), with backend-dependent bits.
+      log_every: steps between training-metric records.
+      eval_every: steps between evaluations (0: only at the end).
+      checkpoint_every: steps between checkpoints (0: only at the end and on SIGTERM).
+      keep_checkpoints: how many recent checkpoints to keep.
+      progress_bar: show a tqdm bar on process 0.
+    """
+
+    model: str = "lenet5"
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_size: int | None = None
+    channels: int | None = None
+    validation_size: int = 0
+    eval_split: str = "test"
+    augment: str = "none"
+    normalize: str = "per_pixel_mean"
+    global_batch_size: int = 128
+    num_steps: int | None = None
+    num_epochs: float | None = None
+    optimizer: str = "sgd"
+    learning_rate: float = 0.1
+    base_batch_size: int | None = None
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    wd_mask: str = "all"
+    schedule: str = "constant"
+    boundaries: tuple[int, ...] = ()
+    boundary_epochs: tuple[float, ...] = ()
+    decay_factor: float = 0.1
+    warmup_steps: int = 0
+    warmup: str = "constant"
+    warmup_lr: float = 0.0
+    label_smoothing: float = 0.0
+    aux_weight: float = 0.3
+    dtype: str = "float32"
+    parallel: str = "shard_map"
+    seed: int = 0
+    rng_impl: str = "threefry2x32"
+    log_every: int = 50
+    eval_every: int = 0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        # JSON gives lists; keep the dataclass hashable-looking and comparable.
+        object.__setattr__(self, "boundaries", tuple(int(b) for b in self.boundaries))
+        object.__setattr__(self, "boundary_epochs", tuple(float(b) for b in self.boundary_epochs))
+        object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
+
+    @property
+    def peak_learning_rate(self) -> float:
+        """learning_rate after the linear batch-size scaling rule."""
+        if self.base_batch_size:
+            return self.learning_rate * self.global_batch_size / self.base_batch_size
+        return self.learning_rate
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with `changes`; unknown field names raise ValueError."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"TrainConfig has no field(s) {unknown}; fields are {field_names()}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["boundaries"] = list(self.boundaries)
+        d["boundary_epochs"] = list(self.boundary_epochs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        unknown = sorted(set(d) - set(field_names()))
+        if unknown:
+            raise ValueError(f"TrainConfig has no field(s) {unknown}; fields are {field_names()}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def validate(self, *, check_registries: bool = True) -> TrainConfig:
+        """Raises ValueError naming the first bad field, its value and the valid choices."""
+        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("warmup", WARMUPS),
+                              ("wd_mask", WD_MASKS), ("dtype", DTYPES), ("parallel", PARALLEL),
+                              ("augment", AUGMENTS), ("normalize", NORMALIZES), ("rng_impl", RNG_IMPLS),
+                              ("eval_split", ("test", "validation"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of {list(choices)}")
+        for name in ("global_batch_size", "log_every", "keep_checkpoints"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("eval_every", "checkpoint_every", "warmup_steps", "validation_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if (self.num_steps is None) == (self.num_epochs is None):
+            raise ValueError(f"TrainConfig: set exactly one of num_steps and num_epochs, got "
+                             f"num_steps={self.num_steps}, num_epochs={self.num_epochs}")
+        if self.num_steps is not None and (not isinstance(self.num_steps, int) or self.num_steps < 1):
+            raise ValueError(f"TrainConfig.num_steps must be a positive int, got {self.num_steps!r}")
+        if self.num_epochs is not None and not self.num_epochs > 0:
+            raise ValueError(f"TrainConfig.num_epochs must be > 0, got {self.num_epochs!r}")
+        if self.boundaries and self.boundary_epochs:
+            raise ValueError("TrainConfig: give step-decay boundaries either in steps (boundaries) or in "
+                             f"epochs (boundary_epochs), not both: {self.boundaries} and {self.boundary_epochs}")
+        for name in ("boundaries", "boundary_epochs"):
+            b = getattr(self, name)
+            if list(b) != sorted(set(b)) or any(x <= 0 for x in b):
+                raise ValueError(f"TrainConfig.{name} must be increasing and positive, got {b}")
+        if self.schedule != "step" and (self.boundaries or self.boundary_epochs):
+            raise ValueError(f"TrainConfig: boundaries are only used by schedule='step', got schedule={self.schedule!r}")
+        if not self.learning_rate > 0 or self.warmup_lr < 0:
+            raise ValueError(f"TrainConfig: learning_rate must be > 0 and warmup_lr >= 0, got "
+                             f"{self.learning_rate} and {self.warmup_lr}")
+        if self.base_batch_size is not None and self.base_batch_size < 1:
+            raise ValueError(f"TrainConfig.base_batch_size must be a positive int or None, got {self.base_batch_size}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"TrainConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.weight_decay < 0 or self.aux_weight < 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"TrainConfig: need weight_decay >= 0, aux_weight >= 0 and 0 <= momentum < 1, got "
+                             f"{self.weight_decay}, {self.aux_weight}, {self.momentum}")
+        if check_registries:
+            from cnnjax import models  # imported here: config is plain data and loads without models
+
+            if self.model not in models.list_models():
+                raise ValueError(f"TrainConfig.model={self.model!r} is not a registered model; valid choices: "
+                                 f"{models.list_models()}")
+        return self
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def field_types() -> dict[str, Any]:
+    """Field name -> resolved type annotation (for the CLI's per-field flags)."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def parse_field(name: str, text: str) -> Any:
+    """Parses a command-line string into the type of TrainConfig field `name`."""
+    hint = field_types()[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional and text.lower() in ("none", "null", ""):
+        return None
+    base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) or optional else hint
+    origin = typing.get_origin(base)
+    try:
+        if base is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if origin is tuple:
+            (elem, *_) = typing.get_args(base)
+            return tuple(elem(float(t)) if elem is int else elem(t) for t in text.replace(",", " ").split())
+        if origin is dict or base is dict:
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError(text)
+            return value
+        if base is int:
+            value = float(text)  # accepts 64e3
+            if value != int(value):
+                raise ValueError(text)
+            return int(value)
+        return base(text)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise ValueError(f"cannot parse {text!r} for TrainConfig.{name} of type {hint}") from None
+
+
+_CIFAR_RESNET = TrainConfig(
+    # He et al. 2016, section 4.2: batch 128, lr 0.1 divided by 10 at 32k and 48k iterations,
+    # stop at 64k, weight decay 1e-4 on every weight, momentum 0.9, 4-pixel pad + crop + flip,
+    # per-pixel mean subtracted; 45k/5k train/val split for tuning (here the full 50k trains).
+    model="resnet20", dataset="cifar10", global_batch_size=128, num_steps=64_000,
+    optimizer="sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-4, wd_mask="all",
+    schedule="step", boundaries=(32_000, 48_000), decay_factor=0.1,
+    augment="cifar", normalize="per_pixel_mean",
+    log_every=100, eval_every=2_000, checkpoint_every=2_000,
+)
+
+PRESETS: dict[str, TrainConfig] = {
+    # Smoke run on the embedded scikit-learn digits: seconds on a laptop CPU.
+    "digits_lenet": TrainConfig(
+        model="lenet5", dataset="digits", image_size=32, channels=1, global_batch_size=64,
+        num_steps=600, optimizer="sgd", learning_rate=0.05, momentum=0.9, weight_decay=5e-4,
+        schedule="cosine", normalize="scale", log_every=50, eval_every=200, checkpoint_every=200,
+    ),
+    # The degradation experiment in minutes on a CPU (digits at 16x16, 3 channels).
+    "digits_resnet": dataclasses.replace(
+        _CIFAR_RESNET, dataset="digits", image_size=16, channels=3, num_steps=400,
+        schedule="constant", boundaries=(), augment="none",
+        log_every=20, eval_every=100, checkpoint_every=100,
+    ),
+    "cifar_resnet": _CIFAR_RESNET,
+    "cifar_plain": dataclasses.replace(_CIFAR_RESNET, model="plain20"),
+    # ResNet-110: 0.01 until training error < 80% (about 400 iterations), then the same recipe.
+    "cifar_resnet110": dataclasses.replace(_CIFAR_RESNET, model="resnet110", warmup_steps=400,
+                                           warmup="constant", warmup_lr=0.01),
+    # He et al. 2016, section 3.4: batch 256, lr 0.1 (/10 at plateaus; epochs 30/60 as in the
+    # reference implementations), 90 epochs, weight decay 1e-4, momentum 0.9, scale augmentation.
+    "imagenet_resnet": TrainConfig(
+        model="resnet50", dataset="imagenet2012", global_batch_size=256, num_epochs=90,
+        optimizer="sgd", learning_rate=0.1, base_batch_size=256, momentum=0.9, weight_decay=1e-4,
+        wd_mask="all", schedule="step", boundary_epochs=(30, 60), decay_factor=0.1,
+        augment="imagenet", normalize="per_channel", dtype="bfloat16",
+        log_every=100, eval_every=5_000, checkpoint_every=5_000,
+    ),
+    # Goyal et al. 2017: the large-batch recipe (linear scaling + 5 epochs of linear warm-up).
+    "imagenet_resnet_large_batch": TrainConfig(
+        model="resnet50", dataset="imagenet2012", global_batch_size=8192, num_epochs=90,
+        optimizer="sgd", learning_rate=0.1, base_batch_size=256, momentum=0.9, weight_decay=1e-4,
+        wd_mask="no_bn_bias", schedule="step", boundary_epochs=(30, 60, 80), decay_factor=0.1,
+        warmup_steps=780, warmup="linear", warmup_lr=0.1,
+        augment="imagenet", normalize="per_channel", dtype="bfloat16",
+        log_every=20, eval_every=1_000, checkpoint_every=1_000,
+    ),
+}
+
+
+def get_preset(name: str) -> TrainConfig:
+    """The named preset; ValueError listing the presets otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; valid choices: {sorted(PRESETS)}") from None

@@ -1,0 +1,190 @@
+"""Data parallelism: the same per-device step under `jax.pmap` or `jax.jit(jax.shard_map(...))`.
+
+`DataParallel(mode)` places the train state (replicated) and each batch (split over the named
+axis 'batch') on the devices of all processes, and wraps the per-device step functions of
+`cnnjax.train.steps` with the state buffers donated.
+
+shard_map is called with `check_vma=False`: with the check on, autodiff already sums the
+gradient of a replicated (`P()`) parameter over the axis, and the step's own `lax.pmean` would
+then leave it N times too large (see DESIGN.md, "Data parallelism"). With the check off,
+shard_map has pmap's semantics and one step function serves both wrappers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "batch"
+MODES = ("shard_map", "pmap", "none")
+
+log = logging.getLogger(__name__)
+
+
+class DataParallel:
+    """Runs per-device steps on all devices of all processes.
+
+    Args:
+      mode: 'shard_map' (jit over shard_map on a 1-D mesh, the default), 'pmap', or 'none'
+        (the first local device, no named axis; one process only).
+      devices: the devices of the mesh (default: `jax.devices()`, all processes).
+    """
+
+    def __init__(self, mode: str = "shard_map", devices: Iterable[jax.Device] | None = None):
+        if mode not in MODES:
+            raise ValueError(f"parallel mode {mode!r} is not one of {list(MODES)}")
+        if mode == "none":
+            if jax.process_count() > 1:
+                raise ValueError("parallel='none' runs on one device of one process; with "
+                                 f"{jax.process_count()} processes use 'shard_map' or 'pmap'")
+            devices = [jax.local_devices()[0]] if devices is None else list(devices)[:1]
+        self.mode = mode
+        self.devices = list(jax.devices() if devices is None else devices)
+        self.mesh = Mesh(np.array(self.devices), (AXIS,))
+        self.local_devices = [d for d in self.devices if d.process_index == jax.process_index()]
+        if mode == "pmap":
+            self._local_mesh = Mesh(np.array(self.local_devices), (AXIS,))
+
+    @property
+    def axis_name(self) -> str | None:
+        """The named axis the steps and BatchNorm use ('batch'), or None in mode 'none'."""
+        return None if self.mode == "none" else AXIS
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    def check_batch_size(self, global_batch_size: int) -> None:
+        """ValueError unless the global batch splits evenly over devices and processes."""
+        n = self.num_devices
+        if global_batch_size % n:
+            raise ValueError(
+                f"global_batch_size={global_batch_size} is not divisible by the {n} devices "
+                f"({jax.process_count()} process(es)); use a multiple of {n}, e.g. "
+                f"{max(n, global_batch_size // n * n)}")
+
+    # -- placing data ---------------------------------------------------------------------------
+
+    def replicate(self, tree: Any) -> Any:
+        """Host pytree (identical on every process) -> the state layout the wrapped steps take."""
+        if self.mode == "pmap":
+            sharding = NamedSharding(self._local_mesh, P(AXIS))
+            n = len(self.local_devices)
+            return jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * n), sharding), tree)
+        sharding = NamedSharding(self.mesh, P())
+
+        def put(x):
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+        return jax.tree.map(put, tree)
+
+    def to_host(self, tree: Any) -> Any:
+        """Replicated device pytree (state or metrics) -> NumPy pytree of one copy."""
+        def get(x):
+            shard = np.array(x.addressable_data(0))  # a copy: the device buffer may be donated next
+            return shard[0] if self.mode == "pmap" else shard
+
+        return jax.tree.map(get, tree)
+
+    @property
+    def batch_sharding(self) -> jax.sharding.Sharding:
+        """Sharding of a batch (after `host_layout`): split over the 'batch' axis."""
+        if self.mode == "pmap":
+            return NamedSharding(self._local_mesh, P(AXIS))
+        return NamedSharding(self.mesh, P(AXIS))
+
+    def host_layout(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """pmap takes [local devices, per-device batch, ...]; the other modes the batch as is."""
+        if self.mode != "pmap":
+            return batch
+        n = len(self.local_devices)
+
+        def split(x):
+            x = np.asarray(x)
+            if x.shape[0] % n:
+                raise ValueError(f"local batch of {x.shape[0]} does not split over {n} local devices")
+            return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+        return jax.tree.map(split, batch)
+
+    def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's slice of the global batch -> arrays split over the 'batch' axis."""
+        (batch,) = self.prefetch([batch])
+        return batch
+
+    def prefetch(self, batches: Iterable[dict[str, np.ndarray]], size: int = 2) -> Iterator[dict[str, jax.Array]]:
+        """Sharded batches, copied to the devices in a background thread `size` steps ahead."""
+        from cnnjax import data  # the train package sits above data; imported late to keep this light
+
+        return data.prefetch_to_device(map(self.host_layout, batches), size, self.batch_sharding)
+
+    # -- wrapping steps -------------------------------------------------------------------------
+
+    def wrap_train_step(self, step_fn: Callable) -> Callable:
+        """(state, batch) -> (state, metrics) on all devices; the input state is donated."""
+        return self._wrap(step_fn, donate=True)
+
+    def wrap_eval_step(self, step_fn: Callable) -> Callable:
+        """(state, batch) -> summed metrics on all devices."""
+        return self._wrap(step_fn, donate=False)
+
+    def _wrap(self, step_fn: Callable, *, donate: bool) -> Callable:
+        donate_argnums = (0,) if donate else ()
+        if self.mode == "none":
+            return jax.jit(step_fn, donate_argnums=donate_argnums)
+        if self.mode == "pmap":
+            return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=donate_argnums,
+                            devices=self.devices if self.devices != jax.devices() else None)
+        # The state is replicated (P()), the batch split over the axis (P('batch')), and every
+        # output is replicated because the step pmeans it.
+        mapped = jax.shard_map(step_fn, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False)
+        return jax.jit(mapped, donate_argnums=donate_argnums)
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """Calls `jax.distributed.initialize` when this is a multi-process run; returns whether it did.
+
+    Args:
+      coordinator_address: 'host:port' of process 0; else $JAX_COORDINATOR_ADDRESS.
+      num_processes: else $JAX_NUM_PROCESSES.
+      process_id: else $JAX_PROCESS_ID.
+
+    With none of these, a SLURM or Open MPI job of several tasks, or a Cloud TPU pod slice
+    ($TPU_WORKER_HOSTNAMES with several hosts), is initialised by JAX's auto-detection; otherwise
+    the run is single-process and nothing is done. Must run before any other JAX call.
+    On CPU, cross-process collectives use gloo.
+    """
+    env = os.environ
+    address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    n = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+    pid = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+    explicit = address is not None or n is not None or pid is not None
+    cluster = (_env_int("SLURM_NTASKS", 1) > 1 or _env_int("OMPI_COMM_WORLD_SIZE", 1) > 1
+               or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
+    if not explicit and not cluster:
+        return False
+    if explicit and n is not None and n <= 1 and address is None:
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=pid)
+    log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+def _env_int(name: str, default: int | None = None) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"${name}={value!r} must be an integer") from None

@@ -1,0 +1,75 @@
+"""Multi-process training on CPU (jax.distributed + gloo) and its single-process reference.
+
+usage: multihost.py worker PROCESS_ID PORT WORKDIR OUT.npz
+       multihost.py reference WORKDIR OUT.npz
+A worker is one of two processes training TinyCNN on 8x8 digits with `train_and_evaluate`
+(shard_map over one CPU device per process, each process reading its own shard). The
+reference is one process and one device stepping on the same global batches: each the
+concatenation of the two processes' local batches. Each writes the final params to OUT.npz.
+"""
+
+import json
+import sys
+
+import numpy as np
+
+NUM_STEPS = 6
+
+
+def config(parallel):
+    from cnnjax import train
+
+    return train.TrainConfig(
+        model="tiny", dataset="digits", image_size=8, channels=1, global_batch_size=32, num_steps=NUM_STEPS,
+        learning_rate=0.1, momentum=0.9, weight_decay=5e-4, schedule="constant", normalize="per_channel",
+        parallel=parallel, log_every=2, eval_every=0, checkpoint_every=3, rng_impl="rbg", progress_bar=False)
+
+
+def save_params(path, params):
+    import jax
+
+    flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    np.savez(path, **flat)
+
+
+def worker(process_id, port, workdir, out):
+    from cnnjax import train
+
+    assert train.initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
+    import jax
+
+    from tiny import TinyCNN
+
+    result = train.train_and_evaluate(config("shard_map"), workdir, model_fn=TinyCNN)
+    save_params(out, result.state.params)
+    print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
+                      "devices": jax.device_count(), "step": result.step, "metrics": result.metrics}))
+    jax.distributed.shutdown()
+
+
+def reference(workdir, out):
+    import jax
+
+    from cnnjax import data, train
+    from tiny import TinyCNN
+
+    setup = train.build(config("none"), model_fn=TinyCNN)
+    pipes = [data.Pipeline(setup.pipeline.ds, 32, normalize="per_channel", process_index=i, process_count=2)
+             for i in range(2)]
+    state = setup.par.replicate(train.initial_state(setup))
+    step = setup.par.wrap_train_step(train.make_train_step(setup.model, setup.tx, setup.learning_rate_fn,
+                                                           axis_name=None, rng_impl="rbg"))
+    for local_batches in zip(*(p.train_batches(0) for p in pipes)):
+        if int(state.step) == NUM_STEPS:
+            break
+        batch = {k: np.concatenate([b[k] for b in local_batches]) for k in local_batches[0]}
+        state, _ = step(state, setup.par.shard_batch(batch))
+    save_params(out, setup.par.to_host(state).params)
+    print(json.dumps({"step": int(state.step), "devices": jax.device_count()}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "worker":
+        worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    else:
+        reference(sys.argv[2], sys.argv[3])
