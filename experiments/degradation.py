@@ -1,0 +1,348 @@
+"""The degradation of plain versus residual networks (He et al. 2016, Figure 6 / Table 6, Figure 4).
+
+Trains plain and residual networks of several depths on the same data with the same recipe,
+one resumable workdir each, and writes into the output directory:
+
+  curves.csv      network, kind, depth, iteration, epoch, train_error, test_error, train_loss
+  degradation.png Figure-6 style: plain nets left, ResNets right; training error dashed,
+                  test error bold; one colour per depth; iterations on the x axis
+  RESULTS.md      Table-6 style: depth, parameters, final train and test error, the paper's figure
+  summary.json    the same table as data, with the preset and the wall time of each network
+
+  python -m experiments.degradation                       # preset 'quick' on the embedded digits
+  python -m experiments.degradation --preset cpu --data-dir ../shared/data
+  python -m experiments.degradation --preset paper --data-dir DIR   # GPU/TPU: the paper's recipe
+  python -m experiments.degradation --preset imagenet --data-dir DIR  # Figure 4 (plain/ResNet-18/34)
+
+An interrupted experiment continues where it stopped: finished networks are skipped and an
+unfinished one resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cnnjax.train.config import PRESETS as TRAIN_PRESETS
+from cnnjax.train.config import TrainConfig
+
+# He et al. 2016, Table 6 (CIFAR-10 test error %, ResNets, option A) and Table 2 (ImageNet top-1
+# error %, 10-crop). Plain CIFAR nets have no table entry in the paper: the figures given are the
+# public reproduction nabla0001/resnet (paper recipe, mean of 5 runs).
+PAPER_TEST_ERROR = {
+    ("resnet", 20): (8.75, "He et al. 2016, Table 6"),
+    ("resnet", 32): (7.51, "He et al. 2016, Table 6"),
+    ("resnet", 44): (7.17, "He et al. 2016, Table 6"),
+    ("resnet", 56): (6.97, "He et al. 2016, Table 6"),
+    ("resnet", 110): (6.43, "He et al. 2016, Table 6 (best of 5; mean 6.61)"),
+    ("resnet", 1202): (7.93, "He et al. 2016, Table 6"),
+    ("plain", 20): (9.78, "nabla0001/resnet reproduction, mean of 5"),
+    ("plain", 56): (12.95, "nabla0001/resnet reproduction, mean of 5"),
+}
+PAPER_IMAGENET_TOP1_ERROR = {
+    ("plain", 18): 27.94, ("plain", 34): 28.54, ("resnet", 18): 27.88, ("resnet", 34): 25.03,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A degradation experiment: one training recipe, the depths of each kind of network."""
+
+    description: str
+    config: TrainConfig
+    plain_depths: tuple[int, ...]
+    resnet_depths: tuple[int, ...]
+    # Per-depth config changes (ResNet-110's warm-up).
+    per_depth: dict[tuple[str, int], dict[str, Any]] = dataclasses.field(default_factory=dict)
+    imagenet: bool = False
+
+
+_PAPER = TRAIN_PRESETS["cifar_resnet"]
+_WARMUP_110 = {"warmup_steps": 400, "warmup": "constant", "warmup_lr": 0.01}
+
+PRESETS: dict[str, Preset] = {
+    "quick": Preset(
+        "Embedded scikit-learn digits at 16x16x3 (1,500 training images): the whole picture (plain-56 "
+        "stuck, ResNet-56 fine) in under ten minutes on a 2-core CPU.",
+        TRAIN_PRESETS["digits_resnet"].replace(num_steps=240, log_every=20, eval_every=40, checkpoint_every=120),
+        plain_depths=(20, 56), resnet_depths=(20, 56),
+    ),
+    "cpu": Preset(
+        "Real CIFAR-10 (full 50k training set) with the paper's recipe compressed for a 2-core CPU: "
+        "3,000 iterations (7.7 epochs), lr 0.1 divided by 10 at 1,500 and 2,250 (the paper's 32k/48k "
+        "of 64k, scaled), depths 20 and 56.",
+        _PAPER.replace(num_steps=3_000, boundaries=(1_500, 2_250), log_every=50, eval_every=250,
+                       checkpoint_every=250),
+        plain_depths=(20, 56), resnet_depths=(20, 56),
+    ),
+    "paper": Preset(
+        "He et al. 2016, section 4.2 exactly: 64k iterations, batch 128, lr 0.1 /10 at 32k and 48k, "
+        "weight decay 1e-4, momentum 0.9, option A, pad-crop-flip, per-pixel mean; for GPU/TPU.",
+        _PAPER,
+        plain_depths=(20, 32, 44, 56), resnet_depths=(20, 32, 44, 56, 110),
+        per_depth={("resnet", 110): _WARMUP_110},
+    ),
+    "imagenet": Preset(
+        "He et al. 2016, Figure 4 / Table 2: plain-18/34 versus ResNet-18/34 on ImageNet (option A in "
+        "the paper; torchvision-style projections here, option B); for a TPU/GPU cluster.",
+        TRAIN_PRESETS["imagenet_resnet"].replace(dtype="bfloat16"),
+        plain_depths=(18, 34), resnet_depths=(18, 34), imagenet=True,
+    ),
+    # What CI runs: seconds, every code path.
+    "tiny": Preset(
+        "CI smoke test: digits at 8x8x3, depths 8 and 14, a few iterations.",
+        TRAIN_PRESETS["digits_resnet"].replace(image_size=8, num_steps=6, log_every=2, eval_every=3,
+                                                checkpoint_every=3, global_batch_size=32, progress_bar=False),
+        plain_depths=(8, 14), resnet_depths=(8, 14),
+    ),
+}
+
+
+class Interrupted(RuntimeError):
+    """A network's run was preempted (SIGTERM); rerunning resumes it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    kind: str  # 'plain' or 'resnet'
+    depth: int
+    config: TrainConfig
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{self.depth}"
+
+
+def networks(preset: Preset, *, overrides: dict[str, Any] | None = None) -> list[Network]:
+    """The networks of a preset, each with its full training config."""
+    from cnnjax import models
+
+    nets = []
+    for kind, depths in (("plain", preset.plain_depths), ("resnet", preset.resnet_depths)):
+        for depth in depths:
+            name = f"{kind}{depth}"
+            kwargs: dict[str, Any] = {}
+            if name not in models.list_models():
+                if preset.imagenet:
+                    raise ValueError(f"no registered ImageNet model {name!r}; choose depths among 18/34/50/101/152")
+                # Any CIFAR depth 6n+2: the generic CIFAR net with its depth overridden.
+                name, kwargs = f"{kind}20", {"depth": depth}
+            cfg = preset.config.replace(model=name, model_kwargs={**preset.config.model_kwargs, **kwargs},
+                                        **preset.per_depth.get((kind, depth), {}), **(overrides or {}))
+            nets.append(Network(kind, depth, cfg))
+    return nets
+
+
+def _atomic_write(path: Path, data: bytes | str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_metrics(workdir: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (a torn last line from a killed run is ignored)."""
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def curves(net: Network, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per logged step: training error and loss, and the test error where evaluated."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in records:
+        row = by_step.setdefault(int(r["step"]), {"network": net.name, "kind": net.kind, "depth": net.depth,
+                                                  "iteration": int(r["step"]), "epoch": r.get("epoch"),
+                                                  "train_error": None, "test_error": None, "train_loss": None})
+        for key in ("train_error", "test_error", "train_loss"):
+            if r.get(key) is not None:
+                row[key] = r[key]
+        if r.get("epoch") is not None:
+            row["epoch"] = r["epoch"]
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _last(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return values[-1] if values else None
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Figure 6 of the paper: plain nets left, ResNets right, train dashed, test bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = sorted({r["depth"] for r in rows})
+    colours = dict(zip(depths, plt.get_cmap("tab10").colors))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, kind, label in ((axes[0], "plain", "plain"), (axes[1], "resnet", "ResNet")):
+        for depth in depths:
+            mine = [r for r in rows if r["kind"] == kind and r["depth"] == depth]
+            train = [(r["iteration"], 100 * r["train_error"]) for r in mine if r["train_error"] is not None]
+            test = [(r["iteration"], 100 * r["test_error"]) for r in mine if r["test_error"] is not None]
+            if train:
+                ax.plot(*zip(*train), "--", color=colours[depth], linewidth=1)
+            if test:
+                ax.plot(*zip(*test), "-", color=colours[depth], linewidth=2.2, label=f"{label}-{depth}")
+        ax.set_title(f"{label} networks")
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8)
+    axes[0].set_ylabel("error (%)   dashed: training, bold: test")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    _atomic_write(path, buf.getvalue())
+
+
+def table(results: list[dict[str, Any]], *, imagenet: bool) -> str:
+    """Table 6 (or Table 2) of the paper next to ours."""
+    paper_col = "paper top-1 error %" if imagenet else "paper test error %"
+    lines = [f"| network | depth | parameters | final train error % | final test error % | {paper_col} | wall time |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if imagenet:
+            paper = PAPER_IMAGENET_TOP1_ERROR.get((r["kind"], r["depth"]))
+            paper_txt = "" if paper is None else f"{paper:.2f}"
+        else:
+            paper = PAPER_TEST_ERROR.get((r["kind"], r["depth"]))
+            paper_txt = "" if paper is None else f"{paper[0]:.2f} ({paper[1]})"
+        fmt = lambda v: "–" if v is None else f"{100 * v:.2f}"
+        lines.append(f"| {r['network']} | {r['depth']} | {r['params']:,} | {fmt(r['train_error'])} | "
+                     f"{fmt(r['test_error'])} | {paper_txt} | {r['wall_s'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def run(preset_name: str, out_dir: str | os.PathLike, *, data_dir: str | None = None,
+        overrides: dict[str, Any] | None = None, only: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Trains (or resumes) every network of the preset and writes curves, plot and table."""
+    import jax
+
+    from cnnjax.train import train_and_evaluate
+
+    if preset_name not in PRESETS:
+        raise ValueError(f"unknown preset {preset_name!r}; valid choices: {sorted(PRESETS)}")
+    preset = PRESETS[preset_name]
+    overrides = dict(overrides or {})
+    if data_dir is not None:
+        overrides["data_dir"] = str(data_dir)
+    nets = networks(preset, overrides=overrides)
+    if only:
+        unknown = sorted(set(only) - {n.name for n in nets})
+        if unknown:
+            raise ValueError(f"--only {unknown}: not in preset {preset_name!r}; its networks are {[n.name for n in nets]}")
+        nets = [n for n in nets if n.name in only]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results, all_rows = [], []
+    for net in nets:
+        workdir = out / "runs" / net.name
+        done = workdir / "DONE.json"
+        if done.exists():
+            info = json.loads(done.read_text())
+            print(f"[degradation] {net.name}: finished earlier ({info['wall_s']:.0f} s), skipped", flush=True)
+        else:
+            print(f"[degradation] {net.name}: training {net.config.model} {net.config.model_kwargs or ''} "
+                  f"for {net.config.num_steps or net.config.num_epochs} {'steps' if net.config.num_steps else 'epochs'}",
+                  flush=True)
+            start = time.time()
+            previous = json.loads((workdir / "WALL.json").read_text())["wall_s"] if (workdir / "WALL.json").exists() else 0.0
+            workdir.mkdir(parents=True, exist_ok=True)
+            try:
+                result = train_and_evaluate(net.config, str(workdir))
+            finally:
+                _atomic_write(workdir / "WALL.json", json.dumps({"wall_s": previous + time.time() - start}))
+            if result.preempted:
+                raise Interrupted(f"{net.name} stopped at step {result.step} by SIGTERM; run the same command "
+                                  "again to resume")
+            params = sum(int(x.size) for x in jax.tree.leaves(result.state.params))
+            info = {"wall_s": previous + time.time() - start, "params": params, "step": result.step}
+            _atomic_write(done, json.dumps(info))
+        rows = curves(net, read_metrics(workdir))
+        all_rows.extend(rows)
+        results.append({"network": net.name, "kind": net.kind, "depth": net.depth, "model": net.config.model,
+                        "model_kwargs": net.config.model_kwargs,
+                        "params": info["params"],
+                        "train_error": _last(rows, "train_error"), "test_error": _last(rows, "test_error"),
+                        "wall_s": info["wall_s"]})
+    _write_outputs(out, preset_name, preset, nets, results, all_rows)
+    return results
+
+
+def _write_outputs(out: Path, preset_name: str, preset: Preset, nets: list[Network],
+                   results: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    fields = ["network", "kind", "depth", "iteration", "epoch", "train_error", "test_error", "train_loss"]
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(out / "curves.csv", buf.getvalue())
+    cfg = nets[0].config
+    title = (f"{cfg.dataset}, preset '{preset_name}': {cfg.num_steps or cfg.num_epochs} "
+             f"{'iterations' if cfg.num_steps else 'epochs'}, batch {cfg.global_batch_size}, lr {cfg.learning_rate}")
+    plot(rows, out / "degradation.png", title)
+    md = (f"# Degradation: plain versus residual networks (preset `{preset_name}`)\n\n{preset.description}\n\n"
+          f"{table(results, imagenet=preset.imagenet)}\n"
+          "Training error is the mean over the last logging interval of the per-batch training error "
+          "(dashed in the plot); test error is measured on the whole test split (bold).\n")
+    _atomic_write(out / "RESULTS.md", md)
+    _atomic_write(out / "summary.json", json.dumps({"preset": preset_name, "config": cfg.to_dict(),
+                                                    "results": results}, indent=2, default=str))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.degradation", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="experiment preset (default quick)")
+    parser.add_argument("--out", default=None, help="output directory (default experiments/results/degradation_<preset>)")
+    parser.add_argument("--data-dir", default=None, help="directory with <dataset>.npz, or a tfds data_dir")
+    parser.add_argument("--only", nargs="*", default=None, help="train only these networks (e.g. plain20 resnet56)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="override TrainConfig fields for every network (e.g. num_steps=500)")
+    args = parser.parse_args(argv)
+    from cnnjax.train.config import parse_field, field_names
+
+    overrides = {}
+    for item in args.set:
+        field, sep, value = item.partition("=")
+        if not sep or field not in field_names():
+            parser.error(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {field_names()}")
+        overrides[field] = parse_field(field, value)
+    out = args.out or os.path.join("experiments", "results", f"degradation_{args.preset}")
+    try:
+        results = run(args.preset, out, data_dir=args.data_dir, overrides=overrides, only=args.only)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 143
+    print(table(results, imagenet=PRESETS[args.preset].imagenet))
+    print(f"wrote {out}/curves.csv, degradation.png, RESULTS.md, summary.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
