@@ -492,6 +492,7 @@ def test_prefetch_to_device(tmp_path):
         (dict(eval_split="validation"), "validation_size=N"),
         (dict(mean=np.zeros(3)), "both mean and std"),
         (dict(mean=np.zeros(4), std=np.ones(4)), "must broadcast"),
+        (dict(mean=np.zeros((2, 1, 1, 1)), std=np.ones(3)), "must broadcast"),
         (dict(eval_batch_size=0), "eval_batch_size"),
     ],
 )

@@ -177,12 +177,14 @@ class Pipeline:
             mean, std = training_statistics(train, normalize, stats_examples)
         mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
         try:
-            np.broadcast_shapes(mean.shape, std.shape, self.image_shape)
+            fits = np.broadcast_shapes(mean.shape, std.shape, self.image_shape) == self.image_shape
         except ValueError:
+            fits = False
+        if not fits:
             raise ValueError(
                 f"mean {mean.shape} and std {std.shape} must broadcast to the image shape "
                 f"{self.image_shape}"
-            ) from None
+            )
         if np.any(std <= 0):
             raise ValueError(f"std must be positive, got {std}")
         self.mean, self.std = mean, std
