@@ -328,9 +328,9 @@ def prefetch_to_device(iterator, size: int = 2, sharding=None) -> Iterator:
     Args:
       iterator: yields pytrees of NumPy arrays (a process's local batches).
       size: batches on device ahead of the consumer (>= 1).
-      sharding: a `jax.sharding.Sharding` for every leaf (e.g. `NamedSharding(mesh, P('batch'))`);
-        with several processes the global arrays are assembled from each process's local batch
-        with `jax.make_array_from_process_local_data`. None: the default device.
+      sharding: a `jax.sharding.Sharding` for every leaf (e.g. `NamedSharding(mesh, P('batch'))`).
+        When it spans several processes, the global arrays are assembled from each process's
+        local batch with `jax.make_array_from_process_local_data`. None: the default device.
 
     Yields:
       The same pytrees with `jax.Array` leaves.
@@ -339,10 +339,10 @@ def prefetch_to_device(iterator, size: int = 2, sharding=None) -> Iterator:
         raise ValueError(f"size must be a positive int, got {size!r}")
     if sharding is None:
         put = jax.device_put
-    elif jax.process_count() > 1:
-        put = functools.partial(jax.make_array_from_process_local_data, sharding)
-    else:
+    elif sharding.is_fully_addressable:  # one process, or a mesh of this process's devices
         put = functools.partial(jax.device_put, device=sharding)
+    else:
+        put = functools.partial(jax.make_array_from_process_local_data, sharding)
     buffer, stop = queue.Queue(maxsize=size), threading.Event()
 
     def offer(item) -> bool:
