@@ -67,6 +67,12 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._manager.close()
 
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def _as_arrays(tree: Any) -> Any:
     # Orbax wants arrays, not NumPy scalars.

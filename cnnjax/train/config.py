@@ -263,7 +263,7 @@ _CIFAR_RESNET = TrainConfig(
 PRESETS: dict[str, TrainConfig] = {
     # Smoke run on the embedded scikit-learn digits: seconds on a laptop CPU.
     "digits_lenet": TrainConfig(
-        model="lenet5", dataset="digits", image_size=32, channels=1, global_batch_size=64,
+        model="lenet5", dataset="digits", global_batch_size=64,
         num_steps=600, optimizer="sgd", learning_rate=0.05, momentum=0.9, weight_decay=5e-4,
         schedule="cosine", normalize="scale", log_every=50, eval_every=200, checkpoint_every=200,
     ),

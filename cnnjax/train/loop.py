@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import multihost_utils
 
 from cnnjax import data
@@ -228,49 +230,50 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, model_fn: Callable[
     bar = _progress_bar(config, num_steps, start, enabled=is_main)
 
     def save(at: int) -> None:
-        ckpt.save(at, par.to_host(state), {"meter": meter.state(), "wall_time": wall_offset + time.perf_counter() - t_start})
+        host = par.to_host(state)
+        # A finite loss is computed before the update: the update itself may still overflow.
+        if not all(np.isfinite(x).all() for x in jax.tree.leaves((host.params, host.batch_stats))):
+            raise NonFiniteLossError(f"the parameters became non-finite at step {at}")
+        ckpt.save(at, host, {"meter": meter.state(), "wall_time": wall_offset + time.perf_counter() - t_start})
 
     try:
-        with _StopSignal() as stop_signal:
-            while step < num_steps and not preempted:
-                epoch, position = divmod(step, spe)
-                with contextlib.closing(par.prefetch(pipe.train_batches(epoch, position))) as batches:
-                    for batch in batches:
-                        state, metrics = train_step(state, batch)
-                        step += 1
-                        window_steps += 1
-                        meter.add(step, metrics)
-                        for callback in callbacks:
-                            callback(step, state, metrics)
-                        bar.update(1)
-                        preempted = stop_signal.should_stop(step)
-                        final = step == num_steps
-                        do_log = step % config.log_every == 0 or final
-                        do_eval = bool(config.eval_every) and step % config.eval_every == 0 or final
-                        do_ckpt = (bool(config.checkpoint_every) and step % config.checkpoint_every == 0) or final or preempted
-                        if do_log or do_eval or do_ckpt:
-                            meter.flush(par.to_host)  # raises on a non-finite loss before any save
-                        record = {}
-                        if do_log:
-                            elapsed = time.perf_counter() - t_window
-                            record.update({f"train_{k}": v for k, v in meter.means().items() if k != "lr"})
-                            record.update(lr=meter.last["lr"], images_per_sec=window_steps * config.global_batch_size / elapsed)
-                            bar.set_postfix(loss=f"{record['train_loss']:.4f}", err=f"{record['train_error']:.4f}",
-                                            img_s=f"{record['images_per_sec']:.0f}")
-                            meter.reset()
-                        if do_eval:
-                            record.update(evaluate(setup, state, eval_step))
-                        if record:
-                            record.update(step=step, epoch=step / spe, wall_time=wall_offset + time.perf_counter() - t_start)
-                            if final:
-                                record["final"] = True
-                            writer.write(record)
-                        if do_ckpt:
-                            save(step)
-                        if do_log or do_eval or do_ckpt:
-                            t_window, window_steps = time.perf_counter(), 0
-                        if final or preempted:
-                            break
+        with _StopSignal() as stop_signal, contextlib.closing(par.prefetch(pipe.train_stream(start))) as batches:
+            for batch in itertools.islice(batches, num_steps - start):
+                state, metrics = train_step(state, batch)
+                step += 1
+                window_steps += 1
+                meter.add(step, metrics)
+                for callback in callbacks:
+                    callback(step, state, metrics)
+                bar.update(1)
+                preempted = stop_signal.should_stop(step)
+                final = step == num_steps
+                do_log = step % config.log_every == 0 or final
+                do_eval = (config.eval_every > 0 and step % config.eval_every == 0) or final
+                do_ckpt = (config.checkpoint_every > 0 and step % config.checkpoint_every == 0) or final or preempted
+                if not (do_log or do_eval or do_ckpt):
+                    continue
+                meter.flush(par.to_host)  # raises on a non-finite loss, before anything is saved
+                record = {}
+                if do_log:
+                    elapsed = time.perf_counter() - t_window
+                    record.update({f"train_{k}": v for k, v in meter.means().items() if k != "lr"})
+                    record.update(lr=meter.last["lr"], images_per_sec=window_steps * config.global_batch_size / elapsed)
+                    bar.set_postfix(loss=f"{record['train_loss']:.4f}", err=f"{record['train_error']:.4f}",
+                                    img_s=f"{record['images_per_sec']:.0f}")
+                    meter.reset()
+                if do_eval:
+                    record.update(evaluate(setup, state, eval_step))
+                if record:
+                    record.update(step=step, epoch=step / spe, wall_time=wall_offset + time.perf_counter() - t_start)
+                    if final:
+                        record["final"] = True
+                    writer.write(record)
+                if do_ckpt:
+                    save(step)
+                t_window, window_steps = time.perf_counter(), 0
+                if preempted:
+                    break
     except NonFiniteLossError as e:
         ckpt.wait()
         raise NonFiniteLossError(

@@ -30,13 +30,14 @@ rs = np.random.RandomState(0)
 batches = [{"image": (rs.randn(BATCH, *SHAPE) * np.linspace(0.2, 3, BATCH)[:, None, None, None]
                       + np.linspace(-2, 2, BATCH)[:, None, None, None]).astype(np.float32),
             "label": rs.randint(0, CLASSES, BATCH).astype(np.int32)} for _ in range(K)]
-init = jax.device_get(state_lib.create_train_state(jax.random.PRNGKey(0), TinyCNN(CLASSES), tx, SHAPE))
+# rbg: the default threefry takes seconds to compile on a CPU; the keys do not matter here.
+init = jax.device_get(state_lib.create_train_state(jax.random.key(0, impl="rbg"), TinyCNN(CLASSES), tx, SHAPE))
 
 
 def run(mode, *, bn_sync=True, check_vma=None):
     par = parallel.DataParallel(mode)
     model = TinyCNN(CLASSES, bn_axis_name=par.axis_name if bn_sync else None)
-    step_fn = steps.make_train_step(model, tx, lr_fn, axis_name=par.axis_name)
+    step_fn = steps.make_train_step(model, tx, lr_fn, axis_name=par.axis_name, rng_impl="rbg")
     if check_vma is None:
         step = par.wrap_train_step(step_fn)
     else:

@@ -1,6 +1,7 @@
 """Trains TinyCNN on 8x8 digits with `train_and_evaluate`; optionally signals itself at a step.
 
 usage: run_digits.py WORKDIR NUM_STEPS [--kill STEP SIGNAL] [--parallel MODE] [--devices N]
+                     [--save_params OUT.npz]
 Prints one JSON line: the RunResult's step, resumed_from, preempted and metrics.
 """
 
@@ -17,6 +18,7 @@ parser.add_argument("--kill", nargs=2, metavar=("STEP", "SIGNAL"))
 parser.add_argument("--parallel", default="none")
 parser.add_argument("--devices", type=int, default=1)
 parser.add_argument("--lr", type=float, default=0.1)
+parser.add_argument("--save_params", help="write the final params to this .npz")
 args = parser.parse_args()
 if args.devices > 1:
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
@@ -40,6 +42,12 @@ if args.kill:
 
     callbacks.append(kill)
 result = train.train_and_evaluate(config, args.workdir, model_fn=TinyCNN, callbacks=callbacks)
+if args.save_params:
+    import jax
+    import numpy as np
+
+    np.savez(args.save_params, **{jax.tree_util.keystr(k): np.asarray(v)
+                                  for k, v in jax.tree_util.tree_leaves_with_path(result.state)})
 print(json.dumps({"step": result.step, "resumed_from": result.resumed_from, "preempted": result.preempted,
                   "metrics": result.metrics}))
 sys.stdout.flush()

@@ -1,0 +1,164 @@
+"""`python -m cnnjax <command>` (also the `cnnjax` console script): a thin layer over the library.
+
+Each command is a pair of functions, one adding its arguments to an argparse parser and one
+running it, listed in COMMANDS. To add a command, write the two functions (importing the library
+inside `run`, so that `--help` stays fast) and add a line to COMMANDS.
+
+    python -m cnnjax train --preset cifar_resnet --model resnet56 --workdir runs/resnet56
+    python -m cnnjax eval --workdir runs/resnet56
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# -- train -----------------------------------------------------------------------------------------
+
+def _field_help() -> dict[str, str]:
+    """Each TrainConfig field's description, from the 'Args:' section of its docstring."""
+    from cnnjax.train.config import TrainConfig
+
+    helps: dict[str, str] = {}
+    name = None
+    for line in (TrainConfig.__doc__ or "").split("Args:", 1)[-1].splitlines():
+        m = re.match(r"^ {6}(\w+): (.*)$", line)
+        if m:
+            name, helps[m.group(1)] = m.group(1), m.group(2)
+        elif name and line.startswith(" " * 8):
+            helps[name] += " " + line.strip()
+    return helps
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from cnnjax.train.config import PRESETS, TrainConfig, field_names, field_types
+
+    p.add_argument("--workdir", required=True, help="run directory; re-running with it resumes")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named config (fields below override it)")
+    p.add_argument("--config", metavar="JSON", help="start from a config.json (e.g. another run's)")
+    p.add_argument("--print_config", action="store_true", help="print the resulting config and exit")
+    dist = p.add_argument_group("multi-process (default: $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, "
+                                "$JAX_PROCESS_ID, or SLURM / Open MPI / Cloud TPU auto-detection)")
+    dist.add_argument("--coordinator_address", help="host:port of process 0")
+    dist.add_argument("--num_processes", type=int)
+    dist.add_argument("--process_id", type=int)
+    fields = p.add_argument_group("config fields (override the preset)")
+    helps, types, defaults = _field_help(), field_types(), TrainConfig()
+    for name in field_names():
+        kwargs = dict(dest=f"field_{name}", metavar=name.upper(), default=None,
+                      help=f"{helps.get(name, '')} [default {getattr(defaults, name)!r}]".replace("%", "%%"))
+        if types[name] is bool:
+            kwargs.update(nargs="?", const="true")
+        fields.add_argument(f"--{name}", **kwargs)
+
+
+def config_from_args(args: argparse.Namespace):
+    """The TrainConfig of --config / --preset / the per-field flags, in that order of precedence."""
+    from cnnjax.train.config import TrainConfig, field_names, get_preset, parse_field
+
+    if args.config and args.preset:
+        raise ValueError("give --config or --preset, not both")
+    if args.config:
+        with open(args.config) as f:
+            config = TrainConfig.from_dict(json.load(f))
+    else:
+        config = get_preset(args.preset) if args.preset else TrainConfig()
+    changes = {name: parse_field(name, getattr(args, f"field_{name}")) for name in field_names()
+               if getattr(args, f"field_{name}") is not None}
+    # A run length given on the command line replaces the preset's (they are exclusive).
+    if "num_steps" in changes and "num_epochs" not in changes:
+        changes["num_epochs"] = None
+    if "num_epochs" in changes and "num_steps" not in changes:
+        changes["num_steps"] = None
+    if "boundary_epochs" in changes and "boundaries" not in changes:
+        changes["boundaries"] = ()
+    if "boundaries" in changes and "boundary_epochs" not in changes:
+        changes["boundary_epochs"] = ()
+    return config.replace(**changes)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from cnnjax.train import parallel
+
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    from cnnjax import train
+
+    config = config_from_args(args).validate()
+    if args.print_config:
+        print(config.to_json())
+        return 0
+    try:
+        result = train.train_and_evaluate(config, args.workdir)
+    except train.NonFiniteLossError as e:
+        print(f"cnnjax train: {e}", file=sys.stderr)
+        return 1
+    if result.preempted:
+        print(f"cnnjax train: stopped by SIGTERM at step {result.step}; checkpoint saved. "
+              f"Re-run with --workdir {args.workdir} to resume.", file=sys.stderr)
+    else:
+        print(json.dumps({"step": result.step, **result.metrics}))
+    return 0
+
+
+# -- eval ------------------------------------------------------------------------------------------
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", required=True, help="a training run's directory")
+    p.add_argument("--step", type=int, help="checkpoint to evaluate (default: the newest)")
+    p.add_argument("--split", choices=("test", "validation"), help="default: the run's eval_split")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from cnnjax import train
+
+    print(json.dumps(train.evaluate_checkpoint(args.workdir, step=args.step, split=args.split)))
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a model (resumes when the workdir holds a run)", add_train_arguments, run_train),
+    "eval": Command("evaluate a run's checkpoint", add_eval_arguments, run_eval),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnnjax", description="Convolutional networks in JAX/Flax.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log the libraries' INFO messages too")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status. Bad arguments exit with status 2 and a message."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    ours = logging.getLogger("cnnjax")
+    ours.setLevel(logging.INFO)
+    ours.addHandler(handler)
+    ours.propagate = False
+    try:
+        return args._run(args)
+    except ValueError as e:
+        if args.verbose:
+            raise
+        parser.exit(2, f"cnnjax {args.command}: error: {e}\n")

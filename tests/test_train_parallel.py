@@ -1,0 +1,41 @@
+"""pmap, shard_map and one device give the same training step (4 fake CPU devices, subprocess)."""
+
+import pytest
+
+from helpers_train import launch
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def diffs():
+    return launch.run("parallel_equivalence.py", STEPS)
+
+
+def test_the_run_is_meaningful(diffs):
+    assert diffs["devices"] == 4 and diffs["steps"] == STEPS
+    assert diffs["param_change"] > 1e-2  # the parameters really moved
+
+
+@pytest.mark.parametrize("wrapper", ["pmap", "shard_map"])
+def test_wrapper_matches_one_device_on_the_global_batch(diffs, wrapper):
+    d = diffs[wrapper]
+    assert d["step"] == STEPS
+    # float32 rounding only: the per-device partial sums are added in a different order.
+    assert d["params"] < 1e-6, d
+    assert d["batch_stats"] < 1e-5, d
+    assert d["opt_state"] < 1e-6, d
+    assert d["loss"] < 1e-6, d
+
+
+@pytest.mark.parametrize("wrapper", ["pmap_no_bn_sync", "shard_map_no_bn_sync"])
+def test_without_batchnorm_sync_the_result_differs(diffs, wrapper):
+    # Each device normalises with its own quarter of the batch: not the global-batch step.
+    assert diffs[wrapper]["params"] > 1e-3
+    assert diffs[wrapper]["batch_stats"] > 1e-2
+
+
+def test_shard_map_with_check_vma_and_pmean_differs(diffs):
+    # DESIGN.md's trap: with check_vma=True autodiff already sums the gradient of replicated
+    # parameters over the axis, and the step's pmean keeps that sum (4x too large).
+    assert diffs["shard_map_check_vma"]["params"] > 1e-2

@@ -1,0 +1,153 @@
+"""Learning-rate schedules, optimisers and configs of cnnjax.train against the papers' numbers."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax import train
+from cnnjax.train import config as config_lib
+from cnnjax.train.config import TrainConfig
+
+
+def lrs(schedule, steps):
+    return [float(schedule(s)) for s in steps]
+
+
+def test_resnet_cifar_paper_schedule_at_the_boundaries():
+    # He et al. 2016, 4.2: 0.1, divided by 10 at 32k and 48k iterations, terminated at 64k.
+    config = train.get_preset("cifar_resnet")
+    schedule = train.create_learning_rate_fn(config, steps_per_epoch=390)
+    assert train.num_train_steps(config, 390) == 64_000
+    got = lrs(schedule, [0, 1, 31_999, 32_000, 32_001, 47_999, 48_000, 63_999])
+    np.testing.assert_allclose(got, [0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+
+
+def test_resnet110_warmup_then_the_unshifted_paper_schedule():
+    # ResNet-110: 0.01 until about 400 iterations, then back to 0.1; the boundaries stay put.
+    schedule = train.create_learning_rate_fn(train.get_preset("cifar_resnet110"), 390)
+    got = lrs(schedule, [0, 200, 399, 400, 31_999, 32_000, 48_000])
+    np.testing.assert_allclose(got, [0.01, 0.01, 0.01, 0.1, 0.1, 0.01, 0.001], rtol=1e-6)
+
+
+def test_linear_warmup_and_cosine():
+    config = TrainConfig(model="x", num_steps=1100, learning_rate=0.4, schedule="cosine", warmup_steps=100,
+                         warmup="linear", warmup_lr=0.0)
+    schedule = train.create_learning_rate_fn(config, 10)
+    got = lrs(schedule, [0, 50, 100, 600, 1100])
+    # Cosine over the 1000 steps after warm-up: 0.4 * (1 + cos(pi * t / 1000)) / 2.
+    want = [0.0, 0.2, 0.4, 0.4 * (1 + math.cos(math.pi * 0.5)) / 2, 0.0]
+    np.testing.assert_allclose(got, want, atol=1e-7)
+
+
+def test_linear_scaling_rule_and_epoch_boundaries():
+    # Goyal et al. 2017: lr 0.1 per 256 images; 8192 images per step -> 3.2, warm-up over 5 epochs.
+    config = train.get_preset("imagenet_resnet_large_batch")
+    assert config.peak_learning_rate == pytest.approx(3.2)
+    spe = 1_281_167 // 8192  # 156
+    schedule = train.create_learning_rate_fn(config, spe)
+    assert train.num_train_steps(config, spe) == 90 * spe
+    got = lrs(schedule, [0, 390, 780, 30 * spe - 1, 30 * spe, 60 * spe, 80 * spe])
+    np.testing.assert_allclose(got, [0.1, 0.1 + 3.1 * 390 / 780, 3.2, 3.2, 0.32, 0.032, 0.0032], rtol=1e-5)
+    # The plain ImageNet recipe: /10 at epochs 30 and 60 of 5005 steps.
+    config = train.get_preset("imagenet_resnet")
+    np.testing.assert_allclose(lrs(train.create_learning_rate_fn(config, 5005), [150_149, 150_150, 300_300]),
+                               [0.1, 0.01, 0.001], rtol=1e-6)
+
+
+def _one_update(config, params, grads, steps=1):
+    tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 1))
+    opt_state = tx.init(params)
+    for _ in range(steps):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+    return params
+
+
+def test_sgd_momentum_nesterov_and_weight_decay_mask_against_numpy():
+    params = {"conv": {"kernel": jnp.array([[1.0, -2.0]])}, "bn": {"scale": jnp.array([0.5]), "bias": jnp.array([3.0])}}
+    grads = {"conv": {"kernel": jnp.array([[0.1, 0.2]])}, "bn": {"scale": jnp.array([-0.3]), "bias": jnp.array([0.4])}}
+    lr, m, wd = 0.1, 0.9, 0.01
+    for nesterov in (False, True):
+        for mask in ("all", "no_bn_bias"):
+            config = TrainConfig(model="x", num_steps=10, learning_rate=lr, momentum=m, nesterov=nesterov,
+                                 weight_decay=wd, wd_mask=mask, schedule="constant")
+            got = _one_update(config, params, grads, steps=2)
+
+            def reference(p, g, decay):
+                p, v = np.asarray(p, np.float64), np.zeros(np.shape(p))
+                for _ in range(2):
+                    d = np.asarray(g) + (wd * p if decay else 0.0)  # L2 in the loss: grad + wd * w
+                    v = m * v + d
+                    p = p - lr * ((d + m * v) if nesterov else v)
+                return p
+
+            for (path, p), g in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(grads)):
+                decay = mask == "all" or p.ndim > 1
+                want = reference(p, g, decay)
+                leaf = got
+                for k in path:
+                    leaf = leaf[k.key]
+                np.testing.assert_allclose(leaf, want, rtol=1e-6, err_msg=f"{path} nesterov={nesterov} mask={mask}")
+
+
+def test_weight_decay_mask_skips_exactly_the_vectors():
+    params = {"conv1": {"kernel": jnp.zeros((3, 3, 1, 2))}, "bn1": {"scale": jnp.zeros(2), "bias": jnp.zeros(2)},
+              "fc": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}}
+    mask = train.weight_decay_mask(params, "no_bn_bias")
+    assert mask == {"conv1": {"kernel": True}, "bn1": {"scale": False, "bias": False},
+                    "fc": {"kernel": True, "bias": False}}
+    assert all(jax.tree.leaves(train.weight_decay_mask(params, "all")))
+
+
+def test_adamw_decays_decoupled_and_adam_runs():
+    params, grads = {"w": jnp.array([[2.0]])}, {"w": jnp.array([[0.0]])}
+    config = TrainConfig(model="x", num_steps=1, optimizer="adamw", learning_rate=0.1, weight_decay=0.5,
+                         schedule="constant")
+    # Zero gradient: Adam's step is 0, the decoupled decay gives w - lr * wd * w.
+    np.testing.assert_allclose(_one_update(config, params, grads)["w"], [[2.0 - 0.1 * 0.5 * 2.0]], rtol=1e-6)
+    config = config.replace(optimizer="adam")
+    assert np.isfinite(_one_update(config, params, {"w": jnp.array([[1.0]])})["w"]).all()
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("optimizer", "sgdd", "'sgd', 'adam', 'adamw'"),
+    ("schedule", "linear", "'step', 'cosine', 'constant'"),
+    ("wd_mask", "bn", "'all', 'no_bn_bias'"),
+    ("parallel", "dp", "'shard_map', 'pmap', 'none'"),
+    ("dtype", "float16", "'float32', 'bfloat16'"),
+    ("global_batch_size", 0, "positive int"),
+])
+def test_config_validation_names_the_field_and_choices(field, value, needle):
+    with pytest.raises(ValueError, match=f"{field}") as info:
+        TrainConfig(num_steps=1).replace(**{field: value}).validate(check_registries=False)
+    assert needle in str(info.value)
+
+
+def test_config_validation_of_run_length_boundaries_and_registries():
+    with pytest.raises(ValueError, match="exactly one of num_steps and num_epochs"):
+        TrainConfig().validate(check_registries=False)
+    with pytest.raises(ValueError, match="boundaries"):
+        TrainConfig(num_steps=10, schedule="step", boundaries=(5, 3)).validate(check_registries=False)
+    with pytest.raises(ValueError, match="model='resnet1001'.*valid choices.*resnet20"):
+        TrainConfig(model="resnet1001", num_steps=10).validate()
+    with pytest.raises(ValueError, match="preset.*valid choices.*cifar_resnet"):
+        train.get_preset("cifar")
+    with pytest.raises(ValueError, match="no field"):
+        TrainConfig().replace(lr=0.1)
+    for name, preset in train.PRESETS.items():
+        preset.validate(check_registries=False)
+        assert TrainConfig.from_dict(preset.to_dict()) == preset, name
+
+
+def test_parse_field_types():
+    assert config_lib.parse_field("num_steps", "64e3") == 64_000
+    assert config_lib.parse_field("boundaries", "32000,48000") == (32_000, 48_000)
+    assert config_lib.parse_field("nesterov", "true") is True
+    assert config_lib.parse_field("image_size", "none") is None
+    assert config_lib.parse_field("model_kwargs", '{"width": 4}') == {"width": 4}
+    assert config_lib.parse_field("learning_rate", "0.1") == 0.1
+    with pytest.raises(ValueError, match="num_steps"):
+        config_lib.parse_field("num_steps", "1.5")
