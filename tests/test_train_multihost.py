@@ -24,7 +24,11 @@ def free_port():
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multihost")
     port, workdir = free_port(), str(tmp / "run")
-    workers = [launch.start("multihost.py", "worker", i, port, workdir, tmp / f"params{i}.npz") for i in range(2)]
+    # Process 0 is set up by arguments, process 1 by the usual environment variables.
+    workers = [launch.start("multihost.py", "worker", 0, port, workdir, tmp / "params0.npz"),
+               launch.start("multihost.py", "worker", 1, "env", workdir, tmp / "params1.npz",
+                            env={"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                                 "JAX_PROCESS_ID": "1"})]
     reference = launch.start("multihost.py", "reference", tmp / "reference", tmp / "reference.npz")
     outputs = [launch.finish(p, timeout=400) for p in workers]
     launch.finish(reference)

@@ -133,12 +133,18 @@ def test_config_validation_of_run_length_boundaries_and_registries():
         TrainConfig(num_steps=10, schedule="step", boundaries=(5, 3)).validate(check_registries=False)
     with pytest.raises(ValueError, match="model='resnet1001'.*valid choices.*resnet20"):
         TrainConfig(model="resnet1001", num_steps=10).validate()
+    with pytest.raises(ValueError, match="dataset='cifar11'.*valid choices.*cifar10"):
+        TrainConfig(model="resnet20", dataset="cifar11", num_steps=10).validate()
+    with pytest.raises(ValueError, match="augment='autoaugment'.*'cifar'"):
+        TrainConfig(model="resnet20", augment="autoaugment", num_steps=10).validate()
+    with pytest.raises(ValueError, match="validation_size"):
+        TrainConfig(eval_split="validation", num_steps=10).validate(check_registries=False)
     with pytest.raises(ValueError, match="preset.*valid choices.*cifar_resnet"):
         train.get_preset("cifar")
     with pytest.raises(ValueError, match="no field"):
         TrainConfig().replace(lr=0.1)
     for name, preset in train.PRESETS.items():
-        preset.validate(check_registries=False)
+        preset.validate()
         assert TrainConfig.from_dict(preset.to_dict()) == preset, name
 
 

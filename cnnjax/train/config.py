@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from typing import Any
@@ -18,8 +19,6 @@ WARMUPS = ("linear", "constant")
 WD_MASKS = ("all", "no_bn_bias")
 DTYPES = ("float32", "bfloat16")
 PARALLEL = ("shard_map", "pmap", "none")
-AUGMENTS = ("none", "cifar", "imagenet")
-NORMALIZES = ("per_pixel_mean", "per_channel", "scale")
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 # Fields that may change when a run is resumed (how long, how often, how it is shown).
@@ -42,7 +41,8 @@ class TrainConfig:
       channels: force 1 or 3 channels (None: the model's default input channels).
       validation_size: training examples held out as the 'validation' split.
       eval_split: split evaluated during and after training ('test' or 'validation').
-      augment: 'none', 'cifar' (pad 4, crop, flip) or 'imagenet' (scale augmentation, crop, flip).
+      augment: 'none', 'flip', 'cifar' (pad 4, crop, flip) or 'imagenet' (scale augmentation,
+        crop, flip).
       normalize: 'per_pixel_mean' (the ResNet CIFAR recipe), 'per_channel' or 'scale'.
       global_batch_size: examples per step over all devices and processes.
       num_steps: length of the run in steps; exactly one of num_steps and num_epochs is set.
@@ -161,7 +161,7 @@ class TrainConfig:
         """Raises ValueError naming the first bad field, its value and the valid choices."""
         for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("warmup", WARMUPS),
                               ("wd_mask", WD_MASKS), ("dtype", DTYPES), ("parallel", PARALLEL),
-                              ("augment", AUGMENTS), ("normalize", NORMALIZES), ("rng_impl", RNG_IMPLS),
+                              ("rng_impl", RNG_IMPLS),
                               ("eval_split", ("test", "validation"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of {list(choices)}")
@@ -197,13 +197,27 @@ class TrainConfig:
         if self.weight_decay < 0 or self.aux_weight < 0 or not 0 <= self.momentum < 1:
             raise ValueError(f"TrainConfig: need weight_decay >= 0, aux_weight >= 0 and 0 <= momentum < 1, got "
                              f"{self.weight_decay}, {self.aux_weight}, {self.momentum}")
+        if self.eval_split == "validation" and self.validation_size == 0:
+            raise ValueError("TrainConfig.eval_split='validation' needs validation_size > 0 (examples held out "
+                             "from the training set)")
         if check_registries:
-            from cnnjax import models  # imported here: config is plain data and loads without models
-
-            if self.model not in models.list_models():
-                raise ValueError(f"TrainConfig.model={self.model!r} is not a registered model; valid choices: "
-                                 f"{models.list_models()}")
+            self._validate_names()
         return self
+
+    def _validate_names(self) -> None:
+        # Imported here: a config is plain data and loads without the models or the data code.
+        from cnnjax import data, models
+
+        if self.model not in models.list_models():
+            raise ValueError(f"TrainConfig.model={self.model!r} is not a registered model; valid choices: "
+                             f"{models.list_models()}")
+        npz = self.data_dir is not None and os.path.exists(os.path.join(self.data_dir, f"{self.dataset}.npz"))
+        if self.dataset not in data.list_datasets() and not npz:
+            raise ValueError(f"TrainConfig.dataset={self.dataset!r} is not a known data set; valid choices: "
+                             f"{data.list_datasets()}, or the name of a <data_dir>/<name>.npz file")
+        for name, choices in (("augment", data.AUGMENTATIONS), ("normalize", data.NORMALIZATIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of {list(choices)}")
 
 
 def field_names() -> list[str]:

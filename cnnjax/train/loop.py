@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import itertools
 import json
 import logging
@@ -82,24 +83,30 @@ def build(config: TrainConfig, *, model_fn: Callable[..., nn.Module] | None = No
     Args:
       config: the run's configuration.
       model_fn: builds the model instead of `cnnjax.models.create(config.model, ...)`; called with
-        `num_classes`, `bn_axis_name`, optionally `dtype`, and `config.model_kwargs`.
+        `num_classes`, `bn_axis_name`, `dtype` (unless float32) and `config.model_kwargs`.
+        Registry models that check their input channels also get `in_channels`.
     """
     config.validate(check_registries=model_fn is None)
     par = DataParallel(config.parallel)
     par.check_batch_size(config.global_batch_size)
     image_size, channels = config.image_size, config.channels
+    takes_in_channels = False
     if model_fn is None:
         from cnnjax import models
 
-        h, w, c = models.get_spec(config.model).input_shape
+        spec = models.get_spec(config.model)
+        h, w, c = spec.input_shape
         image_size = (h, w) if image_size is None else image_size
         channels = c if channels is None else channels
         model_fn = functools.partial(models.create, config.model)
+        takes_in_channels = "in_channels" in inspect.signature(spec.builder).parameters
     ds = data.load_dataset(config.dataset, data_dir=config.data_dir, image_size=image_size, channels=channels,
                            validation_size=config.validation_size, seed=config.seed)
     pipeline = data.Pipeline(ds, config.global_batch_size, augment=config.augment, normalize=config.normalize,
                              seed=config.seed, eval_split=config.eval_split)
     kwargs = dict(config.model_kwargs, num_classes=ds.num_classes, bn_axis_name=par.axis_name)
+    if takes_in_channels:  # models that check their input channels (MLP, AlexNet, GoogLeNet)
+        kwargs.setdefault("in_channels", ds.image_shape[-1])
     if config.dtype != "float32":
         kwargs["dtype"] = jnp.dtype(config.dtype)
     model = model_fn(**kwargs)

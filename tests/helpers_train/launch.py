@@ -1,17 +1,34 @@
 """Starts the helper scripts of the training tests in fresh interpreters."""
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 HELPERS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HELPERS))
+_CACHE: list[str] = []
 
 
-def start(script, *args, **popen_kwargs):
-    """Popen of `python helpers_train/<script> args...` on CPU, output captured as text."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
+def _compilation_cache() -> str:
+    """A JAX compilation cache shared by this test session's subprocesses (they compile the same
+    steps; a cache hit runs the very same executable), removed at exit."""
+    if not _CACHE:
+        _CACHE.append(tempfile.mkdtemp(prefix="cnnjax_test_jax_cache_"))
+        atexit.register(shutil.rmtree, _CACHE[0], True)
+    return _CACHE[0]
+
+
+def start(script, *args, env=None, **popen_kwargs):
+    """Popen of `python helpers_train/<script> args...` on CPU, output captured as text.
+
+    `env` adds environment variables.
+    """
+    env = dict(os.environ, **(env or {}), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=_compilation_cache(),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
                PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     return subprocess.Popen([sys.executable, os.path.join(HELPERS, script), *map(str, args)], cwd=HELPERS, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs)

@@ -1,6 +1,7 @@
 """Multi-process training on CPU (jax.distributed + gloo) and its single-process reference.
 
-usage: multihost.py worker PROCESS_ID PORT WORKDIR OUT.npz
+usage: multihost.py worker PROCESS_ID PORT WORKDIR OUT.npz   (PORT 'env': from $JAX_COORDINATOR_ADDRESS,
+                                                             $JAX_NUM_PROCESSES, $JAX_PROCESS_ID)
        multihost.py reference WORKDIR OUT.npz
 A worker is one of two processes training TinyCNN on 8x8 digits with `train_and_evaluate`
 (shard_map over one CPU device per process, each process reading its own shard). The
@@ -35,7 +36,10 @@ def save_params(path, params):
 def worker(process_id, port, workdir, out):
     from cnnjax import train
 
-    assert train.initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
+    if port == "env":
+        assert train.initialize_distributed()
+    else:
+        assert train.initialize_distributed(f"127.0.0.1:{port}", 2, process_id)
     import jax
 
     from tiny import TinyCNN
@@ -70,6 +74,6 @@ def reference(workdir, out):
 
 if __name__ == "__main__":
     if sys.argv[1] == "worker":
-        worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+        worker(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
     else:
         reference(sys.argv[2], sys.argv[3])

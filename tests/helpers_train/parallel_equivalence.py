@@ -61,10 +61,13 @@ out = {"devices": jax.device_count(), "steps": int(ref.step),
        "param_change": diff(ref.params, init.params)}
 for name, kw in {"pmap": dict(mode="pmap"), "shard_map": dict(mode="shard_map"),
                  "shard_map_no_bn_sync": dict(mode="shard_map", bn_sync=False),
-                 "pmap_no_bn_sync": dict(mode="pmap", bn_sync=False),
                  "shard_map_check_vma": dict(mode="shard_map", check_vma=True)}.items():
     s, losses = run(**kw)
     out[name] = {"params": diff(s.params, ref.params), "batch_stats": diff(s.batch_stats, ref.batch_stats),
                  "opt_state": diff(s.opt_state, ref.opt_state), "loss": max(abs(a - b) for a, b in zip(losses, ref_losses)),
                  "step": int(s.step)}
+try:
+    parallel.DataParallel("shard_map").check_batch_size(18)
+except ValueError as e:
+    out["batch_error"] = str(e)
 print(json.dumps(out))
