@@ -1,0 +1,173 @@
+"""Dual Path Networks (Chen et al. 2017): DPN-92 and DPN-98.
+
+A dual path block carries two streams: a residual path of fixed width (ResNet-like, outputs are
+added) and a densely connected path that grows by `inc` channels per block (DenseNet-like,
+outputs are concatenated). Both are read together (concatenated) and fed through one
+pre-activation bottleneck BN-ReLU-conv1x1 -> BN-ReLU-grouped conv3x3 -> BN-ReLU-conv1x1, whose
+output is split between the two paths. The first block of each stage projects the concatenated
+input (BN-ReLU-conv1x1, stride 2 except in stage 2) to initialise both paths.
+
+Conventions follow the common port of the authors' MXNet models (Cadene pretrainedmodels, timm
+`dpn.py`), which gives the published parameter counts exactly: 7x7/2 stem conv without bias + BN +
+ReLU + 3x3/2 max pool; pre-activation BN-ReLU-conv units with bias-free convs; a final BN-ReLU on
+the concatenated paths; global average pooling; a 1x1 convolution with bias as the classifier
+(parameter-for-parameter the same as a fully connected layer, kept as a conv to match the port's
+kernel layout). BatchNorm epsilon is 1e-3, as in the port (the weights came from MXNet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnnjax import functional as F
+from cnnjax.models.registry import register
+from cnnjax.nn import BatchNorm, Conv, Dropout, GlobalAvgPool, MaxPool
+
+Array = jax.Array
+ModuleDef = Any
+
+# Table 1 of Chen et al. 2017 and the authors' MXNet symbols: stem width, bottleneck width k_r of
+# stage 2 (doubling per stage), groups G of the 3x3 conv, blocks per stage, dense increment per stage.
+DPN_CONFIGS = {
+    92: dict(num_init_features=64, k_r=96, groups=32, block_sizes=(3, 4, 20, 3), increments=(16, 32, 24, 128)),
+    98: dict(num_init_features=96, k_r=160, groups=40, block_sizes=(3, 6, 20, 3), increments=(16, 32, 32, 128)),
+}
+
+
+class BNActConv(nn.Module):
+    """Pre-activation unit: BN -> activation -> conv (bias-free)."""
+
+    features: int
+    kernel_size: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable[[Array], Array]
+    strides: int = 1
+    groups: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = self.act(self.norm(name="bn")(x))
+        return self.conv(self.features, kernel_size=self.kernel_size, strides=self.strides,
+                         padding=self.kernel_size // 2, groups=self.groups, name="conv")(x)
+
+
+class DualPathBlock(nn.Module):
+    """One dual path block on (residual, dense) -> (residual, dense).
+
+    The residual path has `out_features` channels; the dense path gains `inc` channels (and
+    starts with 2 * inc in a projecting block). `strides` 2 makes a downsampling projection.
+    """
+
+    bottleneck: int
+    out_features: int
+    inc: int
+    groups: int
+    conv: ModuleDef
+    norm: ModuleDef
+    act: Callable[[Array], Array]
+    project: bool = False
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, paths: tuple[Array, Array] | Array) -> tuple[Array, Array]:
+        unit = partial(BNActConv, conv=self.conv, norm=self.norm, act=self.act)
+        x = jnp.concatenate(paths, axis=-1) if isinstance(paths, tuple) else paths
+        if self.project:
+            s = unit(self.out_features + 2 * self.inc, 1, strides=self.strides, name="proj")(x)
+            resid, dense = s[..., :self.out_features], s[..., self.out_features:]
+        else:
+            if not isinstance(paths, tuple) or self.strides != 1:
+                raise ValueError(f"{self.name}: a block without projection needs (residual, dense) inputs and stride 1")
+            resid, dense = paths
+        y = unit(self.bottleneck, 1, name="conv1")(x)
+        y = unit(self.bottleneck, 3, strides=self.strides, groups=self.groups, name="conv2")(y)
+        y = unit(self.out_features + self.inc, 1, name="conv3")(y)
+        return resid + y[..., :self.out_features], jnp.concatenate([dense, y[..., self.out_features:]], axis=-1)
+
+
+class DPN(nn.Module):
+    """Dual Path Network for ImageNet-style inputs (the "large" DPN-92/98/107/131 layout).
+
+    Args:
+      num_classes: outputs of the 1x1 convolutional classifier.
+      num_init_features: channels of the 7x7/2 stem convolution.
+      k_r: bottleneck width of stage 2; stage s uses k_r * 2**(s - 2).
+      groups: groups of every 3x3 convolution.
+      block_sizes: dual path blocks in stages 2-5.
+      increments: channels each block adds to the dense path, per stage.
+      base_width: residual-path width of stage 2 (256), doubling per stage.
+      drop_rate: dropout before the classifier (0 in the paper and the port).
+      dtype: compute dtype (None: the input's); parameters and BN statistics stay float32.
+      bn_axis_name: mapped axis over which BatchNorm averages batch statistics.
+      bn_momentum: BatchNorm running-average momentum (Flax convention).
+      bn_epsilon: BatchNorm epsilon (1e-3 in the MXNet-derived port).
+    """
+
+    num_classes: int
+    num_init_features: int = 64
+    k_r: int = 96
+    groups: int = 32
+    block_sizes: Sequence[int] = (3, 4, 20, 3)
+    increments: Sequence[int] = (16, 32, 24, 128)
+    base_width: int = 256
+    drop_rate: float = 0.0
+    dtype: Any = None
+    bn_axis_name: str | None = None
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-3
+
+    def min_input_size(self) -> int:
+        """Smallest input height/width: 1, as the padded 7x7/2 conv, 3x3/2 pool and stride-2 stages keep >= 1 pixel."""
+        return 1
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        if len(self.block_sizes) != 4 or len(self.increments) != 4 or min(self.block_sizes) < 1:
+            raise ValueError(f"block_sizes and increments need 4 entries (stages 2-5) with at least one block each, "
+                             f"got {self.block_sizes!r} and {self.increments!r}")
+        if x.ndim != 4:
+            raise ValueError(f"DPN input must be NHWC (rank 4), got shape {tuple(x.shape)}; "
+                             "add a batch axis with x[None]")
+        if min(x.shape[1:3]) < self.min_input_size():
+            raise ValueError(f"DPN needs inputs of at least {self.min_input_size()} pixel(s) per side, "
+                             f"got {x.shape[1]}x{x.shape[2]}")
+        conv = partial(Conv, use_bias=False, dtype=self.dtype)
+        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+                       epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, dtype=self.dtype)
+        act = jax.nn.relu
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+
+        x = conv(self.num_init_features, kernel_size=7, strides=2, padding=3, name="stem_conv")(x)
+        x = MaxPool(3, 2, padding=1, name="stem_pool")(act(norm(name="stem_bn")(x)))
+
+        paths: tuple[Array, Array] | Array = x
+        for s, (num_blocks, inc) in enumerate(zip(self.block_sizes, self.increments)):
+            width, bottleneck = self.base_width << s, self.k_r << s
+            for b in range(int(num_blocks)):
+                paths = DualPathBlock(bottleneck, width, int(inc), self.groups, conv, norm, act,
+                                      project=b == 0, strides=2 if (b == 0 and s > 0) else 1,
+                                      name=f"stage{s + 2}_block{b + 1}")(paths)
+
+        x = act(norm(name="final_bn")(jnp.concatenate(paths, axis=-1)))
+        x = GlobalAvgPool(keepdims=True, name="global_pool")(x)
+        x = Dropout(self.drop_rate, name="dropout")(x, deterministic=not train)
+        x = Conv(self.num_classes, kernel_size=1, use_bias=True, dtype=self.dtype, name="classifier")(x)
+        return F.flatten(x).astype(jnp.float32)
+
+
+_SOURCE = "Chen et al. 2017, Table 1; Cadene pretrainedmodels / timm dpn.py"
+_NOTE = ("exact count of the common port (bias-free convs, BN scale+bias, final BN on the concatenated "
+         "paths, 1x1-conv classifier with bias, 1000 classes)")
+
+register("dpn92", partial(DPN, **DPN_CONFIGS[92]), input_shape=(224, 224, 3), num_classes=1000, family="dpn",
+         dataset="imagenet", source=_SOURCE, reference_params=37_668_392, params_rtol=0.0, params_note=_NOTE)
+register("dpn98", partial(DPN, **DPN_CONFIGS[98]), input_shape=(224, 224, 3), num_classes=1000, family="dpn",
+         dataset="imagenet", source=_SOURCE, reference_params=61_570_728, params_rtol=0.0, params_note=_NOTE)
