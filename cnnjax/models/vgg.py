@@ -1,0 +1,122 @@
+"""VGG (Simonyan & Zisserman 2015), configurations A/B/D/E of Table 1, with and without BatchNorm.
+
+Stacks of 3x3 convolutions (stride 1, padding 1) with ReLU, 2x2/2 max pooling between the five
+stages, then FC 4096 -> ReLU -> dropout 0.5 -> FC 4096 -> ReLU -> dropout 0.5 -> FC classes. The
+"_bn" variants put BatchNorm between each convolution and its ReLU and keep the convolution bias,
+as torchvision's `vgg*_bn` do, so every count equals torchvision's exactly (vgg16: 138,357,544).
+torchvision pools adaptively to 7x7 before FC6; at 224x224 the map already is 7x7, so that pool is
+the identity and is left out: at other sizes FC6's input width follows the last map (512 at 32x32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnnjax.models.registry import register
+from cnnjax.nn import BatchNorm, Conv, Dense, Dropout, Flatten, MaxPool
+
+Array = jax.Array
+
+# Table 1 of Simonyan & Zisserman 2015: conv3 widths, 'M' = 2x2/2 max pool.
+VGG_CONFIGS: dict[int, tuple[int | str, ...]] = {
+    11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),  # A
+    13: (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),  # B
+    16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),  # D
+    19: (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+         512, 512, 512, 512, "M"),  # E
+}
+
+# torchvision's parameter counts (1000 classes), plain / with BatchNorm.
+TORCHVISION_PARAMS = {
+    11: (132_863_336, 132_868_840),
+    13: (133_047_848, 133_053_736),
+    16: (138_357_544, 138_365_992),
+    19: (143_667_240, 143_678_248),
+}
+
+
+class VGG(nn.Module):
+    """VGG: stages of 3x3 conv (+ BatchNorm) + ReLU separated by 2x2 max pools, then three FC layers.
+
+    Args:
+      num_classes: outputs of the last FC layer.
+      config: conv widths and 'M' pools, a value of VGG_CONFIGS.
+      batch_norm: BatchNorm after every convolution (the torchvision "_bn" models).
+      hidden: width of FC6 and FC7 (4096).
+      dropout_rate: dropout after the ReLUs of FC6 and FC7 (0.5).
+      in_channels: channels the NHWC input must have.
+      kernel_init: initializer of the convolutions (torchvision: He normal, fan out).
+      dtype: compute dtype (None: the input's); parameters and BN statistics stay float32.
+      bn_axis_name: mapped axis over which BatchNorm averages batch statistics.
+      bn_momentum: BatchNorm running-average momentum (Flax convention).
+
+    Layers are named as in the Caffe models: conv{stage}_{i} (bn{stage}_{i}), pool{stage}, fc6-fc8.
+    """
+
+    num_classes: int
+    config: Sequence[int | str] = VGG_CONFIGS[16]
+    batch_norm: bool = False
+    hidden: int = 4096
+    dropout_rate: float = 0.5
+    in_channels: int = 3
+    kernel_init: Any = "he_normal_fan_out"
+    dtype: Any = None
+    bn_axis_name: str | None = None
+    bn_momentum: float = 0.9
+
+    def min_input_size(self) -> int:
+        """Smallest input side that survives every 2x2 pool (32 for the five-pool configurations)."""
+        return 2 ** sum(1 for v in self.config if v == "M")
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        if x.ndim != 4:
+            raise ValueError(f"VGG input must be NHWC (rank 4), got shape {tuple(x.shape)}; add a batch axis with x[None]")
+        if x.shape[-1] != self.in_channels:
+            raise ValueError(f"VGG expects {self.in_channels} input channel(s), got shape {tuple(x.shape)}; "
+                             f"pass in_channels={x.shape[-1]} to create() or fix the layout (NHWC)")
+        min_size = self.min_input_size()
+        if min(x.shape[1:3]) < min_size:
+            raise ValueError(f"VGG needs inputs of at least {min_size}x{min_size} pixels (one per 2x2 pool), "
+                             f"got {x.shape[1]}x{x.shape[2]}; resize or pad the images (224 natively)")
+        conv = partial(Conv, kernel_size=3, padding=1, kernel_init=self.kernel_init, dtype=self.dtype)
+        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+                       axis_name=self.bn_axis_name, dtype=self.dtype)
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+
+        stage, index = 1, 1
+        for v in self.config:
+            if v == "M":
+                x = MaxPool(2, 2, name=f"pool{stage}")(x)
+                stage, index = stage + 1, 1
+                continue
+            x = conv(int(v), name=f"conv{stage}_{index}")(x)
+            if self.batch_norm:
+                x = norm(name=f"bn{stage}_{index}")(x)
+            x = jax.nn.relu(x)
+            index += 1
+
+        x = Flatten(name="flatten")(x)
+        for j in (6, 7):
+            x = jax.nn.relu(Dense(self.hidden, dtype=self.dtype, name=f"fc{j}")(x))
+            x = Dropout(self.dropout_rate, name=f"drop{j}")(x, deterministic=not train)
+        x = Dense(self.num_classes, dtype=self.dtype, name="fc8")(x)
+        return x.astype(jnp.float32)
+
+
+_LETTER = {11: "A", 13: "B", 16: "D", 19: "E"}
+for _depth, _cfg in VGG_CONFIGS.items():
+    for _bn, _params in zip((False, True), TORCHVISION_PARAMS[_depth]):
+        register(f"vgg{_depth}{'_bn' if _bn else ''}", partial(VGG, config=_cfg, batch_norm=_bn),
+                 input_shape=(224, 224, 3), num_classes=1000,
+                 source=f"Simonyan & Zisserman 2015, Table 1 configuration {_LETTER[_depth]}"
+                        + (" + BatchNorm (torchvision)" if _bn else ""),
+                 family="vgg", reference_params=_params,
+                 params_note="torchvision definition (conv bias kept with BatchNorm; scale and bias per BN); exact")
