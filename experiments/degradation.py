@@ -1,7 +1,8 @@
 """The degradation of plain versus residual networks (He et al. 2016, Figure 6 / Table 6, Figure 4).
 
 Trains plain and residual networks of several depths on the same data with the same recipe,
-one resumable workdir each, and writes into the output directory:
+one resumable workdir each (under --workdir, default runs/degradation_<preset>; never committed),
+and writes into the output directory (default experiments/results/degradation_<preset>):
 
   curves.csv      network, kind, depth, iteration, epoch, train_error, test_error, train_loss
   degradation.png Figure-6 style: plain nets left, ResNets right; training error dashed,
@@ -235,9 +236,19 @@ def table(results: list[dict[str, Any]], *, imagenet: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(preset_name: str, out_dir: str | os.PathLike, *, data_dir: str | None = None,
-        overrides: dict[str, Any] | None = None, only: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Trains (or resumes) every network of the preset and writes curves, plot and table."""
+def run(preset_name: str, out_dir: str | os.PathLike, *, runs_dir: str | os.PathLike | None = None,
+        data_dir: str | None = None, overrides: dict[str, Any] | None = None,
+        only: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Trains (or resumes) every network of the preset and writes curves, plot and table.
+
+    Args:
+      preset_name: a key of PRESETS.
+      out_dir: where curves.csv, degradation.png, RESULTS.md and summary.json are written.
+      runs_dir: parent of the per-network workdirs (checkpoints, metrics); default out_dir/runs.
+      data_dir: the data set's directory (a `<name>.npz` directory or a tfds data_dir).
+      overrides: TrainConfig fields changed for every network.
+      only: train only these networks (names like 'plain56').
+    """
     import jax
 
     from cnnjax.train import train_and_evaluate
@@ -258,7 +269,7 @@ def run(preset_name: str, out_dir: str | os.PathLike, *, data_dir: str | None = 
     out.mkdir(parents=True, exist_ok=True)
     results, all_rows = [], []
     for net in nets:
-        workdir = out / "runs" / net.name
+        workdir = Path(runs_dir or out / "runs") / net.name
         done = workdir / "DONE.json"
         if done.exists():
             info = json.loads(done.read_text())
@@ -317,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="experiment preset (default quick)")
     parser.add_argument("--out", default=None, help="output directory (default experiments/results/degradation_<preset>)")
+    parser.add_argument("--workdir", default=None,
+                        help="parent of the per-network run directories (default runs/degradation_<preset>)")
     parser.add_argument("--data-dir", default=None, help="directory with <dataset>.npz, or a tfds data_dir")
     parser.add_argument("--only", nargs="*", default=None, help="train only these networks (e.g. plain20 resnet56)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
@@ -332,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides[field] = parse_field(field, value)
     out = args.out or os.path.join("experiments", "results", f"degradation_{args.preset}")
     try:
-        results = run(args.preset, out, data_dir=args.data_dir, overrides=overrides, only=args.only)
+        results = run(args.preset, out, runs_dir=args.workdir or os.path.join("runs", f"degradation_{args.preset}"),
+                      data_dir=args.data_dir, overrides=overrides, only=args.only)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
