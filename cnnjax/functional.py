@@ -12,6 +12,7 @@ from typing import Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Array = jax.Array
@@ -242,7 +243,9 @@ def max_pool(x: Array, kernel_size: IntPair, stride: IntPair | None = None, padd
              *, ceil_mode: bool = False) -> Array:
     """Max pooling (padding never wins: it is -inf); stride defaults to the window."""
     window, strides, pads = _pool_geometry(x, kernel_size, stride, padding, ceil_mode, "pooling")
-    init = jnp.array(-jnp.inf, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+    # NumPy (not traced) init values: lax.reduce_window only has autodiff rules for the known
+    # monoids (max with -inf, add with 0), which it recognises from constant inits.
+    init = np.array(-np.inf, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else np.iinfo(x.dtype).min
     return lax.reduce_window(x, init, lax.max, (1, *window, 1), (1, *strides, 1),
                              ((0, 0), *pads, (0, 0)))
 
@@ -253,16 +256,16 @@ def avg_pool(x: Array, kernel_size: IntPair, stride: IntPair | None = None, padd
     (PyTorch's default); the extra far-side padding of ceil_mode is never counted."""
     window, strides, pads = _pool_geometry(x, kernel_size, stride, padding, ceil_mode, "pooling")
     dims, wstrides, wpads = (1, *window, 1), (1, *strides, 1), ((0, 0), *pads, (0, 0))
-    total = lax.reduce_window(x, jnp.array(0, x.dtype), lax.add, dims, wstrides, wpads)
+    total = lax.reduce_window(x, np.array(0, x.dtype), lax.add, dims, wstrides, wpads)
     ones = jnp.ones((1, *x.shape[1:3], 1), x.dtype)
     if count_include_pad:
         # Count the user's padding, but not the extra ceil-mode padding beyond it.
         user = resolve_padding(padding, x.shape[1:3], window, strides)
         ones = jnp.pad(ones, ((0, 0), *user, (0, 0)), constant_values=1)
         extra = tuple((lo - ulo, hi - uhi) for (lo, hi), (ulo, uhi) in zip(pads, user))
-        count = lax.reduce_window(ones, jnp.array(0, x.dtype), lax.add, dims, wstrides, ((0, 0), *extra, (0, 0)))
+        count = lax.reduce_window(ones, np.array(0, x.dtype), lax.add, dims, wstrides, ((0, 0), *extra, (0, 0)))
     else:
-        count = lax.reduce_window(ones, jnp.array(0, x.dtype), lax.add, dims, wstrides, wpads)
+        count = lax.reduce_window(ones, np.array(0, x.dtype), lax.add, dims, wstrides, wpads)
     return total / count
 
 

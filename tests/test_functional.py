@@ -284,3 +284,13 @@ def test_bad_input_raises_clear_value_error(call, words):
         call()
     for w in words:
         assert w in str(info.value), (w, str(info.value))
+
+
+@pytest.mark.parametrize("pool", [lambda x: F.max_pool(x, 3, 2, 1), lambda x: F.avg_pool(x, 3, 2, 1, ceil_mode=True),
+                                  lambda x: F.avg_pool(x, 2, count_include_pad=False)])
+def test_pooling_is_differentiable_under_jit(pool):
+    x = jnp.asarray(np.random.default_rng(9).standard_normal((2, 6, 6, 3)), jnp.float32)
+    g = jax.jit(jax.grad(lambda x: jnp.sum(pool(x) ** 2)))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(pool(x) ** 2))(x)
+    assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).sum() > 0
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-6)
