@@ -20,15 +20,20 @@ def free_port():
         return s.getsockname()[1]
 
 
+def start_workers(tmp, workdir, *sigterm_step, env=None):
+    port = free_port()
+    # Process 0 is set up by arguments, process 1 by the usual environment variables.
+    return [launch.start("multihost.py", "worker", 0, port, workdir, tmp / "params0.npz", env=env),
+            launch.start("multihost.py", "worker", 1, "env", workdir, tmp / "params1.npz", *sigterm_step,
+                         env={"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                              "JAX_PROCESS_ID": "1", **(env or {})})]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multihost")
-    port, workdir = free_port(), str(tmp / "run")
-    # Process 0 is set up by arguments, process 1 by the usual environment variables.
-    workers = [launch.start("multihost.py", "worker", 0, port, workdir, tmp / "params0.npz"),
-               launch.start("multihost.py", "worker", 1, "env", workdir, tmp / "params1.npz",
-                            env={"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                                 "JAX_PROCESS_ID": "1"})]
+    workdir = str(tmp / "run")
+    workers = start_workers(tmp, workdir)
     reference = launch.start("multihost.py", "reference", tmp / "reference", tmp / "reference.npz")
     outputs = [launch.finish(p, timeout=400) for p in workers]
     launch.finish(reference)
@@ -59,3 +64,26 @@ def test_one_process_writes_metrics_and_checkpoints_are_complete(runs):
     assert steps == [2, 4, 6]  # not duplicated by the second process
     with train.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
         assert ckpt.all_steps() == [3, 6]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_checkpoints_both_and_the_resumed_run_matches(tmp_path):
+    # JAX's preemption service (started by jax.distributed.initialize) sees the signal and both
+    # processes stop at the same later step, after a collective checkpoint. The steps sleep a
+    # little so that the notice reaches process 0 before the run ends.
+    steps = 30
+    env = {"CNNJAX_TEST_NUM_STEPS": str(steps), "CNNJAX_TEST_STEP_SLEEP": "0.2"}
+    reference = launch.start("multihost.py", "reference", tmp_path / "reference", tmp_path / "reference.npz", env=env)
+    workdir = str(tmp_path / "run")
+    outputs = [launch.finish(p, timeout=400) for p in start_workers(tmp_path, workdir, 2, env=env)]
+    stopped = {o["step"] for o in outputs}
+    assert all(o["preempted"] for o in outputs) and len(stopped) == 1 and 2 < min(stopped) < steps, outputs
+    with train.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
+        assert ckpt.latest_step() == min(stopped)
+    env["CNNJAX_TEST_STEP_SLEEP"] = "0"
+    outputs = [launch.finish(p, timeout=400) for p in start_workers(tmp_path, workdir, env=env)]
+    assert all(o["step"] == steps and not o["preempted"] and o["resumed_from"] == min(stopped) for o in outputs)
+    launch.finish(reference)
+    params, reference = dict(np.load(tmp_path / "params0.npz")), dict(np.load(tmp_path / "reference.npz"))
+    for key in reference:
+        np.testing.assert_allclose(params[key], reference[key], rtol=0, atol=1e-5, err_msg=key)

@@ -1,7 +1,8 @@
 """Multi-process training on CPU (jax.distributed + gloo) and its single-process reference.
 
-usage: multihost.py worker PROCESS_ID PORT WORKDIR OUT.npz   (PORT 'env': from $JAX_COORDINATOR_ADDRESS,
-                                                             $JAX_NUM_PROCESSES, $JAX_PROCESS_ID)
+usage: multihost.py worker PROCESS_ID PORT WORKDIR OUT.npz [SIGTERM_STEP]
+         (PORT 'env': from $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID;
+          SIGTERM_STEP: the process sends itself SIGTERM after that step)
        multihost.py reference WORKDIR OUT.npz
 A worker is one of two processes training TinyCNN on 8x8 digits with `train_and_evaluate`
 (shard_map over one CPU device per process, each process reading its own shard). The
@@ -10,11 +11,14 @@ concatenation of the two processes' local batches. Each writes the final params 
 """
 
 import json
+import os
 import sys
+import time
 
 import numpy as np
 
-NUM_STEPS = 6
+NUM_STEPS = int(os.environ.get("CNNJAX_TEST_NUM_STEPS", 6))
+STEP_SLEEP = float(os.environ.get("CNNJAX_TEST_STEP_SLEEP", 0))  # seconds per step, to let signals propagate
 
 
 def config(parallel):
@@ -33,7 +37,9 @@ def save_params(path, params):
     np.savez(path, **flat)
 
 
-def worker(process_id, port, workdir, out):
+def worker(process_id, port, workdir, out, sigterm_step=None):
+    import signal
+
     from cnnjax import train
 
     if port == "env":
@@ -44,10 +50,16 @@ def worker(process_id, port, workdir, out):
 
     from tiny import TinyCNN
 
-    result = train.train_and_evaluate(config("shard_map"), workdir, model_fn=TinyCNN)
+    def sigterm(step, state, metrics):
+        if step == sigterm_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(STEP_SLEEP)
+
+    result = train.train_and_evaluate(config("shard_map"), workdir, model_fn=TinyCNN, callbacks=[sigterm])
     save_params(out, result.state.params)
     print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
-                      "devices": jax.device_count(), "step": result.step, "metrics": result.metrics}))
+                      "devices": jax.device_count(), "step": result.step, "metrics": result.metrics,
+                      "preempted": result.preempted, "resumed_from": result.resumed_from}))
     jax.distributed.shutdown()
 
 
@@ -74,6 +86,6 @@ def reference(workdir, out):
 
 if __name__ == "__main__":
     if sys.argv[1] == "worker":
-        worker(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
+        worker(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], *map(int, sys.argv[6:]))
     else:
         reference(sys.argv[2], sys.argv[3])
