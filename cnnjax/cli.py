@@ -128,7 +128,66 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- summary / models -----------------------------------------------------------------------------
+
+def add_summary_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="registered model name (see `cnnjax models`)")
+    p.add_argument("--input-shape", type=int, nargs=3, metavar=("H", "W", "C"),
+                   help="one image's shape (default: the model's registered input shape)")
+    p.add_argument("--num-classes", type=int, help="classifier width (default: the registered one)")
+    p.add_argument("--train", action="store_true", help="trace in training mode (auxiliary heads)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run_summary(args: argparse.Namespace) -> int:
+    from cnnjax import analysis, models
+
+    spec = models.get_spec(args.model)
+    overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    shape = tuple(args.input_shape) if args.input_shape else spec.input_shape
+    result = analysis.summary(models.create(spec.name, **overrides), shape, train=args.train)
+    print(result.to_json() if args.json else analysis.format_summary(result))
+    return 0
+
+
+def add_models_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'resnet*'")
+    p.add_argument("--long", action="store_true", help="also input shape, classes, reference parameters, source")
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from cnnjax import models
+
+    for name in models.list_models(args.pattern):
+        if args.long:
+            s = models.get_spec(name)
+            ref = f"{s.reference_params:,}" if s.reference_params else "-"
+            print(f"{name:28s} {'x'.join(map(str, s.input_shape)):>11s} {s.num_classes:>5d} {ref:>13s}  {s.source}")
+        else:
+            print(name)
+    return 0
+
+
+# -- degradation ------------------------------------------------------------------------------------
+
+def add_degradation_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of `python -m experiments.degradation`")
+
+
+def run_degradation(args: argparse.Namespace) -> int:
+    try:
+        from experiments import degradation
+    except ImportError:
+        raise ValueError("the experiments package is not importable: install cnnjax from its source tree "
+                         "(pip install -e .) or run from the repository root") from None
+    return degradation.main(args.args)
+
+
 COMMANDS: dict[str, Command] = {
+    "summary": Command("the lecture-style layer table of a model (no compile)", add_summary_arguments, run_summary),
+    "models": Command("list the registered models", add_models_arguments, run_models),
+    "degradation": Command("plain vs residual degradation experiment (see experiments/degradation.py)",
+                           add_degradation_arguments, run_degradation),
     "train": Command("train a model (resumes when the workdir holds a run)", add_train_arguments, run_train),
     "eval": Command("evaluate a run's checkpoint", add_eval_arguments, run_eval),
 }
