@@ -171,7 +171,7 @@ def run_models(args: argparse.Namespace) -> int:
 # -- degradation ------------------------------------------------------------------------------------
 
 def add_degradation_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of `python -m experiments.degradation`")
+    p.add_argument("args", nargs="*", help="arguments of `python -m experiments.degradation` (e.g. --preset cpu)")
 
 
 def run_degradation(args: argparse.Namespace) -> int:
@@ -207,7 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status. Bad arguments exit with status 2 and a message."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "degradation":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.args = [*args.args, *extra]  # passed through to the experiment's own parser
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
