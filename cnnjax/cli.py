@@ -207,11 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status. Bad arguments exit with status 2 and a message."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
-    if extra:
-        if args.command != "degradation":
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.args = [*args.args, *extra]  # passed through to the experiment's own parser
+    if args.command == "degradation":
+        # Everything after the command word goes, in order, to the experiment's own parser.
+        args.args = argv[argv.index("degradation") + 1:]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
