@@ -1,5 +1,5 @@
-"""Dual Path Networks: the common port's exact parameter counts, shapes, dual-path wiring, and a
-training step of a tiny DPN."""
+"""Dual Path Networks: the common port's exact parameter counts, the paper's multiply-adds, shapes,
+dual-path wiring, and a training step of a tiny DPN."""
 
 from functools import lru_cache, partial
 
@@ -11,6 +11,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from cnnjax import models
+from cnnjax.analysis import summary
 from cnnjax.models.dpn import DPN, DPN_CONFIGS, DualPathBlock
 from cnnjax.nn import BatchNorm, Conv
 
@@ -18,6 +19,8 @@ from cnnjax.nn import BatchNorm, Conv
 # timm dpn.py): bias-free convs, BN scale+bias, BN-ReLU-conv units, final BN-ReLU on the
 # concatenated paths, 1x1-conv classifier with bias.
 COUNTS = {"dpn92": 37_668_392, "dpn98": 61_570_728}
+# Table 2 of Chen et al. 2017 at 224x224: "FLOPs" 6.5 and 11.7 x 10^9, which are multiply-adds.
+PAPER_GMACS = {"dpn92": 6.5, "dpn98": 11.7}
 
 
 @lru_cache(maxsize=None)
@@ -67,6 +70,11 @@ def test_param_count_and_output_shape(name):
     assert p["final_bn/scale"].shape == (2688,)
     assert p["classifier/kernel"].shape == (1, 1, 2688, 1000) and p["classifier/bias"].shape == (1000,)
     assert not any(k.endswith("bias") for k in p if "/conv/" in k or k.startswith("stem_conv"))
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_GMACS))
+def test_multiply_adds_match_the_paper(name):
+    assert round(summary(name).total_macs / 1e9, 1) == PAPER_GMACS[name]
 
 
 def test_dpn92_stage_layout():

@@ -1,5 +1,5 @@
 """Inception-v4 and Inception-ResNet-v2: the port's exact parameter counts, the paper's feature-map
-sizes, branch pooling against NumPy, residual scaling, and training steps."""
+sizes and receptive fields, branch pooling against NumPy, residual scaling, and training steps."""
 
 from functools import lru_cache, partial
 
@@ -11,6 +11,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from cnnjax import models
+from cnnjax.analysis.receptive_field import receptive_field
 from cnnjax.models.inception_v4 import AVG, MAX, C, ConvBN, Fork, InceptionBlock, InceptionResNetV2, InceptionV4
 from cnnjax.nn import BatchNorm, Conv
 
@@ -79,6 +80,15 @@ def test_param_count_output_and_feature_map_shapes(name):
     assert p["fc/kernel"].shape == (1536, 1000)
     assert p["stem_conv1/conv/kernel"].shape == (3, 3, 3, 32)
     assert all(k.endswith("kernel") or "/bn/" in k or k.startswith("fc/") or "proj_conv" in k for k in p)
+
+
+@pytest.mark.parametrize("name,size", [("inception_v4", 2071), ("inception_resnet_v2", 3039)])
+def test_receptive_field_of_the_final_features_matches_araujo(name, size):
+    # Araujo et al. 2019 (REFERENCE.md), computed on the TF-slim models: receptive field of the last
+    # feature map (the input of global pooling) and effective stride 32.
+    rows = receptive_field(models.create(name), models.get_spec(name).input_shape)
+    pool = [r for r in rows if r.type == "GlobalAvgPool"][-1]
+    assert pool.input_size == (size, size) and pool.input_stride == (32, 32)
 
 
 def test_inception_resnet_v2_residual_projections():
