@@ -74,7 +74,8 @@ PRESETS: dict[str, Preset] = {
     "quick": Preset(
         "Embedded scikit-learn digits at 16x16x3 (1,500 training images): the whole picture (plain-56 "
         "stuck, ResNet-56 fine) in under ten minutes on a 2-core CPU.",
-        TRAIN_PRESETS["digits_resnet"].replace(num_steps=240, log_every=20, eval_every=40, checkpoint_every=120),
+        TRAIN_PRESETS["digits_resnet"].replace(num_steps=240, log_every=20, eval_every=40, checkpoint_every=120,
+                                                rng_impl="rbg"),
         plain_depths=(20, 56), resnet_depths=(20, 56),
     ),
     "cpu": Preset(
@@ -82,7 +83,7 @@ PRESETS: dict[str, Preset] = {
         "3,000 iterations (7.7 epochs), lr 0.1 divided by 10 at 1,500 and 2,250 (the paper's 32k/48k "
         "of 64k, scaled), depths 20 and 56.",
         _PAPER.replace(num_steps=3_000, boundaries=(1_500, 2_250), log_every=50, eval_every=250,
-                       checkpoint_every=250),
+                       checkpoint_every=250, rng_impl="rbg"),
         plain_depths=(20, 56), resnet_depths=(20, 56),
     ),
     "paper": Preset(
@@ -102,7 +103,8 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         "CI smoke test: digits at 8x8x3, depths 8 and 14, a few iterations.",
         TRAIN_PRESETS["digits_resnet"].replace(image_size=8, num_steps=6, log_every=2, eval_every=3,
-                                                checkpoint_every=3, global_batch_size=32, progress_bar=False),
+                                                checkpoint_every=3, global_batch_size=32, progress_bar=False,
+                                                rng_impl="rbg"),
         plain_depths=(8, 14), resnet_depths=(8, 14),
     ),
 }

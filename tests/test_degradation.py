@@ -1,0 +1,69 @@
+"""The degradation experiment end to end on its tiny CI preset (digits, depths 8 and 14)."""
+
+import csv
+import json
+
+import pytest
+
+from experiments import degradation
+
+
+def test_presets_are_valid_and_follow_the_paper():
+    for name, preset in degradation.PRESETS.items():
+        for net in degradation.networks(preset):
+            net.config.validate()
+    paper = degradation.PRESETS["paper"]
+    cfg = paper.config
+    assert (cfg.global_batch_size, cfg.learning_rate, cfg.boundaries, cfg.num_steps) == (128, 0.1, (32_000, 48_000), 64_000)
+    assert (cfg.weight_decay, cfg.momentum, cfg.augment, cfg.normalize) == (1e-4, 0.9, "cifar", "per_pixel_mean")
+    assert paper.plain_depths == (20, 32, 44, 56) and paper.resnet_depths == (20, 32, 44, 56, 110)
+    r110 = [n for n in degradation.networks(paper) if n.name == "resnet110"][0].config
+    assert (r110.warmup_steps, r110.warmup_lr) == (400, 0.01)
+    cpu = degradation.PRESETS["cpu"].config
+    # The compressed schedule keeps the paper's proportions (32k/64k and 48k/64k).
+    assert [b / cpu.num_steps for b in cpu.boundaries] == [0.5, 0.75]
+    nets = {n.name: n.config for n in degradation.networks(degradation.PRESETS["tiny"])}
+    assert nets["plain14"].model_kwargs == {"depth": 14} and nets["plain14"].model == "plain20"
+
+
+def test_tiny_preset_writes_everything_and_resume_skips_finished(tmp_path, capsys):
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    results = degradation.run("tiny", out, runs_dir=runs)
+    assert [r["network"] for r in results] == ["plain8", "plain14", "resnet8", "resnet14"]
+    # Option A: plain and residual twins have the same parameters.
+    params = {r["network"]: r["params"] for r in results}
+    assert params["plain8"] == params["resnet8"] and params["plain14"] == params["resnet14"] > params["plain8"]
+    with open(out / "curves.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["network"] for r in rows} == {"plain8", "plain14", "resnet8", "resnet14"}
+    steps = sorted({int(r["iteration"]) for r in rows if r["network"] == "resnet14"})
+    assert steps == [2, 3, 4, 6]  # log_every=2, eval_every=3, final step 6
+    assert all(0.0 <= float(r["train_error"]) <= 1.0 for r in rows if r["train_error"])
+    assert any(r["test_error"] for r in rows)
+    png = (out / "degradation.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    table = (out / "RESULTS.md").read_text()
+    assert "| resnet14 | 14 |" in table and "| plain8 | 8 |" in table
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["preset"] == "tiny" and len(summary["results"]) == 4
+
+    stamp = (runs / "resnet8" / "metrics.jsonl").stat().st_mtime_ns
+    capsys.readouterr()
+    again = degradation.run("tiny", out, runs_dir=runs)
+    assert "skipped" in capsys.readouterr().out
+    assert (runs / "resnet8" / "metrics.jsonl").stat().st_mtime_ns == stamp
+    assert [r["test_error"] for r in again] == [r["test_error"] for r in results]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        degradation.run("huge", "/tmp/never")
+    with pytest.raises(ValueError, match="not in preset 'tiny'"):
+        degradation.run("tiny", "/tmp/never", only=["plain99"])
+
+
+def test_cli_rejects_unknown_override(capsys):
+    with pytest.raises(SystemExit) as info:
+        degradation.main(["--preset", "tiny", "--set", "num_step=3"])
+    assert info.value.code == 2
+    assert "num_step=3" in capsys.readouterr().err
