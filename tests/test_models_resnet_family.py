@@ -29,20 +29,35 @@ def abstract(model, input_shape, batch=2):
     return jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False), x)
 
 
+
+def normal(seed, shape):
+    """Standard-normal test data from NumPy (jax.random would compile a kernel per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
 def n_params(tree) -> int:
     return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
 
 
-def numpy_variables(model, x_shape, seed=0):
-    """Variables of the model's structure filled by NumPy (He fan-out kernels, unit BN): no RNG compile."""
+def numpy_variables(model, x_shape, seed=0, *, random_bn=False, init_args=None):
+    """Variables of the model's structure filled by NumPy: no initialiser is compiled.
+
+    Kernels ~ N(0, 2 / fan_out) (He); BN gamma 1, beta 0, mean 0, var 1, or random values
+    (gamma, beta, mean ~ 1 / 0 / 0 + N(0, 0.3), var ~ U(0.5, 2)) with random_bn.
+    """
     rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda: model.init(KEY, jnp.zeros(x_shape), train=False))
+    args = init_args if init_args is not None else (jnp.zeros(x_shape),)
+    kwargs = {} if init_args is not None else {"train": False}
+    shapes = jax.eval_shape(lambda: model.init(KEY, *args, **kwargs))
 
     def fill(path, a):
         name = str(path[-1])
         if "kernel" in name:
             fan_out = int(np.prod(a.shape[:-2])) * a.shape[-1] if len(a.shape) == 4 else a.shape[0]
             return jnp.asarray(rng.normal(0, np.sqrt(2 / fan_out), a.shape), jnp.float32)
+        if random_bn:
+            if "var" in name:
+                return jnp.asarray(rng.uniform(0.5, 2.0, a.shape), jnp.float32)
+            return jnp.asarray(rng.normal(1.0 if "scale" in name else 0.0, 0.3, a.shape), jnp.float32)
         return jnp.ones(a.shape, jnp.float32) if ("scale" in name or "var" in name) else jnp.zeros(a.shape, jnp.float32)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
@@ -144,17 +159,12 @@ def test_wrn_depth_rule_and_widths():
 # --------------------------------------------------------------------------- blocks against references
 
 
-def _random_stats(v, seed):
-    rng = np.random.default_rng(seed)
-
-    def fill(path, a):
-        if "var" in str(path[-1]):
-            return jnp.asarray(rng.uniform(0.5, 2.0, a.shape), jnp.float32)
-        return jnp.asarray(rng.normal(0, 0.3, a.shape), jnp.float32)
-
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, a: a if "kernel" in str(p[-1]) else fill(p, a) + (1.0 if "scale" in str(p[-1]) else 0.0), v["params"])
-    return {"params": params, "batch_stats": jax.tree_util.tree_map_with_path(fill, v["batch_stats"])}
+def _compare(block, x, reference, seed):
+    """Block output and reference from the same random variables, in one compiled function."""
+    v = numpy_variables(block, x.shape, seed, random_bn=True)
+    got, want = jax.jit(lambda v: (block.apply(v, x, train=False), reference(v)))(v)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    return v
 
 
 def _bn(x, v, name):
@@ -168,38 +178,44 @@ def _conv(x, v, name, stride=1, pad=0, groups=1):
 
 def test_preact_basic_block_matches_reference():
     relu = jax.nn.relu
-    x = jax.random.normal(jax.random.key(3), (2, 6, 6, 8))
+    x = normal(3, (2, 6, 6, 8))
     block = BasicBlock(features=8, conv=CONV, norm=EVAL_NORM, preact=True)
-    v = _random_stats(block.init(KEY, x, train=False), 1)
-    y = _conv(relu(_bn(x, v, "bn1")), v, "conv1", pad=1)
-    expected = x + _conv(relu(_bn(y, v, "bn2")), v, "conv2", pad=1)
-    np.testing.assert_allclose(block.apply(v, x, train=False), expected, atol=1e-5)
+
+    def reference(v):
+        y = _conv(relu(_bn(x, v, "bn1")), v, "conv1", pad=1)
+        return x + _conv(relu(_bn(y, v, "bn2")), v, "conv2", pad=1)
+
+    _compare(block, x, reference, 1)
 
 
 def test_preact_bottleneck_v1_projection_matches_reference():
     relu = jax.nn.relu
-    x = jax.random.normal(jax.random.key(4), (2, 7, 7, 8))
+    x = normal(4, (2, 7, 7, 8))
     block = BottleneckBlock(features=4, conv=CONV, norm=EVAL_NORM, preact=True, strides=2, shortcut="B",
                             stride_on_3x3=False)
-    v = _random_stats(block.init(KEY, x, train=False), 2)
-    pre = relu(_bn(x, v, "bn1"))
-    y = relu(_bn(_conv(pre, v, "conv1", stride=2), v, "bn2"))
-    y = relu(_bn(_conv(y, v, "conv2", pad=1), v, "bn3"))
-    expected = _conv(y, v, "conv3") + _conv(pre, v, "proj_conv", stride=2)
-    np.testing.assert_allclose(block.apply(v, x, train=False), expected, atol=1e-5)
+
+    def reference(v):
+        pre = relu(_bn(x, v, "bn1"))
+        y = relu(_bn(_conv(pre, v, "conv1", stride=2), v, "bn2"))
+        y = relu(_bn(_conv(y, v, "conv2", pad=1), v, "bn3"))
+        return _conv(y, v, "conv3") + _conv(pre, v, "proj_conv", stride=2)
+
+    _compare(block, x, reference, 2)
 
 
 def test_resnext_grouped_bottleneck_matches_reference():
     relu = jax.nn.relu
-    x = jax.random.normal(jax.random.key(5), (2, 6, 6, 8))
+    x = normal(5, (2, 6, 6, 8))
     block = BottleneckBlock(features=16, conv=CONV, norm=EVAL_NORM, strides=2, shortcut="B", groups=4, base_width=8)
-    v = _random_stats(block.init(KEY, x, train=False), 3)
+
+    def reference(v):
+        y = relu(_bn(_conv(x, v, "conv1"), v, "bn1"))
+        y = relu(_bn(_conv(y, v, "conv2", stride=2, pad=1, groups=4), v, "bn2"))
+        return relu(_bn(_conv(y, v, "conv3"), v, "bn3") + _bn(_conv(x, v, "proj_conv", stride=2), v, "proj_bn"))
+
+    v = _compare(block, x, reference, 3)
     # Inner width int(16 * 8 / 64) * 4 = 8 in 4 groups of 2; output 4 * 16.
     assert v["params"]["conv2"]["kernel"].shape == (3, 3, 2, 8) and v["params"]["conv3"]["kernel"].shape[-1] == 64
-    y = relu(_bn(_conv(x, v, "conv1"), v, "bn1"))
-    y = relu(_bn(_conv(y, v, "conv2", stride=2, pad=1, groups=4), v, "bn2"))
-    expected = relu(_bn(_conv(y, v, "conv3"), v, "bn3") + _bn(_conv(x, v, "proj_conv", stride=2), v, "proj_bn"))
-    np.testing.assert_allclose(block.apply(v, x, train=False), expected, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- stochastic depth
@@ -208,16 +224,17 @@ def test_resnext_grouped_bottleneck_matches_reference():
 @pytest.mark.parametrize("mode", ["batch", "sample"])
 def test_drop_path_block_expectation_equals_test_time_scaling(mode):
     rate, n_keys = 0.3, 400
-    x = jax.random.normal(jax.random.key(6), (8, 4, 4, 4))
+    x = normal(6, (8, 4, 4, 4))
     block = BasicBlock(features=4, conv=CONV, norm=EVAL_NORM, preact=True, drop_path_mode=mode)
-    v = block.init(KEY, x, train=False)
-    branch = block.apply(v, x, train=True, drop_rate=None) - x  # no drop path: the full branch
+    v = numpy_variables(block, x.shape, random_bn=True)
 
     @jax.jit
     def outs(keys):
-        return jax.vmap(lambda k: block.apply(v, x, train=True, drop_rate=rate, rngs={"dropout": k}))(keys)
+        train = jax.vmap(lambda k: block.apply(v, x, train=True, drop_rate=rate, rngs={"dropout": k}))(keys)
+        full = block.apply(v, x, train=True, drop_rate=None)  # no drop path: x + the whole branch
+        return train, full - x, block.apply(v, x, train=False, drop_rate=rate)
 
-    y = np.asarray(outs(jax.random.split(jax.random.key(7), n_keys)))
+    y, branch, test_time = (np.asarray(a) for a in outs(jax.random.split(jax.random.key(7, impl="rbg"), n_keys)))
     # Every training output keeps or drops the whole branch of a sample (of the batch in 'batch' mode).
     kept = np.all(np.isclose(y, x + branch, atol=1e-5), axis=(2, 3, 4))
     dropped = np.all(np.isclose(y, x, atol=1e-6), axis=(2, 3, 4))
@@ -229,14 +246,13 @@ def test_drop_path_block_expectation_equals_test_time_scaling(mode):
     p_hat = kept.mean()
     assert abs(p_hat - (1 - rate)) < 4 * np.sqrt(rate * (1 - rate) / (n_keys if mode == "batch" else 8 * n_keys))
     # The mean over keys is x + p_hat * branch; the paper's test-time output is x + (1 - rate) * branch.
-    test_time = block.apply(v, x, train=False, drop_rate=rate)
     np.testing.assert_allclose(test_time, x + (1 - rate) * branch, atol=1e-5)
     np.testing.assert_allclose(y.mean(0), x + kept.mean(0)[:, None, None, None] * branch, atol=1e-4)
 
 
 def test_stochastic_depth_network_survival_and_active_blocks():
     model = CifarResNet(depth=14, drop_path_rate=0.5)  # 6 blocks, survival 1 - 0.5 l / 6
-    x = jax.random.normal(jax.random.key(8), (1, 4, 4, 3))
+    x = normal(8, (1, 4, 4, 3))
     v = numpy_variables(model, x.shape)
 
     @jax.jit
@@ -249,7 +265,7 @@ def test_stochastic_depth_network_survival_and_active_blocks():
         return jax.vmap(one)(keys)
 
     n_keys = 256
-    keep = np.asarray(keep_masks(jax.random.split(jax.random.key(9), n_keys)))
+    keep = np.asarray(keep_masks(jax.random.split(jax.random.key(9, impl="rbg"), n_keys)))
     active = keep.sum(1)
     assert len(set(active.tolist())) >= 3  # the number of active blocks varies with the key
     survival = 1 - 0.5 * np.arange(1, 7) / 6
@@ -260,22 +276,28 @@ def test_stochastic_depth_network_survival_and_active_blocks():
 
 
 def test_stochastic_depth_scanned_rates_align():
-    # Test-time scaling uses each block's own survival probability, scanned or not.
-    x = jax.random.normal(jax.random.key(10), (2, 4, 4, 3))
-    model = CifarResNet(depth=20, drop_path_rate=0.5)
-    scanned = CifarResNet(depth=20, drop_path_rate=0.5, scan_blocks=True)
-    v = numpy_variables(model, x.shape)
-    np.testing.assert_allclose(jax.jit(partial(scanned.apply, train=False))(scan_variables(v), x),
-                               jax.jit(partial(model.apply, train=False))(v, x), atol=1e-5)
-    no_drop = jax.jit(partial(CifarResNet(depth=20).apply, train=False))(v, x)
-    assert not np.allclose(no_drop, model.apply(v, x, train=False), atol=1e-3)
+    # Test-time scaling uses each block's own survival probability, scanned or not. Stages (1, 3):
+    # stage 2 scans two blocks whose rates start at index 2 of 4.
+    x = normal(10, (2, 4, 4, 3))
+    kw = dict(stem="cifar", stage_sizes=(1, 3), stage_widths=(4, 8), stem_width=4, num_classes=3)
+    model, scanned = ResNet(drop_path_rate=0.5, **kw), ResNet(drop_path_rate=0.5, scan_blocks=True, **kw)
+    v = numpy_variables(model, x.shape, random_bn=True)
+
+    @jax.jit
+    def run(v, vs):
+        return (model.apply(v, x, train=False), scanned.apply(vs, x, train=False),
+                ResNet(**kw).apply(v, x, train=False))
+
+    plain_scaling, scanned_scaling, no_drop = run(v, scan_variables(v))
+    np.testing.assert_allclose(scanned_scaling, plain_scaling, atol=1e-5)
+    assert not np.allclose(no_drop, plain_scaling, atol=1e-3)
 
 
 def test_dropped_blocks_get_no_gradient():
     # Pre-activation bottlenecks (depth 11: one per stage); block l is dropped with probability l / 6.
     model = CifarResNet(depth=11, block="bottleneck", preact=True, shortcut="B", version="v1", drop_path_rate=0.5)
-    x = jax.random.normal(jax.random.key(10), (2, 8, 8, 3))
-    v = jax.jit(partial(model.init, train=False))(KEY, x)
+    x = normal(10, (2, 8, 8, 3))
+    v = numpy_variables(model, x.shape)
 
     def loss_fn(params, key):
         logits, state = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
@@ -285,7 +307,7 @@ def test_dropped_blocks_get_no_gradient():
     grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     seen = set()
     for seed in range(6):
-        (loss, state), grads = grad_fn(v["params"], jax.random.key(seed))
+        (loss, state), grads = grad_fn(v["params"], jax.random.key(seed, impl="rbg"))
         assert np.isfinite(float(loss))
         for name, inter in state["intermediates"].items():
             kept = bool(inter["drop_path_keep"][0][0])
@@ -305,10 +327,9 @@ def test_dropped_blocks_get_no_gradient():
 
 def test_generalized_residual_layer_is_four_convolutions():
     relu = jax.nn.relu
-    rng = jax.random.split(jax.random.key(12), 2)
-    r, t = jax.random.normal(rng[0], (2, 6, 6, 3)), jax.random.normal(rng[1], (2, 6, 6, 3))
+    r, t = normal(12, (2, 6, 6, 3)), normal(16, (2, 6, 6, 3))
     layer = GeneralizedResidualLayer(features=5, conv=CONV, norm=EVAL_NORM, strides=2)
-    v = _random_stats(layer.init(KEY, r, t), 4)
+    v = numpy_variables(layer, None, 4, random_bn=True, init_args=(r, t))
     k = v["params"]["conv"]["kernel"]
     w_rr, w_tr, w_rt, w_tt = k[:, :, :3, :5], k[:, :, 3:, :5], k[:, :, :3, 5:], k[:, :, 3:, 5:]
     conv = partial(F.conv2d, stride=2, padding=1)
@@ -318,17 +339,17 @@ def test_generalized_residual_layer_is_four_convolutions():
     shortcut = jnp.pad(r[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (0, 2)))
     r_expected = relu(bn_r(conv(r, w_rr) + conv(t, w_tr) + shortcut))
     t_expected = relu(bn_t(conv(r, w_rt) + conv(t, w_tt)))
-    r_out, t_out = layer.apply(v, r, t)
+    r_out, t_out = jax.jit(layer.apply)(v, r, t)
     np.testing.assert_allclose(r_out, r_expected, atol=1e-5)
     np.testing.assert_allclose(t_out, t_expected, atol=1e-5)
 
 
 def test_rir_block_outer_shortcut():
-    r, t = jax.random.normal(jax.random.key(13), (2, 6, 6, 3)), jax.random.normal(jax.random.key(14), (2, 6, 6, 3))
+    r, t = normal(13, (2, 6, 6, 3)), normal(14, (2, 6, 6, 3))
     with_outer = RiRBlock(features=4, conv=CONV, norm=EVAL_NORM, strides=2)
     without = RiRBlock(features=4, conv=CONV, norm=EVAL_NORM, strides=2, outer_shortcut=False)
-    v = with_outer.init(KEY, r, t)
-    (r1, t1), (r0, t0) = with_outer.apply(v, r, t), without.apply(v, r, t)
+    v = numpy_variables(with_outer, None, init_args=(r, t))
+    (r1, t1), (r0, t0) = jax.jit(lambda v: (with_outer.apply(v, r, t), without.apply(v, r, t)))(v)
     np.testing.assert_allclose(r1 - r0, jnp.pad(r[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (0, 1))), atol=1e-6)
     np.testing.assert_array_equal(t1, t0)
 
@@ -344,12 +365,14 @@ def test_rir_validation():
 
 
 def _train_step_checks(model, input_shape):
-    x = jax.random.normal(jax.random.key(1), (2, *input_shape))
-    v = jax.jit(partial(model.init, train=False))(KEY, x)
+    # NumPy-made variables: model.init itself is exercised in test_models_resnet.py, and compiling
+    # the initialisers would double this test's time.
+    x = normal(1, (2, *input_shape))
+    v = numpy_variables(model, x.shape)
 
     def loss_fn(params):
         logits, upd = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
-                                  mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})
+                                  mutable=["batch_stats"], rngs={"dropout": jax.random.key(2, impl="rbg")})
         return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 1])).mean(), upd
 
     (loss, upd), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(v["params"])
@@ -370,14 +393,21 @@ def test_small_variants_forward_backward(model, shape):
 
 
 def test_wrn_dropout_is_random_in_training_only():
-    x = jax.random.normal(jax.random.key(15), (2, 4, 4, 4))
+    x = normal(15, (2, 4, 4, 4))
     block = BasicBlock(features=4, conv=CONV, norm=EVAL_NORM, preact=True, dropout_rate=0.5)
-    v = block.init(KEY, x, train=False)
-    run = lambda k: block.apply(v, x, train=True, rngs={"dropout": k})
-    assert not np.allclose(run(jax.random.key(1)), run(jax.random.key(2)))
-    np.testing.assert_array_equal(run(jax.random.key(1)), run(jax.random.key(1)))
     no_dropout = BasicBlock(features=4, conv=CONV, norm=EVAL_NORM, preact=True)
-    np.testing.assert_array_equal(block.apply(v, x, train=False), no_dropout.apply(v, x, train=False))
+    v = numpy_variables(block, x.shape)
+
+    @jax.jit
+    def run(k1, k2):
+        train = lambda k: block.apply(v, x, train=True, rngs={"dropout": k})
+        return (train(k1), train(k2), train(k1), block.apply(v, x, train=False),
+                no_dropout.apply(v, x, train=False))
+
+    a, b, a_again, test_time, reference = run(jax.random.key(1, impl="rbg"), jax.random.key(2, impl="rbg"))
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(a, a_again)
+    np.testing.assert_array_equal(test_time, reference)
 
 
 @pytest.mark.slow
