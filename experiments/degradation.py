@@ -222,7 +222,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def table(results: list[dict[str, Any]], *, imagenet: bool) -> str:
     """Table 6 (or Table 2) of the paper next to ours."""
-    paper_col = "paper top-1 error %" if imagenet else "paper test error %"
+    paper_col = "paper ImageNet top-1 error %" if imagenet else "paper CIFAR-10 test error %"
     lines = [f"| network | depth | parameters | final train error % | final test error % | {paper_col} | wall time |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -273,8 +273,9 @@ def run(preset_name: str, out_dir: str | os.PathLike, *, runs_dir: str | os.Path
     for net in nets:
         workdir = Path(runs_dir or out / "runs") / net.name
         done = workdir / "DONE.json"
-        if done.exists():
-            info = json.loads(done.read_text())
+        info = json.loads(done.read_text()) if done.exists() else None
+        # A finished run is skipped only for the same config; a longer one (num_steps raised) resumes.
+        if info is not None and info.get("config") == net.config.to_dict():
             print(f"[degradation] {net.name}: finished earlier ({info['wall_s']:.0f} s), skipped", flush=True)
         else:
             print(f"[degradation] {net.name}: training {net.config.model} {net.config.model_kwargs or ''} "
@@ -291,7 +292,8 @@ def run(preset_name: str, out_dir: str | os.PathLike, *, runs_dir: str | os.Path
                 raise Interrupted(f"{net.name} stopped at step {result.step} by SIGTERM; run the same command "
                                   "again to resume")
             params = sum(int(x.size) for x in jax.tree.leaves(result.state.params))
-            info = {"wall_s": previous + time.time() - start, "params": params, "step": result.step}
+            info = {"wall_s": previous + time.time() - start, "params": params, "step": result.step,
+                    "config": net.config.to_dict()}
             _atomic_write(done, json.dumps(info))
         rows = curves(net, read_metrics(workdir))
         all_rows.extend(rows)
@@ -316,13 +318,43 @@ def _write_outputs(out: Path, preset_name: str, preset: Preset, nets: list[Netwo
     title = (f"{cfg.dataset}, preset '{preset_name}': {cfg.num_steps or cfg.num_epochs} "
              f"{'iterations' if cfg.num_steps else 'epochs'}, batch {cfg.global_batch_size}, lr {cfg.learning_rate}")
     plot(rows, out / "degradation.png", title)
+    prov = provenance()
+    prov["total_wall_min"] = round(sum(r["wall_s"] for r in results) / 60, 1)
     md = (f"# Degradation: plain versus residual networks (preset `{preset_name}`)\n\n{preset.description}\n\n"
           f"{table(results, imagenet=preset.imagenet)}\n"
           "Training error is the mean over the last logging interval of the per-batch training error "
-          "(dashed in the plot); test error is measured on the whole test split (bold).\n")
+          "(dashed in the plot); test error is measured on the whole test split (bold).\n\n"
+          "![curves](degradation.png)\n\n"
+          f"- command: `{prov['command']}`\n- machine: {prov['machine']}\n"
+          f"- XLA_FLAGS: `{prov['xla_flags']}`\n- written: {prov['date']}\n"
+          f"- training wall time, all networks: {prov['total_wall_min']} min (sum of the per-network times "
+          "above, which include compilation and evaluation)\n")
     _atomic_write(out / "RESULTS.md", md)
     _atomic_write(out / "summary.json", json.dumps({"preset": preset_name, "config": cfg.to_dict(),
-                                                    "results": results}, indent=2, default=str))
+                                                    "results": results, "provenance": prov}, indent=2, default=str))
+
+
+def provenance() -> dict[str, str]:
+    """What a result file should say about how it was made."""
+    import platform
+
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    return {
+        "command": " ".join(["python -m experiments.degradation", *sys.argv[1:]]) if sys.argv[0].endswith(
+            "degradation.py") else " ".join(sys.argv),
+        "machine": f"{cpu}, {os.cpu_count()} cores; JAX {jax.__version__} on {len(devices)} x {', '.join(kinds)}",
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

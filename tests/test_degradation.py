@@ -67,3 +67,14 @@ def test_cli_rejects_unknown_override(capsys):
         degradation.main(["--preset", "tiny", "--set", "num_step=3"])
     assert info.value.code == 2
     assert "num_step=3" in capsys.readouterr().err
+
+
+def test_longer_run_resumes_a_finished_network(tmp_path, capsys):
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    degradation.run("tiny", out, runs_dir=runs, only=["resnet8"])
+    capsys.readouterr()
+    # Raising num_steps continues from the final checkpoint instead of skipping or restarting.
+    degradation.run("tiny", out, runs_dir=runs, only=["resnet8"], overrides={"num_steps": 8})
+    assert "skipped" not in capsys.readouterr().out
+    steps = [r["step"] for r in degradation.read_metrics(runs / "resnet8")]
+    assert steps == sorted(steps) and steps[-1] == 8 and steps.count(6) == 1
