@@ -35,16 +35,26 @@ def n_params(tree) -> int:
     return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
 
 
-def numpy_variables(model, x_shape, seed=0):
-    """Variables of the model's structure filled by NumPy (He fan-out kernels, unit BN): no RNG compile."""
+def numpy_variables(model, x_shape, seed=0, *, random_bn=False, init_args=None):
+    """Variables of the model's structure filled by NumPy: no initialiser is compiled.
+
+    Kernels ~ N(0, 2 / fan_out) (He); BN gamma 1, beta 0, mean 0, var 1, or random values
+    (gamma, beta, mean ~ 1 / 0 / 0 + N(0, 0.3), var ~ U(0.5, 2)) with random_bn.
+    """
     rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda: model.init(KEY, jnp.zeros(x_shape), train=False))
+    args = init_args if init_args is not None else (jnp.zeros(x_shape),)
+    kwargs = {} if init_args is not None else {"train": False}
+    shapes = jax.eval_shape(lambda: model.init(KEY, *args, **kwargs))
 
     def fill(path, a):
         name = str(path[-1])
         if "kernel" in name:
             fan_out = int(np.prod(a.shape[:-2])) * a.shape[-1] if len(a.shape) == 4 else a.shape[0]
             return jnp.asarray(rng.normal(0, np.sqrt(2 / fan_out), a.shape), jnp.float32)
+        if random_bn:
+            if "var" in name:
+                return jnp.asarray(rng.uniform(0.5, 2.0, a.shape), jnp.float32)
+            return jnp.asarray(rng.normal(1.0 if "scale" in name else 0.0, 0.3, a.shape), jnp.float32)
         return jnp.ones(a.shape, jnp.float32) if ("scale" in name or "var" in name) else jnp.zeros(a.shape, jnp.float32)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
@@ -118,6 +128,8 @@ def test_small_depths_and_width_are_fields():
 def test_cifar_depth_must_be_6n_plus_2(bad):
     with pytest.raises(ValueError, match="depth"):
         abstract(CifarResNet(depth=bad), (32, 32, 3))
+    with pytest.raises(ValueError, match="6n\\+2"):
+        cifar_resnet(bad)
 
 
 def test_input_and_config_validation():
@@ -135,6 +147,23 @@ def test_input_and_config_validation():
         abstract(CifarResNet(depth=8, stage_sizes=(1, 1, 1)), (32, 32, 3))
     with pytest.raises(ValueError, match="options"):
         create("resnet20", no_such_field=1)
+
+
+def test_bfloat16_compute_keeps_float32_params_stats_and_logits():
+    model = CifarResNet(depth=8, dtype=jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+
+    def run(x):
+        v = model.init(KEY, x, train=False)
+        inter = model.apply(v, x, train=True, mutable=["batch_stats", "intermediates"],
+                            capture_intermediates=lambda m, _: isinstance(m, Conv))
+        return v, inter
+
+    v, (logits, state) = jax.eval_shape(run, x)
+    assert {a.dtype for a in jax.tree.leaves(v)} == {jnp.dtype(jnp.float32)}
+    assert {a.dtype for a in jax.tree.leaves(state["batch_stats"])} == {jnp.dtype(jnp.float32)}
+    assert logits.dtype == jnp.float32
+    assert state["intermediates"]["stage2_block1"]["conv1"]["__call__"][0].dtype == jnp.bfloat16
 
 
 def test_registry_overrides_num_classes():
@@ -221,11 +250,15 @@ def test_zero_init_residual_and_he_fan_out_init():
 
 
 def test_scan_layout_conversion_gives_identical_logits():
+    # Stages of 2 and 3 blocks: 1 and 2 scanned blocks (CIFAR stem, option A; a small compile).
     x = normal(1, (2, 8, 8, 3))
-    model, scanned = CifarResNet(depth=20), CifarResNet(depth=20, scan_blocks=True)  # 2 scanned blocks a stage
-    v = numpy_variables(model, x.shape)
+    kw = dict(stem="cifar", stage_sizes=(2, 3), stage_widths=(8, 16), stem_width=8, shortcut="A", num_classes=4)
+    model, scanned = ResNet(**kw), ResNet(scan_blocks=True, **kw)
+    v = numpy_variables(model, x.shape, random_bn=True)
     vs = scan_variables(v)
-    assert vs["params"]["stage2_blocks"]["conv1"]["kernel"].shape == (2, 3, 3, 32, 32)
+    assert vs["params"]["stage1_blocks"]["conv1"]["kernel"].shape == (1, 3, 3, 8, 8)
+    assert vs["params"]["stage2_blocks"]["conv1"]["kernel"].shape == (2, 3, 3, 16, 16)
+    assert "stage2_block1" in vs["params"] and "stage2_block2" not in vs["params"]
     jax.tree.map(np.testing.assert_array_equal, unscan_variables(vs), v)
 
     @partial(jax.jit, static_argnums=0)

@@ -370,8 +370,13 @@ class CifarResNet(ResNet):
 
 
 def cifar_resnet(depth: int, *, plain: bool = False, shortcut: str = "A", **kwargs: Any) -> CifarResNet:
-    """A CIFAR ResNet (or plain net with plain=True) of any depth 6n+2; kwargs are CifarResNet fields."""
-    return CifarResNet(depth=depth, plain=plain, shortcut=shortcut, **kwargs)
+    """A CIFAR ResNet (or plain net with plain=True) of any depth 6n+2; kwargs are CifarResNet fields.
+
+    The depth is checked here (ValueError), not only when the module is first called.
+    """
+    model = CifarResNet(depth=depth, plain=plain, shortcut=shortcut, **kwargs)
+    model.blocks_per_stage()
+    return model
 
 
 # --------------------------------------------------------------------------- scanned parameter layout
