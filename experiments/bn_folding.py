@@ -6,9 +6,10 @@ kernel W * g and bias (b - mean) * g + beta, g = gamma / sqrt(var + eps).
 a whole network that directly follows a Conv or Dense (pre-activation BatchNorms, as in DenseNet,
 stay and are listed). This script:
 
-1. folds several zoo networks with random weights and random, non-trivial BatchNorm statistics
-   and parameters, and compares the logits of the folded network with the original's in
-   evaluation mode (max absolute difference; the claim: equal to 1e-4);
+1. folds several zoo networks with random weights, random BatchNorm scales and shifts, and running
+   statistics calibrated on a random batch (as a trained network's are on its data: every
+   BatchNorm then really normalises), and compares the logits of the folded network with the
+   original's in evaluation mode (max absolute difference; the claim: equal to 1e-4);
 2. times evaluation (jit, batch 128, CIFAR-10 input) of CIFAR ResNets with and without folding,
    in the same process, alternating the two over several repetitions (the machine is shared:
    the ratio of each repetition is reported, and the median).
@@ -40,7 +41,7 @@ from cnnjax.analysis import count_params, fold_batchnorm
 NAME = "bn_folding"
 DEFAULT_MODELS = ("resnet20", "resnet56", "resnet50", "vgg11_bn", "bn_inception", "densenet121")
 DEFAULT_TIMED = ("resnet20", "resnet56")
-ATOL = 1e-4
+TOL = 1e-4  # the claim: |folded - original| <= TOL + TOL * |original| for every logit (as np.allclose)
 
 
 def random_variables(model, input_shape: Sequence[int], seed: int = 0) -> dict:
@@ -68,17 +69,45 @@ def random_variables(model, input_shape: Sequence[int], seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
+def calibrated_variables(name: str, seed: int = 0, batch: int = 4) -> dict:
+    """`random_variables` with each BatchNorm's running statistics set to those of a random N(0, 1) batch.
+
+    One training-mode forward pass of the network built with BatchNorm momentum 0 (running
+    statistics := batch statistics); without it, random statistics do not normalise and the
+    activations of deep residual networks grow by orders of magnitude.
+    """
+    shape = models.get_spec(name).input_shape
+    variables = random_variables(models.create(name), shape, seed)
+    calibrate = models.create(name, bn_momentum=0.0)
+    x = jax.random.normal(jax.random.key(seed + 2), (batch, *shape))
+    _, updates = jax.jit(lambda v, x: calibrate.apply(v, x, train=True, mutable=["batch_stats"],
+                                                      rngs={"dropout": jax.random.key(0)}))(variables, x)
+    return {**variables, "batch_stats": updates["batch_stats"]}
+
+
+_APPLY: dict[str, tuple] = {}
+
+
+def apply_fns(name: str, model, folded) -> tuple:
+    """Jitted evaluation of the original and the folded network, made once per model name: the
+    equality check and the timing share their compilations when their batch sizes agree (every
+    fold of one network has the same pairs, so any of them serves)."""
+    if name not in _APPLY:
+        _APPLY[name] = (jax.jit(lambda v, x: model.apply(v, x, train=False)), jax.jit(lambda v, x: folded.apply(v, x)))
+    return _APPLY[name]
+
+
 def equality_row(name: str, batch: int = 2, seed: int = 0) -> dict:
     """Folds one registered network and compares its evaluation logits with the original's."""
     model = models.create(name)
     shape = models.get_spec(name).input_shape
-    variables = random_variables(model, shape, seed)
+    variables = calibrated_variables(name, seed)
     start = time.perf_counter()
     folded, folded_vars = fold_batchnorm(model, variables, shape)
     fold_s = time.perf_counter() - start
     x = jax.random.normal(jax.random.key(seed + 1), (batch, *shape))
-    original = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))
-    new = np.asarray(jax.jit(lambda v, x: folded.apply(v, x))(folded_vars, x))
+    original_fn, folded_fn = apply_fns(name, model, folded)
+    original, new = np.asarray(original_fn(variables, x)), np.asarray(folded_fn(folded_vars, x))
     n_bn = len(folded.pairs) + len(folded.unfolded)
     reasons = sorted(set(folded.unfolded.values()))
     return {"model": name, "input": "x".join(map(str, shape)), "batchnorms": n_bn, "folded": len(folded.pairs),
@@ -88,18 +117,18 @@ def equality_row(name: str, batch: int = 2, seed: int = 0) -> dict:
             "params_after": count_params(folded_vars),
             "state_after": sum(int(a.size) for a in jax.tree.leaves(folded_vars.get("batch_stats", {}))),
             "max_abs_logit": float(np.abs(original).max()), "max_abs_diff": float(np.abs(original - new).max()),
-            "fold_s": fold_s}
+            "allclose": bool(np.allclose(new, original, rtol=TOL, atol=TOL)), "fold_s": fold_s}
 
 
 def timing_row(name: str, batch: int, repeats: int, calls: int, seed: int = 0) -> dict:
     """Evaluation time per batch of the original and the folded network, alternating repetitions."""
     model = models.create(name)
     shape = models.get_spec(name).input_shape
-    variables = random_variables(model, shape, seed)
+    variables = random_variables(model, shape, seed)  # timing does not depend on the values
     folded, folded_vars = fold_batchnorm(model, variables, shape)
     x = jax.random.normal(jax.random.key(seed + 1), (batch, *shape))
-    runs = {"original": (jax.jit(lambda v, x: model.apply(v, x, train=False)), variables),
-            "folded": (jax.jit(lambda v, x: folded.apply(v, x)), folded_vars)}
+    original_fn, folded_fn = apply_fns(name, model, folded)
+    runs = {"original": (original_fn, variables), "folded": (folded_fn, folded_vars)}
     for fn, v in runs.values():  # compile and warm up
         fn(v, x).block_until_ready()
         fn(v, x).block_until_ready()
@@ -117,6 +146,8 @@ def timing_row(name: str, batch: int, repeats: int, calls: int, seed: int = 0) -
     return {"model": name, "batch": batch, "repeats": repeats, "calls": calls,
             "original_ms": 1e3 * statistics.median(times["original"]),
             "folded_ms": 1e3 * statistics.median(times["folded"]),
+            "original_best_ms": 1e3 * min(times["original"]), "folded_best_ms": 1e3 * min(times["folded"]),
+            "speedup_best": min(times["original"]) / min(times["folded"]),
             "speedup_median": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
             "ratios": [round(r, 3) for r in ratios]}
 
@@ -136,16 +167,24 @@ def report(equal: list[dict], timed: list[dict], command: str, wall_s: float) ->
              "Claim: at test time a BatchNorm after a convolution is a fixed affine map and can be folded into "
              "the convolution's kernel and bias, leaving a network without BatchNorm that computes the same "
              "function. `cnnjax.analysis.fold_batchnorm(model, variables, input_shape)` folds every such "
-             "BatchNorm of a whole network. Weights and every BatchNorm's statistics and parameters are random "
-             "(non-trivial), inputs N(0, 1), float32.", "",
+             "BatchNorm of a whole network. Weights and BatchNorm scales and shifts are random, the running "
+             "statistics calibrated on a random batch (so that every BatchNorm normalises, as in a trained "
+             "network), inputs N(0, 1), float32.", "",
              f"Command: `{command}`  ", f"Machine: {_machine()}; wall time {wall_s:.1f} s.", "",
              "### Folded logits against the original (evaluation mode)", "",
              "| model | input | BatchNorms | folded | left (pre-activation) | params before -> after | "
-             "BN state before -> after | max abs logit | max abs difference |", "|---|---|---|---|---|---|---|---|---|"]
+             "BN state before -> after | max abs logit | max abs difference | relative to max abs logit | "
+             "equal to 1e-4 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in equal:
         lines.append(f"| {r['model']} | {r['input']} | {r['batchnorms']} | {r['folded']} | {r['unfolded']} | "
                      f"{r['params_before']:,} -> {r['params_after']:,} | {r['state_before']:,} -> {r['state_after']:,} | "
-                     f"{r['max_abs_logit']:.3g} | {r['max_abs_diff']:.2e} |")
+                     f"{r['max_abs_logit']:.3g} | {r['max_abs_diff']:.2e} | {r['max_abs_diff'] / r['max_abs_logit']:.1e} | "
+                     f"{'yes' if r['allclose'] else 'NO'} |")
+    lines += ["", "Equal to 1e-4: every logit within 1e-4 + 1e-4 x |logit| of the original's (`np.allclose` with "
+              "rtol = atol = 1e-4). The differences are float32 rounding: the folded network multiplies the "
+              "kernel by gamma / sqrt(var + eps) before the convolution instead of after it, and the "
+              "rounding errors of some fifty layers add up, amplified where a channel's variance is small "
+              "(large gamma / sqrt(var + eps))."]
     reasons = sorted({r["unfolded_reason"] for r in equal if r["unfolded_reason"]})
     if reasons:
         lines += ["", "BatchNorms left in place: " + "; ".join(reasons) + " (DenseNet's BN-ReLU-conv order: they "
@@ -153,15 +192,20 @@ def report(equal: list[dict], timed: list[dict], command: str, wall_s: float) ->
                   "case)."]
     if timed:
         lines += ["", "### Evaluation time, original against folded (jit, same process, alternating)", "",
-                  "| model | batch | original ms / batch | folded ms / batch | speed-up (median) | min - max | "
-                  "per repetition |", "|---|---|---|---|---|---|---|"]
+                  "| model | batch | ms / batch, original (best, median) | folded (best, median) | speed-up of the "
+                  "best times | median ratio (min - max) | ratio per repetition |", "|---|---|---|---|---|---|---|"]
         for r in timed:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['original_ms']:.1f} | {r['folded_ms']:.1f} | "
-                         f"{r['speedup_median']:.3f}x | {r['speedup_min']:.3f} - {r['speedup_max']:.3f} | "
+            lines.append(f"| {r['model']} | {r['batch']} | {r['original_best_ms']:.0f}, {r['original_ms']:.0f} | "
+                         f"{r['folded_best_ms']:.0f}, {r['folded_ms']:.0f} | {r['speedup_best']:.3f}x | "
+                         f"{r['speedup_median']:.3f}x ({r['speedup_min']:.2f} - {r['speedup_max']:.2f}) | "
                          f"{', '.join(f'{x:.2f}' for x in r['ratios'])} |")
         r0 = timed[0]
-        lines += ["", f"Each repetition times {r0['calls']} calls of each network; the median of {r0['repeats']} "
-                  "repetitions is shown. The machine is shared with other jobs, so single repetitions are noisy."]
+        lines += ["", f"Each repetition times {r0['calls']} calls of each network, the two networks in alternating "
+                  f"order; {r0['repeats']} repetitions. The machine is shared with other jobs: the best (minimum) "
+                  "time of each network is the least disturbed estimate, the per-repetition ratios show the noise. "
+                  "Folding removes the per-channel affine pass after every convolution but no multiply-adds, and "
+                  "XLA already fuses that pass with the ReLU and residual add that follow, so on a CPU, where "
+                  "the convolutions dominate, the gain is small."]
     lines.append("")
     return "\n".join(lines)
 
@@ -173,8 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS), help="networks folded and compared")
     parser.add_argument("--time", nargs="*", default=list(DEFAULT_TIMED), help="networks timed, original vs folded")
     parser.add_argument("--batch-size", type=int, default=128, help="evaluation batch of the timing")
-    parser.add_argument("--repeats", type=int, default=7, help="timing repetitions (alternating)")
-    parser.add_argument("--calls", type=int, default=5, help="calls per repetition")
+    parser.add_argument("--repeats", type=int, default=9, help="timing repetitions (alternating)")
+    parser.add_argument("--calls", type=int, default=3, help="calls per repetition")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.models + args.time) - set(models.list_models()))
     if unknown:
@@ -204,10 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = report(equal, timed, command, wall)
     (out / f"{NAME}.md").write_text(text)
     print(text)
-    bad = [r["model"] for r in equal if not r["max_abs_diff"] <= ATOL * max(1.0, r["max_abs_logit"])]
+    bad = [r["model"] for r in equal if not r["allclose"]]
     if bad:
-        print(f"error: folded logits differ by more than {ATOL} (relative to the logits' scale) for {bad}",
-              file=sys.stderr)
+        print(f"error: folded logits not equal to rtol = atol = {TOL} for {bad}", file=sys.stderr)
         return 1
     return 0
 

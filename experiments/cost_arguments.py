@@ -124,15 +124,16 @@ def googlenet_rows(with_networks: bool) -> tuple[list[dict], str]:
         return [], ""
     net = summary("googlenet")
     inputs = {r.path.split("/")[0][len("inception"):]: r.input_shape for r in net.rows if r.path.endswith("/pool")}
-    lines = ["| module | input | naive params | naive MACs | reduced params | reduced MACs | Table 1 ops | MACs saved |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| module | input | naive params | naive MACs | reduced params | reduced MACs | Table 1 ops | "
+             "MACs saved |", "|---|---|---|---|---|---|---|---|"]
     rows = []
     for key, widths in GOOGLENET_MODULES.items():
         shape = inputs[key]
         costs = inception_module_costs(shape, widths)
         n, r = costs["naive"], costs["reduced"]
         lines.append(f"| inception({key}) | {'x'.join(map(str, shape))} | {n['params']:,} | {n['macs'] / 1e6:,.1f} M | "
-                     f"{r['params']:,} | {r['macs'] / 1e6:,.1f} M | {TABLE1_OPS_M[key]} M | {1 - r['macs'] / n['macs']:.0%} |")
+                     f"{r['params']:,} | {r['macs'] / 1e6:,.1f} M | {TABLE1_OPS_M[key]} M | "
+                     f"{1 - r['macs'] / n['macs']:.0%} |")
         for block in ("naive", "reduced"):
             rows.append({"part": "googlenet_module", "design": f"inception{key} {block}", "C": shape[-1],
                          "input": "x".join(map(str, shape)), "receptive_field": "", "relus": "",

@@ -73,9 +73,9 @@ class FilterNet(nn.Module):
 
 
 PRESETS: dict[str, tuple[str, TrainConfig]] = {
-    "cifar10": ("CIFAR-10 (50k train / 10k test), 400 steps of 64 (0.51 epoch), SGD Nesterov momentum 0.9, lr 0.05 "
+    "cifar10": ("CIFAR-10 (50k train / 10k test), one epoch (781 steps of 64), SGD Nesterov momentum 0.9, lr 0.05 "
                 "cosine to 0, weight decay 5e-4, per-channel standardisation, horizontal flips",
-                TrainConfig(model="filter_net", dataset="cifar10", global_batch_size=64, num_steps=400,
+                TrainConfig(model="filter_net", dataset="cifar10", global_batch_size=64, num_steps=781,
                             optimizer="sgd", learning_rate=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
                             schedule="cosine", normalize="per_channel", augment="flip", log_every=50,
                             eval_every=0, checkpoint_every=0, keep_checkpoints=1, rng_impl="rbg",

@@ -12,8 +12,8 @@ effective padding from the layer geometry (one abstract trace). This script:
    ResNet-101/152 V1 1027/1507, Inception-v2 699, Inception-v4 2071, Inception-ResNet-v2 3039;
 3. measures, for the networks whose field fits in an affordable input, the input interval seen by
    one unit of the final feature map as the support of a gradient (on a narrow twin of the network
-   with the same geometry: channel widths do not change receptive fields), against the analytic
-   interval.
+   where the family has width options: channel widths do not change receptive fields), against
+   the analytic interval.
 
   python -m experiments.receptive_fields [--out experiments/results/claims] [--models ...] [--measure ...]
 """
@@ -35,6 +35,7 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cnnjax import models
 from cnnjax import nn as cnn
@@ -50,8 +51,8 @@ NETWORKS: dict[str, tuple[str, dict, str, int]] = {
     "vgg16": ("vgg16", {}, "VGG-16 pool5 / vgg_16", 212),
     "resnet50_v1": ("resnet50", {"version": "v1"}, "ResNet-50 V1 / resnet_v1_50", 483),
     "resnet50_v1.5": ("resnet50", {"version": "v1.5"}, "ResNet-50 V1.5 (torchvision)", 427),
-    "resnet101_v1": ("resnet101", {"version": "v1", "scan_blocks": True}, "ResNet-101 V1 / resnet_v1_101", 1027),
-    "resnet152_v1": ("resnet152", {"version": "v1", "scan_blocks": True}, "ResNet-152 V1 / resnet_v1_152", 1507),
+    "resnet101_v1": ("resnet101", {"version": "v1"}, "ResNet-101 V1 / resnet_v1_101", 1027),
+    "resnet152_v1": ("resnet152", {"version": "v1"}, "ResNet-152 V1 / resnet_v1_152", 1507),
     "bn_inception": ("bn_inception", {}, "BN-Inception / inception_v2", 699),
     "inception_v4": ("inception_v4", {}, "Inception-v4 / inception_v4", 2071),
     "inception_resnet_v2": ("inception_resnet_v2", {}, "Inception-ResNet-v2 / inception_resnet_v2", 3039),
@@ -111,6 +112,11 @@ def lecture_rows(size: int = 64) -> list[dict]:
 def final_feature(rows):
     """The row of the global pooling or flatten that reads the final feature map."""
     return [r for r in rows if r.input_size is not None and r.type in ("GlobalAvgPool", "Flatten")][-1]
+
+
+def has_narrow_twin(key: str) -> bool:
+    """Whether the family has width options for `narrow_twin` (else the network itself is measured)."""
+    return NETWORKS[key][0].startswith(("alexnet", "vgg", "resnet"))
 
 
 def narrow_twin(key: str):
@@ -174,13 +180,13 @@ def measure_final_field(key: str) -> dict:
     measured = empirical_receptive_field(twin, (side, side, 3), last, unit=(unit, unit))
     lo, hi = min(m[0][0] for m in measured), max(m[0][1] for m in measured)
     analytic = (unit * s - p, unit * s - p + r - 1)
-    return {"network": key, "input": side, "unit": unit, "layers": len(last), "analytic": analytic,
-            "measured": (lo, hi), "size": hi - lo + 1, "match": analytic == (lo, hi),
-            "seconds": time.perf_counter() - start}
+    return {"network": key, "measured_on": "narrow twin" if has_narrow_twin(key) else "the network", "input": side,
+            "unit": unit, "layers": len(last), "analytic": analytic, "measured": (lo, hi), "size": hi - lo + 1,
+            "match": analytic == (lo, hi), "seconds": time.perf_counter() - start}
 
 
 def plot_growth(per_layer: dict, path: Path) -> None:
-    """Receptive field of each convolution / pooling output against its depth, per network."""
+    """Largest receptive field reached so far against the number of conv / pooling layers called."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,14 +194,15 @@ def plot_growth(per_layer: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for key, rows in per_layer.items():
-        sizes = [r.size[0] for r in rows if r.type in ("Conv", "MaxPool", "AvgPool") and not r.collapsed]
-        ax.plot(range(1, len(sizes) + 1), sizes, label=key, linewidth=1.4)
+        sizes = np.maximum.accumulate([r.size[0] for r in rows
+                                       if r.type in ("Conv", "MaxPool", "AvgPool") and not r.collapsed])
+        ax.plot(range(1, len(sizes) + 1), sizes, label=f"{key} ({sizes[-1]})", linewidth=1.4)
     ax.axhline(224, color="grey", linestyle=":", linewidth=1)
     ax.text(1, 235, "224-pixel input", fontsize=7, color="grey")
     ax.set_yscale("log")
     ax.set_xscale("log")
-    ax.set_xlabel("conv / pooling layer, in call order")
-    ax.set_ylabel("receptive field (pixels)")
+    ax.set_xlabel("conv / pooling layers called (branches included)")
+    ax.set_ylabel("largest receptive field so far (pixels)")
     ax.set_title("Receptive field growth (cnnjax.analysis.receptive_field)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
@@ -235,15 +242,17 @@ def report(lecture: list[dict], araujo: list[dict], measured: list[dict], vgg_ta
         lines.append(f"| {r['label']} | {r['input']} | input of `{r['final_layer_input_of']}` | {r['receptive_field']} | "
                      f"{r['stride']} | {r['padding']} | {r['araujo']} | {'yes' if r['match'] else 'NO'} |")
     if measured:
-        lines += ["", "### Measured: gradient support of one final-map unit (narrow twin, same geometry)", "",
-                  "| network | input side | unit | analytic interval | gradient support | size | equal |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "### Measured: gradient support of one final-map unit", "",
+                  "| network | measured on | input side | unit | analytic interval | gradient support | size | equal |",
+                  "|---|---|---|---|---|---|---|---|"]
         for m in measured:
-            lines.append(f"| {m['network']} | {m['input']} | ({m['unit']}, {m['unit']}) | {list(m['analytic'])} | "
-                         f"{list(m['measured'])} | {m['size']} | {'yes' if m['match'] else 'NO'} |")
+                lines.append(f"| {m['network']} | {m['measured_on']} | {m['input']} | ({m['unit']}, {m['unit']}) | "
+                         f"{list(m['analytic'])} | {list(m['measured'])} | {m['size']} | {'yes' if m['match'] else 'NO'} |")
         lines += ["", "The unit is the first whose field starts inside the image (not on its border), and the input "
-                  "holds the whole field with a margin, so the comparison is unclipped. Weights are positive, pooling is "
-                  "replaced by window sums: every path contributes, so the support is the whole field."]
+                  "holds the whole field with a margin, so the comparison is unclipped. A narrow twin divides every "
+                  "channel width by 16 (the geometry, checked equal, does not depend on widths). Weights are "
+                  "positive, pooling is replaced by window sums: every path contributes, so the support is the "
+                  "whole field."]
     if vgg_table:
         lines += ["", "### VGG-16, every layer", "", f"![receptive field growth]({NAME}.png)", "",
                   "<details><summary>layer table</summary>", "", "```", vgg_table, "```", "</details>"]
