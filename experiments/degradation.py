@@ -240,7 +240,7 @@ def table(results: list[dict[str, Any]], *, imagenet: bool) -> str:
 
 def run(preset_name: str, out_dir: str | os.PathLike, *, runs_dir: str | os.PathLike | None = None,
         data_dir: str | None = None, overrides: dict[str, Any] | None = None,
-        only: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        only: Sequence[str] | None = None, report_only: bool = False) -> list[dict[str, Any]]:
     """Trains (or resumes) every network of the preset and writes curves, plot and table.
 
     Args:
@@ -250,6 +250,8 @@ def run(preset_name: str, out_dir: str | os.PathLike, *, runs_dir: str | os.Path
       data_dir: the data set's directory (a `<name>.npz` directory or a tfds data_dir).
       overrides: TrainConfig fields changed for every network.
       only: train only these networks (names like 'plain56').
+      report_only: train nothing; write the outputs from whatever the workdirs hold (a running or
+        interrupted experiment), unfinished networks marked as such.
     """
     import jax
 
@@ -277,6 +279,10 @@ def run(preset_name: str, out_dir: str | os.PathLike, *, runs_dir: str | os.Path
         # A finished run is skipped only for the same config; a longer one (num_steps raised) resumes.
         if info is not None and info.get("config") == net.config.to_dict():
             print(f"[degradation] {net.name}: finished earlier ({info['wall_s']:.0f} s), skipped", flush=True)
+        elif report_only:
+            wall = workdir / "WALL.json"
+            info = {"wall_s": json.loads(wall.read_text())["wall_s"] if wall.exists() else 0.0,
+                    "params": _param_count(net.config), "unfinished": True}
         else:
             print(f"[degradation] {net.name}: training {net.config.model} {net.config.model_kwargs or ''} "
                   f"for {net.config.num_steps or net.config.num_epochs} {'steps' if net.config.num_steps else 'epochs'}",
@@ -297,7 +303,7 @@ def run(preset_name: str, out_dir: str | os.PathLike, *, runs_dir: str | os.Path
             _atomic_write(done, json.dumps(info))
         rows = curves(net, read_metrics(workdir))
         all_rows.extend(rows)
-        results.append({"network": net.name, "kind": net.kind, "depth": net.depth, "model": net.config.model,
+        results.append({"network": net.name + (" (unfinished)" if info.get("unfinished") else ""), "kind": net.kind, "depth": net.depth, "model": net.config.model,
                         "model_kwargs": net.config.model_kwargs,
                         "params": info["params"],
                         "train_error": _last(rows, "train_error"), "test_error": _last(rows, "test_error"),
@@ -334,6 +340,16 @@ def _write_outputs(out: Path, preset_name: str, preset: Preset, nets: list[Netwo
                                                     "results": results, "provenance": prov}, indent=2, default=str))
 
 
+def _param_count(cfg: TrainConfig) -> int:
+    """Parameters of a network's model at its input shape (eval_shape: no compile)."""
+    from cnnjax import analysis, models
+
+    spec = models.get_spec(cfg.model)
+    h, w, c = spec.input_shape
+    shape = (cfg.image_size or h, cfg.image_size or w, cfg.channels or c)
+    return analysis.parameter_count(models.create(cfg.model, **cfg.model_kwargs), shape)
+
+
 def provenance() -> dict[str, str]:
     """What a result file should say about how it was made."""
     import platform
@@ -366,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="parent of the per-network run directories (default runs/degradation_<preset>)")
     parser.add_argument("--data-dir", default=None, help="directory with <dataset>.npz, or a tfds data_dir")
     parser.add_argument("--only", nargs="*", default=None, help="train only these networks (e.g. plain20 resnet56)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write curves, plot and table from the runs so far")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="override TrainConfig fields for every network (e.g. num_steps=500)")
     args = parser.parse_args(argv)
@@ -380,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or os.path.join("experiments", "results", f"degradation_{args.preset}")
     try:
         results = run(args.preset, out, runs_dir=args.workdir or os.path.join("runs", f"degradation_{args.preset}"),
-                      data_dir=args.data_dir, overrides=overrides, only=args.only)
+                      data_dir=args.data_dir, overrides=overrides, only=args.only, report_only=args.report_only)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -78,3 +78,11 @@ def test_longer_run_resumes_a_finished_network(tmp_path, capsys):
     assert "skipped" not in capsys.readouterr().out
     steps = [r["step"] for r in degradation.read_metrics(runs / "resnet8")]
     assert steps == sorted(steps) and steps[-1] == 8 and steps.count(6) == 1
+
+
+def test_report_only_trains_nothing_and_marks_unfinished(tmp_path):
+    results = degradation.run("tiny", tmp_path / "out", runs_dir=tmp_path / "runs", only=["plain8"], report_only=True)
+    assert results[0]["network"] == "plain8 (unfinished)" and results[0]["train_error"] is None
+    assert results[0]["params"] == 75_290  # CIFAR ResNet-8 under option A (eval_shape, no training)
+    assert not (tmp_path / "runs" / "plain8" / "metrics.jsonl").exists()
+    assert "plain8 (unfinished)" in (tmp_path / "out" / "RESULTS.md").read_text()
