@@ -28,7 +28,6 @@ import csv
 import dataclasses
 import io
 import os
-import platform
 import shlex
 import sys
 import time
@@ -45,6 +44,7 @@ import optax
 from cnnjax import data
 from cnnjax import nn as cnn
 from cnnjax.train import create_train_state, make_eval_step, make_train_step
+from experiments._report import machine as _machine
 
 NAME = "batchnorm_study"
 INITS = {"he": "he_normal_fan_in", "gauss0.01": "normal_0.01"}  # short name -> cnnjax.nn.INITIALIZERS
@@ -246,15 +246,6 @@ def plot_final(runs: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _machine() -> str:
-    """CPU model, cores and JAX backend, for the provenance line of the results."""
-    cpu = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return f"{cpu or platform.machine()}, {os.cpu_count()} cores; JAX {jax.__version__} on {jax.default_backend()}"
 
 
 def _cell(r: dict, key: str) -> str:

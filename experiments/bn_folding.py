@@ -23,7 +23,6 @@ import argparse
 import csv
 import io
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -37,6 +36,7 @@ import numpy as np
 
 from cnnjax import models
 from cnnjax.analysis import count_params, fold_batchnorm
+from experiments._report import machine as _machine
 
 NAME = "bn_folding"
 DEFAULT_MODELS = ("resnet20", "resnet56", "resnet50", "vgg11_bn", "bn_inception", "densenet121")
@@ -150,15 +150,6 @@ def timing_row(name: str, batch: int, repeats: int, calls: int, seed: int = 0) -
             "speedup_best": min(times["original"]) / min(times["folded"]),
             "speedup_median": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
             "ratios": [round(r, 3) for r in ratios]}
-
-
-def _machine() -> str:
-    """CPU model, cores and JAX backend, for the provenance line of the results."""
-    cpu = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return f"{cpu or platform.machine()}, {os.cpu_count()} cores; JAX {jax.__version__} on {jax.default_backend()}"
 
 
 def report(equal: list[dict], timed: list[dict], command: str, wall_s: float) -> str:

@@ -21,7 +21,6 @@ import argparse
 import csv
 import io
 import os
-import platform
 import shlex
 import sys
 import time
@@ -33,6 +32,7 @@ import jax
 
 from cnnjax import nn as cnn
 from cnnjax.analysis import receptive_field, summary
+from experiments._report import machine as _machine
 
 NAME = "cost_arguments"
 VGG_WIDTHS = ((64, 224), (128, 112), (256, 56), (512, 28))  # VGG stage width and its map side
@@ -145,15 +145,6 @@ def googlenet_rows(with_networks: bool) -> tuple[list[dict], str]:
         rows.append({"part": "network", "design": name.split(" ")[0], "C": 3, "input": "224x224x3",
                      "receptive_field": "", "relus": "", "params": s.total_params, "formula": "", "macs": s.total_macs})
     return rows, "\n".join(lines)
-
-
-def _machine() -> str:
-    """CPU model, cores and JAX backend, for the provenance line of the results."""
-    cpu = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return f"{cpu or platform.machine()}, {os.cpu_count()} cores; JAX {jax.__version__} on {jax.default_backend()}"
 
 
 def report(vgg: list[dict], inception_table: str, googlenet_table: str, command: str, wall_s: float) -> str:

@@ -16,17 +16,16 @@ import argparse
 import csv
 import io
 import os
-import platform
 import shlex
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
 
 from cnnjax import models
 from cnnjax.analysis import summary
+from experiments._report import machine as _machine
 
 NAME = "cost_vs_accuracy"
 TV = "torchvision V1 weights [tv]"
@@ -113,15 +112,6 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _machine() -> str:
-    """CPU model, cores and JAX backend, for the provenance line of the results."""
-    cpu = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return f"{cpu or platform.machine()}, {os.cpu_count()} cores; JAX {jax.__version__} on {jax.default_backend()}"
 
 
 def report(rows: list[dict], command: str, wall_s: float) -> str:

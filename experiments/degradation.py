@@ -352,22 +352,12 @@ def _param_count(cfg: TrainConfig) -> int:
 
 def provenance() -> dict[str, str]:
     """What a result file should say about how it was made."""
-    import platform
+    from experiments._report import machine
 
-    import jax
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    devices = jax.devices()
-    kinds = sorted({d.device_kind for d in devices})
     return {
         "command": " ".join(["python -m experiments.degradation", *sys.argv[1:]]) if sys.argv[0].endswith(
             "degradation.py") else " ".join(sys.argv),
-        "machine": f"{cpu}, {os.cpu_count()} cores; JAX {jax.__version__} on {len(devices)} x {', '.join(kinds)}",
+        "machine": machine(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }

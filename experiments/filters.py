@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -31,6 +30,7 @@ import numpy as np
 
 from cnnjax import nn as cnn
 from cnnjax.train import TrainConfig, build, initial_state, read_metrics, train_and_evaluate
+from experiments._report import machine as _machine
 
 NAME = "filters"
 
@@ -120,15 +120,6 @@ def plot(before: np.ndarray, after: np.ndarray, titles: tuple[str, str], path: P
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
-
-
-def _machine() -> str:
-    """CPU model, cores and JAX backend, for the provenance line of the results."""
-    cpu = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return f"{cpu or platform.machine()}, {os.cpu_count()} cores; JAX {jax.__version__} on {jax.default_backend()}"
 
 
 def filter_statistics(kernel: np.ndarray) -> dict[str, float]:

@@ -18,7 +18,6 @@ import csv
 import io
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -26,9 +25,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
 
 from cnnjax.train import TrainConfig, get_preset, read_metrics, train_and_evaluate
+from experiments._report import machine as _machine
 
 NAME = "lenet_mnist"
 TARGET_ACCURACY = {"mnist": 99.2}  # the issue's target, percent
@@ -115,15 +114,6 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _machine() -> str:
-    """CPU model, cores and JAX backend, for the provenance line of the results."""
-    cpu = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return f"{cpu or platform.machine()}, {os.cpu_count()} cores; JAX {jax.__version__} on {jax.default_backend()}"
 
 
 def report(rows: list[dict], command: str) -> str:

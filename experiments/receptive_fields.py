@@ -25,7 +25,6 @@ import csv
 import io
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -41,6 +40,7 @@ from cnnjax import models
 from cnnjax import nn as cnn
 from cnnjax.analysis import (empirical_receptive_field, format_receptive_field, receptive_field,
                              stacked_receptive_field)
+from experiments._report import machine as _machine
 
 NAME = "receptive_fields"
 ARAUJO = "Araujo, Norris & Sim 2019 (Distill), TF-slim models"
@@ -209,15 +209,6 @@ def plot_growth(per_layer: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _machine() -> str:
-    """CPU model, cores and JAX backend, for the provenance line of the results."""
-    cpu = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return f"{cpu or platform.machine()}, {os.cpu_count()} cores; JAX {jax.__version__} on {jax.default_backend()}"
 
 
 def report(lecture: list[dict], araujo: list[dict], measured: list[dict], vgg_table: str, command: str,
