@@ -183,6 +183,20 @@ def run_degradation(args: argparse.Namespace) -> int:
     return degradation.main(args.args)
 
 
+# -- bench -----------------------------------------------------------------------------------------
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from cnnjax import bench
+
+    bench.add_arguments(p)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from cnnjax import bench
+
+    return bench.run_from_args(args)
+
+
 COMMANDS: dict[str, Command] = {
     "summary": Command("the lecture-style layer table of a model (no compile)", add_summary_arguments, run_summary),
     "models": Command("list the registered models", add_models_arguments, run_models),
@@ -190,6 +204,7 @@ COMMANDS: dict[str, Command] = {
                            add_degradation_arguments, run_degradation),
     "train": Command("train a model (resumes when the workdir holds a run)", add_train_arguments, run_train),
     "eval": Command("evaluate a run's checkpoint", add_eval_arguments, run_eval),
+    "bench": Command("step speed next to Flax nn.Conv and PyTorch (cnnjax.bench)", add_bench_arguments, run_bench),
 }
 
 

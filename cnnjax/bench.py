@@ -1,0 +1,634 @@
+"""Train- and eval-step benchmark of cnnjax against reference implementations, one run side by side.
+
+    python -m cnnjax bench --model resnet20 --batch-size 128
+    python -m cnnjax bench --model resnet56 --impl cnnjax flax torch-cl --xla fast default
+
+Every implementation x XLA configuration is a worker process (XLA reads its flags once, at
+start): `cnnjax` (the registry model), `flax` (a twin built from flax.linen `nn.Conv` and
+`nn.BatchNorm`), `torch-cl` / `torch-nchw` (the same network in PyTorch, channels-last or NCHW;
+only when torch is installed, never a cnnjax dependency). The workers compile one after the other
+(compile times are not contended by each other), then run interleaved rounds, the order rotating
+each round, so that a noisy shared machine loads them alike; the ratios of images/s are taken per
+round against the first worker and their median is what to quote. Also reported: compile time,
+the compiled step's memory and the process's peak RSS, achieved GFLOP/s (6 x multiply-adds per
+image for a train step, 2 x for an eval step) and a measured matrix-multiply ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+from cnnjax import xla_flags
+
+IMPLS = ("cnnjax", "flax", "torch-cl", "torch-nchw")
+MODES = ("train", "eval")
+DTYPES = ("float32", "bfloat16")
+_PREFIX = "@@bench "
+_CIFAR = re.compile(r"^(resnet|plain)(\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One worker: an implementation of a model under one XLA configuration.
+
+    Args:
+      impl: one of IMPLS.
+      model: registered model name ('resnet20'); the flax and torch twins cover the CIFAR
+        ResNets and plain nets (depth 6n+2).
+      batch_size: images per step.
+      dtype: compute dtype; 'bfloat16' keeps float32 parameters and BN statistics (torch: autocast).
+      xla: a `cnnjax.xla_flags.CPU_PRESETS` name or an XLA flag string (JAX workers only).
+      scan_blocks: build the cnnjax ResNet with scanned blocks (compile-time option).
+      threads: pin the worker to this many cores (sched_setaffinity; torch also sets its intra-op
+        threads, XLA sizes its pool from the affinity); 0 leaves both libraries' defaults.
+    """
+
+    impl: str = "cnnjax"
+    model: str = "resnet20"
+    batch_size: int = 128
+    dtype: str = "float32"
+    xla: str = "fast"
+    scan_blocks: bool = False
+    threads: int = 0
+
+    def validate(self) -> Spec:
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl={self.impl!r}; choose one of {IMPLS}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; choose one of {DTYPES}")
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"threads must be an int >= 0 (0: the libraries' defaults), got {self.threads!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if self.impl != "cnnjax":
+            cifar_depth(self.model)
+            if self.scan_blocks:
+                raise ValueError(f"scan_blocks is a cnnjax model option; impl={self.impl!r} has none")
+        xla_flags.resolve(self.xla)
+        return self
+
+    @property
+    def is_jax(self) -> bool:
+        return not self.impl.startswith("torch")
+
+    @property
+    def label(self) -> str:
+        base = self.impl + ("+scan" if self.scan_blocks else "")
+        return f"{base}[{self.xla}]" if self.is_jax else base
+
+
+def cifar_depth(model: str) -> tuple[bool, int]:
+    """(plain, depth) of a registered CIFAR ResNet / plain-net name; ValueError for other names."""
+    from cnnjax.models.resnet import CIFAR_PARAMS  # the registered CIFAR depths (imports jax, not a backend)
+
+    m = _CIFAR.match(model)
+    if not m or int(m.group(2)) not in CIFAR_PARAMS:
+        names = ", ".join(f"resnet{d}" for d in CIFAR_PARAMS)
+        raise ValueError(f"model={model!r}: the flax and torch twins cover the registered CIFAR nets ({names} and "
+                         "their plain<depth> twins); use impl='cnnjax' alone for other models")
+    return m.group(1) == "plain", int(m.group(2))
+
+
+# --------------------------------------------------------------------------- the Flax nn.Conv twin
+
+
+def flax_cifar_resnet(depth: int, plain: bool = False, num_classes: int = 10, dtype: Any = None):
+    """The CIFAR ResNet of cnnjax.models (option A, 16/32/64 widths) built from flax.linen layers.
+
+    Same layers, parameter count and initialisers as `cnnjax.models.create('resnet<depth>')`, but
+    every convolution is `flax.linen.Conv` and every norm `flax.linen.BatchNorm`.
+    """
+    import flax.linen as nn
+
+    from cnnjax.models.resnet import zero_pad_shortcut
+
+    he = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+    class Block(nn.Module):
+        features: int
+        strides: int
+
+        @nn.compact
+        def __call__(self, x, train: bool):
+            conv = partial(nn.Conv, kernel_size=(3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                           kernel_init=he, dtype=dtype)
+            norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
+            y = nn.relu(norm(name="bn1")(conv(self.features, strides=self.strides, name="conv1")(x)))
+            y = norm(name="bn2")(conv(self.features, name="conv2")(y))
+            if plain:
+                return nn.relu(y)
+            return nn.relu(zero_pad_shortcut(x, self.features, self.strides) + y)
+
+    class FlaxCifarResNet(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            n = (depth - 2) // 6
+            x = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=he, dtype=dtype,
+                        name="stem_conv")(x)
+            x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                                     name="stem_bn")(x))
+            for s, width in enumerate((16, 32, 64), start=1):
+                for b in range(1, n + 1):
+                    x = Block(width, 2 if s > 1 and b == 1 else 1, name=f"stage{s}_block{b}")(x, train)
+            x = x.mean(axis=(1, 2))
+            return nn.Dense(num_classes, dtype=dtype, name="fc")(x).astype("float32")
+
+    return FlaxCifarResNet()
+
+
+# --------------------------------------------------------------------------- the PyTorch twin
+
+
+def torch_cifar_resnet(depth: int, plain: bool = False, num_classes: int = 10):
+    """The same CIFAR ResNet in PyTorch (bias-free convs, BN momentum 0.1 = Flax 0.9, option A)."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as tf
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.stride, self.pad = stride, cout - cin
+
+        def forward(self, x):
+            y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+            if plain:
+                return torch.relu(y)
+            sc = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
+            if self.pad:
+                sc = tf.pad(sc, (0, 0, 0, 0, 0, self.pad))
+            return torch.relu(sc + y)
+
+    n = (depth - 2) // 6
+    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+    cin = 16
+    for s, width in enumerate((16, 32, 64), start=1):
+        for b in range(n):
+            layers.append(Block(cin, width, 2 if s > 1 and b == 0 else 1))
+            cin = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
+    net = nn.Sequential(*layers)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return net
+
+
+# --------------------------------------------------------------------------- workers
+
+
+class _Runner:
+    """What a worker runs: `step(mode, n)` dispatches n steps and waits for the last one."""
+
+    info: dict[str, Any]
+
+    def step(self, mode: str, n: int) -> None:
+        raise NotImplementedError
+
+    def matmul(self, n: int, reps: int) -> float:
+        raise NotImplementedError
+
+
+class _JaxRunner(_Runner):
+    """cnnjax or the Flax twin: cnnjax.train's train and eval steps, compiled ahead of time."""
+
+    def __init__(self, spec: Spec):
+        import jax
+        import jax.numpy as jnp
+        import optax
+
+        from cnnjax import analysis, models
+        from cnnjax.train import create_train_state, make_eval_step, make_train_step
+
+        jax.config.update("jax_enable_compilation_cache", False)
+        dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else None
+        if spec.impl == "cnnjax":
+            kwargs = {"dtype": dtype} if dtype is not None else {}
+            if spec.scan_blocks:
+                kwargs["scan_blocks"] = True
+            model = models.create(spec.model, **kwargs)
+        else:
+            plain, depth = cifar_depth(spec.model)
+            model = flax_cifar_resnet(depth, plain, dtype=dtype)
+        shape = models.get_spec(spec.model).input_shape
+        tx = optax.sgd(0.1, momentum=0.9)
+        # rbg keys: threefry's initialiser graph takes XLA CPU 5x longer to compile (not what is measured).
+        state = create_train_state(jax.random.key(0, impl="rbg"), model, tx, shape)
+        batch = {"image": jax.random.normal(jax.random.key(1), (spec.batch_size, *shape), jnp.float32),
+                 "label": jnp.arange(spec.batch_size, dtype=jnp.int32) % 10}
+        train = jax.jit(make_train_step(model, tx, lambda s: 0.1, axis_name=None, rng_impl="rbg"), donate_argnums=0)
+        evaluate = jax.jit(make_eval_step(model, axis_name=None))
+        t0, c0 = time.perf_counter(), time.process_time()
+        self._train = train.lower(state, batch).compile()
+        t1, c1 = time.perf_counter(), time.process_time()
+        self._eval = evaluate.lower(state, batch).compile()
+        t2 = time.perf_counter()
+        mem = self._train.memory_analysis()
+        step_bytes = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                               + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+        hlo = self._train.as_text()
+        self.state, self.batch, self._jax = state, batch, jax
+        self.info = {
+            "compile_train_s": t1 - t0, "compile_eval_s": t2 - t1, "compile_train_cpu_s": c1 - c0,
+            "train_step_mib": None if step_bytes is None else step_bytes / 2**20,
+            "macs_per_image": analysis.summary(spec.model, shape).total_macs,
+            "ynn_fusions": hlo.count('"__ynn_fusion"'), "xnn_fusions": hlo.count("__xnn_fusion"),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__,
+        }
+
+    def step(self, mode: str, n: int) -> None:
+        out = None
+        for _ in range(n):
+            if mode == "train":
+                self.state, out = self._train(self.state, self.batch)
+            else:
+                out = self._eval(self.state, self.batch)
+        self._jax.block_until_ready(out)
+
+    def matmul(self, n: int, reps: int) -> float:
+        import jax.numpy as jnp
+
+        a = self._jax.random.normal(self._jax.random.key(2), (n, n), jnp.float32)
+        f = self._jax.jit(lambda a: a @ a)
+        f(a).block_until_ready()
+        best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(reps))
+        return 2 * n**3 / best / 1e9
+
+
+class _TorchRunner(_Runner):
+    """The PyTorch twin: zero_grad, forward, cross-entropy, backward, SGD step (eager)."""
+
+    def __init__(self, spec: Spec):
+        import torch
+
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+            torch.set_num_interop_threads(1)
+        torch.manual_seed(0)
+        plain, depth = cifar_depth(spec.model)
+        fmt = torch.channels_last if spec.impl == "torch-cl" else torch.contiguous_format
+        self.net = torch_cifar_resnet(depth, plain).to(memory_format=fmt)
+        self.x = torch.randn(spec.batch_size, 3, 32, 32).contiguous(memory_format=fmt)
+        self.y = torch.arange(spec.batch_size) % 10
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=0.1, momentum=0.9)
+        self.autocast = spec.dtype == "bfloat16"
+        self.torch = torch
+        t0 = time.perf_counter()
+        self.step("train", 1)
+        t1 = time.perf_counter()
+        self.step("eval", 1)
+        self.info = {"compile_train_s": t1 - t0, "compile_eval_s": time.perf_counter() - t1,
+                     "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+    def step(self, mode: str, n: int) -> None:
+        torch = self.torch
+        with torch.autocast("cpu", torch.bfloat16, enabled=self.autocast):
+            if mode == "eval":
+                self.net.eval()
+                with torch.no_grad():
+                    for _ in range(n):
+                        self.net(self.x)
+                return
+            self.net.train()
+            for _ in range(n):
+                self.opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(self.net(self.x).float(), self.y)
+                loss.backward()
+                self.opt.step()
+
+    def matmul(self, n: int, reps: int) -> float:
+        a = self.torch.randn(n, n)
+        a @ a
+        return 2 * n**3 / min(_timed(lambda: a @ a) for _ in range(reps)) / 1e9
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _send(obj: dict[str, Any]) -> None:
+    sys.stdout.write(_PREFIX + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def worker_main(spec_json: str) -> int:
+    """A worker's loop: build and compile, then answer 'run MODE N', 'matmul N REPS', 'quit' on stdin."""
+    spec = Spec(**json.loads(spec_json)).validate()
+    if spec.threads:
+        allowed = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, allowed[:spec.threads])
+    try:
+        runner = _JaxRunner(spec) if spec.is_jax else _TorchRunner(spec)
+    except Exception as e:  # reported to the parent, which goes on without this worker
+        _send({"error": f"{type(e).__name__}: {e}"})
+        return 1
+    _send({"ready": True, **runner.info})
+    warm = set()
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "quit":
+            break
+        if cmd[0] == "run":
+            if cmd[1] not in warm:  # the first runs allocate and fill caches
+                runner.step(cmd[1], 2)
+                warm.add(cmd[1])
+            c, t = time.process_time(), time.perf_counter()
+            runner.step(cmd[1], int(cmd[2]))
+            _send({"wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c})
+        elif cmd[0] == "matmul":
+            _send({"gflops": runner.matmul(int(cmd[1]), int(cmd[2]))})
+    _send({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    return 0
+
+
+def worker_xla_flags(config: str, inherited: str = "") -> str:
+    """A worker's XLA_FLAGS: the configuration's flags plus the inherited ones no preset sets.
+
+    Flags that some preset sets (e.g. added by `configure_cpu()` in the parent) are dropped from
+    `inherited`, so that 'default' really is XLA's default; other flags (device count, dumps) stay.
+    """
+    compared = {xla_flags.flag_name(f) for flags in xla_flags.CPU_PRESETS.values() for f in flags.split()}
+    kept = " ".join(f for f in inherited.split() if xla_flags.flag_name(f) not in compared)
+    return xla_flags.merge_flags(xla_flags.resolve(config), kept)
+
+
+class Worker:
+    """A worker process seen from the parent."""
+
+    def __init__(self, spec: Spec, timeout_s: float = 600.0):
+        self.spec, self.timeout_s = spec, timeout_s
+        env = dict(os.environ, **{xla_flags.ENV_SWITCH: "0"})
+        if spec.is_jax:
+            env["XLA_FLAGS"] = worker_xla_flags(spec.xla, os.environ.get("XLA_FLAGS", ""))
+        cmd = [sys.executable, "-m", "cnnjax.bench", "--worker", json.dumps(dataclasses.asdict(spec))]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+        self.info = self._receive()
+
+    def _receive(self) -> dict[str, Any]:
+        for line in self.proc.stdout:
+            if line.startswith(_PREFIX):
+                msg = json.loads(line[len(_PREFIX):])
+                if "error" in msg:
+                    raise RuntimeError(f"{self.spec.label}: {msg['error']}")
+                return msg
+        err = self.proc.stderr.read()[-2000:]
+        raise RuntimeError(f"{self.spec.label}: worker exited ({self.proc.wait()}): {err}")
+
+    def ask(self, command: str) -> dict[str, Any]:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._receive()
+
+    def close(self) -> dict[str, Any]:
+        try:
+            out = self.ask("quit")
+        except (RuntimeError, BrokenPipeError):
+            out = {}
+        self.proc.wait(timeout=60)
+        return out
+
+
+# --------------------------------------------------------------------------- the side-by-side run
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def run(specs: Sequence[Spec], *, rounds: int = 5, steps: int = 3, modes: Sequence[str] = MODES,
+        matmul_n: int = 2048, log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Benchmarks `specs` side by side; the first spec is the reference of the ratios.
+
+    Args:
+      specs: the workers (at least one); labels must differ.
+      rounds: interleaved rounds; each worker runs `steps` steps of each mode per round (0: only
+        compile, e.g. to measure the compile time of a model too large to step here).
+      steps: steps per worker, mode and round (timed together, dispatched back to back).
+      modes: 'train' and/or 'eval'.
+      matmul_n: size of the float32 n x n x n matmul ceiling (0: skip).
+      log: progress messages (None: quiet).
+
+    Returns:
+      A JSON-able dict: machine, per-worker results (images/s per round, median, best, compile
+      time, memory, GFLOP/s, matmul ceiling) and per-mode ratios to the first worker.
+    """
+    specs = [s.validate() for s in specs]
+    if not specs:
+        raise ValueError("specs is empty: give at least one implementation")
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"duplicate workers {labels}: each implementation x XLA configuration once")
+    if rounds < 0 or steps < 1:
+        raise ValueError(f"rounds={rounds} must be >= 0 (0: compile only) and steps={steps} >= 1")
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"modes={tuple(modes)}; choose from {MODES}")
+    say = log or (lambda _: None)
+    result: dict[str, Any] = {"machine": machine_info(), "load_start": os.getloadavg(), "rounds": rounds,
+                              "steps": steps, "workers": []}
+    workers: list[Worker] = []
+    try:
+        for spec in specs:
+            say(f"starting {spec.label} ({spec.model}, batch {spec.batch_size}, {spec.dtype}) ...")
+            try:
+                w = Worker(spec)
+            except RuntimeError as e:
+                say(f"  skipped: {e}")
+                continue
+            say(f"  compiled: train {w.info['compile_train_s']:.1f} s, eval {w.info['compile_eval_s']:.1f} s")
+            workers.append(w)
+        times = {w.spec.label: {m: [] for m in modes} for w in workers}
+        cpu = {w.spec.label: {m: [] for m in modes} for w in workers}
+        loads = []
+        for r in range(rounds):
+            order = workers[r % len(workers):] + workers[:r % len(workers)] if workers else []
+            for w in order:
+                for m in modes:
+                    answer = w.ask(f"run {m} {steps}")
+                    times[w.spec.label][m].append(answer["wall_s"] / steps)
+                    cpu[w.spec.label][m].append(answer["cpu_s"] / steps)
+            loads.append(os.getloadavg()[0])
+            say(f"round {r + 1}/{rounds} done (load {loads[-1]:.1f})")
+        ceilings = {w.spec.label: w.ask(f"matmul {matmul_n} 3")["gflops"] if matmul_n and rounds else None
+                    for w in workers}
+        for w in workers:
+            peak = w.close().get("peak_rss_mib")
+            label = w.spec.label
+            result["workers"].append(_summarise(w, times[label], cpu[label], ceilings[label], peak, workers))
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+    result["load_rounds"] = loads if workers else []
+    result["load_end"] = os.getloadavg()
+    ref = result["workers"][0]["label"] if result["workers"] else None
+    result["reference"] = ref
+    for entry in result["workers"]:
+        entry["ratio"] = {}
+        for m in modes:
+            base = times[ref][m]
+            per_round = [b / t for b, t in zip(base, times[entry["label"]][m])]
+            if per_round:
+                entry["ratio"][m] = {"median": _median(per_round), "min": min(per_round), "max": max(per_round)}
+    return result
+
+
+def _summarise(w: Worker, times: dict[str, list[float]], cpu: dict[str, list[float]], ceiling: float | None,
+               peak: float | None, workers: Sequence[Worker]) -> dict[str, Any]:
+    """One worker's entry of `run`'s result (per-mode images/s, GFLOP/s, compile time, memory)."""
+    spec, info = w.spec, dict(w.info)
+    info.pop("ready", None)
+    macs = info.get("macs_per_image") or next((v.info.get("macs_per_image") for v in workers
+                                               if v.spec.model == spec.model and v.info.get("macs_per_image")), None)
+    entry = {"label": spec.label, "spec": dataclasses.asdict(spec), **info, "peak_rss_mib": peak,
+             "matmul_gflops": ceiling, "modes": {}}
+    for m, ts in times.items():
+        if not ts:
+            continue
+        ips = [spec.batch_size / t for t in ts]
+        med = _median(ips)
+        gflops = None if macs is None else med * macs * (6 if m == "train" else 2) / 1e9
+        entry["modes"][m] = {"images_per_s": med, "best_images_per_s": max(ips), "per_round": ips,
+                             "images_per_cpu_s": spec.batch_size / _median(cpu[m]),
+                             "gflops": gflops,
+                             "fraction_of_matmul": None if not (gflops and ceiling) else gflops / ceiling}
+    return entry
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, SIMD extensions, Python and package versions."""
+    flags, model = set(), platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    simd = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+    return {"cpu": model, "cores": os.cpu_count(), "simd": simd, "python": platform.python_version()}
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The human-readable table of `run`'s result."""
+    m = result["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, {' '.join(m['simd'])}; "
+             f"load {result['load_start'][0]:.1f} -> {result['load_end'][0]:.1f}; "
+             f"{result['rounds']} rounds x {result['steps']} steps; ratios vs {result['reference']}"]
+    head = (f"{'worker':28s} {'mode':5s} {'img/s':>7s} {'best':>7s} {'ratio':>6s} {'[min-max]':>13s} "
+            f"{'img/CPUs':>8s} {'GFLOP/s':>8s} {'%mm':>4s} {'compile':>8s} {'step MiB':>8s} {'RSS MiB':>8s}")
+    lines += [head, "-" * len(head)]
+    for e in result["workers"]:
+        if not e["modes"]:
+            lines.append(f"{e['label']:28s} compile only: train {e['compile_train_s']:.1f} s "
+                         f"(CPU {e.get('compile_train_cpu_s', float('nan')):.1f} s), eval {e['compile_eval_s']:.1f} s")
+        for mode, r in e["modes"].items():
+            ratio = e["ratio"][mode]
+            frac = "" if r["fraction_of_matmul"] is None else f"{100 * r['fraction_of_matmul']:.0f}"
+            comp = e.get(f"compile_{mode}_s")
+            lines.append(
+                f"{e['label']:28s} {mode:5s} {r['images_per_s']:7.1f} {r['best_images_per_s']:7.1f} "
+                f"{ratio['median']:6.2f} {ratio['min']:6.2f}-{ratio['max']:<6.2f} {r['images_per_cpu_s']:8.1f} "
+                f"{'' if r['gflops'] is None else format(r['gflops'], '.1f'):>8s} {frac:>4s} "
+                f"{'' if comp is None else format(comp, '.1f') + ' s':>8s} "
+                f"{'' if e.get('train_step_mib') is None else format(e['train_step_mib'], '.0f'):>8s} "
+                f"{'' if e.get('peak_rss_mib') is None else format(e['peak_rss_mib'], '.0f'):>8s}")
+    ceil = ", ".join(f"{e['label']} {e['matmul_gflops']:.0f}" for e in result["workers"] if e["matmul_gflops"])
+    if ceil:
+        lines.append(f"matmul ceiling (GFLOP/s, float32 square matmul): {ceil}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `python -m cnnjax bench` and experiments/bench.py."""
+    p.add_argument("--model", default="resnet20", help="registered model (twins: CIFAR resnet/plain 6n+2)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--impl", nargs="+", default=["cnnjax", "flax", "torch-cl"], choices=IMPLS,
+                   help="implementations; the first (with the first --xla) is the reference of the ratios")
+    p.add_argument("--xla", nargs="+", default=["fast"],
+                   help=f"XLA configurations for the JAX implementations: names ({', '.join(xla_flags.CPU_PRESETS)}) "
+                        "or flag strings starting with '--'")
+    p.add_argument("--scan-blocks", action="store_true", help="cnnjax ResNet with scanned blocks")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3, help="steps per worker, mode and round")
+    p.add_argument("--matmul", type=int, default=2048, help="n of the n^3 matmul ceiling (0: skip)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="pin every worker to this many cores (torch threads too); 0: the libraries' defaults")
+    p.add_argument("--json", metavar="PATH", help="also write the full result as JSON")
+
+
+def specs_from_args(args: argparse.Namespace) -> list[Spec]:
+    """One Spec per implementation x XLA configuration (torch once); torch is skipped if missing."""
+    specs = []
+    for impl in args.impl:
+        for xla in (args.xla if not impl.startswith("torch") else ["default"]):
+            spec = Spec(impl, args.model, args.batch_size, args.dtype, xla,
+                        scan_blocks=args.scan_blocks and impl == "cnnjax", threads=args.threads)
+            if spec.label not in {s.label for s in specs}:
+                specs.append(spec.validate())
+    if any(not s.is_jax for s in specs):
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            print("torch is not installed: skipping the PyTorch reference (pip install torch)", file=sys.stderr)
+            specs = [s for s in specs if s.is_jax]
+    return specs
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    try:
+        result = run(specs_from_args(args), rounds=args.rounds, steps=args.steps, modes=args.modes,
+                     matmul_n=args.matmul, log=lambda s: print(s, file=sys.stderr))
+    except RuntimeError as e:  # a worker died mid-run (out of memory, a crash in a library)
+        print(f"cnnjax bench: {e}", file=sys.stderr)
+        return 1
+    print(format_report(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m cnnjax.bench` / experiments/bench.py entry point (also runs workers)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--worker"]:
+        return worker_main(argv[1])
+    parser = argparse.ArgumentParser(prog="cnnjax bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    try:
+        return run_from_args(parser.parse_args(argv))
+    except ValueError as e:
+        parser.exit(2, f"cnnjax bench: error: {e}\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

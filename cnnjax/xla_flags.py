@@ -1,0 +1,119 @@
+"""The XLA CPU configuration cnnjax runs with: one documented place for the CPU fast path.
+
+XLA reads `XLA_FLAGS` once, when JAX first initialises a backend, so the flags must be in the
+environment before that. Entry points (the CLI, experiment scripts) call `configure_cpu()`
+before their first JAX computation:
+
+    from cnnjax import xla_flags
+    xla_flags.configure_cpu()   # before anything touches jax.devices() / runs a computation
+
+What it sets (`CPU_PRESETS['fast']`, measured in experiments/results/PERFORMANCE.md) and how to
+turn it off:
+  - `CNNJAX_CPU_FAST=0` in the environment: configure_cpu() leaves XLA_FLAGS alone (XLA's own
+    defaults, the 'default' preset).
+  - A flag the user already put in XLA_FLAGS wins: configure_cpu() only adds flags whose name the
+    user has not set.
+The flags only concern XLA's CPU backend; on GPU/TPU hosts they are parsed and ignored.
+
+This module imports nothing from JAX, so importing it never initialises a backend.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Mapping
+
+ENV_SWITCH = "CNNJAX_CPU_FAST"
+
+# Named XLA_FLAGS strings; the benchmark (`python -m cnnjax bench --xla NAME ...`) compares them
+# side by side, each in its own process. Measurements and reasons: PERFORMANCE.md.
+CPU_PRESETS: Mapping[str, str] = {
+    # XLA's own defaults. In jaxlib 0.10 YNNPACK takes convolutions, reductions and single dots
+    # (`individual_dot,individual_convolution,reduce`), XNNPACK and oneDNN nothing.
+    "default": "",
+    # YNNPACK for reductions, element-wise fusions and single dots, never for convolutions: every
+    # convolution stays on XLA's Eigen path. YNNPACK ran the filter gradient of the 32x32x16
+    # CIFAR layers at about 2.4 GFLOP/s (Eigen: about 20-55), and its element-wise fusions make
+    # BatchNorm and ReLU about 1.5x cheaper than XLA's own loops.
+    "ynn_no_conv": "--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce,eltwise",
+    # YNNPACK off altogether.
+    "no_ynn": "--xla_cpu_experimental_ynn_fusion_type=",
+    # Tried, not kept (PERFORMANCE.md): no XNNPACK or oneDNN fusion forms on these networks.
+    "xnn_greedy": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+    "onednn": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true",
+}
+# The configuration configure_cpu() applies.
+FAST = "ynn_no_conv"
+CPU_PRESETS = {**CPU_PRESETS, "fast": CPU_PRESETS[FAST]}
+
+
+def flag_name(flag: str) -> str:
+    """'--xla_foo=bar' -> 'xla_foo'."""
+    return flag.lstrip("-").split("=", 1)[0]
+
+
+def merge_flags(existing: str, extra: str) -> str:
+    """`existing` with each flag of `extra` appended unless `existing` already names it."""
+    have = {flag_name(f) for f in existing.split()}
+    added = [f for f in extra.split() if flag_name(f) not in have]
+    return " ".join(existing.split() + added)
+
+
+def resolve(config: str) -> str:
+    """The XLA_FLAGS string of a preset name, or `config` itself if it is a flag string."""
+    if config in CPU_PRESETS:
+        return CPU_PRESETS[config]
+    if config.strip() == "" or config.lstrip().startswith("--"):
+        return config.strip()
+    raise ValueError(f"unknown XLA configuration {config!r}: give a preset name ({', '.join(CPU_PRESETS)}) "
+                     "or a flag string starting with '--', e.g. '--xla_cpu_use_onednn=true'")
+
+
+def enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """False when the environment switch CNNJAX_CPU_FAST is 0/false/no/off."""
+    value = (os.environ if environ is None else environ).get(ENV_SWITCH, "1").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value in ("", "1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{ENV_SWITCH}={value!r}: use 1 (the CPU fast path, default) or 0 (XLA's own defaults)")
+
+
+def _backend_started() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # a JAX without this private helper: assume not started
+        return False
+
+
+def configure_cpu(config: str = FAST, *, environ: dict[str, str] | None = None) -> str:
+    """Adds the CPU fast-path flags to XLA_FLAGS (before JAX initialises its backend).
+
+    Args:
+      config: a CPU_PRESETS name or an XLA flag string (default: the measured winner).
+      environ: the environment to change (os.environ by default; tests pass a dict).
+
+    Returns:
+      The resulting XLA_FLAGS ('' changes nothing). Does nothing when CNNJAX_CPU_FAST=0; flags
+      the user already set keep the user's value. Warns, and changes nothing, when a JAX backend
+      is already running (the flags would be ignored).
+    """
+    env = os.environ if environ is None else environ
+    current = env.get("XLA_FLAGS", "")
+    if not enabled(env):
+        return current
+    merged = merge_flags(current, resolve(config))
+    if merged == current:
+        return current
+    if environ is None and _backend_started():
+        warnings.warn("cnnjax.xla_flags.configure_cpu() was called after JAX initialised its backend; "
+                      "the CPU flags are ignored. Call it before the first JAX computation.", stacklevel=2)
+        return current
+    env["XLA_FLAGS"] = merged
+    return merged

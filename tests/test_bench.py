@@ -1,0 +1,278 @@
+"""cnnjax.bench and cnnjax.xla_flags: flag handling, the reference twins, numerics under the CPU
+fast path, and one small side-by-side run. No timing is asserted (the machine is shared)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax import bench, cli, models, xla_flags
+from cnnjax.models.resnet import cifar_resnet
+
+YNN = "--xla_cpu_experimental_ynn_fusion_type"
+
+
+# --------------------------------------------------------------------------- xla_flags
+
+
+def test_merge_flags_keeps_the_users_value_and_adds_the_rest():
+    merged = xla_flags.merge_flags("--xla_a=1 --xla_b=2", "--xla_a=3 --xla_c=4")
+    assert merged.split() == ["--xla_a=1", "--xla_b=2", "--xla_c=4"]
+    assert xla_flags.merge_flags("", "") == ""
+
+
+def test_configure_cpu_sets_the_fast_flags_once():
+    env: dict[str, str] = {}
+    flags = xla_flags.configure_cpu(environ=env)
+    assert env["XLA_FLAGS"] == flags == xla_flags.CPU_PRESETS["fast"]
+    assert f"{YNN}=individual_dot,reduce,eltwise" in flags.split()
+    assert xla_flags.configure_cpu(environ=env) == flags  # idempotent: no duplicate flags
+
+
+def test_configure_cpu_respects_the_user_and_the_switch():
+    mine = f"--xla_force_host_platform_device_count=4 {YNN}="
+    user = {"XLA_FLAGS": mine}
+    assert xla_flags.configure_cpu(environ=user) == user["XLA_FLAGS"] == mine
+    other = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    assert xla_flags.configure_cpu(environ=other).split() == ["--xla_force_host_platform_device_count=4",
+                                                               f"{YNN}=individual_dot,reduce,eltwise"]
+    off = {"CNNJAX_CPU_FAST": "0"}
+    assert xla_flags.configure_cpu(environ=off) == "" and "XLA_FLAGS" not in off
+    with pytest.raises(ValueError, match="CNNJAX_CPU_FAST='maybe'"):
+        xla_flags.configure_cpu(environ={"CNNJAX_CPU_FAST": "maybe"})
+
+
+def test_configure_cpu_warns_once_jax_has_started(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("CNNJAX_CPU_FAST", raising=False)
+    jax.devices()  # the backend is running: new flags would be ignored
+    with pytest.warns(UserWarning, match="after JAX initialised its backend"):
+        assert xla_flags.configure_cpu() == ""
+    assert "XLA_FLAGS" not in os.environ
+
+
+def test_resolve_presets_and_flag_strings():
+    assert xla_flags.resolve("default") == ""
+    assert xla_flags.resolve("no_ynn") == f"{YNN}="
+    assert xla_flags.resolve(" --xla_cpu_use_onednn=true ") == "--xla_cpu_use_onednn=true"
+    with pytest.raises(ValueError, match="unknown XLA configuration 'fastest'.*default"):
+        xla_flags.resolve("fastest")
+
+
+def test_worker_flags_drop_inherited_preset_flags_only():
+    inherited = f"--xla_force_host_platform_device_count=2 {YNN}=individual_dot,reduce,eltwise"
+    assert bench.worker_xla_flags("default", inherited) == "--xla_force_host_platform_device_count=2"
+    no_ynn = bench.worker_xla_flags("no_ynn", inherited).split()
+    assert no_ynn == [f"{YNN}=", "--xla_force_host_platform_device_count=2"]
+
+
+# --------------------------------------------------------------------------- specs and twins
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(impl="tf"), "impl='tf'"),
+    (dict(dtype="float16"), "dtype='float16'"),
+    (dict(impl="flax", model="resnet50"), "model='resnet50'.*CIFAR"),
+    (dict(impl="torch-cl", model="vgg16"), "model='vgg16'"),
+    (dict(impl="flax", scan_blocks=True), "scan_blocks"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(threads=-1), "threads"),
+    (dict(xla="bogus"), "unknown XLA configuration"),
+])
+def test_spec_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bench.Spec(**kwargs).validate()
+
+
+def test_cli_reports_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--model", "resnet50", "--impl", "flax"])
+    assert e.value.code == 2
+    assert "model='resnet50'" in capsys.readouterr().err
+
+
+def _init(model, x):
+    # Jitted, with an rbg key: eager or threefry initialisation compiles 5-10x longer on CPU.
+    return jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(2, impl="rbg"))
+
+
+def test_flax_twin_has_the_cnnjax_layout_and_computes_the_same_function():
+    shapes = lambda m: jax.tree.map(lambda a: a.shape, jax.eval_shape(  # noqa: E731
+        lambda: m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)))
+    assert shapes(bench.flax_cifar_resnet(20)) == shapes(models.create("resnet20"))
+    assert shapes(bench.flax_cifar_resnet(20, plain=True)) == shapes(models.create("plain20"))
+
+    ours, twin = cifar_resnet(8), bench.flax_cifar_resnet(8)
+    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+    v = _init(ours, x)
+    v = {"params": v["params"], "batch_stats": jax.tree.map(lambda a: a + 0.1, v["batch_stats"])}
+    both = jax.jit(lambda m, v, x: (m.apply(v, x, train=False), m.apply(v, x, train=True, mutable=["batch_stats"])),
+                   static_argnums=0)
+    e1, (y1, u1) = both(ours, v, x)
+    e2, (y2, u2) = both(twin, v, x)
+    np.testing.assert_allclose(e2, e1, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y2, y1, rtol=1e-4, atol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), u1, u2)
+
+
+def test_torch_twin_has_the_same_parameters_and_outputs():
+    torch = pytest.importorskip("torch")
+    assert sum(p.numel() for p in bench.torch_cifar_resnet(20).parameters()) == 269_722
+    assert sum(p.numel() for p in bench.torch_cifar_resnet(20, plain=True).parameters()) == 269_722
+
+    ours, net = cifar_resnet(8), bench.torch_cifar_resnet(8)
+    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+    v = _init(ours, x)
+    p, s = v["params"], jax.tree.map(lambda a: a + 0.1, v["batch_stats"])
+    t = lambda a: torch.from_numpy(np.asarray(a).copy())  # noqa: E731
+
+    def load(conv, bn, name, block=None):
+        src_p, src_s = (p, s) if block is None else (p[block], s[block])
+        conv.weight.data = t(np.transpose(src_p[name[0]]["kernel"], (3, 2, 0, 1)))
+        bn.weight.data, bn.bias.data = t(src_p[name[1]]["scale"]), t(src_p[name[1]]["bias"])
+        bn.running_mean.data, bn.running_var.data = t(src_s[name[1]]["mean"]), t(src_s[name[1]]["var"])
+
+    load(net[0], net[1], ("stem_conv", "stem_bn"))
+    for i, block in enumerate(("stage1_block1", "stage2_block1", "stage3_block1")):
+        load(net[3 + i].conv1, net[3 + i].bn1, ("conv1", "bn1"), block)
+        load(net[3 + i].conv2, net[3 + i].bn2, ("conv2", "bn2"), block)
+    net[8].weight.data, net[8].bias.data = t(p["fc"]["kernel"].T), t(p["fc"]["bias"])
+    net.eval()
+    with torch.no_grad():
+        out = net(t(np.transpose(x, (0, 3, 1, 2)))).numpy()
+    np.testing.assert_allclose(out, ours.apply({"params": p, "batch_stats": s}, x, train=False), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- numerics under each XLA configuration
+
+_PROBE = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np, optax
+from cnnjax import functional as F
+from cnnjax.models.resnet import cifar_resnet
+from cnnjax.train import create_train_state, make_train_step
+
+rng = np.random.default_rng(0)
+x = rng.standard_normal((2, 9, 9, 3)).astype(np.float32)
+w = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+out = {}
+for s in (1, 2):
+    f = lambda x, w: F.conv2d(x, w, stride=s, padding=1)
+    y, vjp = jax.vjp(jax.jit(f), x, w)
+    gx, gw = vjp(jnp.ones_like(y))
+    out[f"conv{s}"] = [np.asarray(a).tolist() for a in (y, gx, gw)]
+
+model, tx = cifar_resnet(8), optax.sgd(0.1, momentum=0.9)
+state = create_train_state(jax.random.key(0, impl="rbg"), model, tx, (32, 32, 3))
+batch = {"image": jax.random.normal(jax.random.key(1), (8, 32, 32, 3)), "label": jnp.arange(8) % 10}
+step = jax.jit(make_train_step(model, tx, lambda s: 0.1, axis_name=None, rng_impl="rbg")).lower(state, batch).compile()
+for _ in range(2):
+    state, metrics = step(state, batch)
+out["loss"] = float(metrics["loss"])
+out["params"] = np.concatenate([np.ravel(a) for a in jax.tree.leaves(state.params)]).tolist()
+out["stats"] = np.concatenate([np.ravel(a) for a in jax.tree.leaves(state.batch_stats)]).tolist()
+# The filter gradient of a 32x32x16 layer: the convolution YNNPACK took in XLA's defaults.
+conv = lambda x, w: F.conv2d(x, w, padding=1)
+gw = jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
+a = jax.ShapeDtypeStruct((8, 32, 32, 16), jnp.float32)
+hlo = gw.lower(a, jax.ShapeDtypeStruct((3, 3, 16, 16), jnp.float32), a).compile().as_text()
+out["ynn_conv"] = "__ynn_fusion" in hlo
+out["ynn_fusions"] = step.as_text().count('"__ynn_fusion"')
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _numpy_conv(x, w, s, p):
+    """out[n,i,j,o] = sum_{a,b,c} xpad[n, i*s+a, j*s+b, c] w[a,b,c,o] and its gradients for dy = 1."""
+    xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0))).astype(np.float64)
+    kh, kw = w.shape[:2]
+    ho, wo = (xp.shape[1] - kh) // s + 1, (xp.shape[2] - kw) // s + 1
+    y = np.zeros((x.shape[0], ho, wo, w.shape[3]))
+    gxp, gw = np.zeros_like(xp), np.zeros(w.shape)
+    for i in range(ho):
+        for j in range(wo):
+            patch = xp[:, i * s:i * s + kh, j * s:j * s + kw, :]
+            y[:, i, j] = np.einsum("nabc,abco->no", patch, w)
+            gw += patch.sum(0)[..., None]
+            gxp[:, i * s:i * s + kh, j * s:j * s + kw, :] += w.sum(-1)
+    return y, gxp[:, p:-p, p:-p, :], gw
+
+
+@pytest.fixture(scope="module")
+def probes():
+    procs = {}
+    for config in ("fast", "default"):  # side by side: two processes, two cores
+        env = dict(os.environ, XLA_FLAGS=xla_flags.resolve(config), CNNJAX_CPU_FAST="0", JAX_PLATFORMS="cpu")
+        procs[config] = subprocess.Popen([sys.executable, "-c", _PROBE], env=env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)
+    out = {}
+    for config, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        out[config] = json.loads(next(l for l in stdout.splitlines() if l.startswith("RESULT "))[7:])
+    return out
+
+
+@pytest.mark.parametrize("config", ["fast", "default"])
+def test_conv_matches_numpy_under_each_configuration(probes, config):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 9, 9, 3)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+    for s in (1, 2):
+        for got, want in zip(probes[config][f"conv{s}"], _numpy_conv(x, w, s, 1)):
+            np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-4)
+
+
+def test_fast_path_trains_like_xla_defaults(probes):
+    fast, default = probes["fast"], probes["default"]
+    assert fast["ynn_fusions"] > 0, "the fast flags did not take effect (no YNNPACK fusion formed)"
+    assert not fast["ynn_conv"], "a convolution went to YNNPACK under the fast flags"
+    assert np.isfinite(fast["loss"])
+    np.testing.assert_allclose(fast["loss"], default["loss"], rtol=1e-5)
+    np.testing.assert_allclose(fast["params"], default["params"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fast["stats"], default["stats"], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- a small side-by-side run
+
+
+def test_run_side_by_side():
+    specs = [bench.Spec("cnnjax", "lenet5", batch_size=4, xla="fast"),
+             bench.Spec("cnnjax", "lenet5", batch_size=4, xla="default")]
+    result = bench.run(specs, rounds=2, steps=1, matmul_n=64, log=None)
+    assert [w["label"] for w in result["workers"]] == ["cnnjax[fast]", "cnnjax[default]"]
+    ref, other = result["workers"]
+    assert ref["ratio"]["train"]["median"] == 1.0 == ref["ratio"]["eval"]["median"]
+    macs = 28 * 28 * 5 * 5 * 1 * 20 + 14 * 14 * 5 * 5 * 20 * 50 + 2450 * 500 + 500 * 10  # the lecture's LeNet-5
+    for w in result["workers"]:
+        assert w["macs_per_image"] == macs
+        for mode, factor in (("train", 6), ("eval", 2)):
+            r = w["modes"][mode]
+            assert len(r["per_round"]) == 2 and r["images_per_s"] == pytest.approx(np.median(r["per_round"]))
+            assert r["gflops"] == pytest.approx(r["images_per_s"] * factor * macs / 1e9)
+        assert w["peak_rss_mib"] > 0 and w["matmul_gflops"] > 0 and w["compile_train_s"] > 0
+    assert ref["xla_flags"] == xla_flags.CPU_PRESETS["fast"] and other["xla_flags"] == ""
+    # The ratio is taken round by round (same load), then the median.
+    per_round = [b / a for a, b in zip(ref["modes"]["train"]["per_round"], other["modes"]["train"]["per_round"])]
+    assert other["ratio"]["train"]["median"] == pytest.approx(np.median(per_round))
+    report = bench.format_report(result)
+    assert all(s.label in report for s in specs) and "matmul ceiling" in report
+
+
+@pytest.mark.slow
+def test_torch_runner_steps_and_matmul():
+    torch = pytest.importorskip("torch")
+    runner = bench._TorchRunner(bench.Spec("torch-cl", "resnet20", batch_size=2))
+    before = [p.detach().clone() for p in runner.net.parameters()]
+    runner.step("train", 1)
+    assert any(not torch.equal(a, b) for a, b in zip(before, runner.net.parameters()))
+    assert runner.x.is_contiguous(memory_format=torch.channels_last)
+    runner.step("eval", 1)
+    assert not runner.net.training and runner.matmul(32, 1) > 0
