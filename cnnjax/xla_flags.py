@@ -20,6 +20,9 @@ This module imports nothing from JAX, so importing it never initialises a backen
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import mmap
 import os
 import sys
 import warnings
@@ -81,6 +84,24 @@ def enabled(environ: Mapping[str, str] | None = None) -> bool:
     raise ValueError(f"{ENV_SWITCH}={value!r}: use 1 (the CPU fast path, default) or 0 (XLA's own defaults)")
 
 
+@functools.lru_cache(maxsize=None)
+def jaxlib_knows(name: str) -> bool:
+    """Whether the installed jaxlib defines the XLA flag `name` (its binary contains the name).
+
+    XLA aborts the process on an unknown flag in XLA_FLAGS, so flags from another jaxlib
+    version must not be passed blindly. Searches the shared library without importing JAX.
+    """
+    spec = importlib.util.find_spec("jaxlib")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, "libjax_common.so")
+        if os.path.exists(path):
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                return m.find(name.encode()) >= 0
+    return False
+
+
 def _backend_started() -> bool:
     if "jax" not in sys.modules:
         return False
@@ -100,15 +121,21 @@ def configure_cpu(config: str = FAST, *, environ: dict[str, str] | None = None) 
       environ: the environment to change (os.environ by default; tests pass a dict).
 
     Returns:
-      The resulting XLA_FLAGS ('' changes nothing). Does nothing when CNNJAX_CPU_FAST=0; flags
-      the user already set keep the user's value. Warns, and changes nothing, when a JAX backend
-      is already running (the flags would be ignored).
+      The resulting XLA_FLAGS. Does nothing when CNNJAX_CPU_FAST=0; flags the user already set
+      keep the user's value; flags the installed jaxlib does not define are left out, with a
+      warning (XLA would abort on them). Warns, and changes nothing, when a JAX backend is
+      already running (the flags would be ignored).
     """
     env = os.environ if environ is None else environ
     current = env.get("XLA_FLAGS", "")
     if not enabled(env):
         return current
-    merged = merge_flags(current, resolve(config))
+    flags = resolve(config).split()
+    unknown = [f for f in flags if not jaxlib_knows(flag_name(f))]
+    if unknown:
+        warnings.warn(f"the installed jaxlib does not know {unknown}: not set (re-measure the CPU fast path "
+                      "for this jaxlib, see experiments/results/PERFORMANCE.md)", stacklevel=2)
+    merged = merge_flags(current, " ".join(f for f in flags if f not in unknown))
     if merged == current:
         return current
     if environ is None and _backend_started():

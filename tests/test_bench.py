@@ -49,6 +49,15 @@ def test_configure_cpu_respects_the_user_and_the_switch():
         xla_flags.configure_cpu(environ={"CNNJAX_CPU_FAST": "maybe"})
 
 
+def test_flags_unknown_to_this_jaxlib_are_left_out():
+    assert xla_flags.jaxlib_knows("xla_cpu_experimental_ynn_fusion_type")
+    assert not xla_flags.jaxlib_knows("xla_cpu_no_such_flag_in_any_version")
+    env: dict[str, str] = {}
+    with pytest.warns(UserWarning, match="does not know.*xla_cpu_no_such_flag"):
+        flags = xla_flags.configure_cpu("--xla_cpu_no_such_flag=1 --xla_cpu_enable_fast_math=false", environ=env)
+    assert flags == env["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+
+
 def test_configure_cpu_warns_once_jax_has_started(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     monkeypatch.delenv("CNNJAX_CPU_FAST", raising=False)
