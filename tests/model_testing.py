@@ -1,5 +1,7 @@
 """Helpers shared by the model tests: abstract initialisation and NumPy-filled variables."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +16,23 @@ def abstract(model, input_shape, batch=2):
     return jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False), x)
 
 
+def abstract_variables(model, shape, batch=2, train=False):
+    """model.init's variables as ShapeDtypeStructs for a (batch, *shape) float32 input."""
+    x = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
+    return jax.eval_shape(partial(model.init, train=train), KEY, x)
+
+
+def abstract_apply(model, shape, batch=2, train=False, **kwargs):
+    """Shapes of model.apply's outputs (and intermediates with capture_intermediates=True)."""
+    x = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
+    variables = jax.eval_shape(partial(model.init, train=False), KEY, x)
+    return jax.eval_shape(partial(model.apply, train=train, rngs={"dropout": KEY}, **kwargs), variables, x)
+
 
 def normal(seed, shape):
     """Standard-normal test data from NumPy (jax.random would compile a kernel per shape)."""
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
 
 def n_params(tree) -> int:
     return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
@@ -46,3 +61,38 @@ def numpy_variables(model, x_shape, seed=0, *, random_bn=False, init_args=None):
         return jnp.ones(a.shape, jnp.float32) if ("scale" in name or "var" in name) else jnp.zeros(a.shape, jnp.float32)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def fan_in_variables(model, x, seed=0, **init_kwargs):
+    """Variables of `model` filled from NumPy (He fan-in kernels, zero biases, unit BN scale and
+    variance), skipping the slow-to-compile PRNG of `model.init`; structure and shapes are init's."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(partial(model.init, **init_kwargs), KEY, x)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return jnp.asarray(rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape), leaf.dtype)
+        return jnp.ones(leaf.shape, leaf.dtype) if name in ("scale", "var") else jnp.zeros(leaf.shape, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def jittered_variables(model, *args, seed=0, **kwargs):
+    """Variables of the model's structure filled from NumPy with every parameter non-trivial: He
+    fan-in kernels, biases and BN betas ~ N(0, 0.1^2), BN gammas ~ 1 + N(0, 0.1^2); BN statistics
+    mean 0, variance 1 (the initialisers are not under test; compiling them costs seconds per shape)."""
+    abstract = jax.eval_shape(lambda *a: model.init(KEY, *a, **kwargs), *args)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, a):
+        leaf = jax.tree_util.keystr(path)
+        if "batch_stats" in leaf:
+            return jnp.zeros(a.shape) if "mean" in leaf else jnp.ones(a.shape)
+        if "scale" in leaf:
+            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(a.shape), jnp.float32)
+        std = 0.1 if a.ndim == 1 else np.sqrt(2.0 / np.prod(a.shape[:-1]))
+        return jnp.asarray(std * rng.standard_normal(a.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)

@@ -15,8 +15,8 @@ import pytest
 from cnnjax.models import create, get_spec, list_models
 from cnnjax.models.alexnet import ALEXNET_CONFIGS, feature_map_sizes
 from cnnjax.models.vgg import VGG_CONFIGS
+from model_testing import KEY, abstract_apply, abstract_variables, fan_in_variables, n_params, normal
 
-KEY = jax.random.key(0)
 
 # Published / reference-implementation counts (1000 classes for ImageNet nets), exact:
 EXACT_PARAMS = {
@@ -32,43 +32,6 @@ EXACT_PARAMS = {
     "vgg16": 138_357_544, "vgg16_bn": 138_365_992,
     "vgg19": 143_667_240, "vgg19_bn": 143_678_248,
 }
-
-
-def abstract_variables(model, shape, batch=2, train=False):
-    x = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
-    return jax.eval_shape(partial(model.init, train=train), KEY, x)
-
-
-def abstract_apply(model, shape, batch=2, train=False, **kwargs):
-    """Shapes of model.apply's outputs (and intermediates with capture_intermediates=True)."""
-    x = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
-    variables = jax.eval_shape(partial(model.init, train=False), KEY, x)
-    return jax.eval_shape(partial(model.apply, train=train, rngs={"dropout": KEY}, **kwargs), variables, x)
-
-
-def numpy_variables(model, x, seed=0, **init_kwargs):
-    """Variables of `model` filled from NumPy (He-scaled kernels, zero biases, unit BN), skipping the
-    slow-to-compile PRNG of `model.init`; the structure and shapes are those of model.init."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(partial(model.init, **init_kwargs), KEY, x)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return jnp.asarray(rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape), leaf.dtype)
-        return jnp.ones(leaf.shape, leaf.dtype) if name in ("scale", "var") else jnp.zeros(leaf.shape, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def randn(seed, shape):
-    """Standard normal test input from NumPy (jax.random would add a PRNG compile to every test)."""
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def n_params(tree) -> int:
-    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
 
 
 def test_every_classic_model_is_registered_with_its_reference():
@@ -173,8 +136,8 @@ def _lrn_reference(a, size, alpha, beta, k):
 def test_alexnet_lrn_is_the_paper_formula():
     # Small FC layers keep this cheap; the LRN sits between conv1's ReLU and pool1.
     model = create("alexnet", hidden=8, num_classes=3)
-    x = 30.0 * randn(1, (1, 67, 67, 3))  # large inputs so alpha matters
-    variables = numpy_variables(model, x, train=False)
+    x = 30.0 * normal(1, (1, 67, 67, 3))  # large inputs so alpha matters
+    variables = fan_in_variables(model, x, train=False)
     _, state = jax.jit(partial(model.apply, train=False, capture_intermediates=True, mutable=["intermediates"]))(
         variables, x)
     a = np.maximum(np.asarray(state["intermediates"]["conv1"]["__call__"][0]), 0.0)
@@ -187,8 +150,8 @@ def test_alexnet_lrn_is_the_paper_formula():
 
 def test_alexnet_dropout_only_in_training():
     model = create("alexnet_torchvision", hidden=32, num_classes=5)
-    x = randn(3, (2, 63, 63, 3))
-    variables = numpy_variables(model, x, train=False)
+    x = normal(3, (2, 63, 63, 3))
+    variables = fan_in_variables(model, x, train=False)
     apply = jax.jit(model.apply, static_argnames="train")
     eval_out = apply(variables, x, train=False)
     np.testing.assert_array_equal(np.asarray(eval_out), np.asarray(apply(variables, x, train=False)))
@@ -234,7 +197,7 @@ def test_wrong_channels_or_rank_raise(name):
 
 
 def _train_step_check(model, x, labels):
-    variables = numpy_variables(model, x, train=False)
+    variables = fan_in_variables(model, x, train=False)
     params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
     def loss_fn(p):
@@ -251,13 +214,13 @@ def _train_step_check(model, x, labels):
 
 @pytest.mark.parametrize("name,shape", [("lenet5", (28, 28, 1)), ("mlp", (32, 32, 3)), ("linear", (32, 32, 3))])
 def test_forward_backward_small_models(name, shape):
-    x = randn(1, (2, *shape))
+    x = normal(1, (2, *shape))
     _train_step_check(create(name), x, jnp.array([3, 7]))
 
 
 @pytest.mark.slow
 def test_forward_backward_vgg11_bn_at_32():
-    x = randn(1, (2, 32, 32, 3))
+    x = normal(1, (2, 32, 32, 3))
     state, updates = _train_step_check(create("vgg11_bn", num_classes=10), x, jnp.array([3, 7]))
     before, after = state["batch_stats"]["bn1_1"]["mean"], updates["batch_stats"]["bn1_1"]["mean"]
     assert not np.allclose(np.asarray(before), np.asarray(after))

@@ -11,6 +11,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from cnnjax import models
+from model_testing import jittered_variables, n_params
 from cnnjax.analysis import summary
 from cnnjax.models.dpn import DPN, DPN_CONFIGS, DualPathBlock
 from cnnjax.nn import BatchNorm, Conv
@@ -33,28 +34,6 @@ def _abstract(name, batch=2, size=None, **overrides):
     return jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False), x)
 
 
-def _count(tree):
-    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
-
-
-def _random_variables(model, *args, seed=0, **kwargs):
-    """Variables of the model's structure filled from NumPy (the initialisers are not under test;
-    compiling them costs seconds per shape on CPU)."""
-    abstract = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a, **kwargs), *args)
-    rng = np.random.default_rng(seed)
-
-    def fill(path, a):
-        leaf = jax.tree_util.keystr(path)
-        if "batch_stats" in leaf:
-            return jnp.zeros(a.shape) if "mean" in leaf else jnp.ones(a.shape)
-        if "scale" in leaf:
-            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(a.shape), jnp.float32)
-        std = 0.1 if a.ndim == 1 else np.sqrt(2.0 / np.prod(a.shape[:-1]))
-        return jnp.asarray(std * rng.standard_normal(a.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract)
-
-
 def test_every_dpn_is_tested():
     assert set(models.list_models("dpn*")) == set(COUNTS)
 
@@ -63,7 +42,7 @@ def test_every_dpn_is_tested():
 def test_param_count_and_output_shape(name):
     spec = models.get_spec(name)
     logits, variables = _abstract(name)
-    assert _count(variables["params"]) == COUNTS[name] == spec.reference_params and spec.params_rtol == 0.0
+    assert n_params(variables["params"]) == COUNTS[name] == spec.reference_params and spec.params_rtol == 0.0
     assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
     p = flatten_dict(variables["params"], sep="/")
     # Both nets end with 2048 residual + 3 * 128 dense channels = 2688 (the port's `in_chs`).
@@ -106,7 +85,7 @@ def test_dual_path_block_adds_the_residual_path_and_extends_the_dense_path():
     rng = np.random.default_rng(0)
     resid = jnp.asarray(rng.standard_normal((2, 5, 5, 6)), jnp.float32)
     dense = jnp.asarray(rng.standard_normal((2, 5, 5, 4)), jnp.float32)
-    variables = _random_variables(block, (resid, dense))
+    variables = jittered_variables(block, (resid, dense))
     apply = jax.jit(block.apply)
     r_out, d_out = apply(variables, (resid, dense))
     assert r_out.shape == (2, 5, 5, 6) and d_out.shape == (2, 5, 5, 7)
@@ -131,7 +110,7 @@ def test_tiny_dpn_trains_one_step():
     model = _tiny()
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 16, 16, 3)), jnp.float32)
     y = jnp.array([0, 2])
-    variables = _random_variables(model, x, train=False)
+    variables = jittered_variables(model, x, train=False)
 
     @jax.jit
     def step(params):
@@ -171,7 +150,7 @@ def test_tiny_resolution_and_bfloat16():
 def test_dpn92_forward_backward_at_32():
     model = models.create("dpn92", num_classes=4)
     x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 32, 32, 3)), jnp.float32)
-    variables = _random_variables(model, x, train=False)
+    variables = jittered_variables(model, x, train=False)
 
     @jax.jit
     def grads(params):

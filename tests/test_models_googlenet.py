@@ -15,49 +15,14 @@ import pytest
 from cnnjax import functional as F
 from cnnjax.models import create, get_spec
 from cnnjax.models.googlenet import GOOGLENET_MODULES, BNInceptionModule, InceptionModule
+from model_testing import KEY, abstract_apply, abstract_variables, fan_in_variables, n_params, normal
 from cnnjax.nn import BatchNorm, Conv
 
-KEY = jax.random.key(0)
-
-
-def abstract_variables(model, shape, batch=2, train=False):
-    return jax.eval_shape(partial(model.init, train=train), KEY, jax.ShapeDtypeStruct((batch, *shape), jnp.float32))
-
-
-def abstract_apply(model, shape, batch=2, train=False, **kwargs):
-    x = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
-    variables = jax.eval_shape(partial(model.init, train=False), KEY, x)
-    return jax.eval_shape(partial(model.apply, train=train, rngs={"dropout": KEY}, **kwargs), variables, x)
 
 
 def intermediate_shapes(model, shape):
     _, state = abstract_apply(model, shape, capture_intermediates=True, mutable=["intermediates"])
     return {k: v["__call__"][0].shape for k, v in state["intermediates"].items() if k != "__call__"}
-
-
-def numpy_variables(model, x, seed=0, **init_kwargs):
-    """Variables of `model` filled from NumPy (He-scaled kernels, zero biases, unit BN), skipping the
-    slow-to-compile PRNG of `model.init`; the structure and shapes are those of model.init."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(partial(model.init, **init_kwargs), KEY, x)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return jnp.asarray(rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape), leaf.dtype)
-        return jnp.ones(leaf.shape, leaf.dtype) if name in ("scale", "var") else jnp.zeros(leaf.shape, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def randn(seed, shape):
-    """Standard normal test input from NumPy (jax.random would add a PRNG compile to every test)."""
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def n_params(tree) -> int:
-    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
 
 
 # ----------------------------------------------------------------------------- Table 1, from definitions
@@ -250,9 +215,9 @@ def test_lecture_module_naive_vs_reduced():
 
 
 def test_naive_module_passes_the_pooled_input_through():
-    x = randn(1, (2, 6, 6, 8))
+    x = normal(1, (2, 6, 6, 8))
     module = InceptionModule(b1x1=4, b3x3=5, b5x5=3, block="naive")
-    y = jax.jit(module.apply)(numpy_variables(module, x), x)
+    y = jax.jit(module.apply)(fan_in_variables(module, x), x)
     assert y.shape == (2, 6, 6, 4 + 5 + 3 + 8)
     np.testing.assert_array_equal(np.asarray(y[..., 12:]), np.asarray(F.max_pool(x, 3, 1, 1)))
     with pytest.raises(ValueError, match="positive filter counts"):
@@ -260,9 +225,9 @@ def test_naive_module_passes_the_pooled_input_through():
 
 
 def test_inception_module_forward_backward():
-    x = randn(2, (2, 5, 5, 6))
+    x = normal(2, (2, 5, 5, 6))
     module = InceptionModule(4, 3, 5, 2, 3, 2)
-    variables = numpy_variables(module, x)
+    variables = fan_in_variables(module, x)
     y = jax.jit(module.apply)(variables, x)
     # Differentiate with respect to the input too: its gradient flows back through the max pool.
     loss, grads = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(module.apply({"params": p}, x) ** 2),
@@ -298,8 +263,8 @@ def test_bn_inception_stride2_module_pool_is_caffe_ceil_mode():
     norm = partial(BatchNorm, use_running_average=False)
     module = BNInceptionModule(0, 4, 5, 3, 6, "max", 0, 2, conv=Conv, norm=norm, act=jax.nn.relu)
     for side in (8, 7):
-        x = randn(side, (2, side, side, 3))
-        y, _ = jax.jit(partial(module.apply, mutable=["batch_stats"]))(numpy_variables(module, x), x)
+        x = normal(side, (2, side, side, 3))
+        y, _ = jax.jit(partial(module.apply, mutable=["batch_stats"]))(fan_in_variables(module, x), x)
         half = -(-side // 2)
         assert y.shape == (2, half, half, 5 + 6 + 3)  # every branch agrees, odd sides included
         if side % 2 == 0:
@@ -319,7 +284,7 @@ def test_bn_inception_input_validation():
 # ----------------------------------------------------------------------------- whole networks, real passes
 
 def _train_step(model, x, labels):
-    variables = numpy_variables(model, x, train=False)
+    variables = fan_in_variables(model, x, train=False)
     params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
     def loss_fn(p):
@@ -339,14 +304,14 @@ def _train_step(model, x, labels):
 
 @pytest.mark.slow
 def test_googlenet_forward_backward_at_47():
-    _train_step(create("googlenet", num_classes=10), randn(1, (2, 47, 47, 3)),
+    _train_step(create("googlenet", num_classes=10), normal(1, (2, 47, 47, 3)),
                 jnp.array([1, 2]))
 
 
 @pytest.mark.slow
 def test_googlenet_torchvision_with_aux_forward_backward_at_79():
     state, updates = _train_step(create("googlenet_torchvision", aux_logits=True, num_classes=10),
-                                 randn(1, (2, 79, 79, 3)), jnp.array([1, 2]))
+                                 normal(1, (2, 79, 79, 3)), jnp.array([1, 2]))
     assert not np.allclose(np.asarray(state["batch_stats"]["aux1"]["conv_bn"]["mean"]),
                            np.asarray(updates["batch_stats"]["aux1"]["conv_bn"]["mean"]))
 
@@ -354,6 +319,6 @@ def test_googlenet_torchvision_with_aux_forward_backward_at_79():
 @pytest.mark.slow
 def test_bn_inception_forward_backward_at_32():
     state, updates = _train_step(create("bn_inception", num_classes=10),
-                                 randn(1, (2, 32, 32, 3)), jnp.array([1, 2]))
+                                 normal(1, (2, 32, 32, 3)), jnp.array([1, 2]))
     assert not np.allclose(np.asarray(state["batch_stats"]["conv1_bn"]["mean"]),
                            np.asarray(updates["batch_stats"]["conv1_bn"]["mean"]))

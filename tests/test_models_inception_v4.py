@@ -11,6 +11,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from cnnjax import models
+from model_testing import jittered_variables, n_params
 from cnnjax.analysis.receptive_field import receptive_field
 from cnnjax.models.inception_v4 import AVG, MAX, C, ConvBN, Fork, InceptionBlock, InceptionResNetV2, InceptionV4
 from cnnjax.nn import BatchNorm, Conv
@@ -41,28 +42,6 @@ def _abstract(name, size=None, **overrides):
                                                            capture_intermediates=capture), x)
 
 
-def _count(tree):
-    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
-
-
-def _random_variables(model, *args, seed=0, **kwargs):
-    """Variables of the model's structure filled from NumPy (the initialisers are not under test;
-    compiling them costs seconds per shape on CPU)."""
-    abstract = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a, **kwargs), *args)
-    rng = np.random.default_rng(seed)
-
-    def fill(path, a):
-        leaf = jax.tree_util.keystr(path)
-        if "batch_stats" in leaf:
-            return jnp.zeros(a.shape) if "mean" in leaf else jnp.ones(a.shape)
-        if "scale" in leaf:
-            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(a.shape), jnp.float32)
-        std = 0.1 if a.ndim == 1 else np.sqrt(2.0 / np.prod(a.shape[:-1]))
-        return jnp.asarray(std * rng.standard_normal(a.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract)
-
-
 def test_every_model_is_tested():
     assert {n for n in models.list_models() if models.get_spec(n).family == "inception_v4"} == set(COUNTS)
 
@@ -71,7 +50,7 @@ def test_every_model_is_tested():
 def test_param_count_output_and_feature_map_shapes(name):
     spec = models.get_spec(name)
     logits, variables = _abstract(name)
-    assert _count(variables["params"]) == COUNTS[name] == spec.reference_params and spec.params_rtol == 0.0
+    assert n_params(variables["params"]) == COUNTS[name] == spec.reference_params and spec.params_rtol == 0.0
     assert spec.input_shape == (299, 299, 3) and spec.num_classes == 1000
     assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
     captured = {k: v["__call__"][0].shape for k, v in variables["intermediates"].items()}
@@ -135,14 +114,14 @@ def test_branch_pools_and_concatenation_order_match_numpy():
     x = np.random.default_rng(0).standard_normal((2, 7, 7, 3)).astype(np.float32)
     # Mixed-3a-like: [3x3/2 max pool | 3x3/2 conv], then an average-pool branch (padding not counted).
     block = _block(((MAX,), (C(4, 3, 2),)))
-    y = block.apply(_random_variables(block, x), x)
+    y = block.apply(jittered_variables(block, x), x)
     assert y.shape == (2, 3, 3, 3 + 4)
     np.testing.assert_allclose(y[..., :3], _naive_pool(x, 3, 2, 0, np.nanmax), rtol=1e-6)
     avg = _block(((AVG,), (AVG,)))
     np.testing.assert_allclose(avg.apply({}, x), np.concatenate([_naive_pool(x, 3, 1, 1, np.nanmean)] * 2, -1),
                                rtol=1e-5, atol=1e-6)
     fork = _block(((C(2, 1), Fork((C(3, (1, 3), 1, (0, 1)),), (C(5, (3, 1), 1, (1, 0)),))),))
-    v = _random_variables(fork, x)
+    v = jittered_variables(fork, x)
     assert fork.apply(v, x).shape == (2, 7, 7, 8)
     assert set(v["params"]) == {"branch0_0", "branch0_1a_0", "branch0_1b_0"}
 
@@ -151,7 +130,7 @@ def test_residual_block_scales_the_projected_branches():
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 5, 5, 6)), jnp.float32)
     branches = ((C(4, 1),), (C(3, 1), C(4, 3, 1, 1)))
     linear = {s: _block(branches, residual_scale=s, activate=False) for s in (0.0, 0.17, 1.0)}
-    v = _random_variables(linear[1.0], x)
+    v = jittered_variables(linear[1.0], x)
     assert v["params"]["proj_conv"]["kernel"].shape == (1, 1, 8, 6)
     out = {s: m.apply(v, x) for s, m in linear.items()}
     np.testing.assert_array_equal(out[0.0], x)
@@ -165,7 +144,7 @@ def test_residual_block_forward_backward():
     block = block.clone(conv_bn=partial(ConvBN, conv=partial(Conv, use_bias=False),
                                         norm=partial(BatchNorm, use_running_average=False), act=jax.nn.relu))
     x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 5, 5, 6)), jnp.float32)
-    v = _random_variables(block, x)
+    v = jittered_variables(block, x)
 
     @jax.jit
     def grads(params):
@@ -188,7 +167,7 @@ def test_one_block_per_stage_trains_at_75(cls):
     model = cls(num_classes=3, num_blocks=(1, 1, 1))
     x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 75, 75, 3)), jnp.float32)
     y = jnp.array([0, 2])
-    v = _random_variables(model, x, train=False)
+    v = jittered_variables(model, x, train=False)
 
     @jax.jit
     def step(params, key):

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from cnnjax.models import create, get_spec
-from cnnjax.models.resnet import (CIFAR_PARAMS, STAGE_SIZES, TORCHVISION_PARAMS, BasicBlock, CifarResNet, ResNet,
+from cnnjax.models.resnet import (CIFAR_PARAMS, TORCHVISION_PARAMS, BasicBlock, CifarResNet, ResNet,
                                   cifar_resnet, scan_variables, unscan_variables, zero_pad_shortcut)
 from cnnjax.nn import BatchNorm, Conv
 
@@ -181,8 +181,8 @@ def test_v1_and_v1_5_same_params_different_strided_conv():
     shapes = {}
     for version in ("v1", "v1.5"):
         model = create("resnet50", version=version)
-        (_, state), v = jax.eval_shape(lambda x: (model.init_with_output(
-            KEY, x, train=False, capture_intermediates=lambda m, _: isinstance(m, Conv))), x), None
+        _, state = jax.eval_shape(lambda x: model.init_with_output(
+            KEY, x, train=False, capture_intermediates=lambda m, _: isinstance(m, Conv)), x)
         inter = state["intermediates"]["stage2_block1"]
         shapes[version] = (inter["conv1"]["__call__"][0].shape, inter["conv2"]["__call__"][0].shape,
                            jax.tree.map(lambda a: a.shape, state["params"]))

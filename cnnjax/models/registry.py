@@ -84,7 +84,7 @@ def create(name: str, **overrides: Any) -> nn.Module:
     kwargs = {"num_classes": spec.num_classes, **overrides}
     try:
         return spec.builder(**kwargs)
-    except TypeError as e:
+    except TypeError:
         fields = _fields_of(spec.builder)
         bad = sorted(set(kwargs) - fields) if fields else []
         if bad:
