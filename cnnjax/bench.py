@@ -34,6 +34,7 @@ from typing import Any
 from cnnjax import xla_flags
 
 IMPLS = ("cnnjax", "flax", "torch-cl", "torch-nchw")
+CONV_VJPS = ("auto", "canonical", "xla")  # cnnjax.functional's gradient paths
 MODES = ("train", "eval")
 DTYPES = ("float32", "bfloat16")
 _PREFIX = "@@bench "
@@ -52,6 +53,8 @@ class Spec:
       dtype: compute dtype; 'bfloat16' keeps float32 parameters and BN statistics (torch: autocast).
       xla: a `cnnjax.xla_flags.CPU_PRESETS` name or an XLA flag string (JAX workers only).
       scan_blocks: build the cnnjax ResNet with scanned blocks (compile-time option).
+      conv_vjp: cnnjax's convolution gradient path, `cnnjax.functional.CONV_VJP` ('auto',
+        'canonical' or 'xla'; cnnjax workers only).
       threads: pin the worker to this many cores (sched_setaffinity; torch also sets its intra-op
         threads, XLA sizes its pool from the affinity); 0 leaves both libraries' defaults.
     """
@@ -63,6 +66,7 @@ class Spec:
     xla: str = "fast"
     scan_blocks: bool = False
     threads: int = 0
+    conv_vjp: str = "auto"
 
     def validate(self) -> Spec:
         if self.impl not in IMPLS:
@@ -77,6 +81,10 @@ class Spec:
             cifar_depth(self.model)
             if self.scan_blocks:
                 raise ValueError(f"scan_blocks is a cnnjax model option; impl={self.impl!r} has none")
+            if self.conv_vjp != "auto":
+                raise ValueError(f"conv_vjp is a cnnjax option; impl={self.impl!r} has none")
+        if self.conv_vjp not in CONV_VJPS:
+            raise ValueError(f"conv_vjp={self.conv_vjp!r}; choose one of {CONV_VJPS}")
         xla_flags.resolve(self.xla)
         return self
 
@@ -87,7 +95,8 @@ class Spec:
     @property
     def label(self) -> str:
         base = self.impl + ("+scan" if self.scan_blocks else "")
-        return f"{base}[{self.xla}]" if self.is_jax else base
+        vjp = "" if self.conv_vjp == "auto" else f",vjp={self.conv_vjp}"
+        return f"{base}[{self.xla}{vjp}]" if self.is_jax else base
 
 
 def cifar_depth(model: str) -> tuple[bool, int]:
@@ -215,6 +224,7 @@ class _JaxRunner(_Runner):
         import optax
 
         from cnnjax import analysis, models
+        from cnnjax import functional as F
         from cnnjax.train import create_train_state, make_eval_step, make_train_step
 
         jax.config.update("jax_enable_compilation_cache", False)
@@ -251,6 +261,7 @@ class _JaxRunner(_Runner):
             "macs_per_image": analysis.summary(spec.model, shape).total_macs,
             "ynn_fusions": hlo.count('"__ynn_fusion"'), "xnn_fusions": hlo.count("__xnn_fusion"),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__,
+            "conv_vjp": F.CONV_VJP,
         }
 
     def step(self, mode: str, n: int) -> None:
@@ -376,7 +387,7 @@ class Worker:
 
     def __init__(self, spec: Spec, timeout_s: float = 600.0):
         self.spec, self.timeout_s = spec, timeout_s
-        env = dict(os.environ, **{xla_flags.ENV_SWITCH: "0"})
+        env = dict(os.environ, **{xla_flags.ENV_SWITCH: "0", "CNNJAX_CONV_VJP": spec.conv_vjp})
         if spec.is_jax:
             env["XLA_FLAGS"] = worker_xla_flags(spec.xla, os.environ.get("XLA_FLAGS", ""))
         cmd = [sys.executable, "-m", "cnnjax.bench", "--worker", json.dumps(dataclasses.asdict(spec))]
@@ -576,6 +587,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"XLA configurations for the JAX implementations: names ({', '.join(xla_flags.CPU_PRESETS)}) "
                         "or flag strings starting with '--'")
     p.add_argument("--scan-blocks", action="store_true", help="cnnjax ResNet with scanned blocks")
+    p.add_argument("--conv-vjp", nargs="+", choices=CONV_VJPS, default=["auto"],
+                   help="cnnjax convolution gradient paths to compare (auto: canonical on CPU)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="steps per worker, mode and round")
@@ -590,10 +603,11 @@ def specs_from_args(args: argparse.Namespace) -> list[Spec]:
     specs = []
     for impl in args.impl:
         for xla in (args.xla if not impl.startswith("torch") else ["default"]):
-            spec = Spec(impl, args.model, args.batch_size, args.dtype, xla,
-                        scan_blocks=args.scan_blocks and impl == "cnnjax", threads=args.threads)
-            if spec.label not in {s.label for s in specs}:
-                specs.append(spec.validate())
+            for vjp in (args.conv_vjp if impl == "cnnjax" else ["auto"]):
+                spec = Spec(impl, args.model, args.batch_size, args.dtype, xla,
+                            scan_blocks=args.scan_blocks and impl == "cnnjax", threads=args.threads, conv_vjp=vjp)
+                if spec.label not in {s.label for s in specs}:
+                    specs.append(spec.validate())
     if any(not s.is_jax for s in specs):
         import importlib.util
 

@@ -7,6 +7,8 @@ shapes), so a bad call fails before anything is traced, with a message naming th
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
 from typing import Union
 
@@ -140,6 +142,7 @@ def conv2d(
     dilation: IntPair = 1,
     groups: int = 1,
     precision: lax.PrecisionLike = None,
+    vjp: str | None = None,
 ) -> Array:
     """2-D cross-correlation: out[n, i, j, o] = bias[o] + sum_{k, di, dj} w[di, dj, k, o] * x[n, ...].
 
@@ -152,6 +155,11 @@ def conv2d(
       dilation: int or (dh, dw), >= 1 (atrous convolution).
       groups: feature groups; groups == C_in == C_out is a depthwise convolution.
       precision: passed to `lax.conv_general_dilated`.
+      vjp: how the gradient is computed (the forward value is the same either way):
+        'canonical' (input and kernel gradients as NHWC/HWIO convolutions, see `conv2d_vjp_mode`),
+        'xla' (JAX's own transpose rule), or None for the default, `CONV_VJP` ('auto': canonical on
+        CPU, where XLA runs the transposed layouts slowly, and JAX's rule elsewhere). Grouped
+        convolutions always use JAX's rule.
 
     Returns:
       (N, H_out, W_out, C_out) with H_out = floor((H + pt + pb - ((KH - 1) * dh + 1)) / sh) + 1.
@@ -177,19 +185,113 @@ def conv2d(
     _check_window_fits(x.shape[1:3], (kh, kw), dilations, pads, "kernel", "kernel")
     if bias is not None and bias.shape != (c_out,):
         raise ValueError(f"bias must have shape ({c_out},), got {tuple(bias.shape)}")
-    y = lax.conv_general_dilated(
-        x,
-        kernel.astype(x.dtype),
-        window_strides=strides,
-        padding=pads,
-        rhs_dilation=dilations,
-        dimension_numbers=DIMENSION_NUMBERS,
-        feature_group_count=groups,
-        precision=precision,
-    )
+    if groups == 1 and _use_canonical_vjp(vjp):
+        y = _conv_canonical(x, kernel.astype(x.dtype), strides, tuple(pads), dilations, precision)
+    else:
+        y = lax.conv_general_dilated(
+            x,
+            kernel.astype(x.dtype),
+            window_strides=strides,
+            padding=pads,
+            rhs_dilation=dilations,
+            dimension_numbers=DIMENSION_NUMBERS,
+            feature_group_count=groups,
+            precision=precision,
+        )
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y
+
+
+# 'auto' | 'canonical' | 'xla': the default `vjp` of `conv2d` (see `conv2d_vjp_mode`).
+# The environment variable CNNJAX_CONV_VJP sets it for a whole process (e.g. =xla to switch back).
+CONV_VJP = os.environ.get("CNNJAX_CONV_VJP", "auto")
+_VJP_MODES = ("auto", "canonical", "xla")
+
+
+def _use_canonical_vjp(vjp: str | None) -> bool:
+    mode = CONV_VJP if vjp is None else vjp
+    if mode not in _VJP_MODES:
+        raise ValueError(f"vjp must be one of {_VJP_MODES} or None, got {mode!r}")
+    if mode == "auto":
+        return jax.default_backend() == "cpu"
+    return mode == "canonical"
+
+
+class conv2d_vjp_mode:  # noqa: N801 (used like a function: `with conv2d_vjp_mode('xla'): ...`)
+    """Sets the default gradient path of `conv2d` ('auto', 'canonical' or 'xla') inside a `with`.
+
+    JAX differentiates a convolution into two convolutions with permuted dimension numbers (the
+    kernel gradient contracts over the batch). XLA's CPU backend runs those permuted layouts far
+    below its NHWC speed, and inside `lax.scan` (scanned ResNet blocks) it cannot re-layout them at
+    all (measured: PERFORMANCE.md). The canonical path writes both gradients as ordinary NHWC/HWIO
+    convolutions over explicitly transposed operands, which XLA CPU runs at full speed. The mode is
+    read at trace time, so it must be set before a function is jitted.
+    """
+
+    def __init__(self, mode: str):
+        if mode not in _VJP_MODES:
+            raise ValueError(f"mode must be one of {_VJP_MODES}, got {mode!r}")
+        self.mode, self._saved = mode, None
+
+    def __enter__(self):
+        global CONV_VJP
+        self._saved, CONV_VJP = CONV_VJP, self.mode
+        return self
+
+    def __exit__(self, *exc):
+        global CONV_VJP
+        CONV_VJP = self._saved
+        return False
+
+
+def _conv_nhwc(lhs, rhs, strides, pads, dilation, precision, lhs_dilation=(1, 1)):
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides=strides, padding=pads, lhs_dilation=lhs_dilation, rhs_dilation=dilation,
+        dimension_numbers=DIMENSION_NUMBERS, precision=precision,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_canonical_impl(x, kernel, strides, pads, dilation, precision):
+    return _conv_nhwc(x, kernel, strides, pads, dilation, precision)
+
+
+def _conv_canonical(x, kernel, strides, pads, dilation, precision):
+    pads = tuple(tuple(int(v) for v in p) for p in pads)
+    return _conv_canonical_impl(x, kernel, tuple(strides), pads, tuple(dilation), precision)
+
+
+def _conv_canonical_fwd(x, kernel, strides, pads, dilation, precision):
+    return _conv_nhwc(x, kernel, strides, pads, dilation, precision), (x, kernel)
+
+
+def _conv_canonical_bwd(strides, pads, dilation, precision, residuals, dy):
+    """Both gradients as NHWC/HWIO convolutions (derivation per spatial axis, stride s, dilation d,
+    kernel k, effective extent e = (k - 1) d + 1, padding (lo, hi), r = (H + lo + hi - e) mod s):
+
+      dx = dy dilated by s (lhs_dilation), padded (e - 1 - lo, e - 1 - hi + r), correlated with the
+           flipped kernel (channels swapped), dilation d;
+      dw[t, ci, co] = sum_{n, i} x_pad[n, i s + t d, ci] dy[n, i, co]: a convolution of x seen as
+           (C_in, H, W, N) with dy seen as (Ho, Wo, N, C_out), stride d, kernel dilation s, padding
+           (lo, hi - r) so that exactly k taps come out.
+    """
+    x, kernel = residuals
+    kh, kw = kernel.shape[:2]
+    in_spatial, out_spatial = x.shape[1:3], dy.shape[1:3]
+    dx_pads, dw_pads = [], []
+    for size, out, k, s, d, (lo, hi) in zip(in_spatial, out_spatial, (kh, kw), strides, dilation, pads):
+        extent = (k - 1) * d + 1
+        r = (size + lo + hi - extent) - (out - 1) * s
+        dx_pads.append((extent - 1 - lo, extent - 1 - hi + r))
+        dw_pads.append((lo, hi - r))
+    flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)  # (KH, KW, C_out, C_in)
+    dx = _conv_nhwc(dy, flipped, (1, 1), dx_pads, dilation, precision, lhs_dilation=strides)
+    dw = _conv_nhwc(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), dilation, dw_pads, strides, precision)
+    return dx.astype(x.dtype), dw.transpose(1, 2, 0, 3).astype(kernel.dtype)
+
+
+_conv_canonical_impl.defvjp(_conv_canonical_fwd, _conv_canonical_bwd)
 
 
 def dense(x: Array, kernel: Array, bias: Array | None = None, *, precision: lax.PrecisionLike = None) -> Array:

@@ -94,6 +94,8 @@ def test_worker_flags_drop_inherited_preset_flags_only():
     (dict(batch_size=0), "batch_size"),
     (dict(threads=-1), "threads"),
     (dict(xla="bogus"), "unknown XLA configuration"),
+    (dict(conv_vjp="cudnn"), "conv_vjp='cudnn'"),
+    (dict(impl="flax", conv_vjp="xla"), "conv_vjp is a cnnjax option"),
 ])
 def test_spec_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -254,9 +256,9 @@ def test_fast_path_trains_like_xla_defaults(probes):
 
 def test_run_side_by_side():
     specs = [bench.Spec("cnnjax", "lenet5", batch_size=4, xla="fast"),
-             bench.Spec("cnnjax", "lenet5", batch_size=4, xla="default")]
+             bench.Spec("cnnjax", "lenet5", batch_size=4, xla="default", conv_vjp="xla")]
     result = bench.run(specs, rounds=2, steps=1, matmul_n=64, log=None)
-    assert [w["label"] for w in result["workers"]] == ["cnnjax[fast]", "cnnjax[default]"]
+    assert [w["label"] for w in result["workers"]] == ["cnnjax[fast]", "cnnjax[default,vjp=xla]"]
     ref, other = result["workers"]
     assert ref["ratio"]["train"]["median"] == 1.0 == ref["ratio"]["eval"]["median"]
     macs = 28 * 28 * 5 * 5 * 1 * 20 + 14 * 14 * 5 * 5 * 20 * 50 + 2450 * 500 + 500 * 10  # the lecture's LeNet-5
@@ -268,6 +270,7 @@ def test_run_side_by_side():
             assert r["gflops"] == pytest.approx(r["images_per_s"] * factor * macs / 1e9)
         assert w["peak_rss_mib"] > 0 and w["matmul_gflops"] > 0 and w["compile_train_s"] > 0
     assert ref["xla_flags"] == xla_flags.CPU_PRESETS["fast"] and other["xla_flags"] == ""
+    assert ref["conv_vjp"] == "auto" and other["conv_vjp"] == "xla"
     # The ratio is taken round by round (same load), then the median.
     per_round = [b / a for a, b in zip(ref["modes"]["train"]["per_round"], other["modes"]["train"]["per_round"])]
     assert other["ratio"]["train"]["median"] == pytest.approx(np.median(per_round))

@@ -82,6 +82,80 @@ def _random_conv_case(rng):
                 padding=padding, hw=(h, w))
 
 
+def np_conv2d_grads(x, w, g, stride, pads, dilation):
+    """Gradients of sum(g * conv2d(x, w)) (groups 1) by loops over the definition: every output
+    position adds g * w into the input window it read (dx) and g * window into the kernel (dw)."""
+    (t, _), (l, _) = pads
+    xp = np_pad(x.astype(np.float64), pads)
+    dxp, dw = np.zeros_like(xp), np.zeros(w.shape)
+    kh, kw = w.shape[:2]
+    (sh, sw), (dh, dwl) = stride, dilation
+    for i in range(g.shape[1]):
+        for j in range(g.shape[2]):
+            rows = slice(i * sh, i * sh + (kh - 1) * dh + 1, dh)
+            cols = slice(j * sw, j * sw + (kw - 1) * dwl + 1, dwl)
+            dxp[:, rows, cols, :] += np.einsum("no,hwco->nhwc", g[:, i, j], w)
+            dw += np.einsum("nhwc,no->hwco", xp[:, rows, cols, :], g[:, i, j])
+    return dxp[:, t:t + x.shape[1], l:l + x.shape[2]], dw
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_conv2d_canonical_gradients_match_loops_and_jax_rule(seed):
+    # Strides that leave trailing rows unread (r > 0), padding wider than the kernel (negative
+    # gradient padding) and dilation all occur among these cases.
+    rng = np.random.default_rng(100 + seed)
+    c = _random_conv_case(rng)
+    cin, cout = c["cin"] // c["groups"], c["cout"] // c["groups"]
+    padding = [c["padding"], ((2, 0), (3, 1))][seed % 2]
+    x = rng.standard_normal((2, *c["hw"], cin)).astype(np.float32)
+    w = rng.standard_normal((*c["k"], cin, cout)).astype(np.float32)
+    pads = F.resolve_padding(padding, c["hw"], c["k"], c["stride"], c["dilation"])
+    y = F.conv2d(jnp.asarray(x), jnp.asarray(w), stride=c["stride"], padding=padding, dilation=c["dilation"])
+    g = rng.standard_normal(y.shape).astype(np.float32)
+
+    def grads(vjp):
+        def loss(x, w):
+            out = F.conv2d(x, w, stride=c["stride"], padding=padding, dilation=c["dilation"], vjp=vjp,
+                           precision=jax.lax.Precision.HIGHEST)
+            return jnp.sum(out * g)
+        return jax.jit(jax.grad(loss, (0, 1)))(jnp.asarray(x), jnp.asarray(w))
+
+    want_dx, want_dw = np_conv2d_grads(x, w, g, c["stride"], pads, c["dilation"])
+    (dx, dw), (ref_dx, ref_dw) = grads("canonical"), grads("xla")
+    np.testing.assert_allclose(np.asarray(dx), want_dx, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(dw), want_dw, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(ref_dx), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), np.asarray(ref_dw), atol=1e-5, rtol=1e-5)
+
+
+def test_conv2d_vjp_mode_is_traced_in_and_validated():
+    x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))
+
+    def conv_ops(fn, w):
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(fn(x, w)), (0, 1)))(x, w))
+        return jaxpr.count("transpose["), jaxpr.count("conv_general_dilated[")
+
+    with F.conv2d_vjp_mode("canonical"):
+        canonical = conv_ops(lambda x, w: F.conv2d(x, w, padding=1), w)
+    with F.conv2d_vjp_mode("xla"):
+        xla = conv_ops(lambda x, w: F.conv2d(x, w, padding=1), w)
+    assert canonical[1] == xla[1] == 3  # forward, input gradient, kernel gradient
+    # The canonical path transposes explicitly: flipped kernel, x and dy to the kernel-gradient
+    # layout, the kernel gradient back.
+    assert canonical[0] == 4 and xla[0] < 4
+    assert F.CONV_VJP == "auto"
+    # A grouped convolution takes JAX's rule whatever the mode.
+    wg = jnp.ones((3, 3, 1, 4))
+    with F.conv2d_vjp_mode("canonical"):
+        grouped = conv_ops(lambda x, w: F.conv2d(x, w, padding=1, groups=2), wg)
+    with F.conv2d_vjp_mode("xla"):
+        assert grouped == conv_ops(lambda x, w: F.conv2d(x, w, padding=1, groups=2), wg)
+    with pytest.raises(ValueError, match="vjp must be one of"):
+        F.conv2d(x, w, vjp="fast")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        F.conv2d_vjp_mode("cudnn")
+
+
 @pytest.mark.parametrize("seed", range(24))
 def test_conv2d_matches_naive_formula(seed):
     rng = np.random.default_rng(seed)
