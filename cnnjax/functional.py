@@ -257,8 +257,26 @@ def _conv_canonical_impl(x, kernel, strides, pads, dilation, precision):
     return _conv_nhwc(x, kernel, strides, pads, dilation, precision)
 
 
+def _varying_axes(a) -> frozenset:
+    """The manual mesh axes `a` varies over inside shard_map (empty elsewhere, and on JAX versions
+    without the attribute)."""
+    aval = jax.typeof(a)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
 def _conv_canonical(x, kernel, strides, pads, dilation, precision):
     pads = tuple(tuple(int(v) for v in p) for p in pads)
+    # Under shard_map with check_vma, x varies over the batch axis and a replicated kernel does not;
+    # JAX's own rule marks the kernel varying (its transpose sums the gradient over the axis). The
+    # custom VJP must see operands of one type to give gradients of their types, so do the same here.
+    vx, vk = (_varying_axes(a) for a in (x, kernel))
+    if vx - vk:
+        kernel = lax.pcast(kernel, tuple(sorted(vx - vk)), to="varying")
+    if vk - vx:
+        x = lax.pcast(x, tuple(sorted(vk - vx)), to="varying")
     return _conv_canonical_impl(x, kernel, tuple(strides), pads, tuple(dilation), precision)
 
 

@@ -368,3 +368,40 @@ def test_pooling_is_differentiable_under_jit(pool):
     g_ref = jax.grad(lambda x: jnp.sum(pool(x) ** 2))(x)
     assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).sum() > 0
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-6)
+
+
+_SHARD_MAP_VJP = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P, NamedSharding
+from cnnjax import functional as F
+mesh = jax.make_mesh((2,), ("batch",))
+rng = np.random.default_rng(0)
+x = jax.device_put(jnp.asarray(rng.normal(size=(4, 6, 6, 2)), jnp.float32), NamedSharding(mesh, P("batch")))
+k = jax.device_put(jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32), NamedSharding(mesh, P()))
+out = {}
+for mode in ("canonical", "xla"):
+    for check_vma in (False, True):
+        def step(k, x):
+            g = jax.grad(lambda k: jnp.sum(jnp.sin(F.conv2d(x, k, stride=2, padding=1, vjp=mode))))(k)
+            return jax.lax.pmean(g, "batch")
+        f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("batch")), out_specs=P(), check_vma=check_vma))
+        out[mode, check_vma] = np.asarray(f(k, x))
+for check_vma in (False, True):
+    np.testing.assert_allclose(out["canonical", check_vma], out["xla", check_vma], rtol=1e-6, atol=1e-6)
+# With check_vma the replicated kernel's gradient is summed over the axis by autodiff (then pmean'd).
+np.testing.assert_allclose(out["xla", True], 2 * out["xla", False], rtol=1e-5)
+print("OK")
+"""
+
+
+def test_canonical_vjp_under_shard_map_has_jax_rule_semantics():
+    # A replicated kernel meets a batch-varying input: with check_vma the canonical VJP must mark the
+    # kernel varying as JAX's rule does, or its kernel gradient has the wrong type (a real failure
+    # the data-parallel trainer hit). Two fake CPU devices, in a subprocess.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _SHARD_MAP_VJP], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
