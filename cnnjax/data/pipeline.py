@@ -373,5 +373,8 @@ def prefetch_to_device(iterator, size: int = 2, sharding=None) -> Iterator:
                 yield item
         finally:
             stop.set()
+            # Wait for the producer to leave JAX/NumPy code: a daemon thread still inside a C++ call
+            # when the interpreter finalises aborts the process ("FATAL: exception not rethrown").
+            thread.join(timeout=60.0)
 
     return consume()
