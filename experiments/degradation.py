@@ -7,8 +7,11 @@ and writes into the output directory (default experiments/results/degradation_<p
   curves.csv      network, kind, depth, iteration, epoch, train_error, test_error, train_loss
   degradation.png Figure-6 style: plain nets left, ResNets right; training error dashed,
                   test error bold; one colour per depth; iterations on the x axis
-  RESULTS.md      Table-6 style: depth, parameters, final train and test error, the paper's figure
-  summary.json    the same table as data, with the preset and the wall time of each network
+  RESULTS.md      Table-6 style: depth, parameters, final train and test error, the paper's figure;
+                  the point-by-point check (at how many logged points after the first epoch the
+                  deeper net of each kind has the higher training error); NOTES.md of the output
+                  directory appended (the hand-written history of what was tried)
+  summary.json    the same table and check as data, with the preset and each network's wall time
 
   python -m experiments.degradation                       # preset 'quick' on the embedded digits
   python -m experiments.degradation --preset cpu --data-dir ../shared/data
@@ -65,6 +68,8 @@ class Preset:
     # Per-depth config changes (ResNet-110's warm-up).
     per_depth: dict[tuple[str, int], dict[str, Any]] = dataclasses.field(default_factory=dict)
     imagenet: bool = False
+    # Model options for every network of a kind ("plain" or "resnet"), e.g. zero_init_residual.
+    kind_kwargs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 _PAPER = TRAIN_PRESETS["cifar_resnet"]
@@ -72,18 +77,21 @@ _WARMUP_110 = {"warmup_steps": 400, "warmup": "constant", "warmup_lr": 0.01}
 
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
-        "Embedded scikit-learn digits at 16x16x3 (1,500 training images): the whole picture (plain-56 "
-        "stuck, ResNet-56 fine) in under ten minutes on a 2-core CPU.",
+        "Embedded scikit-learn digits at 16x16x3 (1,500 training images), 240 iterations at lr 0.1: the "
+        "whole picture (plain-56 stuck, ResNet-56 fine) in under ten minutes on a 2-core CPU. The ResNets "
+        "start each residual branch's last BN at gamma 0 (Goyal et al. 2017; the paper does not): with "
+        "the paper's init ResNet-56 lags ResNet-20 at every logged point of so short a run (NOTES.md).",
         TRAIN_PRESETS["digits_resnet"].replace(num_steps=240, log_every=20, eval_every=40, checkpoint_every=120,
                                                 rng_impl="rbg"),
         plain_depths=(20, 56), resnet_depths=(20, 56),
+        kind_kwargs={"resnet": {"zero_init_residual": True}},
     ),
     "cpu": Preset(
         "Real CIFAR-10 (full 50k training set) with the paper's recipe compressed for a 2-core CPU: "
-        "3,000 iterations (7.7 epochs), lr 0.1 divided by 10 at 1,500 and 2,250 (the paper's 32k/48k "
-        "of 64k, scaled), depths 20 and 56.",
-        _PAPER.replace(num_steps=3_000, boundaries=(1_500, 2_250), log_every=50, eval_every=250,
-                       checkpoint_every=250, rng_impl="rbg"),
+        "1,000 iterations (2.6 epochs), lr 0.1 divided by 10 at 500 and 750 (the paper's 32k/48k "
+        "of 64k, scaled), depths 20 and 56; about an hour for the 56-layer pair on 2 cores.",
+        _PAPER.replace(num_steps=1_000, boundaries=(500, 750), log_every=25, eval_every=200,
+                       checkpoint_every=200, rng_impl="rbg"),
         plain_depths=(20, 56), resnet_depths=(20, 56),
     ),
     "paper": Preset(
@@ -129,6 +137,8 @@ def networks(preset: Preset, *, overrides: dict[str, Any] | None = None) -> list
     """The networks of a preset, each with its full training config."""
     from cnnjax import models
 
+    overrides = dict(overrides or {})
+    extra_kwargs = overrides.pop("model_kwargs", {})  # merged with the depth, not replacing it
     nets = []
     for kind, depths in (("plain", preset.plain_depths), ("resnet", preset.resnet_depths)):
         for depth in depths:
@@ -139,8 +149,10 @@ def networks(preset: Preset, *, overrides: dict[str, Any] | None = None) -> list
                     raise ValueError(f"no registered ImageNet model {name!r}; choose depths among 18/34/50/101/152")
                 # Any CIFAR depth 6n+2: the generic CIFAR net with its depth overridden.
                 name, kwargs = f"{kind}20", {"depth": depth}
-            cfg = preset.config.replace(model=name, model_kwargs={**preset.config.model_kwargs, **kwargs},
-                                        **preset.per_depth.get((kind, depth), {}), **(overrides or {}))
+            cfg = preset.config.replace(model=name,
+                                        model_kwargs={**preset.config.model_kwargs, **preset.kind_kwargs.get(kind, {}),
+                                                      **kwargs, **extra_kwargs},
+                                        **preset.per_depth.get((kind, depth), {}), **overrides)
             nets.append(Network(kind, depth, cfg))
     return nets
 
@@ -186,6 +198,48 @@ def curves(net: Network, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _last(rows: list[dict[str, Any]], key: str) -> float | None:
     values = [r[key] for r in rows if r.get(key) is not None]
     return values[-1] if values else None
+
+
+def degradation_check(rows: list[dict[str, Any]], *, after_epoch: float = 1.0) -> dict[str, dict[str, Any]]:
+    """The lecture's claim, point by point: for each kind, the deepest against the shallowest net's
+    training error at every iteration both logged after `after_epoch` epochs.
+
+    Returns {kind: {"shallow", "deep", "points", "deeper_worse", "first", "last"}} where
+    "deeper_worse" counts the points at which the deeper net's training error is higher, and
+    "first"/"last" are (iteration, shallow error, deep error) at the ends; a kind with fewer than
+    two finished depths is left out.
+    """
+    check = {}
+    for kind in ("plain", "resnet"):
+        depths = sorted({r["depth"] for r in rows if r["kind"] == kind})
+        if len(depths) < 2:
+            continue
+        shallow, deep = depths[0], depths[-1]
+        err = {d: {r["iteration"]: r["train_error"] for r in rows
+                   if r["kind"] == kind and r["depth"] == d and r["train_error"] is not None
+                   and (r["epoch"] or 0) >= after_epoch} for d in (shallow, deep)}
+        its = sorted(set(err[shallow]) & set(err[deep]))
+        if not its:
+            continue
+        pts = [(i, err[shallow][i], err[deep][i]) for i in its]
+        check[kind] = {"shallow": shallow, "deep": deep, "points": len(pts),
+                       "deeper_worse": sum(d > s for _, s, d in pts), "first": pts[0], "last": pts[-1]}
+    return check
+
+
+def check_markdown(check: dict[str, dict[str, Any]]) -> str:
+    """One line per kind: at how many logged points after the first epoch the deeper net is worse."""
+    if not check:
+        return ""
+    lines = ["Training error after the first epoch, point by point (the lecture: the deeper plain net is "
+             "worse at every point, the deeper ResNet is not):\n"]
+    for kind, c in check.items():
+        name = "plain" if kind == "plain" else "ResNet"
+        (i0, s0, d0), (i1, s1, d1) = c["first"], c["last"]
+        lines.append(f"- {name}-{c['deep']} has higher training error than {name}-{c['shallow']} at "
+                     f"**{c['deeper_worse']} of {c['points']}** logged points (iteration {i0}: {100 * d0:.1f}% vs "
+                     f"{100 * s0:.1f}%; iteration {i1}: {100 * d1:.1f}% vs {100 * s1:.1f}%)")
+    return "\n".join(lines) + "\n\n"
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -330,14 +384,19 @@ def _write_outputs(out: Path, preset_name: str, preset: Preset, nets: list[Netwo
           f"{table(results, imagenet=preset.imagenet)}\n"
           "Training error is the mean over the last logging interval of the per-batch training error "
           "(dashed in the plot); test error is measured on the whole test split (bold).\n\n"
+          f"{check_markdown(degradation_check(rows))}"
           "![curves](degradation.png)\n\n"
           f"- command: `{prov['command']}`\n- machine: {prov['machine']}\n"
           f"- XLA_FLAGS: `{prov['xla_flags']}`\n- written: {prov['date']}\n"
           f"- training wall time, all networks: {prov['total_wall_min']} min (sum of the per-network times "
           "above, which include compilation and evaluation)\n")
+    notes = out / "NOTES.md"  # hand-written history of the run (what was tried), kept across re-writes
+    if notes.exists():
+        md += "\n" + notes.read_text()
     _atomic_write(out / "RESULTS.md", md)
     _atomic_write(out / "summary.json", json.dumps({"preset": preset_name, "config": cfg.to_dict(),
-                                                    "results": results, "provenance": prov}, indent=2, default=str))
+                                                    "results": results, "check": degradation_check(rows),
+                                                    "provenance": prov}, indent=2, default=str))
 
 
 def _param_count(cfg: TrainConfig) -> int:

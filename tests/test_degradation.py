@@ -24,6 +24,13 @@ def test_presets_are_valid_and_follow_the_paper():
     assert [b / cpu.num_steps for b in cpu.boundaries] == [0.5, 0.75]
     nets = {n.name: n.config for n in degradation.networks(degradation.PRESETS["tiny"])}
     assert nets["plain14"].model_kwargs == {"depth": 14} and nets["plain14"].model == "plain20"
+    quick = {n.name: n.config for n in degradation.networks(degradation.PRESETS["quick"])}
+    assert quick["resnet56"].model_kwargs == {"zero_init_residual": True} and quick["plain56"].model_kwargs == {}
+    # --set model_kwargs=... adds to the depth instead of replacing it.
+    nets = {n.name: n.config for n in degradation.networks(
+        degradation.PRESETS["tiny"], overrides={"model_kwargs": {"zero_init_residual": True}, "num_steps": 4})}
+    assert nets["resnet14"].model_kwargs == {"depth": 14, "zero_init_residual": True}
+    assert nets["resnet14"].num_steps == 4
 
 
 def test_tiny_preset_writes_everything_and_resume_skips_finished(tmp_path, capsys):
@@ -46,6 +53,7 @@ def test_tiny_preset_writes_everything_and_resume_skips_finished(tmp_path, capsy
     assert "| resnet14 | 14 |" in table and "| plain8 | 8 |" in table
     summary = json.loads((out / "summary.json").read_text())
     assert summary["preset"] == "tiny" and len(summary["results"]) == 4
+    assert summary["check"] == {}  # 6 iterations of 32 images never reach the first epoch
 
     stamp = (runs / "resnet8" / "metrics.jsonl").stat().st_mtime_ns
     capsys.readouterr()
@@ -53,6 +61,34 @@ def test_tiny_preset_writes_everything_and_resume_skips_finished(tmp_path, capsy
     assert "skipped" in capsys.readouterr().out
     assert (runs / "resnet8" / "metrics.jsonl").stat().st_mtime_ns == stamp
     assert [r["test_error"] for r in again] == [r["test_error"] for r in results]
+
+
+def _row(kind, depth, iteration, train_error, epoch):
+    return {"network": f"{kind}{depth}", "kind": kind, "depth": depth, "iteration": iteration, "epoch": epoch,
+            "train_error": train_error, "test_error": None, "train_loss": None}
+
+
+def test_degradation_check_counts_the_points_after_the_first_epoch():
+    rows = [
+        # plain: the deeper net is worse at iterations 20 and 40, better at 30; iteration 10 is epoch 0.5.
+        _row("plain", 20, 10, 0.9, 0.5), _row("plain", 56, 10, 0.1, 0.5),
+        _row("plain", 20, 20, 0.5, 1.0), _row("plain", 56, 20, 0.7, 1.0),
+        _row("plain", 20, 30, 0.4, 1.5), _row("plain", 56, 30, 0.3, 1.5),
+        _row("plain", 20, 40, 0.3, 2.0), _row("plain", 56, 40, 0.6, 2.0),
+        _row("plain", 32, 40, 0.9, 2.0),  # a middle depth is not compared
+        _row("resnet", 20, 20, 0.4, 1.0), _row("resnet", 56, 20, 0.4, 1.0),  # a tie is not "worse"
+        _row("resnet", 56, 30, 0.1, 1.5),  # logged by one net only
+        _row("resnet", 20, 40, None, 2.0), _row("resnet", 56, 40, 0.2, 2.0),
+    ]
+    check = degradation.degradation_check(rows)
+    assert check["plain"] == {"shallow": 20, "deep": 56, "points": 3, "deeper_worse": 2,
+                              "first": (20, 0.5, 0.7), "last": (40, 0.3, 0.6)}
+    assert check["resnet"]["points"] == 1 and check["resnet"]["deeper_worse"] == 0
+    text = degradation.check_markdown(check)
+    assert "plain-56 has higher training error than plain-20 at **2 of 3** logged points" in text
+    assert "ResNet-56 has higher training error than ResNet-20 at **0 of 1**" in text
+    assert degradation.degradation_check([r for r in rows if r["depth"] == 20]) == {}
+    assert degradation.degradation_check(rows, after_epoch=0.0)["plain"]["points"] == 4
 
 
 def test_bad_arguments():
