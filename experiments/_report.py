@@ -1,15 +1,48 @@
-"""What every experiment's result file says about the machine it ran on."""
+"""What every experiment's result files share: the machine line and atomic writes."""
 
+from __future__ import annotations
+
+import csv
+import io
 import os
 import platform
-
-import jax
+from pathlib import Path
+from typing import Any
 
 
 def machine() -> str:
     """CPU model, cores and JAX backend, for the provenance line of the results."""
+    import jax  # here, not at import: entry points set XLA_FLAGS before JAX starts
+
     cpu = ""
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     return f"{cpu or platform.machine()}, {os.cpu_count()} cores; JAX {jax.__version__} on {jax.default_backend()}"
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Writes `path` whole or not at all: a temporary file beside it, fsync, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]], fields: list[str] | None = None) -> None:
+    """`rows` as a CSV file with a header (`fields`, default the first row's keys), atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields if fields is not None else list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, buf.getvalue())
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> None:
+    """A matplotlib figure as PNG, atomically."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write(path, buf.getvalue())

@@ -24,9 +24,7 @@ batchnorm_study.{md,csv,png} and batchnorm_final.png into --out:
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import os
 import shlex
 import sys
@@ -44,7 +42,7 @@ import optax
 from cnnjax import data
 from cnnjax import nn as cnn
 from cnnjax.train import create_train_state, make_eval_step, make_train_step
-from experiments._report import machine as _machine
+from experiments._report import atomic_write, save_figure, write_csv, machine as _machine
 
 NAME = "batchnorm_study"
 INITS = {"he": "he_normal_fan_in", "gauss0.01": "normal_0.01"}  # short name -> cnnjax.nn.INITIALIZERS
@@ -209,7 +207,7 @@ def plot_curves(runs: list[dict], path: Path, steps: int) -> None:
                 ax.set_xlabel("step")
     axes[0][0].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -244,7 +242,7 @@ def plot_final(runs: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -274,22 +272,17 @@ def report(preset_name: str, preset: Preset, runs: list[dict], command: str, wal
              f"Machine: {_machine()}; wall time {wall_s / 60:.1f} min for {len(runs)} runs.", "",
              f"![training curves]({NAME}.png)", "", "![final test error](batchnorm_final.png)", "",
              "### Final test error (%)", "",
-             "About 90% is chance level (the network answers one class whatever the input).", "", header, rule]
-    for init in INITS:
-        for batch_norm in (True, False):
-            mine = {r["lr"]: r for r in runs if r["init"] == init and r["batch_norm"] == batch_norm}
-            if mine:
-                lines.append(f"| {INIT_LABELS[init]} | {'yes' if batch_norm else 'no'} | "
-                             + " | ".join(_cell(mine[lr], "test_error") if lr in mine else "" for lr in lrs) + " |")
-    lines += ["", f"### First logged step with training error <= 10% (batch mean over {preset.log_every} steps)", "",
-              header, rule]
-    for init in INITS:
-        for batch_norm in (True, False):
-            mine = {r["lr"]: r for r in runs if r["init"] == init and r["batch_norm"] == batch_norm}
-            if mine:
-                lines.append(f"| {INIT_LABELS[init]} | {'yes' if batch_norm else 'no'} | "
-                             + " | ".join(_cell(mine[lr], "steps_to_10pct") if lr in mine else "" for lr in lrs) + " |")
-    lines.append("")
+             "About 90% is chance level (the network answers one class whatever the input).", ""]
+    for key, heading in (("test_error", None), ("steps_to_10pct", "### First logged step with training error "
+                                                 f"<= 10% (batch mean over {preset.log_every} steps)")):
+        lines += ([heading, ""] if heading else []) + [header, rule]
+        for init in INITS:
+            for batch_norm in (True, False):
+                mine = {r["lr"]: r for r in runs if r["init"] == init and r["batch_norm"] == batch_norm}
+                if mine:
+                    lines.append(f"| {INIT_LABELS[init]} | {'yes' if batch_norm else 'no'} | "
+                                 + " | ".join(_cell(mine[lr], key) if lr in mine else "" for lr in lrs) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -310,21 +303,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["run", "batch_norm", "init", "lr", "step", "train_loss", "train_error",
-                                             "test_error"])
-    writer.writeheader()
-    for r in runs:
-        for x in r["records"]:
-            writer.writerow({"run": r["run"], "batch_norm": r["batch_norm"], "init": r["init"], "lr": r["lr"],
-                             "step": x["step"], "train_loss": x.get("train_loss"),
-                             "train_error": x.get("train_error"), "test_error": x.get("test_error")})
-    (out / f"{NAME}.csv").write_text(buf.getvalue())
+    write_csv(out / f"{NAME}.csv", [
+        {"run": r["run"], "batch_norm": r["batch_norm"], "init": r["init"], "lr": r["lr"], "step": x["step"],
+         "train_loss": x.get("train_loss"), "train_error": x.get("train_error"), "test_error": x.get("test_error")}
+        for r in runs for x in r["records"]])
     plot_curves(runs, out / f"{NAME}.png", preset.steps)
     plot_final(runs, out / "batchnorm_final.png")
     command = " ".join(["python -m experiments." + NAME, *map(shlex.quote, argv)])
     text = report(args.preset, preset, runs, command, wall)
-    (out / f"{NAME}.md").write_text(text)
+    atomic_write(out / f"{NAME}.md", text)
     print(text)
     return 0
 

@@ -20,8 +20,6 @@ stay and are listed). This script:
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import shlex
 import statistics
@@ -36,7 +34,7 @@ import numpy as np
 
 from cnnjax import models
 from cnnjax.analysis import count_params, fold_batchnorm
-from experiments._report import machine as _machine
+from experiments._report import atomic_write, write_csv, machine as _machine
 
 NAME = "bn_folding"
 DEFAULT_MODELS = ("resnet20", "resnet56", "resnet50", "vgg11_bn", "bn_inception", "densenet121")
@@ -230,14 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for suffix, rows in (("", equal), ("_timing", timed)):
         if rows:
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-            (out / f"{NAME}{suffix}.csv").write_text(buf.getvalue())
+            write_csv(out / f"{NAME}{suffix}.csv", rows)
     command = " ".join(["python -m experiments." + NAME, *map(shlex.quote, argv)])
     text = report(equal, timed, command, wall)
-    (out / f"{NAME}.md").write_text(text)
+    atomic_write(out / f"{NAME}.md", text)
     print(text)
     bad = [r["model"] for r in equal if not r["allclose"]]
     if bad:

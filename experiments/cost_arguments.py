@@ -18,8 +18,6 @@ closed formula; the script writes cost_arguments.md and cost_arguments.csv:
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import shlex
 import sys
@@ -32,7 +30,7 @@ import jax
 
 from cnnjax import nn as cnn
 from cnnjax.analysis import receptive_field, summary
-from experiments._report import machine as _machine
+from experiments._report import atomic_write, write_csv, machine as _machine
 
 NAME = "cost_arguments"
 VGG_WIDTHS = ((64, 224), (128, 112), (256, 56), (512, 28))  # VGG stage width and its map side
@@ -192,14 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(vgg[0]))
-    writer.writeheader()
-    writer.writerows(vgg + inception + googlenet)
-    (out / f"{NAME}.csv").write_text(buf.getvalue())
+    write_csv(out / f"{NAME}.csv", vgg + inception + googlenet, list(vgg[0]))
     command = " ".join(["python -m experiments." + NAME, *map(shlex.quote, argv)])
     text = report(vgg, inception_table, googlenet_table, command, wall)
-    (out / f"{NAME}.md").write_text(text)
+    atomic_write(out / f"{NAME}.md", text)
     print(text)
     return 0
 

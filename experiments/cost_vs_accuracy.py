@@ -13,8 +13,6 @@ plotted. Writes cost_vs_accuracy.{md,csv,png}:
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import shlex
 import sys
@@ -25,7 +23,7 @@ from pathlib import Path
 
 from cnnjax import models
 from cnnjax.analysis import summary
-from experiments._report import machine as _machine
+from experiments._report import atomic_write, save_figure, write_csv, machine as _machine
 
 NAME = "cost_vs_accuracy"
 TV = "torchvision V1 weights [tv]"
@@ -110,7 +108,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=7, ncol=2, labelspacing=1.3, borderpad=1.0)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -155,15 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    (out / f"{NAME}.csv").write_text(buf.getvalue())
+    write_csv(out / f"{NAME}.csv", rows)
     plot(rows, out / f"{NAME}.png")
     command = " ".join(["python -m experiments." + NAME, *map(shlex.quote, argv)])
     text = report(rows, command, wall)
-    (out / f"{NAME}.md").write_text(text)
+    atomic_write(out / f"{NAME}.md", text)
     print(text)
     return 0
 

@@ -25,9 +25,7 @@ unfinished one resumes from its last checkpoint.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
 import os
 import sys
@@ -38,6 +36,7 @@ from typing import Any
 
 from cnnjax.train.config import PRESETS as TRAIN_PRESETS
 from cnnjax.train.config import TrainConfig
+from experiments._report import atomic_write, save_figure, write_csv
 
 # He et al. 2016, Table 6 (CIFAR-10 test error %, ResNets, option A) and Table 2 (ImageNet top-1
 # error %, 10-crop). Plain CIFAR nets have no table entry in the paper: the figures given are the
@@ -157,15 +156,6 @@ def networks(preset: Preset, *, overrides: dict[str, Any] | None = None) -> list
     return nets
 
 
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_metrics(workdir: Path) -> list[dict[str, Any]]:
     """The records of a run's metrics.jsonl (a torn last line from a killed run is ignored)."""
     path = workdir / "metrics.jsonl"
@@ -268,10 +258,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     axes[0].set_ylabel("error (%)   dashed: training, bold: test")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
 
 
 def table(results: list[dict[str, Any]], *, imagenet: bool) -> str:
@@ -347,14 +335,14 @@ def run(preset_name: str, out_dir: str | os.PathLike, *, runs_dir: str | os.Path
             try:
                 result = train_and_evaluate(net.config, str(workdir))
             finally:
-                _atomic_write(workdir / "WALL.json", json.dumps({"wall_s": previous + time.time() - start}))
+                atomic_write(workdir / "WALL.json", json.dumps({"wall_s": previous + time.time() - start}))
             if result.preempted:
                 raise Interrupted(f"{net.name} stopped at step {result.step} by SIGTERM; run the same command "
                                   "again to resume")
             params = sum(int(x.size) for x in jax.tree.leaves(result.state.params))
             info = {"wall_s": previous + time.time() - start, "params": params, "step": result.step,
                     "config": net.config.to_dict()}
-            _atomic_write(done, json.dumps(info))
+            atomic_write(done, json.dumps(info))
         rows = curves(net, read_metrics(workdir))
         all_rows.extend(rows)
         results.append({"network": net.name + (" (unfinished)" if info.get("unfinished") else ""), "kind": net.kind, "depth": net.depth, "model": net.config.model,
@@ -368,12 +356,8 @@ def run(preset_name: str, out_dir: str | os.PathLike, *, runs_dir: str | os.Path
 
 def _write_outputs(out: Path, preset_name: str, preset: Preset, nets: list[Network],
                    results: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    fields = ["network", "kind", "depth", "iteration", "epoch", "train_error", "test_error", "train_loss"]
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    _atomic_write(out / "curves.csv", buf.getvalue())
+    write_csv(out / "curves.csv", rows,
+              ["network", "kind", "depth", "iteration", "epoch", "train_error", "test_error", "train_loss"])
     cfg = nets[0].config
     title = (f"{cfg.dataset}, preset '{preset_name}': {cfg.num_steps or cfg.num_epochs} "
              f"{'iterations' if cfg.num_steps else 'epochs'}, batch {cfg.global_batch_size}, lr {cfg.learning_rate}")
@@ -393,8 +377,8 @@ def _write_outputs(out: Path, preset_name: str, preset: Preset, nets: list[Netwo
     notes = out / "NOTES.md"  # hand-written history of the run (what was tried), kept across re-writes
     if notes.exists():
         md += "\n" + notes.read_text()
-    _atomic_write(out / "RESULTS.md", md)
-    _atomic_write(out / "summary.json", json.dumps({"preset": preset_name, "config": cfg.to_dict(),
+    atomic_write(out / "RESULTS.md", md)
+    atomic_write(out / "summary.json", json.dumps({"preset": preset_name, "config": cfg.to_dict(),
                                                     "results": results, "check": degradation_check(rows),
                                                     "provenance": prov}, indent=2, default=str))
 

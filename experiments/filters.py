@@ -30,7 +30,7 @@ import numpy as np
 
 from cnnjax import nn as cnn
 from cnnjax.train import TrainConfig, build, initial_state, read_metrics, train_and_evaluate
-from experiments._report import machine as _machine
+from experiments._report import atomic_write, save_figure, machine as _machine
 
 NAME = "filters"
 
@@ -118,7 +118,7 @@ def plot(before: np.ndarray, after: np.ndarray, titles: tuple[str, str], path: P
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 143
             info = {"metrics": result.metrics, "step": result.step, "wall_s": time.perf_counter() - start}
             np.save(workdir / "conv1_after.npy", np.asarray(result.state.params["conv1"]["kernel"]))
-            done.write_text(json.dumps(info, indent=2))
+            atomic_write(done, json.dumps(info, indent=2))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{accuracy:.1f}% after {info['step']} steps (a short run: the filters, not the accuracy, are the "
               "point).", ""]
     text = "\n".join(lines)
-    (out / f"{NAME}.md").write_text(text)
+    atomic_write(out / f"{NAME}.md", text)
     print(text)
     return 0
 

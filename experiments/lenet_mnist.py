@@ -14,8 +14,6 @@ lenet_mnist.png (training and test error against epochs) into --out:
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import shlex
@@ -27,7 +25,7 @@ from pathlib import Path
 
 
 from cnnjax.train import TrainConfig, get_preset, read_metrics, train_and_evaluate
-from experiments._report import machine as _machine
+from experiments._report import atomic_write, save_figure, write_csv, machine as _machine
 
 NAME = "lenet_mnist"
 TARGET_ACCURACY = {"mnist": 99.2}  # the target, percent
@@ -67,7 +65,7 @@ def run_preset(preset: str, workdir: Path, data_dir: str | None) -> dict:
         if result.preempted:
             raise RuntimeError(f"{preset}: stopped by SIGTERM at step {result.step}; run again to resume")
         info = {"wall_s": time.perf_counter() - start, "step": result.step, "metrics": result.metrics}
-        done.write_text(json.dumps(info, indent=2))
+        atomic_write(done, json.dumps(info, indent=2))
     records = read_metrics(str(workdir / "metrics.jsonl"))
     rates = [r["images_per_sec"] for r in records if "images_per_sec" in r][1:]  # the first holds the compile
     test_error = info["metrics"]["test_error"]
@@ -112,7 +110,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -165,15 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["preset", "step", "epoch", "train_loss", "train_error", "test_error"])
-    writer.writeheader()
-    writer.writerows(curves(rows))
-    (out / f"{NAME}.csv").write_text(buf.getvalue())
+    write_csv(out / f"{NAME}.csv", curves(rows), ["preset", "step", "epoch", "train_loss", "train_error", "test_error"])
     plot(rows, out / f"{NAME}.png")
     command = " ".join(["python -m experiments." + NAME, *map(shlex.quote, argv)])
     text = report(rows, command)
-    (out / f"{NAME}.md").write_text(text)
+    atomic_write(out / f"{NAME}.md", text)
     print(text)
     return 0
 

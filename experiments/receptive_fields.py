@@ -21,8 +21,6 @@ effective padding from the layer geometry (one abstract trace). This script:
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 import os
 import shlex
@@ -40,7 +38,7 @@ from cnnjax import models
 from cnnjax import nn as cnn
 from cnnjax.analysis import (empirical_receptive_field, format_receptive_field, receptive_field,
                              stacked_receptive_field)
-from experiments._report import machine as _machine
+from experiments._report import atomic_write, save_figure, write_csv, machine as _machine
 
 NAME = "receptive_fields"
 ARAUJO = "Araujo, Norris & Sim 2019 (Distill), TF-slim models"
@@ -207,7 +205,7 @@ def plot_growth(per_layer: dict, path: Path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -271,11 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(araujo[0]) if araujo else ["network"])
-    writer.writeheader()
-    writer.writerows(araujo)
-    (out / f"{NAME}.csv").write_text(buf.getvalue())
+    write_csv(out / f"{NAME}.csv", araujo, list(araujo[0]) if araujo else ["network"])
     vgg_table = ""
     if per_layer:
         plot_growth(per_layer, out / f"{NAME}.png")
@@ -283,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             vgg_table = format_receptive_field(per_layer["vgg16"])
     command = " ".join(["python -m experiments." + NAME, *map(shlex.quote, argv)])
     text = report(lecture, araujo, measured, vgg_table, command, wall)
-    (out / f"{NAME}.md").write_text(text)
+    atomic_write(out / f"{NAME}.md", text)
     print(text)
     bad = [r["statement"] for r in lecture if not r["formula"] == r["analytic"] == r["measured"]]
     bad += [r["network"] for r in araujo if not r["match"]] + [m["network"] for m in measured if not m["match"]]
