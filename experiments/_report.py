@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import os
@@ -46,3 +47,11 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     atomic_write(path, buf.getvalue())
+
+
+def claims_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The command line of a claim script: `python -m experiments.<name>`, described by the first
+    paragraph of its docstring, with --out (default experiments/results/claims)."""
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=doc.split("\n\n")[0])
+    parser.add_argument("--out", default=os.path.join("experiments", "results", "claims"), help="output directory")
+    return parser

@@ -23,9 +23,7 @@ batchnorm_study.{md,csv,png} and batchnorm_final.png into --out:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 import shlex
 import sys
 import time
@@ -42,7 +40,7 @@ import optax
 from cnnjax import data
 from cnnjax import nn as cnn
 from cnnjax.train import create_train_state, make_eval_step, make_train_step
-from experiments._report import atomic_write, save_figure, write_csv, machine as _machine
+from experiments._report import atomic_write, save_figure, write_csv, claims_parser, machine as _machine
 
 NAME = "batchnorm_study"
 INITS = {"he": "he_normal_fan_in", "gauss0.01": "normal_0.01"}  # short name -> cnnjax.nn.INITIALIZERS
@@ -288,9 +286,8 @@ def report(preset_name: str, preset: Preset, runs: list[dict], command: str, wal
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog=f"python -m experiments.{NAME}", description=__doc__.split("\n\n")[0])
+    parser = claims_parser(NAME, __doc__)
     parser.add_argument("--preset", default="digits", choices=sorted(PRESETS))
-    parser.add_argument("--out", default=os.path.join("experiments", "results", "claims"), help="output directory")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     start = time.perf_counter()

@@ -19,8 +19,6 @@ stay and are listed). This script:
 
 from __future__ import annotations
 
-import argparse
-import os
 import shlex
 import statistics
 import sys
@@ -34,7 +32,7 @@ import numpy as np
 
 from cnnjax import models
 from cnnjax.analysis import count_params, fold_batchnorm
-from experiments._report import atomic_write, write_csv, machine as _machine
+from experiments._report import atomic_write, write_csv, claims_parser, machine as _machine
 
 NAME = "bn_folding"
 DEFAULT_MODELS = ("resnet20", "resnet56", "resnet50", "vgg11_bn", "bn_inception", "densenet121")
@@ -201,8 +199,7 @@ def report(equal: list[dict], timed: list[dict], command: str, wall_s: float) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog=f"python -m experiments.{NAME}", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.path.join("experiments", "results", "claims"), help="output directory")
+    parser = claims_parser(NAME, __doc__)
     parser.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS), help="networks folded and compared")
     parser.add_argument("--time", nargs="*", default=list(DEFAULT_TIMED), help="networks timed, original vs folded")
     parser.add_argument("--batch-size", type=int, default=128, help="evaluation batch of the timing")

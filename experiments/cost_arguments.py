@@ -17,8 +17,6 @@ closed formula; the script writes cost_arguments.md and cost_arguments.csv:
 
 from __future__ import annotations
 
-import argparse
-import os
 import shlex
 import sys
 import time
@@ -30,7 +28,7 @@ import jax
 
 from cnnjax import nn as cnn
 from cnnjax.analysis import receptive_field, summary
-from experiments._report import atomic_write, write_csv, machine as _machine
+from experiments._report import atomic_write, write_csv, claims_parser, machine as _machine
 
 NAME = "cost_arguments"
 VGG_WIDTHS = ((64, 224), (128, 112), (256, 56), (512, 28))  # VGG stage width and its map side
@@ -178,8 +176,7 @@ def report(vgg: list[dict], inception_table: str, googlenet_table: str, command:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog=f"python -m experiments.{NAME}", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.path.join("experiments", "results", "claims"), help="output directory")
+    parser = claims_parser(NAME, __doc__)
     parser.add_argument("--no-networks", action="store_true",
                         help="skip the per-module GoogLeNet table and the whole networks (faster)")
     args = parser.parse_args(argv)

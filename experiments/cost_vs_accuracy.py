@@ -12,8 +12,6 @@ plotted. Writes cost_vs_accuracy.{md,csv,png}:
 
 from __future__ import annotations
 
-import argparse
-import os
 import shlex
 import sys
 import time
@@ -23,7 +21,7 @@ from pathlib import Path
 
 from cnnjax import models
 from cnnjax.analysis import summary
-from experiments._report import atomic_write, save_figure, write_csv, machine as _machine
+from experiments._report import atomic_write, save_figure, write_csv, claims_parser, machine as _machine
 
 NAME = "cost_vs_accuracy"
 TV = "torchvision V1 weights [tv]"
@@ -140,8 +138,7 @@ def report(rows: list[dict], command: str, wall_s: float) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog=f"python -m experiments.{NAME}", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.path.join("experiments", "results", "claims"), help="output directory")
+    parser = claims_parser(NAME, __doc__)
     parser.add_argument("--models", nargs="*", default=None, help="registry names (default: every ImageNet model)")
     args = parser.parse_args(argv)
     names = imagenet_models() if args.models is None else args.models

@@ -15,7 +15,6 @@ filter are not shown).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -30,7 +29,7 @@ import numpy as np
 
 from cnnjax import nn as cnn
 from cnnjax.train import TrainConfig, build, initial_state, read_metrics, train_and_evaluate
-from experiments._report import atomic_write, save_figure, machine as _machine
+from experiments._report import atomic_write, save_figure, claims_parser, machine as _machine
 
 NAME = "filters"
 
@@ -135,10 +134,9 @@ def filter_statistics(kernel: np.ndarray) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog=f"python -m experiments.{NAME}", description=__doc__.split("\n\n")[0])
+    parser = claims_parser(NAME, __doc__)
     parser.add_argument("--preset", default="cifar10", choices=sorted(PRESETS))
     parser.add_argument("--data-dir", default=None, help="directory holding cifar10.npz (or a tfds data_dir)")
-    parser.add_argument("--out", default=os.path.join("experiments", "results", "claims"), help="output directory")
     parser.add_argument("--workdir", default=os.path.join("runs", "claims"), help="parent of the run directory")
     args = parser.parse_args(argv)
     description, config = PRESETS[args.preset]

@@ -13,7 +13,6 @@ lenet_mnist.png (training and test error against epochs) into --out:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -25,7 +24,7 @@ from pathlib import Path
 
 
 from cnnjax.train import TrainConfig, get_preset, read_metrics, train_and_evaluate
-from experiments._report import atomic_write, save_figure, write_csv, machine as _machine
+from experiments._report import atomic_write, save_figure, write_csv, claims_parser, machine as _machine
 
 NAME = "lenet_mnist"
 TARGET_ACCURACY = {"mnist": 99.2}  # the target, percent
@@ -145,10 +144,9 @@ def report(rows: list[dict], command: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog=f"python -m experiments.{NAME}", description=__doc__.split("\n\n")[0])
+    parser = claims_parser(NAME, __doc__)
     parser.add_argument("--presets", nargs="*", default=["mnist", "digits"], choices=sorted(PRESETS))
     parser.add_argument("--data-dir", default=None, help="directory holding mnist.npz (or a tfds data_dir)")
-    parser.add_argument("--out", default=os.path.join("experiments", "results", "claims"), help="output directory")
     parser.add_argument("--workdir", default=os.path.join("runs", "claims"),
                         help="parent of the per-preset run directories (lenet_<preset>)")
     args = parser.parse_args(argv)

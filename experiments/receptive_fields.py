@@ -20,9 +20,7 @@ effective padding from the layer geometry (one abstract trace). This script:
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import shlex
 import sys
 import time
@@ -38,7 +36,7 @@ from cnnjax import models
 from cnnjax import nn as cnn
 from cnnjax.analysis import (empirical_receptive_field, format_receptive_field, receptive_field,
                              stacked_receptive_field)
-from experiments._report import atomic_write, save_figure, write_csv, machine as _machine
+from experiments._report import atomic_write, save_figure, write_csv, claims_parser, machine as _machine
 
 NAME = "receptive_fields"
 ARAUJO = "Araujo, Norris & Sim 2019 (Distill), TF-slim models"
@@ -251,8 +249,7 @@ def report(lecture: list[dict], araujo: list[dict], measured: list[dict], vgg_ta
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog=f"python -m experiments.{NAME}", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.path.join("experiments", "results", "claims"), help="output directory")
+    parser = claims_parser(NAME, __doc__)
     parser.add_argument("--models", nargs="*", default=list(NETWORKS), choices=list(NETWORKS),
                         help="networks compared with Araujo et al. (default: all)")
     parser.add_argument("--measure", nargs="*", default=list(DEFAULT_MEASURE), choices=list(NETWORKS),
