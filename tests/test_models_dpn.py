@@ -131,7 +131,7 @@ def test_tiny_dpn_trains_one_step():
 def test_bad_inputs():
     model = models.create("dpn92")
     assert model.min_input_size() == 1
-    with pytest.raises(ValueError, match="at least 1 pixel"):
+    with pytest.raises(ValueError, match="at least 1x1 pixels"):
         model.init(jax.random.key(0), jnp.zeros((1, 0, 8, 3)), train=False)
     with pytest.raises(ValueError, match="rank 4"):
         model.init(jax.random.key(0), jnp.zeros((224, 224, 3)), train=False)

@@ -94,7 +94,7 @@ def test_cifar_depth_must_be_6n_plus_2(bad):
 def test_input_and_config_validation():
     with pytest.raises(ValueError, match="rank 4"):
         jax.eval_shape(lambda: CifarResNet(depth=8).init(KEY, jnp.zeros((32, 32, 3)), train=False))
-    with pytest.raises(ValueError, match=">= 32"):
+    with pytest.raises(ValueError, match="at least 32x32 pixels .*total stride"):
         abstract(create("resnet18"), (16, 16, 3))
     with pytest.raises(ValueError, match="shortcut"):
         abstract(CifarResNet(depth=8, shortcut="D"), (32, 32, 3))

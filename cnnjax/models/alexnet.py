@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax import functional as F
+from cnnjax.models._checks import check_image_input
 from cnnjax.models.registry import register
 from cnnjax.nn import Conv, Dense, Dropout, Flatten, LocalResponseNorm, MaxPool
 
@@ -147,16 +148,8 @@ class AlexNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        name = type(self).__name__
-        if x.ndim != 4:
-            raise ValueError(f"{name} input must be NHWC (rank 4), got shape {tuple(x.shape)}; add a batch axis with x[None]")
-        if x.shape[-1] != self.in_channels:
-            raise ValueError(f"{name} expects {self.in_channels} input channel(s), got shape {tuple(x.shape)}; "
-                             f"pass in_channels={x.shape[-1]} to create() or fix the layout (NHWC)")
-        min_size = self.min_input_size()
-        if min(x.shape[1:3]) < min_size:
-            raise ValueError(f"{name} needs inputs of at least {min_size}x{min_size} pixels, got "
-                             f"{x.shape[1]}x{x.shape[2]}; resize or pad the images (227 or 224 natively)")
+        check_image_input(x, type(self).__name__, min_size=self.min_input_size(), in_channels=self.in_channels,
+                          fix="resize or pad the images (227 or 224 natively)")
         lrn = LRNConfig(*self.lrn)._asdict()
         conv = partial(Conv, kernel_init=self.kernel_init, dtype=self.dtype)
         if self.dtype is not None:

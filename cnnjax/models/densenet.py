@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax import functional as F
+from cnnjax.models._checks import check_image_input
 from cnnjax.models.registry import register
 from cnnjax.nn import AvgPool, BatchNorm, Conv, Dense, Dropout, GlobalAvgPool, MaxPool
 
@@ -166,15 +167,8 @@ class DenseNet(nn.Module):
             raise ValueError(f"block_sizes must be a non-empty sequence of positive ints, got {self.block_sizes!r}")
         if not 0.0 < self.compression <= 1.0:
             raise ValueError(f"compression must be in (0, 1], got {self.compression}")
-        if x.ndim != 4:
-            raise ValueError(f"DenseNet input must be NHWC (rank 4), got shape {tuple(x.shape)}; "
-                             "add a batch axis with x[None]")
-        min_size = self.min_input_size()
-        if min(x.shape[1:3]) < min_size:
-            raise ValueError(
-                f"DenseNet ({self.stem} stem, {len(self.block_sizes)} blocks) needs inputs of at least "
-                f"{min_size}x{min_size} pixels, got {x.shape[1]}x{x.shape[2]}; resize or pad the images"
-            )
+        check_image_input(x, f"DenseNet ({self.stem} stem, {len(self.block_sizes)} blocks)",
+                          min_size=self.min_input_size())
         conv = partial(Conv, use_bias=False, kernel_init=self.kernel_init, dtype=self.dtype)
         norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                        epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, dtype=self.dtype)

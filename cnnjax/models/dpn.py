@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax import functional as F
+from cnnjax.models._checks import check_image_input
 from cnnjax.models.registry import register
 from cnnjax.nn import BatchNorm, Conv, Dropout, GlobalAvgPool, MaxPool
 
@@ -132,12 +133,7 @@ class DPN(nn.Module):
         if len(self.block_sizes) != 4 or len(self.increments) != 4 or min(self.block_sizes) < 1:
             raise ValueError(f"block_sizes and increments need 4 entries (stages 2-5) with at least one block each, "
                              f"got {self.block_sizes!r} and {self.increments!r}")
-        if x.ndim != 4:
-            raise ValueError(f"DPN input must be NHWC (rank 4), got shape {tuple(x.shape)}; "
-                             "add a batch axis with x[None]")
-        if min(x.shape[1:3]) < self.min_input_size():
-            raise ValueError(f"DPN needs inputs of at least {self.min_input_size()} pixel(s) per side, "
-                             f"got {x.shape[1]}x{x.shape[2]}")
+        check_image_input(x, "DPN", min_size=self.min_input_size())
         conv = partial(Conv, use_bias=False, dtype=self.dtype)
         norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                        epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, dtype=self.dtype)

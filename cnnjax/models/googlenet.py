@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax import functional as F
+from cnnjax.models._checks import check_image_input
 from cnnjax.models.registry import register
 from cnnjax.nn import (AvgPool, BatchNorm, Conv, Dense, Dropout, Flatten, GlobalAvgPool, LocalResponseNorm,
                        MaxPool)
@@ -164,15 +165,7 @@ class InceptionAux(nn.Module):
         return Dense(self.num_classes, dtype=self.dtype, name="fc2")(x)
 
 
-def _check_input(x: Array, model: str, in_channels: int, min_size: int, hint: str = "") -> None:
-    if x.ndim != 4:
-        raise ValueError(f"{model} input must be NHWC (rank 4), got shape {tuple(x.shape)}; add a batch axis with x[None]")
-    if x.shape[-1] != in_channels:
-        raise ValueError(f"{model} expects {in_channels} input channel(s), got shape {tuple(x.shape)}; "
-                         f"pass in_channels={x.shape[-1]} to create() or fix the layout (NHWC)")
-    if min(x.shape[1:3]) < min_size:
-        raise ValueError(f"{model} needs inputs of at least {min_size}x{min_size} pixels{hint}, got "
-                         f"{x.shape[1]}x{x.shape[2]}; resize or pad the images (224x224 natively)")
+_FIX_224 = "resize or pad the images (224x224 natively)"
 
 
 def googlenet_map_sizes(size: int, pool4_window: int = 3) -> dict[str, int]:
@@ -240,7 +233,8 @@ class GoogLeNet(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array | tuple[Array, list[Array]]:
         run_aux = self.aux_logits and (train or self.is_initializing())
         hint = " with the auxiliary classifiers (aux_logits=False lowers it)" if run_aux else ""
-        _check_input(x, "GoogLeNet", self.in_channels, self.min_input_size(run_aux), hint)
+        check_image_input(x, "GoogLeNet", min_size=self.min_input_size(run_aux), in_channels=self.in_channels,
+                          size_note=hint, fix=_FIX_224)
         if self.inception_block not in ("reduced", "naive"):
             raise ValueError(f"inception_block must be 'reduced' or 'naive', got {self.inception_block!r}")
         conv = partial(Conv, use_bias=not self.batch_norm, kernel_init=self.kernel_init, dtype=self.dtype)
@@ -354,7 +348,8 @@ class BNInception(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        _check_input(x, "BNInception", self.in_channels, self.min_input_size())
+        check_image_input(x, "BNInception", min_size=self.min_input_size(), in_channels=self.in_channels,
+                          fix=_FIX_224)
         # The Caffe-derived port keeps the conv biases in front of BatchNorm (part of its 11,295,240).
         conv = partial(Conv, kernel_init=self.kernel_init, dtype=self.dtype)
         norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax import functional as F
+from cnnjax.models._checks import check_image_input
 from cnnjax.models.registry import register
 from cnnjax.nn import AvgPool, BatchNorm, Conv, Dense, Dropout, GlobalAvgPool, MaxPool
 
@@ -148,15 +149,6 @@ class InceptionBlock(nn.Module):
         return self.act(y) if self.activate else y
 
 
-def _check_input(x: Array, model: str, min_size: int) -> None:
-    if x.ndim != 4:
-        raise ValueError(f"{model} input must be NHWC (rank 4), got shape {tuple(x.shape)}; "
-                         "add a batch axis with x[None]")
-    if min(x.shape[1:3]) < min_size:
-        raise ValueError(f"{model} needs inputs of at least {min_size}x{min_size} pixels (299x299 by default), "
-                         f"got {x.shape[1]}x{x.shape[2]}; resize or pad the images")
-
-
 # Strides of the unpadded 3x3 convs/pools that shrink the maps, in both networks' order
 # (stem: conv1, conv2, pool or conv, 3x3 conv, pool or conv; then Reduction-A and -B).
 _VALID_3X3_STRIDES = (2, 1, 2, 1, 2, 2, 2)
@@ -220,7 +212,7 @@ class InceptionV4(_InceptionBase):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        _check_input(x, "InceptionV4", self.min_input_size())
+        check_image_input(x, "InceptionV4", min_size=self.min_input_size(), size_note=" (299x299 by default)")
         if len(self.num_blocks) != 3 or min(self.num_blocks) < 0:
             raise ValueError(f"num_blocks must give the (A, B, C) repeat counts, got {self.num_blocks!r}")
         conv_bn, block = self._layers(train)
@@ -267,7 +259,7 @@ class InceptionResNetV2(_InceptionBase):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        _check_input(x, "InceptionResNetV2", self.min_input_size())
+        check_image_input(x, "InceptionResNetV2", min_size=self.min_input_size(), size_note=" (299x299 by default)")
         if len(self.num_blocks) != 3 or min(self.num_blocks) < 0 or self.num_blocks[2] < 1:
             raise ValueError(f"num_blocks must give the (A, B, C) repeat counts with at least one C block, "
                              f"got {self.num_blocks!r}")

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax import functional as F
+from cnnjax.models._checks import check_image_input
 from cnnjax.models.registry import register
 from cnnjax.nn import Conv, Dense, Flatten, MaxPool
 
@@ -55,14 +56,8 @@ class LeNet5(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        if x.ndim != 4:
-            raise ValueError(f"LeNet5 input must be NHWC (rank 4), got shape {tuple(x.shape)}; add a batch axis with x[None]")
-        if x.shape[-1] != self.in_channels:
-            raise ValueError(f"LeNet5 expects {self.in_channels} input channel(s) (default input_shape (28, 28, 1)), "
-                             f"got shape {tuple(x.shape)}; pass in_channels={x.shape[-1]} to create() or fix the layout")
-        if min(x.shape[1:3]) < self.min_input_size():
-            raise ValueError(f"LeNet5 needs inputs of at least {self.min_input_size()}x{self.min_input_size()} "
-                             f"pixels (28x28 in the lecture), got {x.shape[1]}x{x.shape[2]}; resize or pad the images")
+        check_image_input(x, "LeNet5", min_size=self.min_input_size(), in_channels=self.in_channels,
+                          size_note=" (28x28 in the lecture)")
         act = F.get_activation(self.act)
         if self.dtype is not None:
             x = x.astype(self.dtype)

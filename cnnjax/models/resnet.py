@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.nn import BatchNorm, Conv, Dense, Dropout, GlobalAvgPool, MaxPool
+from cnnjax.models._checks import check_image_input
 from cnnjax.models.registry import register
 
 ModuleDef = Any
@@ -270,13 +271,9 @@ class ResNet(nn.Module):
 
     def _check_input(self, x, sizes):
         stride = (4 if self.stem == "imagenet" else 1) * 2 ** (len(sizes) - 1)
-        if x.ndim != 4:
-            raise ValueError(f"{type(self).__name__}: x must be NHWC (rank 4), got shape {tuple(x.shape)}; "
-                             "add a batch axis with x[None]")
-        if min(x.shape[1:3]) < stride:
-            raise ValueError(f"{type(self).__name__}: input {tuple(x.shape)} is too small: height and width must "
-                             f"be >= {stride} (the total stride of the {self.stem} stem and {len(sizes)} stages); "
-                             "resize the images or use a CIFAR-style stem")
+        check_image_input(x, type(self).__name__, min_size=stride,
+                          size_note=f" (the total stride of the {self.stem} stem and {len(sizes)} stages)",
+                          fix="resize the images or use a CIFAR-style stem")
 
     @nn.compact
     def __call__(self, x, train: bool):

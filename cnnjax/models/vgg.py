@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnnjax.models._checks import check_image_input
 from cnnjax.models.registry import register
 from cnnjax.nn import BatchNorm, Conv, Dense, Dropout, Flatten, MaxPool
 
@@ -76,15 +77,8 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        if x.ndim != 4:
-            raise ValueError(f"VGG input must be NHWC (rank 4), got shape {tuple(x.shape)}; add a batch axis with x[None]")
-        if x.shape[-1] != self.in_channels:
-            raise ValueError(f"VGG expects {self.in_channels} input channel(s), got shape {tuple(x.shape)}; "
-                             f"pass in_channels={x.shape[-1]} to create() or fix the layout (NHWC)")
-        min_size = self.min_input_size()
-        if min(x.shape[1:3]) < min_size:
-            raise ValueError(f"VGG needs inputs of at least {min_size}x{min_size} pixels (one per 2x2 pool), "
-                             f"got {x.shape[1]}x{x.shape[2]}; resize or pad the images (224 natively)")
+        check_image_input(x, "VGG", min_size=self.min_input_size(), in_channels=self.in_channels,
+                          size_note=" (one per 2x2 pool)", fix="resize or pad the images (224 natively)")
         conv = partial(Conv, kernel_size=3, padding=1, kernel_init=self.kernel_init, dtype=self.dtype)
         norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                        axis_name=self.bn_axis_name, dtype=self.dtype)

@@ -1,0 +1,21 @@
+"""Input validation shared by the image models: one wording for every network's errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def check_image_input(x: Any, model: str, *, min_size: int, in_channels: int | None = None,
+                      size_note: str = "", fix: str = "resize or pad the images") -> None:
+    """Raises ValueError naming `model` unless `x` is an NHWC batch with `in_channels` channels (when
+    given) and height and width of at least `min_size`. `size_note` follows the size in the message
+    (e.g. " (224x224 natively)"), `fix` says what to do about a too-small input."""
+    shape = tuple(x.shape)
+    if len(shape) != 4:
+        raise ValueError(f"{model} input must be NHWC (rank 4), got shape {shape}; add a batch axis with x[None]")
+    if in_channels is not None and shape[-1] != in_channels:
+        raise ValueError(f"{model} expects {in_channels} input channel(s), got shape {shape}; "
+                         f"pass in_channels={shape[-1]} to create() or fix the layout (NHWC)")
+    if min(shape[1:3]) < min_size:
+        raise ValueError(f"{model} needs inputs of at least {min_size}x{min_size} pixels{size_note}, "
+                         f"got {shape[1]}x{shape[2]}; {fix}")
