@@ -176,6 +176,14 @@ class _InceptionBase(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-3
 
+    @staticmethod
+    def min_input_size() -> int:
+        """Smallest input height/width (75) that leaves one pixel after Reduction-B."""
+        return _min_input_size()
+
+    def _check_input(self, x: Array, name: str) -> None:
+        check_image_input(x, name, min_size=self.min_input_size(), size_note=" (299x299 by default)")
+
     def _layers(self, train: bool):
         conv = partial(Conv, use_bias=False, dtype=self.dtype)
         norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
@@ -205,14 +213,9 @@ class InceptionV4(_InceptionBase):
 
     num_blocks: Sequence[int] = (4, 7, 3)
 
-    @staticmethod
-    def min_input_size() -> int:
-        """Smallest input height/width (75) that leaves one pixel after Reduction-B."""
-        return _min_input_size()
-
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        check_image_input(x, "InceptionV4", min_size=self.min_input_size(), size_note=" (299x299 by default)")
+        self._check_input(x, "InceptionV4")
         if len(self.num_blocks) != 3 or min(self.num_blocks) < 0:
             raise ValueError(f"num_blocks must give the (A, B, C) repeat counts, got {self.num_blocks!r}")
         conv_bn, block = self._layers(train)
@@ -252,14 +255,9 @@ class InceptionResNetV2(_InceptionBase):
     num_blocks: Sequence[int] = (10, 20, 10)
     residual_scales: Sequence[float] = (0.17, 0.1, 0.2)
 
-    @staticmethod
-    def min_input_size() -> int:
-        """Smallest input height/width (75) that leaves one pixel after Reduction-B."""
-        return _min_input_size()
-
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        check_image_input(x, "InceptionResNetV2", min_size=self.min_input_size(), size_note=" (299x299 by default)")
+        self._check_input(x, "InceptionResNetV2")
         if len(self.num_blocks) != 3 or min(self.num_blocks) < 0 or self.num_blocks[2] < 1:
             raise ValueError(f"num_blocks must give the (A, B, C) repeat counts with at least one C block, "
                              f"got {self.num_blocks!r}")
