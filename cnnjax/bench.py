@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -34,7 +35,9 @@ from typing import Any
 from cnnjax import xla_flags
 
 IMPLS = ("cnnjax", "flax", "torch-cl", "torch-nchw")
-CONV_VJPS = ("auto", "canonical", "xla")  # cnnjax.functional's gradient paths
+# cnnjax.functional's gradient paths (its _VJP_MODES / _BN_VJP_MODES; the parent does not import it).
+CONV_VJPS = ("auto", "canonical", "xla")
+BN_VJPS = ("auto", "fused", "autodiff")
 MODES = ("train", "eval")
 DTYPES = ("float32", "bfloat16")
 _PREFIX = "@@bench "
@@ -55,6 +58,8 @@ class Spec:
       scan_blocks: build the cnnjax ResNet with scanned blocks (compile-time option).
       conv_vjp: cnnjax's convolution gradient path, `cnnjax.functional.CONV_VJP` ('auto',
         'canonical' or 'xla'; cnnjax workers only).
+      bn_vjp: cnnjax's BatchNorm training gradient path, `cnnjax.functional.BN_VJP` ('auto', 'fused'
+        or 'autodiff'; cnnjax workers only).
       threads: pin the worker to this many cores (sched_setaffinity; torch also sets its intra-op
         threads, XLA sizes its pool from the affinity); 0 leaves both libraries' defaults.
     """
@@ -67,6 +72,7 @@ class Spec:
     scan_blocks: bool = False
     threads: int = 0
     conv_vjp: str = "auto"
+    bn_vjp: str = "auto"
 
     def validate(self) -> Spec:
         if self.impl not in IMPLS:
@@ -81,10 +87,12 @@ class Spec:
             cifar_depth(self.model)
             if self.scan_blocks:
                 raise ValueError(f"scan_blocks is a cnnjax model option; impl={self.impl!r} has none")
-            if self.conv_vjp != "auto":
-                raise ValueError(f"conv_vjp is a cnnjax option; impl={self.impl!r} has none")
-        if self.conv_vjp not in CONV_VJPS:
-            raise ValueError(f"conv_vjp={self.conv_vjp!r}; choose one of {CONV_VJPS}")
+        for name, choices in (("conv_vjp", CONV_VJPS), ("bn_vjp", BN_VJPS)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"{name}={value!r}; choose one of {choices}")
+            if value != "auto" and self.impl != "cnnjax":
+                raise ValueError(f"{name} is a cnnjax option; impl={self.impl!r} has none")
         xla_flags.resolve(self.xla)
         return self
 
@@ -96,6 +104,7 @@ class Spec:
     def label(self) -> str:
         base = self.impl + ("+scan" if self.scan_blocks else "")
         vjp = "" if self.conv_vjp == "auto" else f",vjp={self.conv_vjp}"
+        vjp += "" if self.bn_vjp == "auto" else f",bn={self.bn_vjp}"
         return f"{base}[{self.xla}{vjp}]" if self.is_jax else base
 
 
@@ -261,7 +270,7 @@ class _JaxRunner(_Runner):
             "macs_per_image": analysis.summary(spec.model, shape).total_macs,
             "ynn_fusions": hlo.count('"__ynn_fusion"'), "xnn_fusions": hlo.count("__xnn_fusion"),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__,
-            "conv_vjp": F.CONV_VJP,
+            "conv_vjp": F.CONV_VJP, "bn_vjp": F.BN_VJP,
         }
 
     def step(self, mode: str, n: int) -> None:
@@ -387,7 +396,8 @@ class Worker:
 
     def __init__(self, spec: Spec, timeout_s: float = 600.0):
         self.spec, self.timeout_s = spec, timeout_s
-        env = dict(os.environ, **{xla_flags.ENV_SWITCH: "0", "CNNJAX_CONV_VJP": spec.conv_vjp})
+        env = dict(os.environ, **{xla_flags.ENV_SWITCH: "0", "CNNJAX_CONV_VJP": spec.conv_vjp,
+                                  "CNNJAX_BN_VJP": spec.bn_vjp})
         if spec.is_jax:
             env["XLA_FLAGS"] = worker_xla_flags(spec.xla, os.environ.get("XLA_FLAGS", ""))
         cmd = [sys.executable, "-m", "cnnjax.bench", "--worker", json.dumps(dataclasses.asdict(spec))]
@@ -589,6 +599,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scan-blocks", action="store_true", help="cnnjax ResNet with scanned blocks")
     p.add_argument("--conv-vjp", nargs="+", choices=CONV_VJPS, default=["auto"],
                    help="cnnjax convolution gradient paths to compare (auto: canonical on CPU)")
+    p.add_argument("--bn-vjp", nargs="+", choices=BN_VJPS, default=["auto"],
+                   help="cnnjax BatchNorm training gradient paths to compare (auto: fused on CPU)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="steps per worker, mode and round")
@@ -603,9 +615,10 @@ def specs_from_args(args: argparse.Namespace) -> list[Spec]:
     specs = []
     for impl in args.impl:
         for xla in (args.xla if not impl.startswith("torch") else ["default"]):
-            for vjp in (args.conv_vjp if impl == "cnnjax" else ["auto"]):
-                spec = Spec(impl, args.model, args.batch_size, args.dtype, xla,
-                            scan_blocks=args.scan_blocks and impl == "cnnjax", threads=args.threads, conv_vjp=vjp)
+            ours = impl == "cnnjax"
+            for vjp, bn_vjp in itertools.product(args.conv_vjp if ours else ["auto"], args.bn_vjp if ours else ["auto"]):
+                spec = Spec(impl, args.model, args.batch_size, args.dtype, xla, scan_blocks=args.scan_blocks and ours,
+                            threads=args.threads, conv_vjp=vjp, bn_vjp=bn_vjp)
                 if spec.label not in {s.label for s in specs}:
                     specs.append(spec.validate())
     if any(not s.is_jax for s in specs):

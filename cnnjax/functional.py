@@ -203,46 +203,75 @@ def conv2d(
     return y
 
 
-# 'auto' | 'canonical' | 'xla': the default `vjp` of `conv2d` (see `conv2d_vjp_mode`).
-# The environment variable CNNJAX_CONV_VJP sets it for a whole process (e.g. =xla to switch back).
+# The default gradient path of `conv2d` ('auto' | 'canonical' | 'xla') and of `batch_norm`'s training
+# mode ('auto' | 'fused' | 'autodiff'); `conv2d_vjp_mode` / `batch_norm_vjp_mode` set them inside a
+# `with`, the environment variables CNNJAX_CONV_VJP / CNNJAX_BN_VJP for a whole process (e.g.
+# CNNJAX_CONV_VJP=xla CNNJAX_BN_VJP=autodiff switches both back to JAX's own differentiation).
 CONV_VJP = os.environ.get("CNNJAX_CONV_VJP", "auto")
+BN_VJP = os.environ.get("CNNJAX_BN_VJP", "auto")
 _VJP_MODES = ("auto", "canonical", "xla")
+_BN_VJP_MODES = ("auto", "fused", "autodiff")
+
+
+def _resolve_vjp(vjp: str | None, default: str, modes: tuple[str, ...], cpu_choice: str) -> str:
+    """The gradient path to trace: `vjp`, else the module default; 'auto' is `cpu_choice` on the CPU
+    backend (where it was measured to win, PERFORMANCE.md) and JAX's own rule elsewhere."""
+    mode = default if vjp is None else vjp
+    if mode not in modes:
+        raise ValueError(f"vjp must be one of {modes} or None, got {mode!r}")
+    if mode == "auto":
+        return cpu_choice if jax.default_backend() == "cpu" else modes[-1]
+    return mode
 
 
 def _use_canonical_vjp(vjp: str | None) -> bool:
-    mode = CONV_VJP if vjp is None else vjp
-    if mode not in _VJP_MODES:
-        raise ValueError(f"vjp must be one of {_VJP_MODES} or None, got {mode!r}")
-    if mode == "auto":
-        return jax.default_backend() == "cpu"
-    return mode == "canonical"
+    return _resolve_vjp(vjp, CONV_VJP, _VJP_MODES, "canonical") == "canonical"
 
 
-class conv2d_vjp_mode:  # noqa: N801 (used like a function: `with conv2d_vjp_mode('xla'): ...`)
+class _VjpMode:
+    """Sets a module-level default gradient path while a `with` block runs (read at trace time, so
+    it must be set before a function is jitted)."""
+
+    _default: str
+    _modes: tuple[str, ...]
+
+    def __init__(self, mode: str):
+        if mode not in self._modes:
+            raise ValueError(f"mode must be one of {self._modes}, got {mode!r}")
+        self.mode, self._saved = mode, None
+
+    def __enter__(self):
+        self._saved, globals()[self._default] = globals()[self._default], self.mode
+        return self
+
+    def __exit__(self, *exc):
+        globals()[self._default] = self._saved
+        return False
+
+
+class conv2d_vjp_mode(_VjpMode):  # noqa: N801 (used like a function: `with conv2d_vjp_mode('xla'): ...`)
     """Sets the default gradient path of `conv2d` ('auto', 'canonical' or 'xla') inside a `with`.
 
     JAX differentiates a convolution into two convolutions with permuted dimension numbers (the
     kernel gradient contracts over the batch). XLA's CPU backend runs those permuted layouts far
     below its NHWC speed, and inside `lax.scan` (scanned ResNet blocks) it cannot re-layout them at
     all (measured: PERFORMANCE.md). The canonical path writes both gradients as ordinary NHWC/HWIO
-    convolutions over explicitly transposed operands, which XLA CPU runs at full speed. The mode is
-    read at trace time, so it must be set before a function is jitted.
+    convolutions over explicitly transposed operands, which XLA CPU runs at full speed.
     """
 
-    def __init__(self, mode: str):
-        if mode not in _VJP_MODES:
-            raise ValueError(f"mode must be one of {_VJP_MODES}, got {mode!r}")
-        self.mode, self._saved = mode, None
+    _default, _modes = "CONV_VJP", _VJP_MODES
 
-    def __enter__(self):
-        global CONV_VJP
-        self._saved, CONV_VJP = CONV_VJP, self.mode
-        return self
 
-    def __exit__(self, *exc):
-        global CONV_VJP
-        CONV_VJP = self._saved
-        return False
+class batch_norm_vjp_mode(_VjpMode):  # noqa: N801
+    """Sets the default gradient path of `batch_norm` in training ('auto', 'fused' or 'autodiff').
+
+    'fused' is a hand-written VJP (the textbook BatchNorm backward: two per-channel sums and one
+    element-wise pass). Under JAX's own differentiation the forward's per-channel multiplier is
+    shared with the backward, and XLA's CPU backend then writes its broadcast out in full once per
+    layer instead of fusing it; the hand-written backward keeps the two apart (PERFORMANCE.md).
+    """
+
+    _default, _modes = "BN_VJP", _BN_VJP_MODES
 
 
 def _conv_nhwc(lhs, rhs, strides, pads, dilation, precision, lhs_dilation=(1, 1)):
@@ -267,16 +296,23 @@ def _varying_axes(a) -> frozenset:
     return frozenset(getattr(aval, "vma", ()))
 
 
+def _vary_alike(*arrays):
+    """The arrays, each marked varying over every manual mesh axis any of them varies over.
+
+    Under shard_map with check_vma, x varies over the batch axis and a replicated parameter does
+    not; JAX's own differentiation marks the parameter varying where they meet (the transpose of
+    that mark sums the parameter's gradient over the axis). A custom VJP must see operands of one
+    type to give gradients of their types, so the hand-written VJPs do the same before they start.
+    """
+    axes = [_varying_axes(a) for a in arrays]
+    union = frozenset().union(*axes)
+    return tuple(lax.pcast(a, tuple(sorted(union - v)), to="varying") if union - v else a
+                 for a, v in zip(arrays, axes))
+
+
 def _conv_canonical(x, kernel, strides, pads, dilation, precision):
     pads = tuple(tuple(int(v) for v in p) for p in pads)
-    # Under shard_map with check_vma, x varies over the batch axis and a replicated kernel does not;
-    # JAX's own rule marks the kernel varying (its transpose sums the gradient over the axis). The
-    # custom VJP must see operands of one type to give gradients of their types, so do the same here.
-    vx, vk = (_varying_axes(a) for a in (x, kernel))
-    if vx - vk:
-        kernel = lax.pcast(kernel, tuple(sorted(vx - vk)), to="varying")
-    if vk - vx:
-        x = lax.pcast(x, tuple(sorted(vk - vx)), to="varying")
+    x, kernel = _vary_alike(x, kernel)
     return _conv_canonical_impl(x, kernel, tuple(strides), pads, tuple(dilation), precision)
 
 
@@ -449,6 +485,7 @@ def batch_norm(
     momentum: float = 0.9,
     eps: float = 1e-5,
     axis_name: str | None = None,
+    vjp: str | None = None,
 ) -> tuple[Array, tuple[Array, Array]]:
     """Batch normalisation (Ioffe & Szegedy 2015).
 
@@ -461,6 +498,9 @@ def batch_norm(
       momentum: running = momentum * running + (1 - momentum) * batch (Flax convention).
       eps: added to the variance.
       axis_name: a mapped axis over which the batch statistics are averaged (the global batch).
+      vjp: the training-mode gradient path: 'fused' (a hand-written backward, see
+        `batch_norm_vjp_mode`), 'autodiff' (JAX differentiates the forward), or None for the
+        default, `BN_VJP` ('auto': fused on CPU, autodiff elsewhere). Values are the same either way.
 
     Returns:
       (y, (new_running_mean, new_running_var)).
@@ -468,11 +508,64 @@ def batch_norm(
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1] (Flax convention, 0.9 = PyTorch's 0.1), got {momentum}")
     if train:
-        mean, var = batch_norm_statistics(x, axis_name=axis_name)
+        if _resolve_vjp(vjp, BN_VJP, _BN_VJP_MODES, "fused") == "fused":
+            c = x.shape[-1]
+            ones, zeros = jnp.ones((c,), jnp.float32), jnp.zeros((c,), jnp.float32)
+            y, mean, var = _batch_norm_train(*_vary_alike(x, ones if scale is None else scale,
+                                                          zeros if bias is None else bias), float(eps), axis_name)
+        else:
+            mean, var = batch_norm_statistics(x, axis_name=axis_name)
+            y = batch_norm_apply(x, mean, var, scale, bias, eps=eps)
         new_mean = momentum * running_mean + (1.0 - momentum) * mean
         new_var = momentum * running_var + (1.0 - momentum) * var
-        return batch_norm_apply(x, mean, var, scale, bias, eps=eps), (new_mean, new_var)
+        return y, (new_mean, new_var)
     return batch_norm_apply(x, running_mean, running_var, scale, bias, eps=eps), (running_mean, running_var)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm_train(x, scale, bias, eps, axis_name):
+    """Training-mode BatchNorm with its own VJP: (y, batch mean, batch variance)."""
+    return _batch_norm_train_fwd(x, scale, bias, eps, axis_name)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, eps, axis_name):
+    mean, var = batch_norm_statistics(x, axis_name=axis_name)
+    inv = lax.rsqrt(var + eps)
+    return (batch_norm_apply(x, mean, var, scale, bias, eps=eps), mean, var), (x, scale, mean, inv)
+
+
+def _batch_norm_train_bwd(eps, axis_name, residuals, cotangents):
+    """With m = scale / sqrt(var + eps), x^ = (x - mean) / sqrt(var + eps), sums S over the n values
+    of a channel (across devices with axis_name) and cotangents g (of y), g_mean, g_var:
+
+      d bias = sum(g),  d scale = sum(g x^) = (sum(g x) - mean sum(g)) / sqrt(var + eps),
+      d x = m (g - S(g) / n - x^ S(g x^) / n) + g_mean / n + 2 g_var (x - mean) / n,
+
+    d x written as m g + a x + b with per-channel a and b: one pass over the activations. The
+    parameters' gradients are this device's sums, as JAX's own differentiation gives them (the
+    data-parallel step averages them; under check_vma `_vary_alike`'s mark sums them).
+    """
+    x, scale, mean, inv = residuals
+    gy, g_mean, g_var = cotangents
+    axes = tuple(range(x.ndim - 1))
+    g32, x32 = gy.astype(jnp.float32), x.astype(jnp.float32)
+    sum_g, sum_gx = jnp.sum(g32, axes), jnp.sum(g32 * x32, axes)
+    d_scale, d_bias = inv * (sum_gx - mean * sum_g), sum_g
+    n = x.size // x.shape[-1]
+    if axis_name is not None:
+        sum_g, sum_gx = lax.psum((sum_g, sum_gx), axis_name)
+        n = n * lax.psum(1, axis_name)
+    sum_gxhat = inv * (sum_gx - mean * sum_g)
+    # Not the forward's multiplier itself: XLA would share one broadcast of it between the forward
+    # and this pass and write that broadcast out in full (the reason this VJP exists).
+    mul = lax.optimization_barrier(inv * scale.astype(jnp.float32))
+    a = (2.0 * g_var - mul * inv * sum_gxhat) / n
+    b = (g_mean - mul * sum_g) / n - a * mean
+    dx = g32 * mul + x32 * a + b
+    return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
+
+
+_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 def fold_batch_norm(

@@ -96,10 +96,23 @@ def test_worker_flags_drop_inherited_preset_flags_only():
     (dict(xla="bogus"), "unknown XLA configuration"),
     (dict(conv_vjp="cudnn"), "conv_vjp='cudnn'"),
     (dict(impl="flax", conv_vjp="xla"), "conv_vjp is a cnnjax option"),
+    (dict(bn_vjp="cudnn"), "bn_vjp='cudnn'"),
+    (dict(impl="torch-cl", bn_vjp="autodiff"), "bn_vjp is a cnnjax option"),
 ])
 def test_spec_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         bench.Spec(**kwargs).validate()
+
+
+def test_gradient_paths_multiply_the_cnnjax_workers_only():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--impl", "cnnjax", "flax", "--conv-vjp", "auto", "xla", "--bn-vjp", "auto", "autodiff"])
+    assert [s.label for s in bench.specs_from_args(args)] == [
+        "cnnjax[fast]", "cnnjax[fast,bn=autodiff]", "cnnjax[fast,vjp=xla]", "cnnjax[fast,vjp=xla,bn=autodiff]",
+        "flax[fast]"]
 
 
 def test_cli_reports_bad_arguments(capsys):
@@ -256,9 +269,9 @@ def test_fast_path_trains_like_xla_defaults(probes):
 
 def test_run_side_by_side():
     specs = [bench.Spec("cnnjax", "lenet5", batch_size=4, xla="fast"),
-             bench.Spec("cnnjax", "lenet5", batch_size=4, xla="default", conv_vjp="xla")]
+             bench.Spec("cnnjax", "lenet5", batch_size=4, xla="default", conv_vjp="xla", bn_vjp="autodiff")]
     result = bench.run(specs, rounds=2, steps=1, matmul_n=64, log=None)
-    assert [w["label"] for w in result["workers"]] == ["cnnjax[fast]", "cnnjax[default,vjp=xla]"]
+    assert [w["label"] for w in result["workers"]] == ["cnnjax[fast]", "cnnjax[default,vjp=xla,bn=autodiff]"]
     ref, other = result["workers"]
     assert ref["ratio"]["train"]["median"] == 1.0 == ref["ratio"]["eval"]["median"]
     macs = 28 * 28 * 5 * 5 * 1 * 20 + 14 * 14 * 5 * 5 * 20 * 50 + 2450 * 500 + 500 * 10  # the lecture's LeNet-5
@@ -271,6 +284,7 @@ def test_run_side_by_side():
         assert w["peak_rss_mib"] > 0 and w["matmul_gflops"] > 0 and w["compile_train_s"] > 0
     assert ref["xla_flags"] == xla_flags.CPU_PRESETS["fast"] and other["xla_flags"] == ""
     assert ref["conv_vjp"] == "auto" and other["conv_vjp"] == "xla"
+    assert ref["bn_vjp"] == "auto" and other["bn_vjp"] == "autodiff"  # what each worker process really ran
     # The ratio is taken round by round (same load), then the median.
     per_round = [b / a for a, b in zip(ref["modes"]["train"]["per_round"], other["modes"]["train"]["per_round"])]
     assert other["ratio"]["train"]["median"] == pytest.approx(np.median(per_round))

@@ -280,6 +280,113 @@ def test_batch_norm_gradients():
     check_grads(f, (x, g, b), order=2, modes=("rev",), atol=5e-2, rtol=5e-2)
 
 
+def _bn_loss(vjp, affine=True):
+    w = jnp.asarray(np.random.default_rng(11).standard_normal((3, 4, 5, 4)), jnp.float32)
+
+    def loss(x, g, b):
+        y, (m, v) = F.batch_norm(x, g if affine else None, b if affine else None, jnp.zeros(4), jnp.ones(4),
+                                 train=True, momentum=0.8, vjp=vjp)
+        y = y.astype(jnp.float32)
+        # Through the output and through the returned running statistics (g_mean, g_var != 0).
+        return jnp.sum(jnp.sin(y) * w.reshape(-1)[: y.size].reshape(y.shape)) + jnp.sum(m * jnp.arange(4.0)) + jnp.sum(v ** 2)
+    return loss
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5, 4), (12, 4)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_fused_vjp_equals_autodiff(shape, affine):
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, jnp.float32)
+    g, b = jnp.asarray(rng.standard_normal(4), jnp.float32), jnp.asarray(rng.standard_normal(4), jnp.float32)
+    vals = {vjp: jax.jit(jax.value_and_grad(_bn_loss(vjp, affine), (0, 1, 2)))(x, g, b) for vjp in ("fused", "autodiff")}
+    np.testing.assert_allclose(float(vals["fused"][0]), float(vals["autodiff"][0]), rtol=1e-6)
+    for got, want in zip(vals["fused"][1], vals["autodiff"][1]):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+    assert np.abs(np.asarray(vals["fused"][1][0])).max() > 1e-3  # a real gradient was compared
+
+
+def test_batch_norm_fused_vjp_bfloat16_and_default():
+    x = jnp.asarray(np.random.default_rng(13).standard_normal((3, 4, 5, 4)), jnp.bfloat16)
+    g, b = jnp.ones(4), jnp.zeros(4)
+    grads = {vjp: jax.grad(_bn_loss(vjp), (0, 1, 2))(x, g, b) for vjp in ("fused", "autodiff")}
+    assert grads["fused"][0].dtype == jnp.bfloat16 and grads["fused"][1].dtype == jnp.float32
+    for got, want in zip(grads["fused"], grads["autodiff"]):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=5e-2, atol=5e-2)
+
+    # 'auto' (the default) is the fused VJP on CPU: its backward's barrier is in the traced gradient.
+    def jaxpr(vjp=None):
+        f = lambda x: jnp.sum(F.batch_norm(x, g, b, jnp.zeros(4), jnp.ones(4), train=True, vjp=vjp)[0] ** 2)
+        return str(jax.make_jaxpr(jax.grad(f))(x.astype(jnp.float32)))
+    assert F.BN_VJP == "auto" and jax.default_backend() == "cpu"
+    assert "optimization_barrier" in jaxpr() and "optimization_barrier" not in jaxpr("autodiff")
+    with F.batch_norm_vjp_mode("autodiff"):
+        assert "optimization_barrier" not in jaxpr()
+    with pytest.raises(ValueError, match="vjp must be one of"):
+        F.batch_norm(x, g, b, jnp.zeros(4), jnp.ones(4), train=True, vjp="cudnn")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        F.batch_norm_vjp_mode("fast")
+
+
+_BN_PARALLEL = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from cnnjax import functional as F
+mesh = jax.make_mesh((4,), ("batch",))
+shard = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.normal(size=(8, 3, 3, 2)) * 2 + 1, jnp.float32)
+g, b = jnp.asarray([1.5, -0.5], jnp.float32), jnp.asarray([0.1, 0.2], jnp.float32)
+w = jnp.asarray(rng.normal(size=(8, 3, 3, 2)), jnp.float32)
+
+def local_loss(vjp):
+    def loss(x, g, b, w):
+        y, (m, v) = F.batch_norm(x, g, b, jnp.zeros(2), jnp.ones(2), train=True, axis_name="batch", vjp=vjp)
+        return jnp.mean(jnp.sin(y) * w)
+    return loss
+
+out = {}
+for vjp in ("fused", "autodiff"):
+    grad = jax.grad(local_loss(vjp), (0, 1, 2))
+    pm = jax.pmap(lambda *a: jax.lax.pmean(grad(*a)[1:], "batch") + (grad(*a)[0],), axis_name="batch")
+    r = pm(x.reshape(4, 2, 3, 3, 2), jnp.broadcast_to(g, (4, 2)), jnp.broadcast_to(b, (4, 2)), w.reshape(4, 2, 3, 3, 2))
+    out[vjp, "pmap"] = [np.asarray(r[0][0]), np.asarray(r[1][0]), np.asarray(r[2]).reshape(8, 3, 3, 2)]
+    for check_vma in (False, True):
+        def step(x, g, b, w):
+            dx, dg, db = grad(x, g, b, w)
+            return dx, jax.lax.pmean(dg, "batch"), jax.lax.pmean(db, "batch")
+        f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("batch"), P(), P(), P("batch")),
+                                  out_specs=(P("batch"), P(), P()), check_vma=check_vma))
+        dx, dg, db = f(shard(x, P("batch")), shard(g, P()), shard(b, P()), shard(w, P("batch")))
+        out[vjp, check_vma] = [np.asarray(dg), np.asarray(db), np.asarray(dx)]
+# One device on the global batch: the parameters' gradients the data-parallel step must reproduce.
+ref = jax.grad(lambda x, g, b: jnp.mean(jnp.sin(F.batch_norm(x, g, b, jnp.zeros(2), jnp.ones(2), train=True,
+                                                             vjp="autodiff")[0]) * w), (0, 1, 2))(x, g, b)
+for key in (("pmap",), (False,), (True,)):
+    for i in range(3):
+        np.testing.assert_allclose(out[("fused",) + key][i], out[("autodiff",) + key][i], rtol=1e-5, atol=1e-7)
+for key in ("pmap", False):
+    np.testing.assert_allclose(out["fused", key][0], ref[1], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out["fused", key][1], ref[2], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out["fused", key][2], 4 * ref[0], rtol=1e-4, atol=1e-6)  # local mean: 4x the share
+# check_vma: autodiff already sums a replicated parameter's gradient over the axis (DESIGN.md's trap).
+np.testing.assert_allclose(out["fused", True][0], 4 * ref[1], rtol=1e-5, atol=1e-7)
+print("OK")
+"""
+
+
+def test_batch_norm_fused_vjp_data_parallel_matches_autodiff():
+    # SyncBN's backward: the input gradient needs the global sums, the parameters' gradients are each
+    # device's own (as JAX's differentiation gives them) under pmap and shard_map, with and without
+    # check_vma. Four fake CPU devices, in a subprocess.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _BN_PARALLEL], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("kind", ["conv", "dense"])
 def test_fold_batch_norm_equals_conv_then_eval_bn(kind):
     rng = np.random.default_rng(7)
