@@ -215,7 +215,8 @@ _BN_VJP_MODES = ("auto", "fused", "autodiff")
 
 def _resolve_vjp(vjp: str | None, default: str, modes: tuple[str, ...], cpu_choice: str) -> str:
     """The gradient path to trace: `vjp`, else the module default; 'auto' is `cpu_choice` on the CPU
-    backend (where it was measured to win, PERFORMANCE.md) and JAX's own rule elsewhere."""
+    backend (where it was measured to win, PERFORMANCE.md) and JAX's own rule elsewhere (the last
+    entry of `modes`)."""
     mode = default if vjp is None else vjp
     if mode not in modes:
         raise ValueError(f"vjp must be one of {modes} or None, got {mode!r}")
