@@ -38,6 +38,7 @@ IMPLS = ("cnnjax", "flax", "torch-cl", "torch-nchw")
 # cnnjax.functional's gradient paths (its _VJP_MODES / _BN_VJP_MODES; the parent does not import it).
 CONV_VJPS = ("auto", "canonical", "xla")
 BN_VJPS = ("auto", "fused", "autodiff")
+MALLOCS = ("tuned", "default")  # the C allocator: cnnjax.xla_flags.tune_malloc() or glibc's defaults
 MODES = ("train", "eval")
 DTYPES = ("float32", "bfloat16")
 _PREFIX = "@@bench "
@@ -60,6 +61,8 @@ class Spec:
         'canonical' or 'xla'; cnnjax workers only).
       bn_vjp: cnnjax's BatchNorm training gradient path, `cnnjax.functional.BN_VJP` ('auto', 'fused'
         or 'autodiff'; cnnjax workers only).
+      malloc: 'tuned' (`cnnjax.xla_flags.tune_malloc()`, what cnnjax's entry points do) or 'default'
+        (glibc's own settings); every implementation, torch included, as torch gains from it too.
       threads: pin the worker to this many cores (sched_setaffinity; torch also sets its intra-op
         threads, XLA sizes its pool from the affinity); 0 leaves both libraries' defaults.
     """
@@ -73,6 +76,7 @@ class Spec:
     threads: int = 0
     conv_vjp: str = "auto"
     bn_vjp: str = "auto"
+    malloc: str = "tuned"
 
     def validate(self) -> Spec:
         if self.impl not in IMPLS:
@@ -87,6 +91,8 @@ class Spec:
             cifar_depth(self.model)
             if self.scan_blocks:
                 raise ValueError(f"scan_blocks is a cnnjax model option; impl={self.impl!r} has none")
+        if self.malloc not in MALLOCS:
+            raise ValueError(f"malloc={self.malloc!r}; choose one of {MALLOCS}")
         for name, choices in (("conv_vjp", CONV_VJPS), ("bn_vjp", BN_VJPS)):
             value = getattr(self, name)
             if value not in choices:
@@ -105,7 +111,8 @@ class Spec:
         base = self.impl + ("+scan" if self.scan_blocks else "")
         vjp = "" if self.conv_vjp == "auto" else f",vjp={self.conv_vjp}"
         vjp += "" if self.bn_vjp == "auto" else f",bn={self.bn_vjp}"
-        return f"{base}[{self.xla}{vjp}]" if self.is_jax else base
+        vjp += "" if self.malloc == "tuned" else f",malloc={self.malloc}"
+        return f"{base}[{self.xla}{vjp}]" if self.is_jax else base + (f"[{vjp[1:]}]" if vjp else "")
 
 
 def cifar_depth(model: str) -> tuple[bool, int]:
@@ -356,12 +363,14 @@ def worker_main(spec_json: str) -> int:
     if spec.threads:
         allowed = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, allowed[:spec.threads])
+    # Before any library starts its threads; {}: the spec decides, not the parent's environment.
+    malloc_tuned = xla_flags.tune_malloc({}) if spec.malloc == "tuned" else False
     try:
         runner = _JaxRunner(spec) if spec.is_jax else _TorchRunner(spec)
     except Exception as e:  # reported to the parent, which goes on without this worker
         _send({"error": f"{type(e).__name__}: {e}"})
         return 1
-    _send({"ready": True, **runner.info})
+    _send({"ready": True, **runner.info, "malloc_tuned": malloc_tuned})
     warm = set()
     for line in sys.stdin:
         cmd = line.split()
@@ -601,6 +610,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cnnjax convolution gradient paths to compare (auto: canonical on CPU)")
     p.add_argument("--bn-vjp", nargs="+", choices=BN_VJPS, default=["auto"],
                    help="cnnjax BatchNorm training gradient paths to compare (auto: fused on CPU)")
+    p.add_argument("--malloc", nargs="+", choices=MALLOCS, default=["tuned"],
+                   help="C allocator settings to compare, for every implementation (tuned: cnnjax.xla_flags.tune_malloc)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="steps per worker, mode and round")
@@ -616,9 +627,10 @@ def specs_from_args(args: argparse.Namespace) -> list[Spec]:
     for impl in args.impl:
         for xla in (args.xla if not impl.startswith("torch") else ["default"]):
             ours = impl == "cnnjax"
-            for vjp, bn_vjp in itertools.product(args.conv_vjp if ours else ["auto"], args.bn_vjp if ours else ["auto"]):
+            for vjp, bn_vjp, malloc in itertools.product(args.conv_vjp if ours else ["auto"],
+                                                         args.bn_vjp if ours else ["auto"], args.malloc):
                 spec = Spec(impl, args.model, args.batch_size, args.dtype, xla, scan_blocks=args.scan_blocks and ours,
-                            threads=args.threads, conv_vjp=vjp, bn_vjp=bn_vjp)
+                            threads=args.threads, conv_vjp=vjp, bn_vjp=bn_vjp, malloc=malloc)
                 if spec.label not in {s.label for s in specs}:
                     specs.append(spec.validate())
     if any(not s.is_jax for s in specs):

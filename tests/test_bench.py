@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -47,6 +48,49 @@ def test_configure_cpu_respects_the_user_and_the_switch():
     assert xla_flags.configure_cpu(environ=off) == "" and "XLA_FLAGS" not in off
     with pytest.raises(ValueError, match="CNNJAX_CPU_FAST='maybe'"):
         xla_flags.configure_cpu(environ={"CNNJAX_CPU_FAST": "maybe"})
+
+
+_PAGE_FAULTS = r"""
+import resource, sys
+from cnnjax import xla_flags
+tuned = None
+if sys.argv[1] == "tuned":  # what every entry point does first: configure_cpu() calls tune_malloc()
+    xla_flags.configure_cpu()
+    tuned = True
+import jax, jax.numpy as jnp
+x = jnp.ones((1024, 1024), jnp.float32)
+# Large temporaries (the matmul's operands and its packing buffers), a scalar out.
+f = jax.jit(lambda x: jnp.sum(jnp.tanh(x) @ jnp.tanh(x[::-1])))
+for _ in range(2):
+    f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    f(x).block_until_ready()
+print(tuned, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+"""
+
+
+def _faults_per_call(mode: str) -> tuple[str, float]:
+    env = {k: v for k, v in os.environ.items() if k not in ("CNNJAX_CPU_FAST", "CNNJAX_CPU_MALLOC")}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, "-c", _PAGE_FAULTS, mode], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tuned, faults = proc.stdout.split()[-2:]
+    return tuned, float(faults)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_tune_malloc_stops_the_per_call_page_faults():
+    # glibc mmaps each large block and unmaps it on free, so every call of a compiled function
+    # page-faults its temporaries anew (PERFORMANCE.md section 8); tuned, the memory is reused.
+    tuned, faults = _faults_per_call("tuned")
+    assert tuned == "True" and faults < 100, faults
+    default, faults_default = _faults_per_call("default")
+    assert default == "None" and faults_default > 10 * (faults + 100), faults_default
+    assert not xla_flags.tune_malloc({"CNNJAX_CPU_MALLOC": "0"})  # the switch: nothing is changed
+    with pytest.raises(ValueError, match="CNNJAX_CPU_MALLOC='maybe'"):
+        xla_flags.tune_malloc({"CNNJAX_CPU_MALLOC": "maybe"})
 
 
 def test_flags_unknown_to_this_jaxlib_are_left_out():
@@ -98,6 +142,7 @@ def test_worker_flags_drop_inherited_preset_flags_only():
     (dict(impl="flax", conv_vjp="xla"), "conv_vjp is a cnnjax option"),
     (dict(bn_vjp="cudnn"), "bn_vjp='cudnn'"),
     (dict(impl="torch-cl", bn_vjp="autodiff"), "bn_vjp is a cnnjax option"),
+    (dict(malloc="jemalloc"), "malloc='jemalloc'"),
 ])
 def test_spec_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -113,6 +158,11 @@ def test_gradient_paths_multiply_the_cnnjax_workers_only():
     assert [s.label for s in bench.specs_from_args(args)] == [
         "cnnjax[fast]", "cnnjax[fast,bn=autodiff]", "cnnjax[fast,vjp=xla]", "cnnjax[fast,vjp=xla,bn=autodiff]",
         "flax[fast]"]
+    # The allocator setting applies to every implementation, torch included.
+    args = p.parse_args(["--impl", "cnnjax", "torch-cl", "--malloc", "tuned", "default"])
+    labels = [s.label for s in bench.specs_from_args(args)]
+    assert labels[:2] == ["cnnjax[fast]", "cnnjax[fast,malloc=default]"]
+    assert labels[2:] in ([], ["torch-cl", "torch-cl[malloc=default]"])  # torch only where installed
 
 
 def test_cli_reports_bad_arguments(capsys):
@@ -285,6 +335,7 @@ def test_run_side_by_side():
     assert ref["xla_flags"] == xla_flags.CPU_PRESETS["fast"] and other["xla_flags"] == ""
     assert ref["conv_vjp"] == "auto" and other["conv_vjp"] == "xla"
     assert ref["bn_vjp"] == "auto" and other["bn_vjp"] == "autodiff"  # what each worker process really ran
+    assert ref["malloc_tuned"] is (sys.platform == "linux" and platform.libc_ver()[0] == "glibc")
     # The ratio is taken round by round (same load), then the median.
     per_round = [b / a for a, b in zip(ref["modes"]["train"]["per_round"], other["modes"]["train"]["per_round"])]
     assert other["ratio"]["train"]["median"] == pytest.approx(np.median(per_round))
