@@ -15,12 +15,14 @@ turn it off:
     user has not set.
 The flags only concern XLA's CPU backend; on GPU/TPU hosts they are parsed and ignored.
 
-It also tunes the C allocator (`tune_malloc()`, glibc on Linux): XLA CPU allocates each step's
-temporaries as one block (281 MiB for a ResNet-20 batch-128 train step); glibc serves a block that
-large with mmap and unmaps it when it is freed, so every step page-faulted all of it anew (72k
-faults and 240 ms of kernel time in a 1.05 s step, PERFORMANCE.md section 8). Tuned, freed memory
-stays in the process and the next step reuses it. `CNNJAX_CPU_MALLOC=0` (or CNNJAX_CPU_FAST=0)
-leaves the allocator alone.
+With `CNNJAX_CPU_MALLOC=1` it also tunes the C allocator (`tune_malloc()`, glibc on Linux): XLA
+CPU allocates each step's temporaries as one block (281 MiB for a ResNet-20 batch-128 train step);
+glibc serves a block that large with mmap and unmaps it when it is freed, so every step
+page-faults all of it anew (72k faults and 240 ms of kernel time in a 1.05 s step, PERFORMANCE.md
+section 8). Tuned, freed memory stays in the process and the next step reuses it: 1.2-1.5x faster
+steps on one core. It is off by default: with it, a resumed training run's logged metrics came out
+doubled (tests/test_train_resume.py), so something in the stack reads memory it never wrote, which
+fresh zeroed pages had hidden; until that is found, opt in knowingly.
 
 This module imports nothing from JAX, so importing it never initialises a backend.
 """
@@ -88,9 +90,9 @@ def resolve(config: str) -> str:
                      "or a flag string starting with '--', e.g. '--xla_cpu_use_onednn=true'")
 
 
-def enabled(environ: Mapping[str, str] | None = None, switch: str = ENV_SWITCH) -> bool:
+def enabled(environ: Mapping[str, str] | None = None, switch: str = ENV_SWITCH, default: str = "1") -> bool:
     """False when the environment switch (CNNJAX_CPU_FAST by default) is 0/false/no/off."""
-    value = (os.environ if environ is None else environ).get(switch, "1").strip().lower()
+    value = (os.environ if environ is None else environ).get(switch, default).strip().lower()
     if value in ("0", "false", "no", "off"):
         return False
     if value in ("", "1", "true", "yes", "on"):
@@ -98,15 +100,18 @@ def enabled(environ: Mapping[str, str] | None = None, switch: str = ENV_SWITCH) 
     raise ValueError(f"{switch}={value!r}: use 1 (the CPU fast path, default) or 0 (the library's own defaults)")
 
 
-def tune_malloc(environ: Mapping[str, str] | None = None) -> bool:
+def tune_malloc(environ: Mapping[str, str] | None = None, *, force: bool = False) -> bool:
     """Keeps freed memory in the process (glibc: no mmap for large blocks, no trimming, one arena).
 
-    Returns True when applied; False when CNNJAX_CPU_MALLOC=0, off Linux, or without glibc's
-    mallopt (musl, other platforms: nothing is changed). Process-wide and for the process's life:
+    Opt-in (see the module docstring for why): applied when CNNJAX_CPU_MALLOC=1 or `force`.
+    Returns True when applied; False when not asked for, off Linux, or without glibc's mallopt
+    (musl, other platforms: nothing is changed). Process-wide and for the process's life:
     the resident size then stays at its peak, which a training process reaches every step anyway.
     Call it early, before threads start (the arena limit applies to threads that have none yet).
     """
-    if not enabled(environ, MALLOC_SWITCH) or sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    if not (force or enabled(environ, MALLOC_SWITCH, default="0")):
+        return False
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -154,8 +159,8 @@ def configure_cpu(config: str = FAST, *, environ: dict[str, str] | None = None) 
 
     Returns:
       The resulting XLA_FLAGS. Does nothing when CNNJAX_CPU_FAST=0; otherwise, for the process's
-      own environment, also calls `tune_malloc()` (its own switch: CNNJAX_CPU_MALLOC=0). Flags the
-      user already set keep the user's value; flags the installed jaxlib does not define are left out, with a
+      own environment, also calls `tune_malloc()` (opt-in: CNNJAX_CPU_MALLOC=1). Flags the user
+      already set keep the user's value; flags the installed jaxlib does not define are left out, with a
       warning (XLA would abort on them). Warns, and changes nothing, when a JAX backend is
       already running (the flags would be ignored).
     """
@@ -164,7 +169,7 @@ def configure_cpu(config: str = FAST, *, environ: dict[str, str] | None = None) 
     if not enabled(env):
         return current
     if environ is None:  # the process's own allocator, not when a caller (a test) passes an environment
-        tune_malloc()
+        tune_malloc()  # only with CNNJAX_CPU_MALLOC=1
     flags = resolve(config).split()
     unknown = [f for f in flags if not jaxlib_knows(flag_name(f))]
     if unknown:
