@@ -135,6 +135,31 @@ def test_meter_stops_at_the_first_non_finite_loss():
         meter.flush(lambda tree: tree)
 
 
+def test_meter_state_is_a_snapshot():
+    # The checkpointer writes a step's metadata asynchronously while the next steps are added: the
+    # state must not change with them (it did, and a resumed run logged doubled metrics).
+    meter = metrics_lib.Meter()
+    saved = meter.state()
+    meter.add(11, {"loss": np.float32(2.0), "error": np.float32(0.5)})
+    meter.flush(lambda tree: tree)
+    assert saved == {"sums": {}, "count": 0}
+    restored = metrics_lib.Meter.from_state(saved)
+    restored.add(11, {"loss": np.float32(2.0), "error": np.float32(0.5)})
+    restored.flush(lambda tree: tree)
+    assert restored.means() == meter.means() == {"loss": 2.0, "error": 0.5}
+
+
+def test_checkpoint_metadata_is_snapshotted_at_save(tmp_path):
+    meta = {"meter": {"sums": {}, "count": 0}}
+    with train.Checkpointer(str(tmp_path / "ckpt")) as ckpt:
+        state = {"w": np.ones(3, np.float32)}
+        ckpt.save(10, state, meta)
+        meta["meter"]["sums"]["loss"] = 99.0  # changed while the save may still be in flight
+        ckpt.wait()
+        _, restored = ckpt.restore(state, 10)
+    assert restored["meter"] == {"sums": {}, "count": 0}
+
+
 def test_digits_loss_falls_well_below_chance_and_metrics_are_recorded(tmp_path):
     config = TrainConfig(
         model="tiny", dataset="digits", image_size=8, channels=1, global_batch_size=32, num_steps=300,

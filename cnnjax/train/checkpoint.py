@@ -8,6 +8,7 @@ replicated arrays and the metadata), so checkpoints are written collectively acr
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -45,8 +46,11 @@ class Checkpointer:
     def save(self, step: int, state: TrainState, metadata: dict[str, Any] | None = None) -> None:
         """Saves a host (NumPy) copy of `state` and JSON-able `metadata` as checkpoint `step`."""
         state = _as_arrays(state)
+        # Saving is asynchronous: snapshot the metadata now, or later changes to the caller's
+        # objects end up in the checkpoint (a resumed run then logged doubled metrics).
+        metadata = json.loads(json.dumps(metadata or {}))
         self._manager.save(int(step), force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(metadata or {})))
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(metadata)))
 
     def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
         """The checkpoint `step` (default the latest), shaped like `template`, as NumPy arrays."""

@@ -121,7 +121,8 @@ class Meter:
     def state(self) -> dict[str, Any]:
         if self._pending:
             raise RuntimeError("flush the meter before saving its state")
-        return {"sums": self.sums, "count": self.count}
+        # A copy: the checkpointer writes it asynchronously while the next steps add to `sums`.
+        return {"sums": dict(self.sums), "count": self.count}
 
     @classmethod
     def from_state(cls, state: dict[str, Any] | None) -> Meter:
