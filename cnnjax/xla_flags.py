@@ -21,8 +21,8 @@ glibc serves a block that large with mmap and unmaps it when it is freed, so eve
 page-faults all of it anew (72k faults and 240 ms of kernel time in a 1.05 s step, PERFORMANCE.md
 section 8). Tuned, freed memory stays in the process and the next step reuses it: 1.2-1.5x faster
 steps on one core. It is off by default until it has been validated as the default: it was
-withdrawn after a failure of tests/test_train_resume.py that turned out to be a flaky test (it
-fails about 1 run in 4 at the previous session's commit too, without the tuning), PERFORMANCE.md
+withdrawn after a failure of tests/test_train_resume.py that turned out to be an unrelated bug
+(a resumed run's metrics, since fixed; it failed without the tuning too), PERFORMANCE.md
 section 8.
 
 This module imports nothing from JAX, so importing it never initialises a backend.
