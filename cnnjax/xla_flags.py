@@ -92,13 +92,13 @@ def resolve(config: str) -> str:
 
 
 def enabled(environ: Mapping[str, str] | None = None, switch: str = ENV_SWITCH, default: str = "1") -> bool:
-    """False when the environment switch (CNNJAX_CPU_FAST by default) is 0/false/no/off."""
+    """Whether an environment switch (CNNJAX_CPU_FAST by default, on unless 0/false/no/off) is on."""
     value = (os.environ if environ is None else environ).get(switch, default).strip().lower()
     if value in ("0", "false", "no", "off"):
         return False
     if value in ("", "1", "true", "yes", "on"):
         return True
-    raise ValueError(f"{switch}={value!r}: use 1 (the CPU fast path, default) or 0 (the library's own defaults)")
+    raise ValueError(f"{switch}={value!r}: use 1 (on) or 0 (off; unset means {'on' if default == '1' else 'off'})")
 
 
 def tune_malloc(environ: Mapping[str, str] | None = None, *, force: bool = False) -> bool:
