@@ -38,7 +38,7 @@ IMPLS = ("cnnjax", "flax", "torch-cl", "torch-nchw")
 # cnnjax.functional's gradient paths (its _VJP_MODES / _BN_VJP_MODES; the parent does not import it).
 CONV_VJPS = ("auto", "canonical", "xla")
 BN_VJPS = ("auto", "fused", "autodiff")
-MALLOCS = ("default", "tuned")  # the C allocator: glibc's defaults or cnnjax.xla_flags.tune_malloc()
+MALLOCS = ("auto", "tuned", "default")  # the C allocator: as entry points set it, cnnjax.xla_flags.tune_malloc(), glibc's
 MODES = ("train", "eval")
 DTYPES = ("float32", "bfloat16")
 _PREFIX = "@@bench "
@@ -61,8 +61,9 @@ class Spec:
         'canonical' or 'xla'; cnnjax workers only).
       bn_vjp: cnnjax's BatchNorm training gradient path, `cnnjax.functional.BN_VJP` ('auto', 'fused'
         or 'autodiff'; cnnjax workers only).
-      malloc: 'default' (glibc's own settings) or 'tuned' (`cnnjax.xla_flags.tune_malloc()`, opt-in
-        for cnnjax's entry points with CNNJAX_CPU_MALLOC=1); every implementation, torch included.
+      malloc: the C allocator, for every implementation (torch gains from it too): 'auto' (what
+        cnnjax's entry points do: `cnnjax.xla_flags.tune_malloc()` on a CPU host unless
+        CNNJAX_CPU_MALLOC=0), 'tuned' (always) or 'default' (glibc's own settings).
       threads: pin the worker to this many cores (sched_setaffinity; torch also sets its intra-op
         threads, XLA sizes its pool from the affinity); 0 leaves both libraries' defaults.
     """
@@ -76,7 +77,7 @@ class Spec:
     threads: int = 0
     conv_vjp: str = "auto"
     bn_vjp: str = "auto"
-    malloc: str = "default"
+    malloc: str = "auto"
 
     def validate(self) -> Spec:
         if self.impl not in IMPLS:
@@ -111,7 +112,7 @@ class Spec:
         base = self.impl + ("+scan" if self.scan_blocks else "")
         vjp = "" if self.conv_vjp == "auto" else f",vjp={self.conv_vjp}"
         vjp += "" if self.bn_vjp == "auto" else f",bn={self.bn_vjp}"
-        vjp += "" if self.malloc == "default" else f",malloc={self.malloc}"
+        vjp += "" if self.malloc == "auto" else f",malloc={self.malloc}"
         return f"{base}[{self.xla}{vjp}]" if self.is_jax else base + (f"[{vjp[1:]}]" if vjp else "")
 
 
@@ -363,8 +364,9 @@ def worker_main(spec_json: str) -> int:
     if spec.threads:
         allowed = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, allowed[:spec.threads])
-    # Before any library starts its threads; the spec decides, not the parent's environment.
-    malloc_tuned = xla_flags.tune_malloc(force=True) if spec.malloc == "tuned" else False
+    # Before any library starts its threads. 'auto' decides as the entry points do (CPU host,
+    # CNNJAX_CPU_MALLOC); 'tuned' and 'default' regardless of the environment.
+    malloc_tuned = spec.malloc != "default" and xla_flags.tune_malloc(force=spec.malloc == "tuned")
     try:
         runner = _JaxRunner(spec) if spec.is_jax else _TorchRunner(spec)
     except Exception as e:  # reported to the parent, which goes on without this worker
@@ -610,8 +612,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cnnjax convolution gradient paths to compare (auto: canonical on CPU)")
     p.add_argument("--bn-vjp", nargs="+", choices=BN_VJPS, default=["auto"],
                    help="cnnjax BatchNorm training gradient paths to compare (auto: fused on CPU)")
-    p.add_argument("--malloc", nargs="+", choices=MALLOCS, default=["default"],
-                   help="C allocator settings to compare, for every implementation (tuned: cnnjax.xla_flags.tune_malloc)")
+    p.add_argument("--malloc", nargs="+", choices=MALLOCS, default=["auto"],
+                   help="C allocator settings to compare, for every implementation (auto: as the entry points, tuned on a CPU host; tuned: cnnjax.xla_flags.tune_malloc)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="steps per worker, mode and round")

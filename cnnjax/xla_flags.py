@@ -15,15 +15,14 @@ turn it off:
     user has not set.
 The flags only concern XLA's CPU backend; on GPU/TPU hosts they are parsed and ignored.
 
-With `CNNJAX_CPU_MALLOC=1` it also tunes the C allocator (`tune_malloc()`, glibc on Linux): XLA
-CPU allocates each step's temporaries as one block (281 MiB for a ResNet-20 batch-128 train step);
-glibc serves a block that large with mmap and unmaps it when it is freed, so every step
-page-faults all of it anew (72k faults and 240 ms of kernel time in a 1.05 s step, PERFORMANCE.md
-section 8). Tuned, freed memory stays in the process and the next step reuses it: 1.2-1.5x faster
-steps on one core. It is off by default until it has been validated as the default: it was
-withdrawn after a failure of tests/test_train_resume.py that turned out to be an unrelated bug
-(a resumed run's metrics, since fixed; it failed without the tuning too), PERFORMANCE.md
-section 8.
+On a host where JAX will run on its CPU backend it also tunes the C allocator (`tune_malloc()`,
+glibc on Linux): XLA CPU allocates each step's temporaries as one block (281 MiB for a ResNet-20
+batch-128 train step); glibc serves a block that large with mmap and unmaps it when it is freed,
+so every step page-faulted all of it anew (72k faults and 240 ms of kernel time in a 1.05 s step,
+PERFORMANCE.md section 8). Tuned, freed memory stays in the process and the next step reuses it:
+1.2-1.5x faster steps on one core. `CNNJAX_CPU_MALLOC=0` (or CNNJAX_CPU_FAST=0) leaves the
+allocator alone; `CNNJAX_CPU_MALLOC=1` tunes it on an accelerator host too, where it is off by
+default (not measured there, and one arena could slow many-threaded input pipelines).
 
 This module imports nothing from JAX, so importing it never initialises a backend.
 """
@@ -32,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.metadata
 import importlib.util
 import mmap
 import os
@@ -101,16 +101,37 @@ def enabled(environ: Mapping[str, str] | None = None, switch: str = ENV_SWITCH, 
     raise ValueError(f"{switch}={value!r}: use 1 (on) or 0 (off; unset means {'on' if default == '1' else 'off'})")
 
 
+def accelerator_expected(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether JAX is likely to run on a GPU/TPU here, judged without importing JAX.
+
+    JAX_PLATFORMS decides when set (its first platform); otherwise whether an accelerator plugin
+    is installed (a `jax_plugins` entry point or module, e.g. jax-cuda12-plugin, or libtpu).
+    """
+    env = os.environ if environ is None else environ
+    platforms = env.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return platforms.split(",")[0].strip() != "cpu"
+    if importlib.metadata.entry_points(group="jax_plugins"):
+        return True
+    return any(importlib.util.find_spec(name) is not None for name in ("jax_plugins", "libtpu"))
+
+
+def malloc_wanted(environ: Mapping[str, str] | None = None) -> bool:
+    """CNNJAX_CPU_MALLOC's value: 1 or 0 when set, else on unless an accelerator is expected."""
+    return enabled(environ, MALLOC_SWITCH, default="0" if accelerator_expected(environ) else "1")
+
+
 def tune_malloc(environ: Mapping[str, str] | None = None, *, force: bool = False) -> bool:
     """Keeps freed memory in the process (glibc: no mmap for large blocks, no trimming, one arena).
 
-    Opt-in (see the module docstring for why): applied when CNNJAX_CPU_MALLOC=1 or `force`.
-    Returns True when applied; False when not asked for, off Linux, or without glibc's mallopt
-    (musl, other platforms: nothing is changed). Process-wide and for the process's life:
-    the resident size then stays at its peak, which a training process reaches every step anyway.
-    Call it early, before threads start (the arena limit applies to threads that have none yet).
+    Applied when `force` or `malloc_wanted(environ)`: CNNJAX_CPU_MALLOC=1 or 0 decides; unset,
+    it is on unless an accelerator is expected (`accelerator_expected`).
+    Returns True when applied; False when not, off Linux, or without glibc's mallopt (musl, other
+    platforms: nothing is changed). Process-wide and for the process's life: the resident size
+    then stays at its peak, which a training process reaches every step anyway. Call it early,
+    before threads start (the arena limit applies to threads that have none yet).
     """
-    if not (force or enabled(environ, MALLOC_SWITCH, default="0")):
+    if not (force or malloc_wanted(environ)):
         return False
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
@@ -160,7 +181,7 @@ def configure_cpu(config: str = FAST, *, environ: dict[str, str] | None = None) 
 
     Returns:
       The resulting XLA_FLAGS. Does nothing when CNNJAX_CPU_FAST=0; otherwise, for the process's
-      own environment, also calls `tune_malloc()` (opt-in: CNNJAX_CPU_MALLOC=1). Flags the user
+      own environment, also calls `tune_malloc()` (CPU hosts; its switch: CNNJAX_CPU_MALLOC). Flags the user
       already set keep the user's value; flags the installed jaxlib does not define are left out, with a
       warning (XLA would abort on them). Warns, and changes nothing, when a JAX backend is
       already running (the flags would be ignored).
@@ -170,7 +191,7 @@ def configure_cpu(config: str = FAST, *, environ: dict[str, str] | None = None) 
     if not enabled(env):
         return current
     if environ is None:  # the process's own allocator, not when a caller (a test) passes an environment
-        tune_malloc()  # only with CNNJAX_CPU_MALLOC=1
+        tune_malloc()
     flags = resolve(config).split()
     unknown = [f for f in flags if not jaxlib_knows(flag_name(f))]
     if unknown:
