@@ -35,9 +35,7 @@ from typing import Any
 from cnnjax import xla_flags
 
 IMPLS = ("cnnjax", "flax", "torch-cl", "torch-nchw")
-# cnnjax.functional's gradient paths (its _VJP_MODES / _BN_VJP_MODES; the parent does not import it).
-CONV_VJPS = ("auto", "canonical", "xla")
-BN_VJPS = ("auto", "fused", "autodiff")
+CONV_VJPS, BN_VJPS = xla_flags.CONV_VJP_MODES, xla_flags.BN_VJP_MODES  # cnnjax.functional's gradient paths
 MALLOCS = ("auto", "tuned", "default")  # the C allocator: as entry points set it, cnnjax.xla_flags.tune_malloc(), glibc's
 MODES = ("train", "eval")
 DTYPES = ("float32", "bfloat16")

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cnnjax import xla_flags
+
 Array = jax.Array
 IntPair = Union[int, Sequence[int]]
 # int p, (ph, pw), ((top, bottom), (left, right)), 'SAME' or 'VALID'.
@@ -209,8 +211,7 @@ def conv2d(
 # CNNJAX_CONV_VJP=xla CNNJAX_BN_VJP=autodiff switches both back to JAX's own differentiation).
 CONV_VJP = os.environ.get("CNNJAX_CONV_VJP", "auto")
 BN_VJP = os.environ.get("CNNJAX_BN_VJP", "auto")
-_VJP_MODES = ("auto", "canonical", "xla")
-_BN_VJP_MODES = ("auto", "fused", "autodiff")
+_VJP_MODES, _BN_VJP_MODES = xla_flags.CONV_VJP_MODES, xla_flags.BN_VJP_MODES
 
 
 def _resolve_vjp(vjp: str | None, default: str, modes: tuple[str, ...], cpu_choice: str) -> str:

@@ -47,6 +47,12 @@ MALLOC_SWITCH = "CNNJAX_CPU_MALLOC"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _MALLOPTS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_ARENA_MAX, 1))
 
+# The gradient paths `cnnjax.functional` offers for conv2d and for batch_norm in training ('auto':
+# the hand-written one on the CPU backend, JAX's own elsewhere); here so that the benchmark's
+# command line can name them without importing JAX.
+CONV_VJP_MODES = ("auto", "canonical", "xla")
+BN_VJP_MODES = ("auto", "fused", "autodiff")
+
 # Named XLA_FLAGS strings; the benchmark (`python -m cnnjax bench --xla NAME ...`) compares them
 # side by side, each in its own process. Measurements and reasons: PERFORMANCE.md.
 CPU_PRESETS: Mapping[str, str] = {
