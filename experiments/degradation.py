@@ -251,14 +251,18 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             mine = [r for r in rows if r["kind"] == kind and r["depth"] == depth]
             train = [(r["iteration"], 100 * r["train_error"]) for r in mine if r["train_error"] is not None]
             test = [(r["iteration"], 100 * r["test_error"]) for r in mine if r["test_error"] is not None]
+            name = f"{label}-{depth}"  # on the bold test curve, or on the training curve without one
             if train:
-                ax.plot(*zip(*train), "--", color=colours[depth], linewidth=1)
+                ax.plot(*zip(*train), "--", color=colours[depth], linewidth=1, label=None if test else name)
             if test:
-                ax.plot(*zip(*test), "-", color=colours[depth], linewidth=2.2, label=f"{label}-{depth}")
+                ax.plot(*zip(*test), "-", color=colours[depth], linewidth=2.2, label=name)
         ax.set_title(f"{label} networks")
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right", fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes, color="grey")
     axes[0].set_ylabel("error (%)   dashed: training, bold: test")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

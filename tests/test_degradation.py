@@ -2,6 +2,7 @@
 
 import csv
 import json
+import warnings
 
 import pytest
 
@@ -125,3 +126,19 @@ def test_report_only_trains_nothing_and_marks_unfinished(tmp_path):
     assert results[0]["params"] == 75_290  # CIFAR ResNet-8 under option A (eval_shape, no training)
     assert not (tmp_path / "runs" / "plain8" / "metrics.jsonl").exists()
     assert "plain8 (unfinished)" in (tmp_path / "out" / "RESULTS.md").read_text()
+
+
+def test_plot_labels_what_it_has_and_says_when_a_panel_is_empty(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    rows = [{"kind": "plain", "depth": 8, "iteration": i, "train_error": 0.5 / i, "test_error": None}
+            for i in (1, 2)]  # training curve only: no test evaluation logged yet
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to inspect it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when legend() finds no labelled curve
+        degradation.plot(rows, tmp_path / "curves.png", "title")
+    plain, resnet = figures[0].axes
+    assert [t.get_text() for t in plain.get_legend().get_texts()] == ["plain-8"]
+    assert resnet.get_legend() is None and [t.get_text() for t in resnet.texts] == ["no results yet"]
+    assert (tmp_path / "curves.png").stat().st_size > 0
