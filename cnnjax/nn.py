@@ -7,6 +7,7 @@ takes `deterministic`; nothing is inferred from which collections are mutable.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -176,6 +177,17 @@ class BatchNorm(nn.Module):
         if not use_running_average and not initializing:
             ra_mean.value, ra_var.value = mean, var
         return y
+
+
+def batch_norm_for(model: nn.Module, train: bool) -> Callable[..., BatchNorm]:
+    """`BatchNorm` configured from a network's fields: running averages unless `train`, and the
+    network's `bn_momentum`, `bn_epsilon` (where it has one), `bn_axis_name` and `dtype`. The
+    networks build every BatchNorm layer through it: `norm = batch_norm_for(self, train)`."""
+    kwargs = dict(use_running_average=not train, momentum=model.bn_momentum, axis_name=model.bn_axis_name,
+                  dtype=model.dtype)
+    if hasattr(model, "bn_epsilon"):
+        kwargs["epsilon"] = model.bn_epsilon
+    return functools.partial(BatchNorm, **kwargs)
 
 
 class LocalResponseNorm(nn.Module):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from cnnjax import functional as F
 from cnnjax.models._checks import check_image_input
 from cnnjax.models.registry import register
-from cnnjax.nn import AvgPool, BatchNorm, Conv, Dense, Dropout, GlobalAvgPool, MaxPool
+from cnnjax.nn import AvgPool, Conv, Dense, Dropout, GlobalAvgPool, MaxPool, batch_norm_for
 
 Array = jax.Array
 ModuleDef = Any
@@ -170,8 +170,7 @@ class DenseNet(nn.Module):
         check_image_input(x, f"DenseNet ({self.stem} stem, {len(self.block_sizes)} blocks)",
                           min_size=self.min_input_size())
         conv = partial(Conv, use_bias=False, kernel_init=self.kernel_init, dtype=self.dtype)
-        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, dtype=self.dtype)
+        norm = batch_norm_for(self, train)
         act = jax.nn.relu
         if self.dtype is not None:
             x = x.astype(self.dtype)

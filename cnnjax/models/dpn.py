@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from cnnjax import functional as F
 from cnnjax.models._checks import check_image_input
 from cnnjax.models.registry import register
-from cnnjax.nn import BatchNorm, Conv, Dropout, GlobalAvgPool, MaxPool
+from cnnjax.nn import Conv, Dropout, GlobalAvgPool, MaxPool, batch_norm_for
 
 Array = jax.Array
 ModuleDef = Any
@@ -135,8 +135,7 @@ class DPN(nn.Module):
                              f"got {self.block_sizes!r} and {self.increments!r}")
         check_image_input(x, "DPN", min_size=self.min_input_size())
         conv = partial(Conv, use_bias=False, dtype=self.dtype)
-        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, dtype=self.dtype)
+        norm = batch_norm_for(self, train)
         act = jax.nn.relu
         if self.dtype is not None:
             x = x.astype(self.dtype)

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 from cnnjax import functional as F
 from cnnjax.models._checks import check_image_input
 from cnnjax.models.registry import register
-from cnnjax.nn import (AvgPool, BatchNorm, Conv, Dense, Dropout, Flatten, GlobalAvgPool, LocalResponseNorm,
-                       MaxPool)
+from cnnjax.nn import (AvgPool, Conv, Dense, Dropout, Flatten, GlobalAvgPool, LocalResponseNorm, MaxPool,
+                       batch_norm_for)
 
 Array = jax.Array
 ModuleDef = Any
@@ -240,8 +240,7 @@ class GoogLeNet(nn.Module):
         conv = partial(Conv, use_bias=not self.batch_norm, kernel_init=self.kernel_init, dtype=self.dtype)
         norm = None
         if self.batch_norm:
-            norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                           epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, dtype=self.dtype)
+            norm = batch_norm_for(self, train)
         act = jax.nn.relu
         unit = partial(_unit, conv, norm, act)
         if self.dtype is not None:
@@ -352,8 +351,7 @@ class BNInception(nn.Module):
                           fix=_FIX_224)
         # The Caffe-derived port keeps the conv biases in front of BatchNorm (part of its 11,295,240).
         conv = partial(Conv, kernel_init=self.kernel_init, dtype=self.dtype)
-        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, dtype=self.dtype)
+        norm = batch_norm_for(self, train)
         act = jax.nn.relu
         unit = partial(_unit, conv, norm, act)
         if self.dtype is not None:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from cnnjax import functional as F
 from cnnjax.models._checks import check_image_input
 from cnnjax.models.registry import register
-from cnnjax.nn import AvgPool, BatchNorm, Conv, Dense, Dropout, GlobalAvgPool, MaxPool
+from cnnjax.nn import AvgPool, Conv, Dense, Dropout, GlobalAvgPool, MaxPool, batch_norm_for
 
 Array = jax.Array
 ModuleDef = Any
@@ -186,8 +186,7 @@ class _InceptionBase(nn.Module):
 
     def _layers(self, train: bool):
         conv = partial(Conv, use_bias=False, dtype=self.dtype)
-        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_epsilon, axis_name=self.bn_axis_name, dtype=self.dtype)
+        norm = batch_norm_for(self, train)
         act = jax.nn.relu
         conv_bn = partial(ConvBN, conv=conv, norm=norm, act=act)
         block = partial(InceptionBlock, conv_bn=conv_bn, conv=conv, act=act)

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnjax.nn import BatchNorm, Conv, Dense, Dropout, GlobalAvgPool, MaxPool
+from cnnjax.nn import Conv, Dense, Dropout, GlobalAvgPool, MaxPool, batch_norm_for
 from cnnjax.models._checks import check_image_input
 from cnnjax.models.registry import register
 
@@ -281,8 +281,7 @@ class ResNet(nn.Module):
         self._check_config(sizes)
         self._check_input(x, sizes)
         conv = partial(Conv, use_bias=False, dtype=self.dtype)
-        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                       axis_name=self.bn_axis_name, dtype=self.dtype)
+        norm = batch_norm_for(self, train)
         act = nn.relu
         if self.stem == "imagenet":
             x = conv(self.stem_width, 7, 2, 3, name="stem_conv")(x)

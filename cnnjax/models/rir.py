@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from cnnjax.models.registry import register
 from cnnjax.models.resnet import zero_pad_shortcut
-from cnnjax.nn import BatchNorm, Conv, Dense, GlobalAvgPool
+from cnnjax.nn import Conv, Dense, GlobalAvgPool, batch_norm_for
 
 ModuleDef = Any
 
@@ -140,8 +140,7 @@ class RiR(nn.Module):
             raise ValueError(f"RiR: x must be NHWC with height and width >= {min_size}, got shape {tuple(x.shape)}; "
                              "the CIFAR model expects input_shape (32, 32, 3)")
         conv = partial(Conv, use_bias=False, dtype=self.dtype)
-        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                       axis_name=self.bn_axis_name, dtype=self.dtype)
+        norm = batch_norm_for(self, train)
         x = nn.relu(norm(name="stem_bn")(conv(self.stem_width, 3, 1, 1, name="stem_conv")(x)))
         r, t = x[..., : self.stem_width // 2], x[..., self.stem_width // 2:]
         for s, (n, w) in enumerate(zip(self.stage_sizes, self.stage_widths), start=1):

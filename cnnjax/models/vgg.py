@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from cnnjax.models._checks import check_image_input
 from cnnjax.models.registry import register
-from cnnjax.nn import BatchNorm, Conv, Dense, Dropout, Flatten, MaxPool
+from cnnjax.nn import Conv, Dense, Dropout, Flatten, MaxPool, batch_norm_for
 
 Array = jax.Array
 
@@ -80,8 +80,7 @@ class VGG(nn.Module):
         check_image_input(x, "VGG", min_size=self.min_input_size(), in_channels=self.in_channels,
                           size_note=" (one per 2x2 pool)", fix="resize or pad the images (224 natively)")
         conv = partial(Conv, kernel_size=3, padding=1, kernel_init=self.kernel_init, dtype=self.dtype)
-        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                       axis_name=self.bn_axis_name, dtype=self.dtype)
+        norm = batch_norm_for(self, train)
         if self.dtype is not None:
             x = x.astype(self.dtype)
 
