@@ -285,6 +285,9 @@ def report(preset_name: str, preset: Preset, runs: list[dict], command: str, wal
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from cnnjax import xla_flags
+
+    xla_flags.configure_cpu()  # the measured CPU fast path, before JAX starts (CNNJAX_CPU_FAST=0: off)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = claims_parser(NAME, __doc__)
     parser.add_argument("--preset", default="digits", choices=sorted(PRESETS))

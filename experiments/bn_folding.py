@@ -198,6 +198,9 @@ def report(equal: list[dict], timed: list[dict], command: str, wall_s: float) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from cnnjax import xla_flags
+
+    xla_flags.configure_cpu()  # the measured CPU fast path, before JAX starts (CNNJAX_CPU_FAST=0: off)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = claims_parser(NAME, __doc__)
     parser.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS), help="networks folded and compared")

@@ -175,6 +175,9 @@ def report(vgg: list[dict], inception_table: str, googlenet_table: str, command:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from cnnjax import xla_flags
+
+    xla_flags.configure_cpu()  # the measured CPU fast path, before JAX starts (CNNJAX_CPU_FAST=0: off)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = claims_parser(NAME, __doc__)
     parser.add_argument("--no-networks", action="store_true",

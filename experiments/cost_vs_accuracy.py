@@ -137,6 +137,9 @@ def report(rows: list[dict], command: str, wall_s: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from cnnjax import xla_flags
+
+    xla_flags.configure_cpu()  # the measured CPU fast path, before JAX starts (CNNJAX_CPU_FAST=0: off)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = claims_parser(NAME, __doc__)
     parser.add_argument("--models", nargs="*", default=None, help="registry names (default: every ImageNet model)")

@@ -133,6 +133,9 @@ def filter_statistics(kernel: np.ndarray) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from cnnjax import xla_flags
+
+    xla_flags.configure_cpu()  # the measured CPU fast path, before JAX starts (CNNJAX_CPU_FAST=0: off)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = claims_parser(NAME, __doc__)
     parser.add_argument("--preset", default="cifar10", choices=sorted(PRESETS))

@@ -366,3 +366,17 @@ def test_torch_runner_steps_and_matmul():
     assert runner.x.is_contiguous(memory_format=torch.channels_last)
     runner.step("eval", 1)
     assert not runner.net.training and runner.matmul(32, 1) > 0
+
+
+@pytest.mark.parametrize("module", ["cnnjax.cli", "experiments.batchnorm_study", "experiments.bench_data",
+                                    "experiments.bn_folding", "experiments.cost_arguments",
+                                    "experiments.cost_vs_accuracy", "experiments.degradation", "experiments.filters",
+                                    "experiments.lenet_mnist", "experiments.receptive_fields"])
+def test_every_entry_point_configures_the_cpu_first(module, monkeypatch):
+    import importlib
+
+    calls = []
+    monkeypatch.setattr(xla_flags, "configure_cpu", lambda *a, **k: calls.append(a) or "")
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main(["--help"])
+    assert exit_.value.code == 0 and calls == [()]  # called once, with the measured preset, before parsing
