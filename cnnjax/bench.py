@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -400,18 +400,25 @@ def worker_xla_flags(config: str, inherited: str = "") -> str:
     return xla_flags.merge_flags(xla_flags.resolve(config), kept)
 
 
+def worker_env(spec: Spec, parent: Mapping[str, str]) -> dict[str, str]:
+    """The environment a worker starts with: the parent's, with the spec's XLA flags and gradient
+    paths, and CNNJAX_CPU_FAST=0 so that nothing in the worker adds flags of its own."""
+    env = dict(parent, **{xla_flags.ENV_SWITCH: "0", "CNNJAX_CONV_VJP": spec.conv_vjp, "CNNJAX_BN_VJP": spec.bn_vjp})
+    if spec.is_jax:
+        env["XLA_FLAGS"] = worker_xla_flags(spec.xla, parent.get("XLA_FLAGS", ""))
+    if not xla_flags.enabled(parent):  # CNNJAX_CPU_FAST=0: the entry points leave the allocator alone, so 'auto' does
+        env[xla_flags.MALLOC_SWITCH] = "0"
+    return env
+
+
 class Worker:
     """A worker process seen from the parent."""
 
     def __init__(self, spec: Spec, timeout_s: float = 600.0):
         self.spec, self.timeout_s = spec, timeout_s
-        env = dict(os.environ, **{xla_flags.ENV_SWITCH: "0", "CNNJAX_CONV_VJP": spec.conv_vjp,
-                                  "CNNJAX_BN_VJP": spec.bn_vjp})
-        if spec.is_jax:
-            env["XLA_FLAGS"] = worker_xla_flags(spec.xla, os.environ.get("XLA_FLAGS", ""))
         cmd = [sys.executable, "-m", "cnnjax.bench", "--worker", json.dumps(dataclasses.asdict(spec))]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env)
+                                     text=True, env=worker_env(spec, os.environ))
         self.info = self._receive()
 
     def _receive(self) -> dict[str, Any]:

@@ -368,6 +368,18 @@ def test_torch_runner_steps_and_matmul():
     assert not runner.net.training and runner.matmul(32, 1) > 0
 
 
+def test_bench_auto_allocator_follows_the_entry_points():
+    # 'auto' is what an entry point would do: tuned on a CPU host unless CNNJAX_CPU_MALLOC=0, and
+    # left alone under CNNJAX_CPU_FAST=0 (configure_cpu() then changes nothing). Each worker gets
+    # CNNJAX_CPU_FAST=0 itself, so the parent's switch must reach it as CNNJAX_CPU_MALLOC.
+    spec = bench.Spec("cnnjax", "lenet5")
+    for parent, wanted in (({}, True), ({"CNNJAX_CPU_FAST": "0"}, False), ({"CNNJAX_CPU_MALLOC": "0"}, False),
+                           ({"CNNJAX_CPU_FAST": "1", "CNNJAX_CPU_MALLOC": "1"}, True)):
+        env = bench.worker_env(spec, {"JAX_PLATFORMS": "cpu", **parent})
+        assert env["CNNJAX_CPU_FAST"] == "0" and xla_flags.malloc_wanted(env) is wanted, parent
+    assert bench.worker_env(spec, {})["XLA_FLAGS"] == xla_flags.CPU_PRESETS["fast"]
+
+
 @pytest.mark.parametrize("module", ["cnnjax.cli", "experiments.batchnorm_study", "experiments.bench_data",
                                     "experiments.bn_folding", "experiments.cost_arguments",
                                     "experiments.cost_vs_accuracy", "experiments.degradation", "experiments.filters",
