@@ -1,8 +1,8 @@
 """`python -m cnnjax <command>` (also the `cnnjax` console script): a thin layer over the library.
 
 Each command is a pair of functions, one adding its arguments to an argparse parser and one
-running it, listed in COMMANDS. To add a command, write the two functions (importing the library
-inside `run`, so that `--help` stays fast) and add a line to COMMANDS.
+running it, listed in COMMANDS. To add a command, write the two functions (importing what only
+running needs inside `run`) and add a line to COMMANDS.
 
     python -m cnnjax train --preset cifar_resnet --model resnet56 --workdir runs/resnet56
     python -m cnnjax eval --workdir runs/resnet56

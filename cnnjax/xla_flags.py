@@ -98,7 +98,8 @@ def resolve(config: str) -> str:
 
 
 def enabled(environ: Mapping[str, str] | None = None, switch: str = ENV_SWITCH, default: str = "1") -> bool:
-    """Whether an environment switch (CNNJAX_CPU_FAST by default, on unless 0/false/no/off) is on."""
+    """Whether an environment switch (CNNJAX_CPU_FAST by default) is on: 1/true/yes/on or empty, 0/false/no/off;
+    `default` when unset; any other value raises ValueError."""
     value = (os.environ if environ is None else environ).get(switch, default).strip().lower()
     if value in ("0", "false", "no", "off"):
         return False

@@ -2,7 +2,7 @@
 
     python experiments/bench.py --model resnet20 --batch-size 128
     python experiments/bench.py --model resnet56 --impl cnnjax torch-cl --xla fast default --threads 1
-    python experiments/bench.py --model resnet152 --rounds 0 --batch-size 2      # compile time only
+    python experiments/bench.py --model resnet152 --impl cnnjax --rounds 0 --batch-size 2  # compile time only
 
 The same as `python -m cnnjax bench`; see `cnnjax.bench` for what is measured and
 experiments/results/PERFORMANCE.md for the figures on this project's machine.

@@ -4,12 +4,12 @@
 
 For each data set (the embedded digits at 32x32x3, and cifar10 when --data-dir holds
 cifar10.npz), both with the CIFAR augmentation and per-pixel mean subtraction, it prints:
-  pipeline   host images/s of `Pipeline.train_batches` alone;
+  pipeline   host images/s of `Pipeline.train_stream()` alone;
   train      images/s of the train step (forward, backward, SGD) on one fixed device batch;
   fed        images/s of the train step fed by the pipeline through `prefetch_to_device`;
 and the ratios pipeline / train and fed / train. The pipeline is not the bottleneck when
-pipeline / train is well above 1 and fed / train is close to 1. The train columns need
-`cnnjax.models` (`create('resnet20')`); without it only the pipeline is measured.
+pipeline / train is well above 1 and fed / train is close to 1. The train columns use
+`--model` (default resnet20); `--no-train` measures the pipeline alone.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ script writes lenet_mnist.md (table, command, machine, wall time), lenet_mnist.c
 lenet_mnist.png (training and test error against epochs) into --out:
 
   python -m experiments.lenet_mnist --data-dir ../shared/data          # presets mnist and digits
-  python -m experiments.lenet_mnist --presets digits                   # seconds, no data needed
+  python -m experiments.lenet_mnist --presets digits                   # minutes, no data needed
 """
 
 from __future__ import annotations
