@@ -142,6 +142,8 @@ def test_summary_validates_its_arguments():
         summary(cnn.Conv(4), (8, 8, 3), train=True)
     with pytest.raises(ValueError, match="input_shape"):
         parameter_count(LeNet(), 28)
+    with pytest.raises(ValueError, match=r"without the batch axis.*drop the leading 1"):
+        summary(LeNet(), (1, 28, 28, 1))  # once said "add a batch axis", the opposite of the fix
 
 
 # He et al. 2016, Table 1 (V1: stride on the first 1x1 conv). The paper's figures are within

@@ -190,8 +190,10 @@ def test_wrong_channels_or_rank_raise(name):
     model = create(name)
     with pytest.raises(ValueError, match=f"expects {c} input channel"):
         abstract_apply(model, (h, w, c + 2))
-    with pytest.raises(ValueError, match="rank 4"):
+    with pytest.raises(ValueError, match=r"rank 4.*add a batch axis with x\[None\]"):
         jax.eval_shape(partial(model.init, train=False), KEY, jax.ShapeDtypeStruct((h, w, c), jnp.float32))
+    with pytest.raises(ValueError, match=r"rank 4.*give one batch of images"):  # not "add a batch axis"
+        jax.eval_shape(partial(model.init, train=False), KEY, jax.ShapeDtypeStruct((1, 2, h, w, c), jnp.float32))
     # The documented override accepts other channel counts.
     assert abstract_apply(create(name, in_channels=c + 2), (h, w, c + 2)).shape == (2, spec.num_classes)
 

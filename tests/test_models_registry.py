@@ -107,3 +107,13 @@ def test_list_models_pattern():
     assert models.list_models("qqqq*") == []
     prefix = NAMES[0][:3]
     assert models.list_models(prefix + "*") == [n for n in NAMES if n.startswith(prefix)]
+    with pytest.raises(TypeError, match="pattern must be a string"):
+        models.list_models(5)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "10", True, None])
+def test_create_rejects_a_bad_num_classes(bad):
+    # Before: ZeroDivisionError (0) or a JAX shape TypeError (-3, '10') deep inside init.
+    with pytest.raises(ValueError, match=r"num_classes must be a positive int .* got " + re.escape(repr(bad))):
+        models.create("lenet5", num_classes=bad)
+    assert models.create("resnet20", num_classes=np.int64(7)).num_classes == 7

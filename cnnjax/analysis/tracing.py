@@ -58,6 +58,9 @@ def check_input_shape(input_shape: Any, fn: str) -> tuple[int, ...]:
     if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
         raise ValueError(f"{fn}: input_shape must be positive ints without the batch axis, e.g. (224, 224, 3), "
                          f"got {input_shape!r}")
+    if len(shape) == 4:  # every network here takes NHWC batches: this one has a batch axis already
+        raise ValueError(f"{fn}: input_shape is one example's shape without the batch axis, e.g. (224, 224, 3); "
+                         f"got {input_shape!r}: drop the leading {shape[0]} (the batch size is its own argument)")
     return shape
 
 

@@ -12,7 +12,8 @@ def check_image_input(x: Any, model: str, *, min_size: int, in_channels: int | N
     (e.g. " (224x224 natively)"), `fix` says what to do about a too-small input."""
     shape = tuple(x.shape)
     if len(shape) != 4:
-        raise ValueError(f"{model} input must be NHWC (rank 4), got shape {shape}; add a batch axis with x[None]")
+        fix = "add a batch axis with x[None]" if len(shape) == 3 else "give one batch of images, (N, H, W, C)"
+        raise ValueError(f"{model} input must be NHWC (rank 4), got shape {shape}; {fix}")
     if in_channels is not None and shape[-1] != in_channels:
         raise ValueError(f"{model} expects {in_channels} input channel(s), got shape {shape}; "
                          f"pass in_channels={shape[-1]} to create() or fix the layout (NHWC)")

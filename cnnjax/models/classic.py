@@ -51,8 +51,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         if x.ndim != 4:
-            raise ValueError(f"MLP input must be NHWC images (rank 4), got shape {tuple(x.shape)}; "
-                             "add a batch axis with x[None] or reshape flat vectors to (N, H, W, C)")
+            fix = "add a batch axis with x[None]" if x.ndim == 3 else "give one batch of images, (N, H, W, C)"
+            raise ValueError(f"MLP input must be NHWC images (rank 4), got shape {tuple(x.shape)}; {fix} "
+                             "(flat vectors: reshape them to (N, H, W, C))")
         if x.shape[-1] != self.in_channels:
             raise ValueError(f"MLP expects {self.in_channels} input channel(s) (NHWC), got shape {tuple(x.shape)}; "
                              f"pass in_channels={x.shape[-1]} to create() or fix the layout")

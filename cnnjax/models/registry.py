@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import fnmatch
 import inspect
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -75,6 +76,8 @@ def get_spec(name: str) -> ModelSpec:
 def list_models(pattern: str | None = None) -> list[str]:
     """Sorted registered names, optionally filtered by a shell-style pattern ('resnet*')."""
     names = sorted(_REGISTRY)
+    if pattern is not None and not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a string such as 'resnet*' or None, got {pattern!r}")
     return names if pattern is None else [n for n in names if fnmatch.fnmatch(n, pattern.lower())]
 
 
@@ -82,6 +85,10 @@ def create(name: str, **overrides: Any) -> nn.Module:
     """Builds the named model; `overrides` replace fields of its module (num_classes, dtype, ...)."""
     spec = get_spec(name)
     kwargs = {"num_classes": spec.num_classes, **overrides}
+    n = kwargs["num_classes"]
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"num_classes must be a positive int (the classifier's outputs), got {n!r}")
+    kwargs["num_classes"] = int(n)
     try:
         return spec.builder(**kwargs)
     except TypeError:
