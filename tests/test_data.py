@@ -5,6 +5,7 @@ nothing is downloaded. References are written from definitions in plain NumPy / 
 """
 
 import math
+import re
 import sys
 
 import jax
@@ -234,6 +235,94 @@ def test_bad_npz_files(tmp_path):
     write_npz(tmp_path, "cifar10", 5, 5, labels=lambda n: np.full(n, 10))
     with pytest.raises(ValueError, match=r"labels lie in \[10, 10\], outside \[0, 10\)"):
         data.load_dataset("cifar10", data_dir=str(tmp_path))
+
+
+def test_download_must_be_a_bool(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(
+        tfds.core.DatasetBuilder,
+        "download_and_prepare",
+        lambda self, *a, **k: started.append(self.name),
+    )
+    for bad in ("no", 1, "False", [0]):
+        match = r"download must be True or False.*got " + re.escape(repr(bad))
+        with pytest.raises(ValueError, match=match):
+            data.load_dataset("cifar10", data_dir=str(tmp_path), download=bad)
+    assert started == []  # rejected before tfds is asked for anything
+    write_npz(tmp_path, "tiny", 5, 5)
+    with pytest.raises(ValueError, match="download must be True or False"):
+        data.load_dataset("tiny", data_dir=str(tmp_path), download="yes")
+    assert data.load_dataset("tiny", data_dir=str(tmp_path), download=np.bool_(False))
+
+
+def test_missing_data_message_names_every_spelling_of_data_dir(tmp_path):
+    with pytest.raises(ValueError) as e:
+        data.load_dataset("cifar10", data_dir=str(tmp_path))
+    msg = str(e.value)
+    # load_dataset / TrainConfig take data_dir=; `python -m cnnjax train` --data_dir; experiments
+    # --data-dir: the message must not send a `cnnjax train` user to a flag it rejects.
+    assert "data_dir=DIR" in msg and "--data_dir DIR" in msg and "--data-dir DIR" in msg
+    assert "python -m cnnjax train" in msg
+    assert "Provide it with --data-dir" not in msg
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("truncated", r"is not a readable \.npz archive \(corrupt or truncated"),
+        ("text", r"is not a readable \.npz archive"),
+        ("empty", r"is not a readable \.npz archive"),
+        ("npy", r"holds a single \.npy array, not a \.npz archive"),
+        ("object", r"x_train holds Python objects \(dtype=object\)"),
+    ],
+)
+def test_unreadable_npz_files(tmp_path, content, match):
+    path = tmp_path / "bad.npz"
+    if content == "truncated":
+        write_npz(tmp_path, "bad", 5, 5)
+        path.write_bytes(path.read_bytes()[:200])
+    elif content == "text":
+        path.write_text("not an archive")
+    elif content == "empty":
+        path.write_bytes(b"")
+    elif content == "npy":
+        np.save(tmp_path / "arr.npy", np.zeros((5, 6, 5, 3), np.uint8))
+        (tmp_path / "arr.npy").rename(path)
+    else:
+        write_npz(tmp_path, "bad", 5, 5, x_train=np.array([{}, 1, 2, 3, 4], dtype=object))
+    with pytest.raises(ValueError, match=match) as e:
+        data.load_dataset("bad", data_dir=str(tmp_path))
+    msg = str(e.value)
+    assert str(path) in msg and "x_train, y_train, x_test, y_test" in msg
+    assert "np.savez" in msg
+
+
+def test_empty_training_split_and_empty_images(tmp_path):
+    write_npz(tmp_path, "none", 0, 5)
+    for kwargs in ({}, {"validation_size": 0}, {"validation_size": 2}):
+        with pytest.raises(ValueError, match="x_train holds no examples") as e:
+            data.load_dataset("none", data_dir=str(tmp_path), **kwargs)
+        assert "validation_size" not in str(e.value)
+    for shape in ((0, 0, 3), (0, 5, 3), (6, 5, 0)):
+        x, y = np.zeros((5, *shape), np.uint8), np.zeros(5, np.uint8)
+        np.savez(tmp_path / "flat.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+        with pytest.raises(ValueError, match=r"flat\.npz: x_train images must have positive"):
+            data.load_dataset("flat", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="images must have positive height, width and channels"):
+        data.ArraySource(np.zeros((2, 0, 0, 3), np.uint8), np.zeros(2, np.int32))
+
+
+def test_array_source_accepts_array_likes():
+    images = np.zeros((2, 3, 3, 1), np.uint8)
+    src = data.ArraySource(images, [0, 1])
+    assert src.labels.dtype == np.int32 and list(src.get([1, 0])[1]) == [1, 0]
+    assert len(data.ArraySource(list(images), (4, 5))) == 2
+    with pytest.raises(ValueError, match="labels must be integers"):
+        data.ArraySource(images, [0.5, 1.5])
+    with pytest.raises(ValueError, match=r"labels \(3,\) do not match 2 images"):
+        data.ArraySource(images, [0, 1, 2])
+    with pytest.raises(ValueError, match="images must be uint8 NHWC"):
+        data.ArraySource([[1, 2]], [0])
 
 
 # ---------------------------------------------------------------------------- pipeline
@@ -507,6 +596,32 @@ def test_prefetch_to_device(tmp_path):
 def test_pipeline_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_pipe(tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("num_threads", [-1, 0, 1.5, "4", True])
+def test_pipeline_num_threads_is_validated(tmp_path, num_threads):
+    with pytest.raises(ValueError, match=r"num_threads must be a positive int \(or None"):
+        make_pipe(tmp_path, num_threads=num_threads)
+    with pytest.raises(ValueError, match=r"num_threads must be a positive int \(or None"):
+        data.load_dataset("digits", num_threads=num_threads)
+
+
+def test_per_channel_on_a_constant_channel_says_what_to_do(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (8, 4, 4, 3), dtype=np.uint8)
+    x[..., 1] = 7  # channel 1 constant
+    src = data.ArraySource(x, np.zeros(8, np.int32))
+    ds = data.Dataset("c", 10, (4, 4, 3), {"train": src, "test": src}, "")
+    with pytest.raises(ValueError) as e:
+        data.Pipeline(ds, 4, normalize="per_channel", process_index=0, process_count=1)
+    msg = str(e.value)
+    assert "channel 1" in msg and "constant" in msg
+    for fix in ("normalize='scale'", "normalize='per_pixel_mean'", "mean=", "std="):
+        assert fix in msg
+    data.Pipeline(ds, 4, normalize="scale", process_index=0, process_count=1)
+    with pytest.raises(ValueError, match=r"std must be positive and finite.*channel\(s\) \[2\]"):
+        data.Pipeline(
+            ds, 4, mean=np.zeros(3), std=[1.0, 1.0, 0.0], process_index=0, process_count=1
+        )
 
 
 def test_bad_epoch_step_and_split(tmp_path):

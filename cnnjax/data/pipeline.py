@@ -59,6 +59,12 @@ def training_statistics(source, mode: str, max_examples: int | None = None, chun
     'per_pixel_mean': mean image [H, W, C], std ones [C]; 'per_channel': mean and std [C] over all
     pixels; 'scale': zeros and ones [C]. At most `max_examples` examples (a fixed sample) are read.
     """
+    if mode not in NORMALIZATIONS:
+        raise ValueError(f"mode must be one of {NORMALIZATIONS}, got {mode!r}")
+    if max_examples is not None and (not _is_int(max_examples) or max_examples < 1):
+        raise ValueError(f"max_examples must be a positive int or None, got {max_examples!r}")
+    if not _is_int(chunk) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     h, w, c = source.image_shape
     if mode == "scale":
         return np.zeros(c, np.float32), np.ones(c, np.float32)
@@ -136,6 +142,16 @@ class Pipeline:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         if not _is_int(seed) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if num_threads is not None and (not _is_int(num_threads) or num_threads < 1):
+            raise ValueError(
+                f"num_threads must be a positive int (or None for min(16, CPU count)), "
+                f"got {num_threads!r}"
+            )
+        if stats_examples is not None and (not _is_int(stats_examples) or stats_examples < 1):
+            raise ValueError(
+                f"stats_examples must be a positive int (or None for the default), "
+                f"got {stats_examples!r}"
+            )
         if process_index is None or process_count is None:
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
@@ -171,7 +187,8 @@ class Pipeline:
             raise ValueError(
                 "pass both mean and std, or neither (to compute them from the training split)"
             )
-        if mean is None:
+        computed = mean is None
+        if computed:
             if stats_examples is None and not train.in_memory:
                 stats_examples = LAZY_STATS_EXAMPLES
             mean, std = training_statistics(train, normalize, stats_examples)
@@ -185,8 +202,26 @@ class Pipeline:
                 f"mean {mean.shape} and std {std.shape} must broadcast to the image shape "
                 f"{self.image_shape}"
             )
-        if np.any(std <= 0):
-            raise ValueError(f"std must be positive, got {std}")
+        bad_std = ~(np.isfinite(std) & (std > 0))
+        if computed and normalize == "per_channel" and bad_std.any():
+            channels = np.flatnonzero(np.broadcast_to(bad_std, self.image_shape[-1:])).tolist()
+            which = ", ".join(map(str, channels))
+            raise ValueError(
+                f"normalize='per_channel': channel{'s' if len(channels) > 1 else ''} {which} of "
+                f"the training images {'are' if len(channels) > 1 else 'is'} constant (std 0), "
+                "so they cannot be divided by their std. Use normalize='scale' or "
+                "normalize='per_pixel_mean', or pass explicit mean= and std= (positive)"
+            )
+        if bad_std.any():
+            full = np.broadcast_to(bad_std, self.image_shape)
+            channels = np.flatnonzero(full.any(axis=(0, 1))).tolist()
+            raise ValueError(
+                f"std must be positive and finite everywhere (in [0, 1] pixel units), got "
+                f"{np.unique(std[bad_std]).tolist()} in channel(s) {channels}; pass std > 0 "
+                "for every channel"
+            )
+        if not np.all(np.isfinite(mean)):
+            raise ValueError(f"mean must be finite, got {mean}")
         self.mean, self.std = mean, std
         self._pool = concurrent.futures.ThreadPoolExecutor(
             num_threads or min(16, os.cpu_count() or 1)

@@ -63,10 +63,17 @@ class ArraySource:
     in_memory = True
 
     def __init__(self, images: np.ndarray, labels: np.ndarray):
+        images, labels = np.asarray(images), np.asarray(labels)
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"images must be uint8 NHWC, got {images.dtype} {images.shape}")
+        if min(images.shape[1:]) < 1:
+            raise ValueError(
+                f"images must have positive height, width and channels, got {images.shape}"
+            )
         if labels.shape != images.shape[:1]:
             raise ValueError(f"labels {labels.shape} do not match {len(images)} images")
+        if labels.size and not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be integers (class indices), got {labels.dtype}")
         self.images, self.labels = images, labels.astype(np.int32)
         self.image_shape = tuple(int(s) for s in images.shape[1:])
 
@@ -200,15 +207,56 @@ def _load_digits(hw, channels):
     }
 
 
-def _load_npz(path: str, hw, channels):
-    with np.load(path) as f:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
+_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_NPZ_CONTENT = (
+    "a data set file is a NumPy .npz archive (np.savez or np.savez_compressed) holding "
+    "x_train, y_train, x_test, y_test (uint8 images NHWC or NHW, integer labels)"
+)
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """The four arrays of a data set `.npz`; one ValueError naming the file for any defect."""
+    try:
+        f = np.load(path, allow_pickle=False)
+    except Exception as e:  # BadZipFile, EOFError, "pickled data", OSError: all unreadable
+        raise ValueError(
+            f"{path} is not a readable .npz archive (corrupt or truncated: "
+            f"{type(e).__name__}: {e}); {_NPZ_CONTENT}. Rewrite it, or remove it to fall back "
+            "to tfds"
+        ) from e
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"{path} holds a single .npy array, not a .npz archive; {_NPZ_CONTENT}. Rewrite it "
+            "with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
+        )
+    with f:
+        missing = set(_NPZ_KEYS) - set(f.files)
         if missing:
-            raise ValueError(
-                f"{path}: missing arrays {sorted(missing)}; a data set file holds "
-                "x_train, y_train, x_test, y_test (uint8 images NHWC, integer labels)"
-            )
-        arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+            raise ValueError(f"{path}: missing arrays {sorted(missing)}; {_NPZ_CONTENT}")
+        arrays = {}
+        for k in _NPZ_KEYS:
+            try:
+                arrays[k] = f[k]
+            except ValueError as e:
+                if "allow_pickle" not in str(e):
+                    raise ValueError(
+                        f"{path}: array {k} cannot be read ({e}); {_NPZ_CONTENT}"
+                    ) from e
+                raise ValueError(
+                    f"{path}: {k} holds Python objects (dtype=object), which are not loaded "
+                    f"(that would unpickle arbitrary code); {_NPZ_CONTENT}. Save {k} as a "
+                    "numeric array, e.g. np.stack(images).astype(np.uint8)"
+                ) from e
+            except Exception as e:  # a damaged member: bad CRC, zlib error, truncated data
+                raise ValueError(
+                    f"{path} is not a readable .npz archive (array {k} is corrupt or truncated: "
+                    f"{type(e).__name__}: {e}); {_NPZ_CONTENT}. Rewrite it"
+                ) from e
+    return arrays
+
+
+def _load_npz(path: str, hw, channels):
+    arrays = _read_npz(path)
     splits = {}
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
@@ -224,6 +272,16 @@ def _load_npz(path: str, hw, channels):
                 f"{path}: x_{split} must be uint8 [N, H, W, C] and y_{split} integer [N]; "
                 f"got {x.dtype} {x.shape} and {y.dtype} {y.shape}"
             )
+        if min(x.shape[1:]) < 1:
+            raise ValueError(
+                f"{path}: x_{split} images must have positive height, width and channels, "
+                f"got shape {x.shape}"
+            )
+        if split == "train" and len(x) == 0:
+            raise ValueError(
+                f"{path}: the training split is empty (x_train holds no examples); "
+                "a data set needs at least one training example"
+            )
         splits[split] = ArraySource(_fit(x, hw, channels), y)
     if splits["train"].images.shape[1:] != splits["test"].images.shape[1:]:
         raise ValueError(
@@ -238,9 +296,11 @@ def _missing_message(name: str, data_dir, tfds_dir: str, version_dir: str, cause
     msg = (
         f"Data set {name!r} is not available offline. Looked for the local file {npz} "
         f"and for a prepared tfds data set in {tfds_dir} (expected {version_dir}: {cause}). "
-        f"Provide it with "
-        f"--data-dir DIR where DIR/{name}.npz holds x_train, y_train, x_test, y_test "
-        f"(uint8 NHWC images, integer labels), or prepare it for tfds in array_record format "
+        f"Provide it as DIR/{name}.npz holding x_train, y_train, x_test, y_test "
+        f"(uint8 NHWC images, integer labels) and pass the directory as data_dir=DIR "
+        f"(load_dataset, TrainConfig), --data_dir DIR (python -m cnnjax train) or "
+        f"--data-dir DIR (the experiments scripts, python -m experiments.*); or prepare it "
+        f"for tfds in array_record format "
         f'(`builder.download_and_prepare(file_format="array_record")` with network access, or '
         f"load_dataset(..., download=True))."
     )
@@ -338,8 +398,8 @@ def load_dataset(
       validation_size: examples carved from the training set (chosen by a permutation seeded
         with `seed`) into a 'validation' split; the 'train' split shrinks accordingly.
       seed: seed of the validation carve-out.
-      download: let tfds download and prepare a missing data set (needs network; TensorFlow
-        may be needed to prepare). By default nothing is downloaded.
+      download: True lets tfds download and prepare a missing data set (needs network; TensorFlow
+        may be needed to prepare). Must be a bool; by default nothing is downloaded.
       num_threads: decoding threads for lazily read data sets (default: min(16, CPU count)).
 
     Returns:
@@ -353,6 +413,22 @@ def load_dataset(
         raise ValueError(f"name must be a string, got {name!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if not isinstance(download, (bool, np.bool_)):  # "no" is truthy: it would start a download
+        raise ValueError(
+            f"download must be True or False (True lets tfds download the data set), "
+            f"got {download!r}"
+        )
+    if num_threads is not None and (
+        isinstance(num_threads, bool)
+        or not isinstance(num_threads, (int, np.integer))
+        or num_threads < 1
+    ):
+        raise ValueError(
+            f"num_threads must be a positive int (or None for min(16, CPU count)), "
+            f"got {num_threads!r}"
+        )
+    if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+        raise ValueError(f"data_dir must be a directory path (str) or None, got {data_dir!r}")
     npz = os.path.join(data_dir, f"{name}.npz") if data_dir else None
     if data_dir is not None and os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise ValueError(
@@ -370,7 +446,12 @@ def load_dataset(
     elif name == "digits":
         splits, origin = _load_digits(hw, ch), "scikit-learn load_digits"
     else:
-        splits, origin = _tfds_splits(name, data_dir, (hw, ch), download, num_threads)
+        splits, origin = _tfds_splits(name, data_dir, (hw, ch), bool(download), num_threads)
+    if len(splits["train"]) == 0:
+        raise ValueError(
+            f"{origin}: the training split is empty (it holds no examples); a data set "
+            "needs at least one training example"
+        )
     splits = _carve_validation(splits, validation_size, seed)
     num_classes = (
         _DATASETS[name][0]
