@@ -86,7 +86,11 @@ class Spec:
             raise ValueError(f"threads must be an int >= 0 (0: the libraries' defaults), got {self.threads!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if self.impl != "cnnjax":
+        if self.impl == "cnnjax":
+            from cnnjax.models import get_spec  # imports JAX, but starts no backend
+
+            get_spec(self.model)  # unknown names: ValueError with the closest registered ones
+        else:
             cifar_depth(self.model)
             if self.scan_blocks:
                 raise ValueError(f"scan_blocks is a cnnjax model option; impl={self.impl!r} has none")
@@ -477,6 +481,8 @@ def run(specs: Sequence[Spec], *, rounds: int = 5, steps: int = 3, modes: Sequen
         raise ValueError(f"duplicate workers {labels}: each implementation x XLA configuration once")
     if rounds < 0 or steps < 1:
         raise ValueError(f"rounds={rounds} must be >= 0 (0: compile only) and steps={steps} >= 1")
+    if matmul_n < 0:
+        raise ValueError(f"matmul={matmul_n} must be >= 0 (0: no matmul ceiling)")
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise ValueError(f"modes={tuple(modes)}; choose from {MODES}")
@@ -494,6 +500,8 @@ def run(specs: Sequence[Spec], *, rounds: int = 5, steps: int = 3, modes: Sequen
                 continue
             say(f"  compiled: train {w.info['compile_train_s']:.1f} s, eval {w.info['compile_eval_s']:.1f} s")
             workers.append(w)
+        if not workers:
+            raise RuntimeError("no worker started (see 'skipped' above)")
         times = {w.spec.label: {m: [] for m in modes} for w in workers}
         cpu = {w.spec.label: {m: [] for m in modes} for w in workers}
         loads = []
@@ -650,6 +658,10 @@ def specs_from_args(args: argparse.Namespace) -> list[Spec]:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if args.json:  # checked before the minutes of benchmarking, written atomically after
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder) or os.path.isdir(args.json):
+            raise ValueError(f"--json {args.json!r}: give a file path in an existing directory")
     try:
         result = run(specs_from_args(args), rounds=args.rounds, steps=args.steps, modes=args.modes,
                      matmul_n=args.matmul, log=lambda s: print(s, file=sys.stderr))
@@ -658,8 +670,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 1
     print(format_report(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        from cnnjax.train.metrics import write_json_atomic
+
+        write_json_atomic(args.json, result)
     return 0
 
 

@@ -187,6 +187,14 @@ def test_cli_reports_bad_arguments(capsys):
         cli.main(["bench", "--model", "resnet50", "--impl", "flax"])
     assert e.value.code == 2
     assert "model='resnet50'" in capsys.readouterr().err
+    # Each fails at once (the unknown model used to be "skipped" with exit status 0, the --json
+    # path was opened only after the whole benchmark, and a negative matmul size was taken).
+    for argv, message in ((["--model", "foo", "--impl", "cnnjax"], "unknown model 'foo'"),
+                          (["--model", "lenet5", "--impl", "cnnjax", "--matmul", "-5"], "matmul=-5"),
+                          (["--model", "lenet5", "--impl", "cnnjax", "--json", "/no/such/dir/x.json"], "--json")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["bench", *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
 
 
 def _init(model, x):
