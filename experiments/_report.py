@@ -53,5 +53,13 @@ def claims_parser(name: str, doc: str) -> argparse.ArgumentParser:
     """The command line of a claim script: `python -m experiments.<name>`, described by the first
     paragraph of its docstring, with --out (default experiments/results/claims)."""
     parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=doc.split("\n\n")[0])
-    parser.add_argument("--out", default=os.path.join("experiments", "results", "claims"), help="output directory")
+    parser.add_argument("--out", default=os.path.join("experiments", "results", "claims"), type=out_dir,
+                        help="output directory")
     return parser
+
+
+def out_dir(path: str) -> str:
+    """argparse type of --out: refused at once if it names an existing file (the results come last)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path!r} is a file: give a directory (made if missing)")
+    return path

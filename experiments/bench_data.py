@@ -134,6 +134,13 @@ def main(argv=None) -> None:
             f" {args.model + ' train':>16s} {'fed':>10s} {'pipe/train':>10s} {'fed/train':>9s}"
         )
     print(header + "   (images/s)")
+    try:
+        _measure(configs, args, train)
+    except ValueError as e:  # e.g. a batch larger than the split, an unreadable data file
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
+def _measure(configs, args, train: bool) -> None:
     for name, kwargs in configs:
         ds = data.load_dataset(name, **kwargs)
         pipe = data.Pipeline(

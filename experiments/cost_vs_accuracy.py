@@ -145,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=None, help="registry names (default: every ImageNet model)")
     args = parser.parse_args(argv)
     names = imagenet_models() if args.models is None else args.models
+    if not names:
+        parser.error("--models: give at least one name, or leave --models out for every ImageNet model")
     unknown = [n for n in names if n not in models.list_models()]
     if unknown:
         parser.error(f"--models {unknown}: not registered; ImageNet models are {imagenet_models()}")

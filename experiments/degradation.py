@@ -36,7 +36,7 @@ from typing import Any
 
 from cnnjax.train.config import PRESETS as TRAIN_PRESETS
 from cnnjax.train.config import TrainConfig
-from experiments._report import atomic_write, save_figure, write_csv
+from experiments._report import atomic_write, out_dir, save_figure, write_csv
 
 # He et al. 2016, Table 6 (CIFAR-10 test error %, ResNets, option A) and Table 2 (ImageNet top-1
 # error %, 10-crop). Plain CIFAR nets have no table entry in the paper: the figures given are the
@@ -421,7 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.degradation", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="experiment preset (default quick)")
-    parser.add_argument("--out", default=None, help="output directory (default experiments/results/degradation_<preset>)")
+    parser.add_argument("--out", default=None, type=out_dir,
+                        help="output directory (default experiments/results/degradation_<preset>)")
     parser.add_argument("--workdir", default=None,
                         help="parent of the per-network run directories (default runs/degradation_<preset>)")
     parser.add_argument("--data-dir", default=None, help="directory with <dataset>.npz, or a tfds data_dir")
@@ -438,7 +439,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         field, sep, value = item.partition("=")
         if not sep or field not in field_names():
             parser.error(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {field_names()}")
-        overrides[field] = parse_field(field, value)
+        try:
+            overrides[field] = parse_field(field, value)
+        except ValueError as e:
+            parser.error(f"--set {item!r}: {e}")
     out = args.out or os.path.join("experiments", "results", f"degradation_{args.preset}")
     try:
         results = run(args.preset, out, runs_dir=args.workdir or os.path.join("runs", f"degradation_{args.preset}"),

@@ -158,7 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"interrupted at step {result.step}; run again to resume", file=sys.stderr)
                 return 143
             info = {"metrics": result.metrics, "step": result.step, "wall_s": time.perf_counter() - start}
-            np.save(workdir / "conv1_after.npy", np.asarray(result.state.params["conv1"]["kernel"]))
+            tmp = workdir / "conv1_after.npy.tmp"
+            with open(tmp, "wb") as f:  # atomically, as the DONE marker after it
+                np.save(f, np.asarray(result.state.params["conv1"]["kernel"]))
+            os.replace(tmp, workdir / "conv1_after.npy")
             atomic_write(done, json.dumps(info, indent=2))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -102,11 +102,17 @@ def test_bad_arguments():
         degradation.run("tiny", "/tmp/never", only=["plain99"])
 
 
-def test_cli_rejects_unknown_override(capsys):
+def test_cli_rejects_unknown_override(capsys, tmp_path):
     with pytest.raises(SystemExit) as info:
         degradation.main(["--preset", "tiny", "--set", "num_step=3"])
     assert info.value.code == 2
     assert "num_step=3" in capsys.readouterr().err
+    # A value that does not parse, and an --out that is a file, exit 2 too (the first was a traceback).
+    (tmp := tmp_path / "a_file").write_text("")
+    for argv, message in ((["--set", "num_steps=abc"], "num_steps=abc"), (["--out", str(tmp)], "is a file")):
+        with pytest.raises(SystemExit) as info:
+            degradation.main(["--preset", "tiny", *argv])
+        assert info.value.code == 2 and message in capsys.readouterr().err, argv
 
 
 def test_longer_run_resumes_a_finished_network(tmp_path, capsys):

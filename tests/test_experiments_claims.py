@@ -137,3 +137,16 @@ def test_filter_grid_and_statistics():
     assert filters.filter_statistics(smooth)["grey_share"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="1- or 3-channel"):
         filters.filter_grid(np.zeros((3, 3, 2, 4)))
+
+
+def test_scripts_refuse_bad_arguments_before_any_work(tmp_path, capsys):
+    from experiments import bench_data
+
+    (a_file := tmp_path / "a_file").write_text("")
+    cases = ((cost_vs_accuracy.main, ["--models"], "at least one name"),  # was an IndexError after measuring
+             (receptive_fields.main, ["--out", str(a_file)], "is a file"),
+             (bench_data.main, ["--batch-size", "5000", "--steps", "1", "--no-train"], "no full global batch"))
+    for main, argv, message in cases:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2 and message in capsys.readouterr().err, argv
