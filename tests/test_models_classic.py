@@ -4,6 +4,7 @@ Parameter counts and shapes come from `jax.eval_shape` (no compilation); only th
 run a real forward and backward pass (VGG-11 at 32x32 is marked slow).
 """
 
+import re
 from functools import partial
 
 import jax
@@ -226,3 +227,18 @@ def test_forward_backward_vgg11_bn_at_32():
     state, updates = _train_step_check(create("vgg11_bn", num_classes=10), x, jnp.array([3, 7]))
     before, after = state["batch_stats"]["bn1_1"]["mean"], updates["batch_stats"]["bn1_1"]["mean"]
     assert not np.allclose(np.asarray(before), np.asarray(after))
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("lenet5", dict(features=20), "LeNet5: features must be a sequence"),  # was: len() of an int
+    ("lenet5", dict(hidden=0), "LeNet5: hidden must be a positive int"),  # was: ZeroDivisionError in the init
+    ("mlp", dict(hidden_sizes=100), "MLP: hidden_sizes must be a possibly empty sequence"),
+    ("mlp", dict(hidden_sizes=(100, 0)), "MLP: hidden_sizes must be"),
+    ("vgg11", dict(config=(64, "X", 128)), "VGG: config must be a sequence of positive ints or 'M'"),
+    ("vgg11", dict(hidden=0), "VGG: hidden must be a positive int"),
+    ("rir18_wide", dict(layers_per_block=0), "RiR: layers_per_block must be a positive int"),  # was: a shape error
+])
+def test_bad_model_options_are_named(name, options, message):
+    model = create(name, **options)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        abstract_apply(model, get_spec(name).input_shape)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -20,3 +22,24 @@ def check_image_input(x: Any, model: str, *, min_size: int, in_channels: int | N
     if min(shape[1:3]) < min_size:
         raise ValueError(f"{model} needs inputs of at least {min_size}x{min_size} pixels{size_note}, "
                          f"got {shape[1]}x{shape[2]}; {fix}")
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+
+
+def check_positive_int(model: str, name: str, value: Any) -> None:
+    """Raises ValueError naming `model`'s option `name` unless `value` is an int >= 1."""
+    if not _positive_int(value):
+        raise ValueError(f"{model}: {name} must be a positive int, got {value!r}")
+
+
+def check_widths(model: str, name: str, value: Any, *, empty_ok: bool = False, words: tuple[str, ...] = ()) -> None:
+    """Raises ValueError naming `model`'s option `name` unless `value` is a sequence of positive
+    ints (layer widths), each of which may also be one of `words` (e.g. VGG's 'M' pools)."""
+    ok = isinstance(value, Sequence) and not isinstance(value, str) and (empty_ok or len(value) > 0)
+    if not ok or not all(_positive_int(v) or (isinstance(v, str) and v in words) for v in value):
+        kinds = "positive ints" + "".join(f" or {w!r}" for w in words)
+        example = "(20, 50)" if not words else "(64, 'M', 128, 'M')"
+        raise ValueError(f"{model}: {name} must be a {'possibly empty ' if empty_ok else ''}sequence of {kinds}, "
+                         f"e.g. {example}; got {value!r}")

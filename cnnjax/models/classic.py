@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax import functional as F
+from cnnjax.models._checks import check_widths
 from cnnjax.models.registry import register
 from cnnjax.nn import Dense, Flatten
 
@@ -57,8 +58,7 @@ class MLP(nn.Module):
         if x.shape[-1] != self.in_channels:
             raise ValueError(f"MLP expects {self.in_channels} input channel(s) (NHWC), got shape {tuple(x.shape)}; "
                              f"pass in_channels={x.shape[-1]} to create() or fix the layout")
-        if any(int(h) < 1 for h in self.hidden_sizes):
-            raise ValueError(f"hidden_sizes must be positive widths, got {tuple(self.hidden_sizes)}")
+        check_widths("MLP", "hidden_sizes", self.hidden_sizes, empty_ok=True)
         act = F.get_activation(self.act)
         if self.dtype is not None:
             x = x.astype(self.dtype)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax import functional as F
-from cnnjax.models._checks import check_image_input
+from cnnjax.models._checks import check_image_input, check_positive_int, check_widths
 from cnnjax.models.registry import register
 from cnnjax.nn import Conv, Dense, Flatten, MaxPool
 
@@ -56,6 +56,8 @@ class LeNet5(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
+        check_widths("LeNet5", "features", self.features)
+        check_positive_int("LeNet5", "hidden", self.hidden)
         check_image_input(x, "LeNet5", min_size=self.min_input_size(), in_channels=self.in_channels,
                           size_note=" (28x28 in the lecture)")
         act = F.get_activation(self.act)

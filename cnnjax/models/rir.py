@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnnjax.models._checks import check_positive_int
 from cnnjax.models.registry import register
 from cnnjax.models.resnet import zero_pad_shortcut
 from cnnjax.nn import Conv, Dense, GlobalAvgPool, batch_norm_for
@@ -131,6 +132,7 @@ class RiR(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        check_positive_int("RiR", "layers_per_block", self.layers_per_block)
         widths = (self.stem_width, *self.stage_widths)
         if any(w % 2 for w in widths) or len(self.stage_sizes) != len(self.stage_widths):
             raise ValueError(f"RiR: stem_width and stage_widths {widths} must be even (split into two equal "

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnjax.models._checks import check_image_input
+from cnnjax.models._checks import check_image_input, check_positive_int, check_widths
 from cnnjax.models.registry import register
 from cnnjax.nn import Conv, Dense, Dropout, Flatten, MaxPool, batch_norm_for
 
@@ -77,6 +77,8 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
+        check_widths("VGG", "config", self.config, words=("M",))
+        check_positive_int("VGG", "hidden", self.hidden)
         check_image_input(x, "VGG", min_size=self.min_input_size(), in_channels=self.in_channels,
                           size_note=" (one per 2x2 pool)", fix="resize or pad the images (224 natively)")
         conv = partial(Conv, kernel_size=3, padding=1, kernel_init=self.kernel_init, dtype=self.dtype)
