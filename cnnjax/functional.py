@@ -8,6 +8,9 @@ shapes), so a bad call fails before anything is traced, with a message naming th
 from __future__ import annotations
 
 import functools
+import math
+import numbers
+import operator
 import os
 from collections.abc import Sequence
 from typing import Union
@@ -30,17 +33,101 @@ DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # --------------------------------------------------------------------------- argument parsing
 
 
-def _pair(value: IntPair, name: str, *, minimum: int = 1) -> tuple[int, int]:
-    """Normalises an int or a pair to a pair of ints >= minimum."""
-    if isinstance(value, (int,)) and not isinstance(value, bool):
-        pair = (value, value)
+def _is_traced(value) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def _index(value) -> int | None:
+    """`value` as a Python int when it is one exactly (an int, a NumPy integer, a concrete 0-d
+    integer array), else None: bools, floats, strings and traced values are not ints here."""
+    if isinstance(value, (bool, np.bool_, str, bytes)) or _is_traced(value):
+        return None
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.integer):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _positive_int(value, name: str, *, what: str = "") -> int:
+    """`value` as an int >= 1 (NumPy integers accepted; bools, floats and strings rejected)."""
+    i = _index(value)
+    if i is None or i < 1:
+        raise ValueError(f"{name} must be a positive int{what}, got {value!r}")
+    return i
+
+
+def _real(value, name: str, *, traced_ok: bool = False):
+    """`value` as a finite Python float (NumPy and concrete 0-d arrays accepted; bools, strings and
+    None rejected). A traced value is returned unchecked where `traced_ok`, else rejected: its
+    value is not known while tracing, so it cannot be validated."""
+    if _is_traced(value):
+        if traced_ok:
+            return value
+        raise ValueError(
+            f"{name} must be a concrete number, got a traced value {value}; pass a Python float "
+            "(under jax.jit close over it or mark it static, e.g. static_argnames)"
+        )
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        f = float(value)
+    elif (getattr(value, "shape", None) == () and getattr(value, "dtype", None) is not None
+          and (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer))):
+        f = float(value)
     else:
-        try:
-            pair = tuple(int(v) for v in value)  # type: ignore[union-attr]
-        except TypeError:
-            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-        if len(pair) != 2:
-            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        raise ValueError(f"{name} must be a number (a Python float), got {value!r}")
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return f
+
+
+def _flag(value, name: str) -> bool:
+    """`value` as a Python bool (bool, NumPy bool or a concrete 0-d bool array)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if _is_traced(value):
+        raise ValueError(
+            f"{name} must be True or False, got a traced value {value}; it selects what is traced, "
+            f"so pass a Python bool (under jax.jit mark it static, e.g. static_argnames='{name}')"
+        )
+    if getattr(value, "shape", None) == () and jnp.issubdtype(getattr(value, "dtype", None) or object, jnp.bool_):
+        return bool(value)
+    raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _as_array(x, name: str):
+    """Arrays (JAX, NumPy, tracers) unchanged; anything else through jnp.asarray, or a clear error."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return x
+    if x is None:
+        raise ValueError(f"{name} must be an array, got None")
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be an array (or something jnp.asarray converts), got {type(x).__name__} "
+                         f"{x!r}: {e}") from None
+
+
+def _pair(value: IntPair, name: str, *, minimum: int = 1) -> tuple[int, int]:
+    """Normalises an int or a pair to a pair of ints >= minimum (NumPy integers accepted; floats,
+    bools and strings rejected rather than truncated or iterated)."""
+    single = _index(value)
+    if single is not None:
+        pair = (single, single)
+    else:
+        items = None
+        if not isinstance(value, (str, bytes, bool, np.bool_)):
+            try:
+                items = [_index(v) for v in value]  # type: ignore[union-attr]
+            except TypeError:
+                items = None
+        if items is None or len(items) != 2 or None in items:
+            raise ValueError(
+                f"{name} must be an int or a pair of ints, got {value!r}; pass e.g. {name}=2 or "
+                f"{name}=(2, 1) (floats, bools and strings are not accepted)"
+            )
+        pair = tuple(items)
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum} in both dimensions, got {value!r}")
     return pair  # type: ignore[return-value]
@@ -80,24 +167,38 @@ def resolve_padding(
             f"{name} string must be 'SAME' or 'VALID', got {padding!r}; "
             "or pass an int, a pair, or ((top, bottom), (left, right))"
         )
-    if isinstance(padding, int) and not isinstance(padding, bool):
-        pads = ((padding, padding), (padding, padding))
+    bad = ValueError(
+        f"{name} must be an int, (ph, pw), ((top, bottom), (left, right)), 'SAME' or 'VALID', got "
+        f"{padding!r}; every entry must be an int (floats and bools are not accepted)"
+    )
+    single = _index(padding)
+    if single is not None:
+        pads = ((single, single), (single, single))
     else:
+        if isinstance(padding, (bytes, bool, np.bool_)):
+            raise bad
         try:
             items = list(padding)  # type: ignore[arg-type]
         except TypeError:
-            raise ValueError(f"{name} must be an int, a pair, per-side pairs or a string, got {padding!r}") from None
+            raise bad from None
         if len(items) != 2:
             raise ValueError(f"{name} must have 2 entries (height, width), got {padding!r}")
-        if all(isinstance(p, int) for p in items):
-            pads = ((items[0], items[0]), (items[1], items[1]))
+        ints = [_index(p) for p in items]
+        if None not in ints:
+            pads = ((ints[0], ints[0]), (ints[1], ints[1]))
         else:
-            try:
-                pads = tuple((int(a), int(b)) for a, b in items)  # type: ignore[misc]
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"{name} must be an int, (ph, pw) or ((top, bottom), (left, right)), got {padding!r}"
-                ) from None
+            pairs = []
+            for item in items:
+                pair = None
+                if not isinstance(item, (str, bytes)):
+                    try:
+                        pair = [_index(v) for v in item]
+                    except TypeError:
+                        pair = None
+                if pair is None or len(pair) != 2 or None in pair:
+                    raise bad
+                pairs.append(tuple(pair))
+            pads = tuple(pairs)
     if any(p < 0 for pair in pads for p in pair):
         raise ValueError(f"{name} must be non-negative, got {padding!r}")
     return pads  # type: ignore[return-value]
@@ -105,8 +206,30 @@ def resolve_padding(
 
 def output_size(size: int, window: int, stride: int = 1, pad: int | tuple[int, int] = 0,
                 dilation: int = 1, ceil_mode: bool = False) -> int:
-    """The lecture's output-size formula floor((W - K + 2P) / S) + 1, with dilation and ceil mode."""
-    lo, hi = (pad, pad) if isinstance(pad, int) else pad
+    """The lecture's output-size formula floor((W - K + 2P) / S) + 1, with dilation and ceil mode.
+
+    0 when the (dilated) window does not fit the padded input. `pad` is an int or (lo, hi).
+    """
+    i = _index(size)
+    if i is None or i < 0:
+        raise ValueError(f"size must be a non-negative int (the input extent), got {size!r}")
+    size = i
+    window = _positive_int(window, "window", what=" (the kernel extent)")
+    stride = _positive_int(stride, "stride")
+    dilation = _positive_int(dilation, "dilation")
+    ceil_mode = _flag(ceil_mode, "ceil_mode")
+    single = _index(pad)
+    if single is not None:
+        lo, hi = single, single
+    else:
+        try:
+            lo, hi = (_index(p) for p in pad)  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            lo = hi = None
+        if lo is None or hi is None or isinstance(pad, (str, bytes)):
+            raise ValueError(f"pad must be an int or a pair of ints (lo, hi), got {pad!r}")
+    if min(lo, hi) < 0:
+        raise ValueError(f"pad must be non-negative, got {pad!r}")
     eff = (window - 1) * dilation + 1
     span = size + lo + hi - eff
     if span < 0:
@@ -166,14 +289,22 @@ def conv2d(
     Returns:
       (N, H_out, W_out, C_out) with H_out = floor((H + pt + pb - ((KH - 1) * dh + 1)) / sh) + 1.
     """
+    x, kernel = _as_array(x, "x"), _as_array(kernel, "kernel")
+    bias = None if bias is None else _as_array(bias, "bias")
     _check_rank(x, 4, "x", "NHWC")
     if kernel.ndim != 4:
         raise ValueError(f"kernel must have rank 4 (HWIO), got shape {tuple(kernel.shape)}")
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    groups = _positive_int(groups, "groups")
     strides = _pair(stride, "stride")
     dilations = _pair(dilation, "dilation")
     c_in, (kh, kw, k_in, c_out) = x.shape[-1], kernel.shape
+    if c_in == 0:
+        raise ValueError(f"x has 0 channels (shape {tuple(x.shape)}); a convolution needs at least one input channel")
+    if min(kh, kw, k_in, c_out) == 0:
+        raise ValueError(
+            f"kernel has a zero-size dimension (shape {tuple(kernel.shape)}); KH, KW, C_in // groups and "
+            "C_out must all be >= 1"
+        )
     if c_in % groups:
         raise ValueError(f"groups={groups} must divide the input channels {c_in} (x shape {tuple(x.shape)})")
     if c_out % groups:
@@ -352,19 +483,28 @@ _conv_canonical_impl.defvjp(_conv_canonical_fwd, _conv_canonical_bwd)
 
 def dense(x: Array, kernel: Array, bias: Array | None = None, *, precision: lax.PrecisionLike = None) -> Array:
     """Fully connected layer: x @ kernel + bias over the last axis."""
+    x, kernel = _as_array(x, "x"), _as_array(kernel, "kernel")
+    bias = None if bias is None else _as_array(bias, "bias")
     if kernel.ndim != 2:
         raise ValueError(f"kernel must have rank 2 (in, out), got shape {tuple(kernel.shape)}")
+    if x.ndim < 1:
+        raise ValueError(
+            f"x must have a feature axis (shape (..., {kernel.shape[0]})), got a scalar; reshape it, e.g. x.reshape(1, -1)"
+        )
     if x.shape[-1] != kernel.shape[0]:
         raise ValueError(
             f"x has {x.shape[-1]} features but kernel {tuple(kernel.shape)} expects {kernel.shape[0]}; "
             "flatten the input or fix the layer's input size"
         )
+    if bias is not None and bias.shape != (kernel.shape[1],):
+        raise ValueError(f"bias must have shape ({kernel.shape[1]},) (the kernel's outputs), got {tuple(bias.shape)}")
     y = jnp.matmul(x, kernel.astype(x.dtype), precision=precision)
     return y if bias is None else y + bias.astype(y.dtype)
 
 
 def flatten(x: Array) -> Array:
     """Flattens all but the batch axis (NHWC order)."""
+    x = _as_array(x, "x")
     if x.ndim < 2:
         raise ValueError(f"x must have a batch axis and at least one more, got shape {tuple(x.shape)}")
     return x.reshape(x.shape[0], -1)
@@ -375,6 +515,7 @@ def flatten(x: Array) -> Array:
 
 def _pool_geometry(x, kernel_size, stride, padding, ceil_mode, name):
     _check_rank(x, 4, "x", "NHWC")
+    ceil_mode = _flag(ceil_mode, "ceil_mode")
     window = _pair(kernel_size, "kernel_size")
     strides = window if stride is None else _pair(stride, "stride")
     pads = resolve_padding(padding, x.shape[1:3], window, strides)
@@ -400,10 +541,19 @@ def _pool_geometry(x, kernel_size, stride, padding, ceil_mode, name):
 def max_pool(x: Array, kernel_size: IntPair, stride: IntPair | None = None, padding: Padding = 0,
              *, ceil_mode: bool = False) -> Array:
     """Max pooling (padding never wins: it is -inf); stride defaults to the window."""
+    x = _as_array(x, "x")
     window, strides, pads = _pool_geometry(x, kernel_size, stride, padding, ceil_mode, "pooling")
     # NumPy (not traced) init values: lax.reduce_window only has autodiff rules for the known
-    # monoids (max with -inf, add with 0), which it recognises from constant inits.
-    init = np.array(-np.inf, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else np.iinfo(x.dtype).min
+    # monoids (max with -inf, add with 0), which it recognises from constant inits. On bools the
+    # max is a logical or, and the padding (False) never wins either.
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        init = np.array(-np.inf, x.dtype)
+    elif jnp.issubdtype(x.dtype, jnp.integer):
+        init = np.array(np.iinfo(x.dtype).min, x.dtype)
+    elif jnp.issubdtype(x.dtype, jnp.bool_):
+        init = np.array(False)
+    else:
+        raise ValueError(f"max_pool needs a real x (float, int or bool), got dtype {x.dtype}; convert x first")
     return lax.reduce_window(x, init, lax.max, (1, *window, 1), (1, *strides, 1),
                              ((0, 0), *pads, (0, 0)))
 
@@ -412,6 +562,11 @@ def avg_pool(x: Array, kernel_size: IntPair, stride: IntPair | None = None, padd
              *, ceil_mode: bool = False, count_include_pad: bool = True) -> Array:
     """Average pooling. count_include_pad counts the explicit zero padding in the divisor
     (PyTorch's default); the extra far-side padding of ceil_mode is never counted."""
+    x = _as_array(x, "x")
+    count_include_pad = _flag(count_include_pad, "count_include_pad")
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+        raise ValueError(f"avg_pool needs a numeric x (float or int), got dtype {x.dtype}; "
+                         "convert it first, e.g. x.astype(jnp.float32)")
     window, strides, pads = _pool_geometry(x, kernel_size, stride, padding, ceil_mode, "pooling")
     dims, wstrides, wpads = (1, *window, 1), (1, *strides, 1), ((0, 0), *pads, (0, 0))
     total = lax.reduce_window(x, np.array(0, x.dtype), lax.add, dims, wstrides, wpads)
@@ -427,19 +582,62 @@ def avg_pool(x: Array, kernel_size: IntPair, stride: IntPair | None = None, padd
     return total / count
 
 
+def _check_global_pool_input(x, keepdims, name: str):
+    x = _as_array(x, "x")
+    _check_rank(x, 4, "x", "NHWC")
+    _flag(keepdims, "keepdims")
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(
+            f"x has an empty spatial extent (shape {tuple(x.shape)}); {name} needs H >= 1 and W >= 1 "
+            "(the pool of zero positions is undefined): check the layers before it"
+        )
+    return x
+
+
 def global_avg_pool(x: Array, *, keepdims: bool = False) -> Array:
     """Mean over the spatial axes: (N, H, W, C) -> (N, C) (or (N, 1, 1, C))."""
-    _check_rank(x, 4, "x", "NHWC")
+    x = _check_global_pool_input(x, keepdims, "global_avg_pool")
     return jnp.mean(x, axis=(1, 2), keepdims=keepdims)
 
 
 def global_max_pool(x: Array, *, keepdims: bool = False) -> Array:
     """Max over the spatial axes."""
-    _check_rank(x, 4, "x", "NHWC")
+    x = _check_global_pool_input(x, keepdims, "global_max_pool")
     return jnp.max(x, axis=(1, 2), keepdims=keepdims)
 
 
 # --------------------------------------------------------------------------- normalisation
+
+
+def _check_bn_rank(x) -> None:
+    if x.ndim < 2:
+        raise ValueError(
+            f"x must be (N, C) or (N, H, W, C), got shape {tuple(x.shape)}; add a batch axis with x[None]"
+        )
+
+
+def _check_eps(eps, name: str = "eps"):
+    """eps as a float > 0 (a traced eps passes unchecked). eps = 0 is rejected too: a constant
+    channel (variance 0, e.g. a dead ReLU or zero padding) then gives 0 / 0 = NaN."""
+    eps = _real(eps, name, traced_ok=True)
+    if isinstance(eps, float) and not eps > 0:
+        raise ValueError(
+            f"{name} must be > 0, got {eps!r}; it keeps 1 / sqrt(var + eps) finite where a channel's variance "
+            "is 0 (the usual value is 1e-5)"
+        )
+    return eps
+
+
+def _check_channel_vectors(c: int, x_shape, **vectors) -> dict:
+    """Each given vector as an array of shape (C,) (None stays None)."""
+    out = {}
+    for name, v in vectors.items():
+        if v is not None:
+            v = _as_array(v, name)
+            if v.shape != (c,):
+                raise ValueError(f"{name} must have shape ({c},) for x of shape {tuple(x_shape)}, got {tuple(v.shape)}")
+        out[name] = v
+    return out
 
 
 def batch_norm_statistics(x: Array, *, axis_name: str | None = None) -> tuple[Array, Array]:
@@ -447,8 +645,8 @@ def batch_norm_statistics(x: Array, *, axis_name: str | None = None) -> tuple[Ar
 
     With `axis_name`, the statistics are those of the batch across all devices on that axis.
     """
-    if x.ndim < 2:
-        raise ValueError(f"x must be (N, C) or (N, H, W, C), got shape {tuple(x.shape)}")
+    x = _as_array(x, "x")
+    _check_bn_rank(x)
     axes = tuple(range(x.ndim - 1))
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axes)
@@ -463,10 +661,16 @@ def batch_norm_statistics(x: Array, *, axis_name: str | None = None) -> tuple[Ar
 def batch_norm_apply(x: Array, mean: Array, var: Array, scale: Array | None, bias: Array | None,
                      *, eps: float = 1e-5) -> Array:
     """y = (x - mean) / sqrt(var + eps) * scale + bias, folded to one multiply-add per element."""
+    x = _as_array(x, "x")
+    if x.ndim < 1:
+        raise ValueError("x must have a channel axis (last), got a scalar; pass (..., C) with C = mean.shape[0]")
+    eps = _check_eps(eps)
     c = x.shape[-1]
-    for name, v in (("mean", mean), ("var", var), ("scale", scale), ("bias", bias)):
-        if v is not None and v.shape != (c,):
-            raise ValueError(f"{name} must have shape ({c},) for x of shape {tuple(x.shape)}, got {tuple(v.shape)}")
+    for name, v in (("mean", mean), ("var", var)):
+        if v is None:
+            raise ValueError(f"{name} must be an array of shape ({c},), got None")
+    vs = _check_channel_vectors(c, x.shape, mean=mean, var=var, scale=scale, bias=bias)
+    mean, var, scale, bias = vs["mean"], vs["var"], vs["scale"], vs["bias"]
     mul = lax.rsqrt(var.astype(jnp.float32) + eps)
     if scale is not None:
         mul = mul * scale.astype(jnp.float32)
@@ -507,11 +711,25 @@ def batch_norm(
     Returns:
       (y, (new_running_mean, new_running_var)).
     """
+    x = _as_array(x, "x")
+    _check_bn_rank(x)
+    train = _flag(train, "train")
+    momentum = _real(momentum, "momentum")
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1] (Flax convention, 0.9 = PyTorch's 0.1), got {momentum}")
+    eps = _check_eps(eps)
+    mode = _resolve_vjp(vjp, BN_VJP, _BN_VJP_MODES, "fused")  # validated in both modes
+    c = x.shape[-1]
+    for name, v in (("running_mean", running_mean), ("running_var", running_var)):
+        if v is None:
+            raise ValueError(f"{name} must be an array of shape ({c},), got None; start from zeros (mean) and ones (var)")
+    vs = _check_channel_vectors(c, x.shape, scale=scale, bias=bias, running_mean=running_mean, running_var=running_var)
+    scale, bias, running_mean, running_var = vs["scale"], vs["bias"], vs["running_mean"], vs["running_var"]
     if train:
-        if _resolve_vjp(vjp, BN_VJP, _BN_VJP_MODES, "fused") == "fused":
-            c = x.shape[-1]
+        if mode == "fused":
+            if _is_traced(eps):
+                raise ValueError("eps must be a concrete number for the fused BatchNorm gradient, got a traced value; "
+                                 "pass a Python float or vjp='autodiff'")
             ones, zeros = jnp.ones((c,), jnp.float32), jnp.zeros((c,), jnp.float32)
             y, mean, var = _batch_norm_train(*_vary_alike(x, ones if scale is None else scale,
                                                           zeros if bias is None else bias), float(eps), axis_name)
@@ -585,10 +803,22 @@ def fold_batch_norm(
     BN(W x + b) = (W * g) x + (b - mean) * g + shift with g = scale / sqrt(var + eps), so the
     folded layer has kernel W * g (per output channel, the last axis) and that bias.
     """
+    kernel = _as_array(kernel, "kernel")
+    if kernel.ndim < 2:
+        raise ValueError(f"kernel must be a conv (HWIO) or dense (IO) kernel, got shape {tuple(kernel.shape)}")
+    eps = _check_eps(eps)
     c_out = kernel.shape[-1]
+    for name, v in (("mean", mean), ("var", var)):
+        if v is None:
+            raise ValueError(f"{name} must be an array of shape ({c_out},), got None")
+    vs = {}
     for name, v in (("bias", bias), ("scale", scale), ("shift", shift), ("mean", mean), ("var", var)):
-        if v is not None and v.shape != (c_out,):
-            raise ValueError(f"{name} must have shape ({c_out},) to match kernel {tuple(kernel.shape)}, got {tuple(v.shape)}")
+        if v is not None:
+            v = _as_array(v, name)
+            if v.shape != (c_out,):
+                raise ValueError(f"{name} must have shape ({c_out},) to match kernel {tuple(kernel.shape)}, got {tuple(v.shape)}")
+        vs[name] = v
+    bias, scale, shift, mean, var = vs["bias"], vs["scale"], vs["shift"], vs["mean"], vs["var"]
     g = lax.rsqrt(var.astype(jnp.float32) + eps)
     if scale is not None:
         g = g * scale
@@ -613,9 +843,21 @@ def local_response_norm(
     b_c = a_c / (k + alpha' * sum_{c' in [c - size//2, c + size//2]} a_{c'}^2) ** beta,
     with alpha' = alpha (the paper's formula) or alpha / size when `alpha_over_n` (PyTorch, Caffe).
     """
+    x = _as_array(x, "x")
     _check_rank(x, 4, "x", "NHWC")
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive int (channels in the window), got {size!r}")
+    size = _positive_int(size, "size", what=" (channels in the window)")
+    alpha_over_n = _flag(alpha_over_n, "alpha_over_n")
+    # The denominator (k + alpha' * sum of squares) ** beta: with k > 0 and alpha >= 0 its base is
+    # positive, so any finite beta gives a finite value; k <= 0 gives 0 / 0 on a window of zeros
+    # (and a fractional power of a negative base), alpha < 0 a negative base for large inputs.
+    k = _real(k, "k", traced_ok=True)
+    if isinstance(k, float) and not k > 0:
+        raise ValueError(f"k must be > 0, got {k!r}; with k <= 0 a window of zeros gives 0 / 0 = NaN (the paper uses k = 2)")
+    alpha = _real(alpha, "alpha", traced_ok=True)
+    if isinstance(alpha, float) and alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha!r}; a negative alpha makes k + alpha * sum(a^2) negative "
+                         "for large activations, and its power NaN (the paper uses 1e-4)")
+    beta = _real(beta, "beta", traced_ok=True)
     a = alpha / size if alpha_over_n else alpha
     sq = jnp.square(x.astype(jnp.float32))
     half = size // 2
@@ -627,10 +869,36 @@ def local_response_norm(
 # --------------------------------------------------------------------------- regularisation and activations
 
 
+def _check_key(rng, name: str) -> None:
+    """A single PRNG key: a typed key (jax.random.key) or raw key data (jax.random.PRNGKey)."""
+    dtype = getattr(rng, "dtype", None)
+    shape = tuple(getattr(rng, "shape", ()))
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape == ():
+            return
+        got = f"a batch of keys of shape {shape}"
+    elif dtype is not None and dtype == jnp.uint32 and shape in ((2,), (4,)):
+        return
+    elif dtype is not None:
+        got = f"an array of dtype {dtype} and shape {shape}"
+    else:
+        got = repr(rng)
+    raise ValueError(f"{name} must be a single PRNG key such as jax.random.key(0) (in a module: "
+                     f"rngs={{'dropout': key}}), got {got}")
+
+
 def dropout(x: Array, rate: float, rng: Array | None, *, deterministic: bool) -> Array:
-    """Inverted dropout: zero each unit with probability `rate`, scale survivors by 1 / (1 - rate)."""
+    """Inverted dropout: zero each unit with probability `rate`, scale survivors by 1 / (1 - rate).
+
+    `rate` must be a concrete number (it decides what is traced); `rng` a single PRNG key.
+    """
+    x = _as_array(x, "x")
+    rate = _real(rate, "rate")
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"rate must be in [0, 1), got {rate}")
+    deterministic = _flag(deterministic, "deterministic")
+    if rng is not None:
+        _check_key(rng, "rng")
     if deterministic or rate == 0.0:
         return x
     if rng is None:
@@ -659,15 +927,31 @@ def get_activation(name: str):
     """Looks up an activation function by name."""
     try:
         return ACTIVATIONS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
 
 
 def conv_output_shape(input_shape: Sequence[int], kernel_size: IntPair, features: int, *, stride: IntPair = 1,
                       padding: Padding = 0, dilation: IntPair = 1) -> tuple[int, int, int, int]:
-    """Static output shape of conv2d for an NHWC input shape."""
+    """Static output shape of conv2d for an NHWC input shape; raises where conv2d would."""
+    dims = None
+    if not isinstance(input_shape, (str, bytes)):
+        try:
+            dims = [_index(n) for n in input_shape]
+        except TypeError:
+            dims = None
+    if dims is None or len(dims) != 4 or None in dims or min(dims) < 0:
+        raise ValueError(
+            f"input_shape must be an NHWC shape (N, H, W, C) of 4 non-negative ints, got {input_shape!r}; "
+            "add the batch dimension, e.g. (1, *shape)"
+        )
+    if dims[3] == 0:
+        raise ValueError(f"input_shape has 0 channels ({input_shape!r}); a convolution needs at least one input channel")
+    features = _positive_int(features, "features")
     k, s, d = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(dilation, "dilation")
-    pads = resolve_padding(padding, tuple(input_shape[1:3]), k, s, d)
-    h, w = (output_size(n, kk, ss, p, dd) for n, kk, ss, p, dd in zip(input_shape[1:3], k, s, pads, d))
-    return (input_shape[0], h, w, features)
+    spatial = (dims[1], dims[2])
+    pads = resolve_padding(padding, spatial, k, s, d)
+    _check_window_fits(spatial, k, d, pads, "kernel", "kernel_size")
+    h, w = (output_size(n, kk, ss, p, dd) for n, kk, ss, p, dd in zip(spatial, k, s, pads, d))
+    return (dims[0], h, w, features)
 

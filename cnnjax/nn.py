@@ -86,22 +86,23 @@ class Conv(nn.Module):
     def __call__(self, x: Array) -> Array:
         if x.ndim != 4:
             raise ValueError(f"{self.name or 'Conv'}: x must be NHWC (rank 4), got shape {tuple(x.shape)}")
-        if not isinstance(self.features, int) or self.features < 1:
-            raise ValueError(f"{self.name or 'Conv'}: features must be a positive int, got {self.features!r}")
+        where = self.name or "Conv"
+        features = F._positive_int(self.features, f"{where}: features")
+        groups = F._positive_int(self.groups, f"{where}: groups")
         c_in = x.shape[-1]
-        if self.groups < 1 or c_in % self.groups or self.features % self.groups:
+        if c_in % groups or features % groups:
             raise ValueError(
-                f"{self.name or 'Conv'}: groups={self.groups} must divide both the input channels "
-                f"{c_in} and features={self.features}"
+                f"{where}: groups={groups} must divide both the input channels "
+                f"{c_in} and features={features}"
             )
         kh, kw = F._pair(self.kernel_size, "kernel_size")
         kernel = self.param("kernel", get_initializer(self.kernel_init),
-                            (kh, kw, c_in // self.groups, self.features), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+                            (kh, kw, c_in // groups, features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (features,), self.param_dtype) if self.use_bias else None
         dtype = self.dtype or x.dtype
         return F.conv2d(x.astype(dtype), kernel.astype(dtype), None if bias is None else bias.astype(dtype),
                         stride=self.strides, padding=self.padding, dilation=self.dilation,
-                        groups=self.groups, precision=self.precision)
+                        groups=groups, precision=self.precision)
 
 
 class Dense(nn.Module):
@@ -128,8 +129,9 @@ class Dense(nn.Module):
     def __call__(self, x: Array) -> Array:
         if x.ndim < 1:
             raise ValueError(f"{self.name or 'Dense'}: x must have a feature axis, got a scalar")
-        kernel = self.param("kernel", get_initializer(self.kernel_init), (x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        features = F._positive_int(self.features, f"{self.name or 'Dense'}: features")
+        kernel = self.param("kernel", get_initializer(self.kernel_init), (x.shape[-1], features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (features,), self.param_dtype) if self.use_bias else None
         dtype = self.dtype or x.dtype
         return F.dense(x.astype(dtype), kernel.astype(dtype), None if bias is None else bias.astype(dtype),
                        precision=self.precision)
@@ -162,6 +164,12 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
         use_running_average = merge_param("use_running_average", self.use_running_average, use_running_average)
+        where = self.name or "BatchNorm"
+        if x.ndim < 2:
+            raise ValueError(
+                f"{where}: x must be (N, C) or (N, H, W, C), got shape {tuple(x.shape)}; add a batch axis with x[None]"
+            )
+        F._check_eps(self.epsilon, f"{where}: epsilon")
         c = x.shape[-1]
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))

@@ -512,3 +512,167 @@ def test_canonical_vjp_under_shard_map_has_jax_rule_semantics():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", _SHARD_MAP_VJP], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- argument validation (audit)
+
+_X, _K = jnp.ones((1, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
+_XB = jnp.ones((2, 3))
+
+
+def _bn(x=_XB, rm=jnp.zeros(3), rv=jnp.ones(3), **kw):
+    kw.setdefault("train", True)
+    return F.batch_norm(x, None, None, rm, rv, **kw)
+
+
+@pytest.mark.parametrize(
+    "call,words",
+    [
+        # 1. stride / padding / groups: no truncated floats, no iterated strings, the argument named.
+        (lambda: F.conv2d(_X, _K, stride=(1.7, 2)), ["stride", "(1.7, 2)", "int"]),
+        (lambda: F.conv2d(_X, _K, stride=1.5), ["stride", "1.5"]),
+        (lambda: F.conv2d(_X, _K, padding=((1.7, 1), (1, 1))), ["padding", "1.7", "int"]),
+        (lambda: F.conv2d(_X, _K, padding=(1.0, 2)), ["padding", "int"]),
+        (lambda: F.conv2d(_X, _K, padding=1.5), ["padding", "1.5"]),
+        (lambda: F.conv2d(_X, _K, stride="22"), ["stride", "'22'"]),
+        (lambda: F.conv2d(_X, _K, stride=("a", 1)), ["stride", "('a', 1)"]),
+        (lambda: F.conv2d(_X, _K, dilation=True), ["dilation", "True"]),
+        (lambda: F.conv2d(_X, _K, groups=True), ["groups", "positive int", "True"]),
+        (lambda: F.conv2d(_X, _K, groups=1.0), ["groups", "positive int"]),
+        (lambda: F.resolve_padding(b"\x01\x01", (6, 6), (3, 3), (1, 1)), ["padding"]),
+        # 2. conv2d: zero-size kernel, zero input channels, inputs that are not arrays.
+        (lambda: F.conv2d(_X, jnp.ones((0, 3, 3, 4))), ["kernel", "zero-size", "(0, 3, 3, 4)"]),
+        (lambda: F.conv2d(_X, jnp.ones((3, 3, 3, 0))), ["kernel", "zero-size"]),
+        (lambda: F.conv2d(jnp.ones((1, 6, 6, 0)), jnp.ones((3, 3, 0, 4))), ["x", "0 channels"]),
+        (lambda: F.conv2d("abc", _K), ["x", "array"]),
+        # 3. dense: the bias shape, a scalar x.
+        (lambda: F.dense(jnp.ones((2, 5)), jnp.ones((5, 4)), jnp.ones(3)), ["bias", "(4,)", "(3,)"]),
+        (lambda: F.dense(jnp.ones((2, 5)), jnp.ones((5, 4)), jnp.ones(1)), ["bias", "(4,)", "(1,)"]),
+        (lambda: F.dense(jnp.ones((2, 5)), jnp.ones((5, 4)), jnp.ones((2, 4))), ["bias", "(4,)", "(2, 4)"]),
+        (lambda: F.dense(jnp.float32(1), jnp.ones((5, 4))), ["x", "feature axis", "scalar"]),
+        # 4. batch_norm: running-stat shapes in training, the rank in evaluation, vjp in both modes.
+        (lambda: _bn(rm=jnp.zeros(4)), ["running_mean", "(3,)", "(4,)"]),
+        (lambda: _bn(rm=jnp.zeros(1)), ["running_mean", "(3,)", "(1,)"]),
+        (lambda: _bn(rm=jnp.zeros((5, 3))), ["running_mean", "(5, 3)"]),
+        (lambda: _bn(rv=jnp.ones(4)), ["running_var", "(3,)", "(4,)"]),
+        (lambda: _bn(rv=jnp.ones(4), vjp="autodiff"), ["running_var", "(3,)", "(4,)"]),
+        (lambda: _bn(jnp.ones(3), train=False), ["x", "(N, C)", "(3,)"]),
+        (lambda: _bn(jnp.float32(1), train=False), ["x", "(N, C)", "()"]),
+        (lambda: _bn(train=False, vjp="fast"), ["vjp", "fast"]),
+        (lambda: _bn(train="no"), ["train", "True or False"]),
+        # 5. hyper-parameters that give NaN: eps, LRN's k and alpha; empty global pools.
+        (lambda: _bn(eps=-2.0), ["eps", "> 0", "-2.0"]),
+        (lambda: _bn(eps=0.0, train=False), ["eps", "> 0"]),
+        (lambda: _bn(eps=float("nan")), ["eps", "finite"]),
+        (lambda: F.batch_norm_apply(_XB, jnp.zeros(3), jnp.ones(3), None, None, eps=-1e-3), ["eps", "> 0"]),
+        (lambda: F.fold_batch_norm(jnp.ones((3, 4)), None, None, None, jnp.zeros(4), jnp.ones(4), eps=-1),
+         ["eps", "> 0"]),
+        (lambda: F.local_response_norm(_X, k=0.0), ["k", "> 0"]),
+        (lambda: F.local_response_norm(_X, k=-1.0), ["k", "> 0"]),
+        (lambda: F.local_response_norm(_X, alpha=-1.0), ["alpha", ">= 0"]),
+        (lambda: F.local_response_norm(_X, size=True), ["size", "positive int"]),
+        (lambda: F.global_avg_pool(jnp.ones((1, 0, 0, 3))), ["x", "empty spatial", "(1, 0, 0, 3)"]),
+        (lambda: F.global_max_pool(jnp.ones((1, 0, 0, 3))), ["x", "empty spatial", "(1, 0, 0, 3)"]),
+        (lambda: F.global_max_pool(jnp.ones((1, 4, 0, 3))), ["x", "empty spatial"]),
+        # 6. dropout: rate and rng of the wrong kind.
+        (lambda: F.dropout(_XB, "0.5", jax.random.key(0), deterministic=False), ["rate", "number", "'0.5'"]),
+        (lambda: F.dropout(_XB, None, jax.random.key(0), deterministic=False), ["rate", "None"]),
+        (lambda: F.dropout(_XB, 0.5, 0, deterministic=False), ["rng", "jax.random.key"]),
+        (lambda: F.dropout(_XB, 0.5, jax.random.split(jax.random.key(0), 3), deterministic=False),
+         ["rng", "single PRNG key", "(3,)"]),
+        # 7. conv_output_shape and output_size validate like conv2d.
+        (lambda: F.conv_output_shape((1, 5, 5, 3), 7, 8), ["kernel_size", "larger", "5"]),
+        (lambda: F.conv_output_shape((5, 5, 3), 3, 8), ["input_shape", "NHWC", "(5, 5, 3)"]),
+        (lambda: F.conv_output_shape((1, 5, 5, 3), 3, 0), ["features", "positive int"]),
+        (lambda: F.conv_output_shape((1, 5, 5, 3), 3, 8, stride=1.5), ["stride", "1.5"]),
+        (lambda: F.output_size(5, 3, 0), ["stride", "positive int", "0"]),
+        (lambda: F.output_size(5, 0), ["window", "positive int"]),
+        (lambda: F.output_size(5, 3, 1, -1), ["pad", "non-negative"]),
+        (lambda: F.output_size(5, 3, 1.5), ["stride", "1.5"]),
+        # 8. pooling dtypes it cannot handle are named.
+        (lambda: F.max_pool(jnp.ones((1, 4, 4, 1), jnp.complex64), 2), ["max_pool", "complex64"]),
+        (lambda: F.avg_pool(jnp.ones((1, 4, 4, 1), bool), 2), ["avg_pool", "bool", "astype"]),
+    ],
+)
+def test_audit_bad_arguments_raise_one_clear_value_error(call, words):
+    with pytest.raises(ValueError) as info:
+        call()
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_numpy_integers_are_accepted_for_stride_padding_and_groups():
+    x = jnp.asarray(np.random.default_rng(10).standard_normal((1, 8, 8, 4)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(11).standard_normal((3, 3, 2, 4)), jnp.float32)
+    want = F.conv2d(x, w, stride=2, padding=((1, 0), (1, 1)), dilation=1, groups=2)
+    got = F.conv2d(x, w, stride=np.int64(2), padding=((np.int64(1), np.int32(0)), (1, 1)), dilation=np.int32(1),
+                   groups=np.int64(2))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    got = F.conv2d(x, w, stride=np.array([2, 2]), padding=np.array([[1, 0], [1, 1]]), groups=np.int64(2))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert F.resolve_padding(np.int64(2), (8, 8), (3, 3), (1, 1)) == ((2, 2), (2, 2))
+    assert F.output_size(np.int64(32), np.int64(3), np.int64(2), np.int64(1)) == 16
+    assert F.conv_output_shape(np.array([1, 8, 8, 4]), np.int64(3), np.int64(5), padding=np.int64(1)) == (1, 8, 8, 5)
+
+
+def test_non_array_inputs_are_converted():
+    x = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+    w = np.ones((3, 3, 1, 2), np.float32)
+    np.testing.assert_array_equal(np.asarray(F.conv2d(x.tolist(), w.tolist(), [1.0, 2.0])),
+                                  np.asarray(F.conv2d(jnp.asarray(x), jnp.asarray(w), jnp.asarray([1.0, 2.0]))))
+    np.testing.assert_array_equal(np.asarray(F.dense([[1.0, 2.0]], [[1.0], [1.0]], [0.5])), [[3.5]])
+
+
+def test_output_size_is_zero_where_the_window_does_not_fit():
+    # The models search for their minimum input size with it (GoogLeNet.min_input_size): kept.
+    assert F.output_size(2, 3, 2) == 0
+    assert F.output_size(0, 1) == 0
+
+
+def test_max_pool_on_bools_is_a_logical_or():
+    x = np.zeros((1, 4, 4, 2), bool)
+    x[0, 0, 1, 0] = x[0, 3, 3, 1] = True
+    got = F.max_pool(jnp.asarray(x), 2)
+    assert got.dtype == jnp.bool_
+    np.testing.assert_array_equal(np.asarray(got), x.reshape(1, 2, 2, 2, 2, 2).any(axis=(2, 4)))
+    got = F.max_pool(jnp.asarray(x), 3, 1, 1)  # padding (False) never wins
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(F.max_pool(jnp.asarray(x, jnp.float32), 3, 1, 1)) > 0)
+
+
+def test_traced_hyper_parameters_are_rejected_clearly_or_keep_working():
+    key = jax.random.key(0)
+    # dropout's rate decides what is traced: a traced rate is refused with the fix, not a
+    # TracerBoolConversionError.
+    with pytest.raises(ValueError, match="rate must be a concrete number"):
+        jax.jit(lambda r: F.dropout(_XB, r, key, deterministic=False))(0.5)
+    with pytest.raises(ValueError, match="deterministic must be True or False"):
+        jax.jit(lambda d: F.dropout(_XB, 0.5, key, deterministic=d))(True)
+    # A traced eps cannot be checked but still works where it did (it is only arithmetic).
+    rm, rv = jnp.zeros(3), jnp.ones(3)
+    x = jnp.asarray(np.random.default_rng(12).standard_normal((4, 3)), jnp.float32)
+    want = F.batch_norm(x, None, None, rm, rv, train=False, eps=1e-3)[0]
+    got = jax.jit(lambda e: F.batch_norm(x, None, None, rm, rv, train=False, eps=e)[0])(1e-3)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    got = jax.jit(lambda e: F.batch_norm(x, None, None, rm, rv, train=True, eps=e, vjp="autodiff")[0])(1e-3)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(F.batch_norm(x, None, None, rm, rv, train=True)[0]),
+                               rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="eps must be a concrete number"):
+        jax.jit(lambda e: F.batch_norm(x, None, None, rm, rv, train=True, eps=e, vjp="fused")[0])(1e-3)
+    got = jax.jit(lambda k: F.local_response_norm(_X, k=k))(2.0)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(F.local_response_norm(_X, k=2.0)), rtol=1e-6)
+    # Static geometry given as a traced value is named, not a raw tracer error.
+    with pytest.raises(ValueError, match="stride must be an int or a pair of ints"):
+        jax.jit(lambda s: F.conv2d(_X, _K, stride=s))(2)
+
+
+def test_valid_hyper_parameter_edges_still_work():
+    # NumPy scalars and legacy raw keys are accepted; a negative LRN beta is finite (base > 0).
+    y = F.dropout(jnp.ones((100, 10)), np.float32(0.5), jax.random.PRNGKey(0), deterministic=False)
+    assert set(np.unique(np.asarray(y))) <= {0.0, 2.0}
+    assert F.dropout(_XB, 0.5, None, deterministic=True) is _XB
+    lrn = F.local_response_norm(jnp.asarray(np.random.default_rng(13).standard_normal((1, 3, 3, 5)), jnp.float32),
+                                beta=-0.5, alpha=0.0, k=1.0)
+    assert np.isfinite(np.asarray(lrn)).all()
+    out, (m, v) = F.batch_norm(_XB, None, None, jnp.zeros(3), jnp.ones(3), train=True, momentum=np.float64(0.5),
+                               eps=np.float32(1e-3))
+    assert out.shape == (2, 3) and m.shape == v.shape == (3,)

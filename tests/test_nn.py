@@ -129,3 +129,35 @@ def test_conv_channel_mismatch_at_apply_is_reported():
     with pytest.raises(Exception) as info:
         conv.apply(v, jnp.zeros((1, 8, 8, 5)))
     assert "kernel" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "module,x,kw,words",
+    [
+        (cnn.Conv(4, groups="1"), jnp.zeros((1, 6, 6, 3)), {}, ["groups", "positive int", "'1'"]),
+        (cnn.Conv(4, groups=1.0), jnp.zeros((1, 6, 6, 3)), {}, ["groups", "positive int", "1.0"]),
+        (cnn.Conv(4, groups=True), jnp.zeros((1, 6, 6, 3)), {}, ["groups", "positive int"]),
+        (cnn.Conv(True), jnp.zeros((1, 6, 6, 3)), {}, ["features", "positive int"]),
+        (cnn.Dense(0), jnp.zeros((2, 3)), {}, ["features", "positive int", "0"]),
+        (cnn.Dense(-1), jnp.zeros((2, 3)), {}, ["features", "positive int", "-1"]),
+        (cnn.Dense(2.5), jnp.zeros((2, 3)), {}, ["features", "positive int", "2.5"]),
+        (cnn.BatchNorm(epsilon=-5), jnp.zeros((2, 3)), {"use_running_average": False}, ["epsilon", "> 0", "-5"]),
+        (cnn.BatchNorm(epsilon=-5), jnp.zeros((2, 3)), {"use_running_average": True}, ["epsilon", "> 0"]),
+        (cnn.BatchNorm(use_running_average=True), jnp.float32(1.0), {}, ["x", "(N, C)", "()"]),
+        (cnn.BatchNorm(use_running_average=False), jnp.zeros(3), {}, ["x", "(N, C)", "(3,)"]),
+        (cnn.Dropout("0.5"), jnp.zeros((2, 3)), {"deterministic": False}, ["rate", "'0.5'"]),
+        (cnn.LocalResponseNorm(k=0.0), jnp.zeros((1, 2, 2, 3)), {}, ["k", "> 0"]),
+    ],
+)
+def test_audit_bad_module_arguments_raise_one_clear_value_error(module, x, kw, words):
+    with pytest.raises(ValueError) as info:
+        module.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, **kw)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_numpy_integer_module_arguments_are_accepted():
+    x = jnp.ones((1, 6, 6, 4))
+    v = cnn.Conv(np.int64(4), 3, groups=np.int64(2)).init(jax.random.key(0), x)
+    assert v["params"]["kernel"].shape == (3, 3, 2, 4)
+    assert cnn.Dense(np.int32(3)).init(jax.random.key(0), jnp.ones((2, 5)))["params"]["kernel"].shape == (5, 3)
