@@ -72,8 +72,10 @@ def config_from_args(args: argparse.Namespace):
     if args.config and args.preset:
         raise ValueError("give --config or --preset, not both")
     if args.config:
-        with open(args.config) as f:
-            config = TrainConfig.from_dict(json.load(f))
+        try:
+            config = TrainConfig.from_json_file(args.config)
+        except ValueError as e:
+            raise ValueError(f"--config: {e}") from None
     else:
         config = get_preset(args.preset) if args.preset else TrainConfig()
     changes = {name: parse_field(name, getattr(args, f"field_{name}")) for name in field_names()
@@ -100,6 +102,9 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_json())
         return 0
+    from cnnjax.train.loop import check_workdir
+
+    check_workdir(args.workdir, "--workdir")  # before any data is loaded
     try:
         result = train.train_and_evaluate(config, args.workdir)
     except train.NonFiniteLossError as e:
@@ -215,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help)
         command.add_arguments(p)
-        p.set_defaults(_run=command.run)
+        p.set_defaults(_run=command.run, _parser=p)
     return parser
 
 
@@ -230,8 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "degradation":
         # Everything after the command word goes, in order, to the experiment's own parser.
         args.args = argv[argv.index("degradation") + 1:]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    elif extra:  # the command's usage, not the top-level one
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
@@ -244,4 +249,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         if args.verbose:
             raise
-        parser.exit(2, f"cnnjax {args.command}: error: {e}\n")
+        message = re.sub(r"\s*\n\s*", " ", str(e).strip())  # one line
+        parser.exit(2, f"cnnjax {args.command}: error: {message}\n")

@@ -76,3 +76,84 @@ def test_train_then_eval_a_registry_model(tmp_path, capsys):
 def test_python_dash_m_cnnjax_help():
     proc = subprocess.run([sys.executable, "-m", "cnnjax", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "train" in proc.stdout and "eval" in proc.stdout
+
+
+def run_cli(argv, capsys):
+    """(exit status, stderr) of `cnnjax ARGV`; a bad-input error must be one line."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    return info.value.code, capsys.readouterr().err
+
+
+TINY_RUN = ["--dataset", "digits", "--channels", "1", "--global_batch_size", "16", "--num_steps", "1",
+            "--normalize", "per_channel", "--parallel", "none", "--progress_bar", "false", "--rng_impl", "rbg"]
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (["--image_size", "2"], "model 'lenet5' cannot take 2x2x1 inputs: LeNet5 needs inputs of at least 4x4 pixels"),
+    (["--image_size", "8", "--model_kwargs", '{"hidden": 0}'], "model_kwargs={'hidden': 0}"),
+])
+def test_a_model_that_cannot_be_built_leaves_nothing_and_the_corrected_rerun_trains(tmp_path, capsys, bad, needle):
+    workdir = str(tmp_path / "run")
+    code, err = run_cli(["train", "--workdir", workdir, *TINY_RUN, "--model", "lenet5", *bad], capsys)
+    assert code == 2 and needle in err and "--model_kwargs" in err and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(workdir)
+    assert cli.main(["train", "--workdir", workdir, *TINY_RUN, "--model", "lenet5", "--image_size", "8"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 1
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "--config: cannot read config file '{path}': No such file or directory"),
+    ("{oops", "--config: config file '{path}' is not valid JSON"),
+    ("[1, 2]", "--config: config file '{path}' must hold a JSON object of TrainConfig fields"),
+    ('{"learning_rate": "0.1", "num_steps": 1}', "TrainConfig.learning_rate must be a number, got '0.1' (string)"),
+    ('{"boundaries": 5}', "TrainConfig.boundaries must be a list of ints, got 5"),
+])
+def test_a_bad_config_file_is_named_with_its_problem(tmp_path, capsys, content, needle):
+    path = tmp_path / "c.json"
+    if content is not None:
+        path.write_text(content)
+    code, err = run_cli(["train", "--workdir", str(tmp_path / "w"), "--config", str(path)], capsys)
+    assert code == 2 and needle.format(path=path) in err and str(path) in err, err
+    assert len(err.strip().splitlines()) == 1 and not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("{oops", "config.json' is not valid JSON"),
+    ('{"learning_rate": "0.1", "num_steps": 1}', "config.json': TrainConfig.learning_rate must be a number"),
+    ('{"num_steps": 1}', "has no checkpoint to evaluate"),
+])
+def test_eval_of_a_bad_workdir_names_the_file_and_creates_nothing(tmp_path, capsys, content, needle):
+    (tmp_path / "config.json").write_text(content)
+    code, err = run_cli(["eval", "--workdir", str(tmp_path)], capsys)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert os.listdir(tmp_path) == ["config.json"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--num_epochs", "inf"], "num_epochs must be a finite number > 0, got inf"),
+    (["--decay_factor", "-0.1"], "decay_factor must be > 0"),
+    (["--weight_decay", "nan"], "weight_decay must be a number, got nan"),
+    (["--seed", "-1"], "seed must be an int in [0, 2**32)"),
+    (["--image_size", "0"], "image_size must be a positive int"),
+    (["--channels", "2"], "channels must be 1 or 3"),
+])
+def test_print_config_validates_every_field(tmp_path, capsys, argv, needle):
+    length = [] if "--num_epochs" in argv else ["--num_steps", "1"]
+    code, err = run_cli(["train", "--workdir", str(tmp_path / "w"), *length, *argv, "--print_config"], capsys)
+    assert code == 2 and needle in err, err
+
+
+def test_a_workdir_that_is_a_file_exits_2_naming_workdir(tmp_path, capsys):
+    path = tmp_path / "file"
+    path.write_text("")
+    code, err = run_cli(["train", "--workdir", str(path), "--num_steps", "1"], capsys)
+    assert code == 2 and f"--workdir '{path}' is an existing file, not a directory" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [["train", "--workdir", "w"], ["eval", "--workdir", "w"]])
+def test_an_unknown_flag_shows_the_command_usage(capsys, command):
+    code, err = run_cli([*command, "--bogus"], capsys)
+    assert code == 2 and f"usage: cnnjax {command[0]} " in err and f"cnnjax {command[0]}: error: unrecognized " \
+        "arguments: --bogus" in err, err

@@ -23,16 +23,18 @@ class Checkpointer:
     """Saves and restores `(TrainState, metadata)` pairs under `directory/<step>/`.
 
     Args:
-      directory: where step directories go (created if missing).
+      directory: where step directories go (created if missing, unless `create` is False).
       max_to_keep: how many of the most recent checkpoints to keep.
       async_save: write in a background thread while training continues (`wait` joins it).
+      create: create `directory` if missing (False: a missing directory has no checkpoints, and
+        nothing is created until a `save`).
     """
 
-    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
-        if max_to_keep < 1:
-            raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True, create: bool = True):
+        if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be an int >= 1, got {max_to_keep!r}")
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                                enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -76,6 +78,20 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def checkpoint_steps(directory: str) -> list[int]:
+    """Steps of the complete checkpoints under `directory` ([] if it does not exist); creates nothing."""
+    if not os.path.isdir(directory):
+        return []
+    with Checkpointer(directory, async_save=False, create=False) as ckpt:
+        return ckpt.all_steps()
+
+
+def latest_checkpoint_step(directory: str) -> int | None:
+    """Step of the newest complete checkpoint under `directory`, or None; creates nothing."""
+    steps = checkpoint_steps(directory)
+    return steps[-1] if steps else None
 
 
 def _as_arrays(tree: Any) -> Any:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 import types
 import typing
@@ -122,10 +124,16 @@ class TrainConfig:
     progress_bar: bool = True
 
     def __post_init__(self):
-        # JSON gives lists; keep the dataclass hashable-looking and comparable.
-        object.__setattr__(self, "boundaries", tuple(int(b) for b in self.boundaries))
-        object.__setattr__(self, "boundary_epochs", tuple(float(b) for b in self.boundary_epochs))
-        object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
+        # JSON gives lists; keep the dataclass hashable-looking and comparable. Values of the
+        # wrong type are kept as given, for `validate` to name the field and the expected type.
+        if isinstance(self.boundaries, (list, tuple)):
+            object.__setattr__(self, "boundaries", tuple(
+                int(b) if _is_real(b) and math.isfinite(b) and float(b).is_integer() else b for b in self.boundaries))
+        if isinstance(self.boundary_epochs, (list, tuple)):
+            object.__setattr__(self, "boundary_epochs", tuple(
+                float(b) if _is_real(b) else b for b in self.boundary_epochs))
+        if isinstance(self.model_kwargs, dict):
+            object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
 
     @property
     def peak_learning_rate(self) -> float:
@@ -149,16 +157,58 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        unknown = sorted(set(d) - set(field_names()))
+        """The config of a field-name -> value dict (as `to_dict` and config.json give).
+
+        Raises ValueError for anything but a dict, unknown field names and values of the wrong
+        type (naming the field and the expected type).
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a TrainConfig is built from a JSON object (dict) of field names to values, "
+                             f"got a {_json_type(d)}")
+        unknown = sorted(set(d) - set(field_names()), key=str)
         if unknown:
             raise ValueError(f"TrainConfig has no field(s) {unknown}; fields are {field_names()}")
-        return cls(**d)
+        config = cls(**d)
+        config._check_types()
+        return config
+
+    @classmethod
+    def from_json_file(cls, path: str) -> TrainConfig:
+        """The config in a JSON file (a run's config.json); ValueError naming the file otherwise."""
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except OSError as e:
+            raise ValueError(f"cannot read config file {os.fspath(path)!r}: {e.strerror or e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"config file {os.fspath(path)!r} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"config file {os.fspath(path)!r} must hold a JSON object of TrainConfig fields "
+                             f"(like a run's config.json), got a JSON {_json_type(d)}")
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"config file {os.fspath(path)!r}: {e}") from None
+
+    def _check_types(self) -> None:
+        """Raises ValueError naming the first field whose value has the wrong type."""
+        for name, hint in field_types().items():
+            value = getattr(self, name)
+            if not _has_type(value, hint):
+                raise ValueError(f"TrainConfig.{name} must be {_describe(hint)}, got {value!r} "
+                                 f"({_json_type(value)})")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def validate(self, *, check_registries: bool = True) -> TrainConfig:
         """Raises ValueError naming the first bad field, its value and the valid choices."""
+        self._check_types()
+        for name, hint in field_types().items():
+            if hint is float or hint == float | None:
+                value = getattr(self, name)
+                if value is not None and math.isnan(value):
+                    raise ValueError(f"TrainConfig.{name} must be a number, got nan")
         for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("warmup", WARMUPS),
                               ("wd_mask", WD_MASKS), ("dtype", DTYPES), ("parallel", PARALLEL),
                               ("rng_impl", RNG_IMPLS),
@@ -176,8 +226,8 @@ class TrainConfig:
                              f"num_steps={self.num_steps}, num_epochs={self.num_epochs}")
         if self.num_steps is not None and (not isinstance(self.num_steps, int) or self.num_steps < 1):
             raise ValueError(f"TrainConfig.num_steps must be a positive int, got {self.num_steps!r}")
-        if self.num_epochs is not None and not self.num_epochs > 0:
-            raise ValueError(f"TrainConfig.num_epochs must be > 0, got {self.num_epochs!r}")
+        if self.num_epochs is not None and not (self.num_epochs > 0 and math.isfinite(self.num_epochs)):
+            raise ValueError(f"TrainConfig.num_epochs must be a finite number > 0, got {self.num_epochs!r}")
         if self.boundaries and self.boundary_epochs:
             raise ValueError("TrainConfig: give step-decay boundaries either in steps (boundaries) or in "
                              f"epochs (boundary_epochs), not both: {self.boundaries} and {self.boundary_epochs}")
@@ -197,6 +247,21 @@ class TrainConfig:
         if self.weight_decay < 0 or self.aux_weight < 0 or not 0 <= self.momentum < 1:
             raise ValueError(f"TrainConfig: need weight_decay >= 0, aux_weight >= 0 and 0 <= momentum < 1, got "
                              f"{self.weight_decay}, {self.aux_weight}, {self.momentum}")
+        if not self.decay_factor > 0:
+            raise ValueError(f"TrainConfig.decay_factor must be > 0 (the rate is multiplied by it at each step-decay "
+                             f"boundary), got {self.decay_factor!r}")
+        if not 0 <= self.seed < 2**32:
+            # Larger seeds wrap around in jax.random.key (2**32 gives the key of seed 0).
+            raise ValueError(f"TrainConfig.seed must be an int in [0, 2**32), got {self.seed!r}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"TrainConfig.image_size must be a positive int (pixels per side) or None for the "
+                             f"model's default, got {self.image_size!r}")
+        if self.channels is not None and self.channels not in (1, 3):
+            raise ValueError(f"TrainConfig.channels must be 1 or 3 (or None for the model's default), "
+                             f"got {self.channels!r}")
+        if any(not isinstance(k, str) for k in self.model_kwargs):
+            raise ValueError(f"TrainConfig.model_kwargs must have string keys (model option names), "
+                             f"got {self.model_kwargs!r}")
         if self.eval_split == "validation" and self.validation_size == 0:
             raise ValueError("TrainConfig.eval_split='validation' needs validation_size > 0 (examples held out "
                              "from the training set)")
@@ -218,6 +283,65 @@ class TrainConfig:
         for name, choices in (("augment", data.AUGMENTATIONS), ("normalize", data.NORMALIZATIONS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of {list(choices)}")
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether `value` fits a TrainConfig annotation (an int is also a float; a bool is neither)."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _is_int(value)
+    if hint is float:
+        return _is_real(value)
+    if hint is str:
+        return isinstance(value, str)
+    origin = typing.get_origin(hint)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_has_type(v, args[0]) for v in value)
+    return isinstance(value, origin or hint)
+
+
+def _describe(hint: Any) -> str:
+    """'an int', 'a number or null', 'a list of ints', ... (JSON's words)."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return " or ".join(_describe(a) for a in args)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return {int: "a list of ints", float: "a list of numbers"}.get(args[0], f"a list of {args[0].__name__}")
+    return {type(None): "null", bool: "true or false", int: "an int", float: "a number", str: "a string",
+            dict: "a JSON object"}.get(origin or hint, str(hint))
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a value's type ('string', 'list', ...), or the Python one."""
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    if _is_int(value):
+        return "int"
+    if _is_real(value):
+        return "number"
+    for kind, name in ((str, "string"), ((list, tuple), "list"), (dict, "object")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
 
 
 def field_names() -> list[str]:
@@ -247,7 +371,10 @@ def parse_field(name: str, text: str) -> Any:
             raise ValueError(text)
         if origin is tuple:
             (elem, *_) = typing.get_args(base)
-            return tuple(elem(float(t)) if elem is int else elem(t) for t in text.replace(",", " ").split())
+            values = tuple(float(t) if elem is int else elem(t) for t in text.replace(",", " ").split())
+            if elem is int and not all(math.isfinite(v) and v.is_integer() for v in values):
+                raise ValueError(text)
+            return tuple(int(v) for v in values) if elem is int else values
         if origin is dict or base is dict:
             value = json.loads(text)
             if not isinstance(value, dict):

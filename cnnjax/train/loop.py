@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 
 from cnnjax import data
 from cnnjax.train import optim
-from cnnjax.train.checkpoint import Checkpointer
+from cnnjax.train.checkpoint import Checkpointer, checkpoint_steps, latest_checkpoint_step
 from cnnjax.train.config import RESUMABLE_FIELDS, TrainConfig
 from cnnjax.train.metrics import Meter, MetricsWriter, NonFiniteLossError, write_json_atomic
 from cnnjax.train.parallel import DataParallel
@@ -109,11 +109,69 @@ def build(config: TrainConfig, *, model_fn: Callable[..., nn.Module] | None = No
         kwargs.setdefault("in_channels", ds.image_shape[-1])
     if config.dtype != "float32":
         kwargs["dtype"] = jnp.dtype(config.dtype)
-    model = model_fn(**kwargs)
+    try:
+        model = model_fn(**kwargs)
+    except ValueError:
+        raise  # models.create names the bad option or value
+    except (TypeError, ArithmeticError) as e:
+        raise ValueError(f"cannot build model {config.model!r}{_kwargs_text(config)}: {_one_line(e)} "
+                         "(check --model and --model_kwargs)") from e
+    _check_model(config, model, tuple(ds.image_shape))
     lr_fn = optim.create_learning_rate_fn(config, pipeline.steps_per_epoch)
     return Setup(config=config, par=par, pipeline=pipeline, model=model, input_shape=tuple(ds.image_shape),
                  learning_rate_fn=lr_fn, tx=optim.create_optimizer(config, lr_fn),
                  num_steps=optim.num_train_steps(config, pipeline.steps_per_epoch))
+
+
+def _kwargs_text(config: TrainConfig) -> str:
+    return f" with model_kwargs={config.model_kwargs}" if config.model_kwargs else ""
+
+
+def _one_line(e: BaseException) -> str:
+    """`e` as one short line: its message's first line, with the exception's name unless a ValueError."""
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return text if isinstance(e, ValueError) and text else f"{type(e).__name__}: {text}".rstrip(": ")
+
+
+def _check_model(config: TrainConfig, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Traces the model's initialisation on `input_shape` (shapes only, nothing is computed).
+
+    A model that cannot take these inputs (too small for its downsampling, a zero-width layer,
+    ...) then fails here, with a ValueError naming the model, its options and the input shape,
+    before a workdir is created or any data is read into the training loop.
+    """
+    def init(x):
+        key = jax.random.key(0, impl=config.rng_impl)
+        init_key, dropout_key = jax.random.split(key)
+        return model.init({"params": init_key, "dropout": dropout_key}, x, train=True)
+
+    try:
+        jax.eval_shape(init, jax.ShapeDtypeStruct((2, *input_shape), jnp.float32))
+    except Exception as e:  # any error while tracing is the model's, on these inputs
+        shape = "x".join(map(str, input_shape))
+        raise ValueError(f"model {config.model!r}{_kwargs_text(config)} cannot take {shape} inputs: "
+                         f"{_one_line(e)} (check --model, --model_kwargs, --image_size and --channels)") from e
+
+
+def check_workdir(workdir: str, name: str = "workdir") -> None:
+    """Raises ValueError (naming the argument `name`) unless `workdir` is or can become a directory.
+
+    Checked before any data is loaded or anything is written.
+    """
+    if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
+        raise ValueError(f"{name} must be a directory path, got {workdir!r}")
+    path = os.path.abspath(os.fspath(workdir))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{name} {os.fspath(workdir)!r} is an existing file, not a directory; give a new "
+                         "directory or a run's workdir")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{name} {os.fspath(workdir)!r} cannot be created: {parent!r} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {os.fspath(workdir)!r}: {parent!r} is not writable")
 
 
 def initial_state(setup: Setup) -> TrainState:
@@ -168,19 +226,36 @@ class _StopSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _write_config(config: TrainConfig, workdir: str, is_main: bool) -> None:
+def _check_resumable(config: TrainConfig, workdir: str) -> None:
+    """Raises ValueError if `workdir` holds checkpoints of a run with a different config.
+
+    A config.json without a checkpoint (a run that failed before its first one) is replaced.
+    """
     path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
+    if not os.path.exists(path):
+        return
+    try:
         with open(path) as f:
             old = json.load(f)
-        new = config.to_dict()
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_FIELDS)
-        if changed:
-            raise ValueError(
-                f"{workdir} holds a run with a different config ({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in changed)}); "
-                f"only {sorted(RESUMABLE_FIELDS)} may change on resume. Use a new workdir.")
-    if is_main:
-        write_json_atomic(path, config.to_dict())
+    except (OSError, ValueError) as e:
+        old = e
+    has_checkpoint = latest_checkpoint_step(os.path.join(workdir, "checkpoints")) is not None
+    if not isinstance(old, dict):
+        if has_checkpoint:
+            raise ValueError(f"{workdir} holds checkpoints but its config file {path!r} is not a JSON object of "
+                             f"TrainConfig fields ({_one_line(old) if isinstance(old, Exception) else old!r}); "
+                             "restore it or use a new workdir")
+        return
+    new = config.to_dict()
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_FIELDS)
+    if not changed:
+        return
+    changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+    if not has_checkpoint:
+        log.warning("%s holds the config of a run without checkpoints (%s): replacing it", workdir, changes)
+        return
+    raise ValueError(f"{workdir} holds a run with a different config ({changes}); only "
+                     f"{sorted(RESUMABLE_FIELDS)} may change on resume. Use a new workdir.")
 
 
 def train_and_evaluate(config: TrainConfig, workdir: str, *, model_fn: Callable[..., nn.Module] | None = None,
@@ -198,16 +273,24 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, model_fn: Callable[
       A `RunResult`.
 
     Raises:
-      ValueError: a bad config, or a workdir holding a run with a different config.
+      ValueError: a bad config, a model that cannot be built or cannot take the configured inputs,
+        a workdir that cannot be a directory, or a workdir holding checkpoints of a run with a
+        different config. All of these are raised before anything is written; the config.json of a
+        workdir without checkpoints (a run that failed before its first one) is replaced.
       NonFiniteLossError: the training loss became NaN or infinite; no checkpoint after the last
         finite step is written.
     """
+    config.validate(check_registries=model_fn is None)
+    check_workdir(workdir)
+    _check_resumable(config, workdir)
+    # Everything that can fail on a bad config (data, model, input shape) before anything is written.
     setup = build(config, model_fn=model_fn)
     par, pipe, num_steps = setup.par, setup.pipeline, setup.num_steps
     spe = pipe.steps_per_epoch
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    _write_config(config, workdir, is_main)
+    if is_main:
+        write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), enabled=is_main)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
 
@@ -220,6 +303,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, model_fn: Callable[
         dropped = writer.truncate_after(start)
         log.info("resuming %s from step %d (%d later metric records dropped)", workdir, start, dropped)
     else:
+        writer.truncate_after(0)  # records of an attempt that ended before its first checkpoint
         log.info("training %s on %s in %s: %d steps of %d examples on %d device(s), %d process(es)",
                  config.model, config.dataset, workdir, num_steps, config.global_batch_size, par.num_devices,
                  jax.process_count())
@@ -313,19 +397,24 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, split: str | N
       split: 'test' or 'validation' (default: the config's eval_split).
       model_fn: the model builder the run used, if not the registry.
     """
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise ValueError(f"step must be a checkpoint's step (an int >= 0) or None for the newest, got {step!r}")
+    if split not in (None, "test", "validation"):
+        raise ValueError(f"split must be 'test', 'validation' or None (the run's eval_split), got {split!r}")
     path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise ValueError(f"{workdir} has no config.json: not a training workdir")
-    with open(path) as f:
-        config = TrainConfig.from_dict(json.load(f))
+    config = TrainConfig.from_json_file(path)
+    # Nothing is created here: a workdir without checkpoints is left as it is.
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    steps = checkpoint_steps(ckpt_dir)
+    if not steps:
+        raise ValueError(f"{workdir} has no checkpoint to evaluate")
+    if step is not None and step not in steps:
+        raise ValueError(f"{workdir} has no checkpoint of step {step}; its checkpoints: {steps}")
     setup = build(config, model_fn=model_fn)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
-    try:
-        if ckpt.latest_step() is None:
-            raise ValueError(f"{workdir} has no checkpoint to evaluate")
+    with Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints, create=False) as ckpt:
         host_state, _ = ckpt.restore(initial_state(setup), step)
-    finally:
-        ckpt.close()
     eval_step = setup.par.wrap_eval_step(make_eval_step(setup.model, axis_name=setup.par.axis_name))
     metrics = evaluate(setup, setup.par.replicate(host_state), eval_step, split)
     return {"step": int(host_state.step), **metrics}
