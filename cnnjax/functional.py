@@ -51,6 +51,20 @@ def _index(value) -> int | None:
         return None
 
 
+def _ints(value, length: int | None = None) -> list[int] | None:
+    """The entries of a sequence as exact ints (`_index`), or None: not a sequence (a scalar, a
+    string), an entry that is not an int, or not `length` entries."""
+    if isinstance(value, (str, bytes, bool, np.bool_)):
+        return None
+    try:
+        items = [_index(v) for v in value]
+    except TypeError:
+        return None
+    if None in items or (length is not None and len(items) != length):
+        return None
+    return items  # type: ignore[return-value]
+
+
 def _positive_int(value, name: str, *, what: str = "") -> int:
     """`value` as an int >= 1 (NumPy integers accepted; bools, floats and strings rejected)."""
     i = _index(value)
@@ -116,13 +130,8 @@ def _pair(value: IntPair, name: str, *, minimum: int = 1) -> tuple[int, int]:
     if single is not None:
         pair = (single, single)
     else:
-        items = None
-        if not isinstance(value, (str, bytes, bool, np.bool_)):
-            try:
-                items = [_index(v) for v in value]  # type: ignore[union-attr]
-            except TypeError:
-                items = None
-        if items is None or len(items) != 2 or None in items:
+        items = _ints(value, 2)
+        if items is None:
             raise ValueError(
                 f"{name} must be an int or a pair of ints, got {value!r}; pass e.g. {name}=2 or "
                 f"{name}=(2, 1) (floats, bools and strings are not accepted)"
@@ -189,13 +198,8 @@ def resolve_padding(
         else:
             pairs = []
             for item in items:
-                pair = None
-                if not isinstance(item, (str, bytes)):
-                    try:
-                        pair = [_index(v) for v in item]
-                    except TypeError:
-                        pair = None
-                if pair is None or len(pair) != 2 or None in pair:
+                pair = _ints(item, 2)
+                if pair is None:
                     raise bad
                 pairs.append(tuple(pair))
             pads = tuple(pairs)
@@ -222,12 +226,10 @@ def output_size(size: int, window: int, stride: int = 1, pad: int | tuple[int, i
     if single is not None:
         lo, hi = single, single
     else:
-        try:
-            lo, hi = (_index(p) for p in pad)  # type: ignore[union-attr]
-        except (TypeError, ValueError):
-            lo = hi = None
-        if lo is None or hi is None or isinstance(pad, (str, bytes)):
+        pair = _ints(pad, 2)
+        if pair is None:
             raise ValueError(f"pad must be an int or a pair of ints (lo, hi), got {pad!r}")
+        lo, hi = pair
     if min(lo, hi) < 0:
         raise ValueError(f"pad must be non-negative, got {pad!r}")
     eff = (window - 1) * dilation + 1
@@ -628,10 +630,12 @@ def _check_eps(eps, name: str = "eps"):
     return eps
 
 
-def _check_channel_vectors(c: int, x_shape, **vectors) -> dict:
-    """Each given vector as an array of shape (C,) (None stays None)."""
+def _check_channel_vectors(c: int, x_shape, required: tuple[str, ...] = (), fix: str = "", **vectors) -> dict:
+    """Each given vector as an array of shape (C,); None stays None unless its name is `required`."""
     out = {}
     for name, v in vectors.items():
+        if v is None and name in required:
+            raise ValueError(f"{name} must be an array of shape ({c},), got None{fix}")
         if v is not None:
             v = _as_array(v, name)
             if v.shape != (c,):
@@ -665,11 +669,7 @@ def batch_norm_apply(x: Array, mean: Array, var: Array, scale: Array | None, bia
     if x.ndim < 1:
         raise ValueError("x must have a channel axis (last), got a scalar; pass (..., C) with C = mean.shape[0]")
     eps = _check_eps(eps)
-    c = x.shape[-1]
-    for name, v in (("mean", mean), ("var", var)):
-        if v is None:
-            raise ValueError(f"{name} must be an array of shape ({c},), got None")
-    vs = _check_channel_vectors(c, x.shape, mean=mean, var=var, scale=scale, bias=bias)
+    vs = _check_channel_vectors(x.shape[-1], x.shape, ("mean", "var"), mean=mean, var=var, scale=scale, bias=bias)
     mean, var, scale, bias = vs["mean"], vs["var"], vs["scale"], vs["bias"]
     mul = lax.rsqrt(var.astype(jnp.float32) + eps)
     if scale is not None:
@@ -720,10 +720,8 @@ def batch_norm(
     eps = _check_eps(eps)
     mode = _resolve_vjp(vjp, BN_VJP, _BN_VJP_MODES, "fused")  # validated in both modes
     c = x.shape[-1]
-    for name, v in (("running_mean", running_mean), ("running_var", running_var)):
-        if v is None:
-            raise ValueError(f"{name} must be an array of shape ({c},), got None; start from zeros (mean) and ones (var)")
-    vs = _check_channel_vectors(c, x.shape, scale=scale, bias=bias, running_mean=running_mean, running_var=running_var)
+    vs = _check_channel_vectors(c, x.shape, ("running_mean", "running_var"), "; start from zeros (mean) and ones (var)",
+                                scale=scale, bias=bias, running_mean=running_mean, running_var=running_var)
     scale, bias, running_mean, running_var = vs["scale"], vs["bias"], vs["running_mean"], vs["running_var"]
     if train:
         if mode == "fused":
@@ -934,13 +932,8 @@ def get_activation(name: str):
 def conv_output_shape(input_shape: Sequence[int], kernel_size: IntPair, features: int, *, stride: IntPair = 1,
                       padding: Padding = 0, dilation: IntPair = 1) -> tuple[int, int, int, int]:
     """Static output shape of conv2d for an NHWC input shape; raises where conv2d would."""
-    dims = None
-    if not isinstance(input_shape, (str, bytes)):
-        try:
-            dims = [_index(n) for n in input_shape]
-        except TypeError:
-            dims = None
-    if dims is None or len(dims) != 4 or None in dims or min(dims) < 0:
+    dims = _ints(input_shape, 4)
+    if dims is None or min(dims) < 0:
         raise ValueError(
             f"input_shape must be an NHWC shape (N, H, W, C) of 4 non-negative ints, got {input_shape!r}; "
             "add the batch dimension, e.g. (1, *shape)"
