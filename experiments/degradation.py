@@ -339,11 +339,11 @@ def run(preset_name: str, out_dir: str | os.PathLike, *, runs_dir: str | os.Path
                   flush=True)
             start = time.time()
             previous = json.loads((workdir / "WALL.json").read_text())["wall_s"] if (workdir / "WALL.json").exists() else 0.0
-            workdir.mkdir(parents=True, exist_ok=True)
             try:
-                result = train_and_evaluate(net.config, str(workdir))
+                result = train_and_evaluate(net.config, str(workdir))  # makes the workdir once the run can start
             finally:
-                atomic_write(workdir / "WALL.json", json.dumps({"wall_s": previous + time.time() - start}))
+                if workdir.is_dir():  # not when the config failed before anything was written
+                    atomic_write(workdir / "WALL.json", json.dumps({"wall_s": previous + time.time() - start}))
             if result.preempted:
                 raise Interrupted(f"{net.name} stopped at step {result.step} by SIGTERM; run the same command "
                                   "again to resume")

@@ -58,8 +58,7 @@ def run_preset(preset: str, workdir: Path, data_dir: str | None) -> dict:
         info = json.loads(done.read_text())
         print(f"[{NAME}] {preset}: finished earlier, read from {workdir}", flush=True)
     else:
-        workdir.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
+        start = time.perf_counter()  # train_and_evaluate makes the workdir once the run can start
         result = train_and_evaluate(config, str(workdir))
         if result.preempted:
             raise RuntimeError(f"{preset}: stopped by SIGTERM at step {result.step}; run again to resume")

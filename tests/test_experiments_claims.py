@@ -150,3 +150,10 @@ def test_scripts_refuse_bad_arguments_before_any_work(tmp_path, capsys):
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_lenet_mnist_leaves_no_workdir_when_its_data_is_missing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="mnist"):
+        lenet_mnist.run_preset("mnist", tmp_path / "lenet_mnist", str(tmp_path / "empty"))
+    assert not (tmp_path / "lenet_mnist").exists()  # it was left behind, empty
