@@ -237,6 +237,11 @@ def test_forward_backward_vgg11_bn_at_32():
     ("vgg11", dict(config=(64, "X", 128)), "VGG: config must be a sequence of positive ints or 'M'"),
     ("vgg11", dict(hidden=0), "VGG: hidden must be a positive int"),
     ("rir18_wide", dict(layers_per_block=0), "RiR: layers_per_block must be a positive int"),  # was: a shape error
+    ("alexnet", dict(hidden=0), "AlexNet: hidden must be a positive int"),
+    ("densenet_bc_100_12", dict(growth_rate="12"), "DenseNet: growth_rate must be a positive int"),
+    ("densenet_bc_100_12", dict(block_sizes=(16, 0, 16)), "DenseNet: block_sizes must be a sequence"),
+    ("dpn92", dict(k_r=0), "DPN: k_r must be a positive int"),
+    ("dpn92", dict(increments=16), "DPN: increments must be a sequence"),
 ])
 def test_bad_model_options_are_named(name, options, message):
     model = create(name, **options)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax import functional as F
-from cnnjax.models._checks import check_image_input
+from cnnjax.models._checks import check_image_input, check_positive_int
 from cnnjax.models.registry import register
 from cnnjax.nn import Conv, Dense, Dropout, Flatten, LocalResponseNorm, MaxPool
 
@@ -148,6 +148,7 @@ class AlexNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
+        check_positive_int(type(self).__name__, "hidden", self.hidden)
         check_image_input(x, type(self).__name__, min_size=self.min_input_size(), in_channels=self.in_channels,
                           fix="resize or pad the images (227 or 224 natively)")
         lrn = LRNConfig(*self.lrn)._asdict()

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax import functional as F
-from cnnjax.models._checks import check_image_input
+from cnnjax.models._checks import check_image_input, check_positive_int, check_widths
 from cnnjax.models.registry import register
 from cnnjax.nn import AvgPool, Conv, Dense, Dropout, GlobalAvgPool, MaxPool, batch_norm_for
 
@@ -163,8 +163,11 @@ class DenseNet(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         if self.stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
-        if not self.block_sizes or any(int(b) < 1 for b in self.block_sizes):
-            raise ValueError(f"block_sizes must be a non-empty sequence of positive ints, got {self.block_sizes!r}")
+        check_widths("DenseNet", "block_sizes", self.block_sizes)
+        for name in ("growth_rate", "bn_size"):
+            check_positive_int("DenseNet", name, getattr(self, name))
+        if self.num_init_features is not None:
+            check_positive_int("DenseNet", "num_init_features", self.num_init_features)
         if not 0.0 < self.compression <= 1.0:
             raise ValueError(f"compression must be in (0, 1], got {self.compression}")
         check_image_input(x, f"DenseNet ({self.stem} stem, {len(self.block_sizes)} blocks)",

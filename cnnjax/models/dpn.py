@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax import functional as F
-from cnnjax.models._checks import check_image_input
+from cnnjax.models._checks import check_image_input, check_positive_int, check_widths
 from cnnjax.models.registry import register
 from cnnjax.nn import Conv, Dropout, GlobalAvgPool, MaxPool, batch_norm_for
 
@@ -130,7 +130,11 @@ class DPN(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        if len(self.block_sizes) != 4 or len(self.increments) != 4 or min(self.block_sizes) < 1:
+        check_widths("DPN", "block_sizes", self.block_sizes)
+        check_widths("DPN", "increments", self.increments)
+        for name in ("num_init_features", "k_r", "groups", "base_width"):
+            check_positive_int("DPN", name, getattr(self, name))
+        if len(self.block_sizes) != 4 or len(self.increments) != 4:
             raise ValueError(f"block_sizes and increments need 4 entries (stages 2-5) with at least one block each, "
                              f"got {self.block_sizes!r} and {self.increments!r}")
         check_image_input(x, "DPN", min_size=self.min_input_size())
