@@ -192,8 +192,8 @@ def resolve_padding(
             raise bad from None
         if len(items) != 2:
             raise ValueError(f"{name} must have 2 entries (height, width), got {padding!r}")
-        ints = [_index(p) for p in items]
-        if None not in ints:
+        ints = _ints(items)
+        if ints is not None:
             pads = ((ints[0], ints[0]), (ints[1], ints[1]))
         else:
             pairs = []
@@ -611,10 +611,11 @@ def global_max_pool(x: Array, *, keepdims: bool = False) -> Array:
 # --------------------------------------------------------------------------- normalisation
 
 
-def _check_bn_rank(x) -> None:
+def _check_bn_rank(x, where: str = "") -> None:
+    """BatchNorm's input rank; `where` (e.g. a layer's name and ': ') starts the message."""
     if x.ndim < 2:
         raise ValueError(
-            f"x must be (N, C) or (N, H, W, C), got shape {tuple(x.shape)}; add a batch axis with x[None]"
+            f"{where}x must be (N, C) or (N, H, W, C), got shape {tuple(x.shape)}; add a batch axis with x[None]"
         )
 
 
@@ -630,8 +631,9 @@ def _check_eps(eps, name: str = "eps"):
     return eps
 
 
-def _check_channel_vectors(c: int, x_shape, required: tuple[str, ...] = (), fix: str = "", **vectors) -> dict:
-    """Each given vector as an array of shape (C,); None stays None unless its name is `required`."""
+def _check_channel_vectors(c: int, context: str, required: tuple[str, ...] = (), fix: str = "", **vectors) -> dict:
+    """Each given vector as an array of shape (C,); None stays None unless its name is `required`.
+    `context` ends the shape message, e.g. "for x of shape (8, 3)"."""
     out = {}
     for name, v in vectors.items():
         if v is None and name in required:
@@ -639,7 +641,7 @@ def _check_channel_vectors(c: int, x_shape, required: tuple[str, ...] = (), fix:
         if v is not None:
             v = _as_array(v, name)
             if v.shape != (c,):
-                raise ValueError(f"{name} must have shape ({c},) for x of shape {tuple(x_shape)}, got {tuple(v.shape)}")
+                raise ValueError(f"{name} must have shape ({c},) {context}, got {tuple(v.shape)}")
         out[name] = v
     return out
 
@@ -669,7 +671,8 @@ def batch_norm_apply(x: Array, mean: Array, var: Array, scale: Array | None, bia
     if x.ndim < 1:
         raise ValueError("x must have a channel axis (last), got a scalar; pass (..., C) with C = mean.shape[0]")
     eps = _check_eps(eps)
-    vs = _check_channel_vectors(x.shape[-1], x.shape, ("mean", "var"), mean=mean, var=var, scale=scale, bias=bias)
+    vs = _check_channel_vectors(x.shape[-1], f"for x of shape {tuple(x.shape)}", ("mean", "var"),
+                                mean=mean, var=var, scale=scale, bias=bias)
     mean, var, scale, bias = vs["mean"], vs["var"], vs["scale"], vs["bias"]
     mul = lax.rsqrt(var.astype(jnp.float32) + eps)
     if scale is not None:
@@ -720,7 +723,8 @@ def batch_norm(
     eps = _check_eps(eps)
     mode = _resolve_vjp(vjp, BN_VJP, _BN_VJP_MODES, "fused")  # validated in both modes
     c = x.shape[-1]
-    vs = _check_channel_vectors(c, x.shape, ("running_mean", "running_var"), "; start from zeros (mean) and ones (var)",
+    vs = _check_channel_vectors(c, f"for x of shape {tuple(x.shape)}", ("running_mean", "running_var"),
+                                "; start from zeros (mean) and ones (var)",
                                 scale=scale, bias=bias, running_mean=running_mean, running_var=running_var)
     scale, bias, running_mean, running_var = vs["scale"], vs["bias"], vs["running_mean"], vs["running_var"]
     if train:
@@ -806,16 +810,8 @@ def fold_batch_norm(
         raise ValueError(f"kernel must be a conv (HWIO) or dense (IO) kernel, got shape {tuple(kernel.shape)}")
     eps = _check_eps(eps)
     c_out = kernel.shape[-1]
-    for name, v in (("mean", mean), ("var", var)):
-        if v is None:
-            raise ValueError(f"{name} must be an array of shape ({c_out},), got None")
-    vs = {}
-    for name, v in (("bias", bias), ("scale", scale), ("shift", shift), ("mean", mean), ("var", var)):
-        if v is not None:
-            v = _as_array(v, name)
-            if v.shape != (c_out,):
-                raise ValueError(f"{name} must have shape ({c_out},) to match kernel {tuple(kernel.shape)}, got {tuple(v.shape)}")
-        vs[name] = v
+    vs = _check_channel_vectors(c_out, f"to match kernel {tuple(kernel.shape)}", ("mean", "var"),
+                                bias=bias, scale=scale, shift=shift, mean=mean, var=var)
     bias, scale, shift, mean, var = vs["bias"], vs["scale"], vs["shift"], vs["mean"], vs["var"]
     g = lax.rsqrt(var.astype(jnp.float32) + eps)
     if scale is not None:

@@ -165,10 +165,7 @@ class BatchNorm(nn.Module):
     def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
         use_running_average = merge_param("use_running_average", self.use_running_average, use_running_average)
         where = self.name or "BatchNorm"
-        if x.ndim < 2:
-            raise ValueError(
-                f"{where}: x must be (N, C) or (N, H, W, C), got shape {tuple(x.shape)}; add a batch axis with x[None]"
-            )
+        F._check_bn_rank(x, f"{where}: ")  # before the statistics' shapes are taken from x
         F._check_eps(self.epsilon, f"{where}: epsilon")
         c = x.shape[-1]
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
