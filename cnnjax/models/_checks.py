@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Any
+
+from cnnjax import functional as F
 
 
 def check_image_input(x: Any, model: str, *, min_size: int, in_channels: int | None = None,
@@ -24,21 +25,21 @@ def check_image_input(x: Any, model: str, *, min_size: int, in_channels: int | N
                          f"got {shape[1]}x{shape[2]}; {fix}")
 
 
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
-
-
 def check_positive_int(model: str, name: str, value: Any) -> None:
     """Raises ValueError naming `model`'s option `name` unless `value` is an int >= 1."""
-    if not _positive_int(value):
-        raise ValueError(f"{model}: {name} must be a positive int, got {value!r}")
+    F._positive_int(value, f"{model}: {name}")
+
+
+def _is_width(v: Any) -> bool:
+    i = F._index(v)  # an exact int (NumPy ints too), else None
+    return i is not None and i >= 1
 
 
 def check_widths(model: str, name: str, value: Any, *, empty_ok: bool = False, words: tuple[str, ...] = ()) -> None:
     """Raises ValueError naming `model`'s option `name` unless `value` is a sequence of positive
     ints (layer widths), each of which may also be one of `words` (e.g. VGG's 'M' pools)."""
     ok = isinstance(value, Sequence) and not isinstance(value, str) and (empty_ok or len(value) > 0)
-    if not ok or not all(_positive_int(v) or (isinstance(v, str) and v in words) for v in value):
+    if not ok or not all(_is_width(v) or (isinstance(v, str) and v in words) for v in value):
         kinds = "positive ints" + "".join(f" or {w!r}" for w in words)
         example = "(20, 50)" if not words else "(64, 'M', 128, 'M')"
         raise ValueError(f"{model}: {name} must be a {'possibly empty ' if empty_ok else ''}sequence of {kinds}, "

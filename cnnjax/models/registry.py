@@ -11,11 +11,12 @@ import dataclasses
 import difflib
 import fnmatch
 import inspect
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+
+from cnnjax import functional as F
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +86,7 @@ def create(name: str, **overrides: Any) -> nn.Module:
     """Builds the named model; `overrides` replace fields of its module (num_classes, dtype, ...)."""
     spec = get_spec(name)
     kwargs = {"num_classes": spec.num_classes, **overrides}
-    n = kwargs["num_classes"]
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"num_classes must be a positive int (the classifier's outputs), got {n!r}")
-    kwargs["num_classes"] = int(n)
+    kwargs["num_classes"] = F._positive_int(kwargs["num_classes"], "num_classes", what=" (the classifier's outputs)")
     try:
         return spec.builder(**kwargs)
     except TypeError:
