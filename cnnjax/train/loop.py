@@ -280,10 +280,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, model_fn: Callable[
       NonFiniteLossError: the training loss became NaN or infinite; no checkpoint after the last
         finite step is written.
     """
-    config.validate(check_registries=model_fn is None)
     check_workdir(workdir)
     _check_resumable(config, workdir)
-    # Everything that can fail on a bad config (data, model, input shape) before anything is written.
+    # Everything that can fail on a bad config (fields, data, model, input shape) before anything is written.
     setup = build(config, model_fn=model_fn)
     par, pipe, num_steps = setup.par, setup.pipeline, setup.num_steps
     spe = pipe.steps_per_epoch
@@ -300,10 +299,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, model_fn: Callable[
     if ckpt.latest_step() is not None:
         host_state, meta = ckpt.restore(host_state)
         start = int(host_state.step)
-        dropped = writer.truncate_after(start)
+    # Records after the checkpoint (from 0: of an attempt that ended before its first checkpoint).
+    dropped = writer.truncate_after(start)
+    if start:
         log.info("resuming %s from step %d (%d later metric records dropped)", workdir, start, dropped)
     else:
-        writer.truncate_after(0)  # records of an attempt that ended before its first checkpoint
         log.info("training %s on %s in %s: %d steps of %d examples on %d device(s), %d process(es)",
                  config.model, config.dataset, workdir, num_steps, config.global_batch_size, par.num_devices,
                  jax.process_count())
