@@ -11,7 +11,10 @@ only when torch is installed, never a cnnjax dependency). The workers compile on
 each round, so that a noisy shared machine loads them alike; the ratios of images/s are taken per
 round against the first worker and their median is what to quote. Also reported: compile time,
 the compiled step's memory and the process's peak RSS, achieved GFLOP/s (6 x multiply-adds per
-image for a train step, 2 x for an eval step) and a measured matrix-multiply ceiling.
+image for a train step, 2 x for an eval step), a measured matrix-multiply ceiling in the compute
+dtype and, on a known GPU/TPU at bfloat16, the MFU against the datasheet peak (`PEAK_BF16_TFLOPS`).
+On a GPU the PyTorch twin runs on the GPU too (CUDA, autocast for bfloat16), and the workers share
+the card (`worker_env`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,14 @@ MODES = ("train", "eval")
 DTYPES = ("float32", "bfloat16")
 _PREFIX = "@@bench "
 _CIFAR = re.compile(r"^(resnet|plain)(\d+)$")
+
+# Dense bf16 peak TFLOP/s by device kind (vendors' datasheets, without sparsity), for MFU:
+# achieved model FLOP/s over this. Matched in order against jax.Device.device_kind.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
+    ("B200", 2250.0), ("A100", 312.0), ("L4", 121.0), ("A10G", 70.0),
+    ("TPU v6", 918.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5", 459.0), ("TPU v4", 275.0),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +127,14 @@ class Spec:
         vjp += "" if self.bn_vjp == "auto" else f",bn={self.bn_vjp}"
         vjp += "" if self.malloc == "auto" else f",malloc={self.malloc}"
         return f"{base}[{self.xla}{vjp}]" if self.is_jax else base + (f"[{vjp[1:]}]" if vjp else "")
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+    """The datasheet dense bf16 peak of an accelerator (`PEAK_BF16_TFLOPS`), or None: unknown device,
+    a CPU, or a float32 run (whose peak depends on TF32 and precision settings)."""
+    if dtype != "bfloat16":
+        return None
+    return next((peak for name, peak in PEAK_BF16_TFLOPS if name.lower() in device_kind.lower()), None)
 
 
 def cifar_depth(model: str) -> tuple[bool, int]:
@@ -273,13 +292,21 @@ class _JaxRunner(_Runner):
         step_bytes = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                                + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
         hlo = self._train.as_text()
-        self.state, self.batch, self._jax = state, batch, jax
+        try:  # cnnjax's own count (a jaxpr walk); on another JAX version it may not trace, the timing still stands
+            macs = analysis.summary(spec.model, shape).total_macs
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            macs = None
+            print(f"multiply-add count failed ({type(e).__name__}: {e}); no GFLOP/s or MFU", file=sys.stderr)
+        self.state, self.batch, self._jax, self._dtype = state, batch, jax, dtype or jnp.float32
+        device = jax.devices()[0]
         self.info = {
+            "device": device.device_kind, "platform": device.platform,
+            "peak_tflops": peak_tflops(device.device_kind, spec.dtype),
             "compile_train_s": t1 - t0, "compile_eval_s": t2 - t1, "compile_train_cpu_s": c1 - c0,
             "train_step_mib": None if step_bytes is None else step_bytes / 2**20,
-            "macs_per_image": analysis.summary(spec.model, shape).total_macs,
+            "macs_per_image": macs,
             "ynn_fusions": hlo.count('"__ynn_fusion"'), "xnn_fusions": hlo.count("__xnn_fusion"),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__, "flax": _version("flax"),
             "conv_vjp": F.CONV_VJP, "bn_vjp": F.BN_VJP,
         }
 
@@ -295,7 +322,7 @@ class _JaxRunner(_Runner):
     def matmul(self, n: int, reps: int) -> float:
         import jax.numpy as jnp
 
-        a = self._jax.random.normal(self._jax.random.key(2), (n, n), jnp.float32)
+        a = self._jax.random.normal(self._jax.random.key(2), (n, n), jnp.float32).astype(self._dtype)
         f = self._jax.jit(lambda a: a @ a)
         f(a).block_until_ready()
         best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(reps))
@@ -303,7 +330,8 @@ class _JaxRunner(_Runner):
 
 
 class _TorchRunner(_Runner):
-    """The PyTorch twin: zero_grad, forward, cross-entropy, backward, SGD step (eager)."""
+    """The PyTorch twin: zero_grad, forward, cross-entropy, backward, SGD step (eager), on the GPU
+    when torch sees one (as JAX would use it), else on the CPU."""
 
     def __init__(self, spec: Spec):
         import torch
@@ -314,9 +342,10 @@ class _TorchRunner(_Runner):
         torch.manual_seed(0)
         plain, depth = cifar_depth(spec.model)
         fmt = torch.channels_last if spec.impl == "torch-cl" else torch.contiguous_format
-        self.net = torch_cifar_resnet(depth, plain).to(memory_format=fmt)
-        self.x = torch.randn(spec.batch_size, 3, 32, 32).contiguous(memory_format=fmt)
-        self.y = torch.arange(spec.batch_size) % 10
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.net = torch_cifar_resnet(depth, plain).to(self.device, memory_format=fmt)
+        self.x = torch.randn(spec.batch_size, 3, 32, 32).to(self.device).contiguous(memory_format=fmt)
+        self.y = (torch.arange(spec.batch_size) % 10).to(self.device)
         self.opt = torch.optim.SGD(self.net.parameters(), lr=0.1, momentum=0.9)
         self.autocast = spec.dtype == "bfloat16"
         self.torch = torch
@@ -324,35 +353,53 @@ class _TorchRunner(_Runner):
         self.step("train", 1)
         t1 = time.perf_counter()
         self.step("eval", 1)
+        kind = torch.cuda.get_device_name() if self.device == "cuda" else platform.processor()
         self.info = {"compile_train_s": t1 - t0, "compile_eval_s": time.perf_counter() - t1,
-                     "torch": torch.__version__, "threads": torch.get_num_threads()}
+                     "torch": torch.__version__, "threads": torch.get_num_threads(),
+                     "device": kind, "platform": "gpu" if self.device == "cuda" else "cpu",
+                     "peak_tflops": peak_tflops(kind, spec.dtype) if self.device == "cuda" else None}
 
     def step(self, mode: str, n: int) -> None:
         torch = self.torch
-        with torch.autocast("cpu", torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.device, torch.bfloat16, enabled=self.autocast):
             if mode == "eval":
                 self.net.eval()
                 with torch.no_grad():
                     for _ in range(n):
                         self.net(self.x)
-                return
-            self.net.train()
-            for _ in range(n):
-                self.opt.zero_grad(set_to_none=True)
-                loss = torch.nn.functional.cross_entropy(self.net(self.x).float(), self.y)
-                loss.backward()
-                self.opt.step()
+            else:
+                self.net.train()
+                for _ in range(n):
+                    self.opt.zero_grad(set_to_none=True)
+                    loss = torch.nn.functional.cross_entropy(self.net(self.x).float(), self.y)
+                    loss.backward()
+                    self.opt.step()
+        if self.device == "cuda":  # kernels run asynchronously: wait for the last one
+            torch.cuda.synchronize()
 
     def matmul(self, n: int, reps: int) -> float:
-        a = self.torch.randn(n, n)
+        torch = self.torch
+        dtype = torch.bfloat16 if self.autocast else torch.float32
+        a = torch.randn(n, n).to(self.device, dtype)
+        sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
         a @ a
-        return 2 * n**3 / min(_timed(lambda: a @ a) for _ in range(reps)) / 1e9
+        sync()
+        return 2 * n**3 / min(_timed(lambda: (a @ a, sync())) for _ in range(reps)) / 1e9
 
 
 def _timed(fn: Callable[[], Any]) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def _version(package: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _send(obj: dict[str, Any]) -> None:
@@ -406,8 +453,11 @@ def worker_xla_flags(config: str, inherited: str = "") -> str:
 
 def worker_env(spec: Spec, parent: Mapping[str, str]) -> dict[str, str]:
     """The environment a worker starts with: the parent's, with the spec's XLA flags and gradient
-    paths, and CNNJAX_CPU_FAST=0 so that nothing in the worker adds flags of its own."""
+    paths, and CNNJAX_CPU_FAST=0 so that nothing in the worker adds flags of its own. On a GPU the
+    workers share the card: JAX allocates as it goes instead of taking 75% of the memory at start
+    (XLA_PYTHON_CLIENT_PREALLOCATE=false, unless the parent sets it)."""
     env = dict(parent, **{xla_flags.ENV_SWITCH: "0", "CNNJAX_CONV_VJP": spec.conv_vjp, "CNNJAX_BN_VJP": spec.bn_vjp})
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if spec.is_jax:
         env["XLA_FLAGS"] = worker_xla_flags(spec.xla, parent.get("XLA_FLAGS", ""))
     if not xla_flags.enabled(parent):  # CNNJAX_CPU_FAST=0: the entry points leave the allocator alone, so 'auto' does
@@ -466,7 +516,7 @@ def run(specs: Sequence[Spec], *, rounds: int = 5, steps: int = 3, modes: Sequen
         compile, e.g. to measure the compile time of a model too large to step here).
       steps: steps per worker, mode and round (timed together, dispatched back to back).
       modes: 'train' and/or 'eval'.
-      matmul_n: size of the float32 n x n x n matmul ceiling (0: skip).
+      matmul_n: size of the n x n x n matmul ceiling in the compute dtype (0: skip).
       log: progress messages (None: quiet).
 
     Returns:
@@ -553,10 +603,13 @@ def _summarise(w: Worker, times: dict[str, list[float]], cpu: dict[str, list[flo
         ips = [spec.batch_size / t for t in ts]
         med = _median(ips)
         gflops = None if macs is None else med * macs * (6 if m == "train" else 2) / 1e9
+        peak = info.get("peak_tflops")
         entry["modes"][m] = {"images_per_s": med, "best_images_per_s": max(ips), "per_round": ips,
+                             "step_ms": 1e3 * _median(ts),
                              "images_per_cpu_s": spec.batch_size / _median(cpu[m]),
                              "gflops": gflops,
-                             "fraction_of_matmul": None if not (gflops and ceiling) else gflops / ceiling}
+                             "fraction_of_matmul": None if not (gflops and ceiling) else gflops / ceiling,
+                             "mfu": None if not (gflops and peak) else gflops / (1e3 * peak)}
     return entry
 
 
@@ -583,8 +636,12 @@ def format_report(result: dict[str, Any]) -> str:
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, {' '.join(m['simd'])}; "
              f"load {result['load_start'][0]:.1f} -> {result['load_end'][0]:.1f}; "
              f"{result['rounds']} rounds x {result['steps']} steps; ratios vs {result['reference']}"]
-    head = (f"{'worker':28s} {'mode':5s} {'img/s':>7s} {'best':>7s} {'ratio':>6s} {'[min-max]':>13s} "
-            f"{'img/CPUs':>8s} {'GFLOP/s':>8s} {'%mm':>4s} {'compile':>8s} {'step MiB':>8s} {'RSS MiB':>8s}")
+    devices = sorted({e["device"] for e in result["workers"] if e.get("platform", "cpu") != "cpu" and e.get("device")})
+    if devices:
+        lines.append(f"accelerator: {', '.join(devices)}")
+    head = (f"{'worker':28s} {'mode':5s} {'img/s':>7s} {'best':>7s} {'ms/step':>8s} {'ratio':>6s} {'[min-max]':>13s} "
+            f"{'img/CPUs':>8s} {'GFLOP/s':>8s} {'%mm':>4s} {'MFU%':>5s} {'compile':>8s} {'step MiB':>8s} "
+            f"{'RSS MiB':>8s}")
     lines += [head, "-" * len(head)]
     for e in result["workers"]:
         if not e["modes"]:
@@ -593,17 +650,24 @@ def format_report(result: dict[str, Any]) -> str:
         for mode, r in e["modes"].items():
             ratio = e["ratio"][mode]
             frac = "" if r["fraction_of_matmul"] is None else f"{100 * r['fraction_of_matmul']:.0f}"
+            mfu = "" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}"
             comp = e.get(f"compile_{mode}_s")
             lines.append(
                 f"{e['label']:28s} {mode:5s} {r['images_per_s']:7.1f} {r['best_images_per_s']:7.1f} "
+                f"{r.get('step_ms', float('nan')):8.2f} "
                 f"{ratio['median']:6.2f} {ratio['min']:6.2f}-{ratio['max']:<6.2f} {r['images_per_cpu_s']:8.1f} "
-                f"{'' if r['gflops'] is None else format(r['gflops'], '.1f'):>8s} {frac:>4s} "
+                f"{'' if r['gflops'] is None else format(r['gflops'], '.1f'):>8s} {frac:>4s} {mfu:>5s} "
                 f"{'' if comp is None else format(comp, '.1f') + ' s':>8s} "
                 f"{'' if e.get('train_step_mib') is None else format(e['train_step_mib'], '.0f'):>8s} "
                 f"{'' if e.get('peak_rss_mib') is None else format(e['peak_rss_mib'], '.0f'):>8s}")
     ceil = ", ".join(f"{e['label']} {e['matmul_gflops']:.0f}" for e in result["workers"] if e["matmul_gflops"])
     if ceil:
-        lines.append(f"matmul ceiling (GFLOP/s, float32 square matmul): {ceil}")
+        dtype = result["workers"][0]["spec"]["dtype"]
+        lines.append(f"matmul ceiling (GFLOP/s, {dtype} square matmul): {ceil}")
+    peaks = {e["peak_tflops"] for e in result["workers"] if e.get("peak_tflops")}
+    if peaks:
+        lines.append(f"MFU: model FLOP/s (6 x multiply-adds per trained image, 2 x evaluated) over the datasheet "
+                     f"dense bf16 peak, {', '.join(f'{p:g}' for p in sorted(peaks))} TFLOP/s")
     return "\n".join(lines)
 
 

@@ -365,8 +365,14 @@ def test_run_side_by_side():
     # The ratio is taken round by round (same load), then the median.
     per_round = [b / a for a, b in zip(ref["modes"]["train"]["per_round"], other["modes"]["train"]["per_round"])]
     assert other["ratio"]["train"]["median"] == pytest.approx(np.median(per_round))
+    for w in result["workers"]:
+        for r in w["modes"].values():  # a CPU has no datasheet peak: no MFU
+            assert r["step_ms"] == pytest.approx(1e3 * np.median([4 / ips for ips in r["per_round"]]))
+            assert r["mfu"] is None
+        assert w["platform"] == "cpu" and w["peak_tflops"] is None
     report = bench.format_report(result)
-    assert all(s.label in report for s in specs) and "matmul ceiling" in report
+    assert all(s.label in report for s in specs) and "matmul ceiling (GFLOP/s, float32" in report
+    assert "accelerator:" not in report and "MFU:" not in report
 
 
 @pytest.mark.slow
@@ -379,6 +385,38 @@ def test_torch_runner_steps_and_matmul():
     assert runner.x.is_contiguous(memory_format=torch.channels_last)
     runner.step("eval", 1)
     assert not runner.net.training and runner.matmul(32, 1) > 0
+
+
+def test_peak_table_names_the_right_part():
+    # jax.Device.device_kind strings as the runtimes give them; the PCIe H100 is not the SXM part.
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+    assert bench.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert bench.peak_tflops("NVIDIA H200", "bfloat16") == 989.4
+    assert bench.peak_tflops("NVIDIA A100-SXM4-40GB", "bfloat16") == 312.0
+    assert bench.peak_tflops("TPU v5 lite", "bfloat16") == 197.0 and bench.peak_tflops("TPU v5", "bfloat16") == 459.0
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "float32") is None  # TF32 or not: no single peak
+    assert bench.peak_tflops("cpu", "bfloat16") is None
+
+
+def test_report_gives_mfu_against_the_peak():
+    entry = {"label": "cnnjax[default]", "spec": {"dtype": "bfloat16"}, "device": "NVIDIA H200", "platform": "gpu",
+             "peak_tflops": 989.4, "compile_train_s": 40.0, "matmul_gflops": 7e5, "ratio": {"train": {
+                 "median": 1.0, "min": 1.0, "max": 1.0}},
+             "modes": {"train": {"images_per_s": 5000.0, "best_images_per_s": 5100.0, "step_ms": 51.2,
+                                 "images_per_cpu_s": 5000.0, "gflops": 122_700.0, "fraction_of_matmul": 0.175,
+                                 "mfu": 0.124}}}
+    result = {"machine": {"cpu": "x", "cores": 16, "simd": []}, "load_start": (0, 0, 0), "load_end": (0, 0, 0),
+              "rounds": 1, "steps": 1, "reference": "cnnjax[default]", "workers": [entry]}
+    report = bench.format_report(result)
+    assert "accelerator: NVIDIA H200" in report and " 12.4 " in report and "989.4 TFLOP/s" in report
+    assert "bfloat16 square matmul" in report
+
+
+def test_workers_share_an_accelerator():
+    # Two JAX workers on one GPU: neither may take 75% of its memory at start; the user's choice wins.
+    spec = bench.Spec("cnnjax", "lenet5")
+    assert bench.worker_env(spec, {})["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert bench.worker_env(spec, {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"})["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
 
 
 def test_bench_auto_allocator_follows_the_entry_points():
