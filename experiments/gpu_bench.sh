@@ -42,7 +42,7 @@ part4() {
   log "4. tests on the GPU: $TESTS"
   # shellcheck disable=SC2086
   XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$TEST_TIMEOUT" \
-    $PY -m pytest -q --tb=short -p no:cacheprovider -p no:benchmark -n 4 $TESTS
+    $PY -m pytest -q --tb=short -p no:cacheprovider -p no:benchmark -n "${TEST_WORKERS:-4}" $TESTS
 }
 
 {
