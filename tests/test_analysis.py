@@ -180,6 +180,30 @@ def test_macs_match_torchvision(name):
 
 
 @needs("resnet20")
+def test_scan_invariant_pass_is_found_on_the_call_stack():
+    # flax's nn.scan traces its body twice; the analyses keep the second trace. Flax 0.12.10 runs
+    # the first as an ordinary trace (no JaxprTracer to tell it by), so the call stack decides:
+    # on this flax both tests must mark exactly the same calls, the first pass's.
+    from cnnjax.analysis import tracing
+
+    marks = []
+
+    def interceptor(next_fun, args, kwargs, ctx):
+        if ctx.method_name == "__call__" and tracing.is_layer(ctx.module):
+            marks.append((tracing.module_path(ctx.module), tracing.in_scan_invariant_pass(),
+                          tracing.is_discarded_trace(args[0])))
+        return next_fun(*args, **kwargs)
+
+    model = models.create("resnet20", scan_blocks=True)
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), jnp.zeros((1, 32, 32, 3)))
+    scanned = [m for m in marks if m[0].split("/")[0].endswith("_blocks")]
+    assert len(scanned) == 3 * 2 * 4  # 3 stages, 2 traces of the body, 4 layers (conv, BN, conv, BN)
+    assert [m[1] for m in scanned] == [m[2] for m in scanned] and sum(m[1] for m in scanned) == 12
+    assert not any(m[1] or m[2] for m in marks if m not in scanned)
+
+
+@needs("resnet20")
 def test_scanned_rows_count_every_iteration():
     plain, scanned = summary("resnet20"), summary(models.create("resnet20", scan_blocks=True), (32, 32, 3))
     assert scanned.total_params == plain.total_params == sum(r.params for r in scanned.rows) == 269_722

@@ -200,14 +200,14 @@ def _dot_general(eqn, states, avals) -> Any:
 def _scan(eqn, states: list[Any], tags: dict[int, Any]) -> list[Any]:
     """Unrolls a lax.scan (e.g. flax nn.scan over blocks): its layers' tags keep the last iteration."""
     p = eqn.params
-    nc, nk = p["num_consts"], p["num_carry"]
+    nc, nk = tracing.scan_counts(eqn)
     consts, carry, xs = states[:nc], states[nc:nc + nk], states[nc + nk:]
     if any(isinstance(s, Spatial) and 0 in s.axes for s in xs):
         raise NotImplementedError("receptive_field: a scan over a spatial axis is not supported")
     xs = [_renumber(s, lambda a: a - 1) if isinstance(s, Spatial) else s for s in xs]
     ys: list[Any] = []
     for _ in range(p["length"]):
-        outs = interpret(p["jaxpr"].jaxpr, [*consts, *carry, *xs], tags)
+        outs = interpret(tracing.inner_jaxpr(p["jaxpr"]), [*consts, *carry, *xs], tags)
         carry, new = outs[:nk], [_renumber(s, lambda a: a + 1) if isinstance(s, Spatial) else s for s in outs[nk:]]
         ys = new if not ys else [_merge([a, b], "scan") for a, b in zip(ys, new)]
     return [*carry, *ys] if p["length"] else [*carry, *([None] * (len(eqn.outvars) - nk))]
@@ -232,7 +232,7 @@ def interpret(jaxpr, in_states: Sequence[Any], tags: dict[int, Any]) -> list[Any
         elif name == "scan":
             outs = _scan(eqn, states, tags)
         elif name == "cond":
-            branches = [interpret(b.jaxpr, states[1:], tags) for b in eqn.params["branches"]]
+            branches = [interpret(tracing.inner_jaxpr(b), states[1:], tags) for b in eqn.params["branches"]]
             outs = [_merge(list(o), name) for o in zip(*branches)]
         elif name in _CALLS:
             subs = [j for j in tracing.sub_jaxprs(eqn) if len(j.invars) == len(states)]

@@ -9,6 +9,7 @@ its inputs, its output and its variables.
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -118,12 +119,26 @@ def size_of(tree: Any) -> int:
 
 
 def is_discarded_trace(x: Any) -> bool:
-    """True for a value of the partial-evaluation pass flax's nn.scan makes before the real trace.
+    """True inside the extra trace flax's nn.scan makes of its body before the real one.
 
-    nn.scan traces its body twice (once with partial evaluation to find the loop invariants);
-    analyses record only the second trace. There is no public type for these tracers, hence the name.
+    nn.scan traces its body twice (first to find the loop invariants); analyses record only the
+    second trace. That first pass is flax's `axes_scan` body function called with
+    `init_mode=True`, which is what is looked for on the call stack (flax 0.10 to 0.12.10 at
+    least). Flax versions that ran that pass as a partial evaluation are also recognised by the
+    tracer's type (there is no public type for it, hence the name).
     """
-    return type(x).__name__ == "JaxprTracer"
+    return type(x).__name__ == "JaxprTracer" or in_scan_invariant_pass()
+
+
+def in_scan_invariant_pass() -> bool:
+    """Whether the caller runs inside flax nn.scan's first trace (`axes_scan` body, init_mode=True)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if (frame.f_code.co_name == "body_fn" and frame.f_globals.get("__name__") == "flax.core.axes_scan"
+                and frame.f_locals.get("init_mode") is True):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def layer_interceptor(on_layer: Callable[[Callable[..., Any], tuple, dict, Any], Any]):
@@ -156,6 +171,25 @@ mlir.register_lowering(tag_p, lambda ctx, x, *, index: [x])
 def tag(x: jax.Array, index: int) -> jax.Array:
     """Marks `x` with `index` in the jaxpr being traced."""
     return tag_p.bind(x, index=index)
+
+
+def inner_jaxpr(j: Any) -> Any:
+    """The Jaxpr of a ClosedJaxpr, or `j` itself: JAX 0.11 gives scan bodies as a Jaxpr that holds
+    its own constants."""
+    return j.jaxpr if isinstance(j, jex_core.ClosedJaxpr) else j
+
+
+def scan_counts(eqn: Any) -> tuple[int, int]:
+    """(constants, carries) among a scan equation's operands (the rest are the scanned inputs).
+
+    Up to JAX 0.10 the equation names them (`num_consts`, `num_carry`); JAX 0.11 groups the
+    operands in a flat tree `ft_in` of (constants, carries, scanned inputs).
+    """
+    p = eqn.params
+    if "num_consts" in p:
+        return p["num_consts"], p["num_carry"]
+    consts, carry, _ = (list(g) for g in p["ft_in"].update(list(range(len(eqn.invars)))).unpack())
+    return len(consts), len(carry)
 
 
 def sub_jaxprs(eqn: Any) -> list[Any]:
