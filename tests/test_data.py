@@ -125,6 +125,16 @@ def test_npz_source(tmp_path):
     assert data.load_dataset("tiny", data_dir=str(tmp_path)).num_classes == 13  # unknown name
 
 
+def test_missing_tfds_is_one_clear_error(tmp_path, monkeypatch):
+    # tensorflow-datasets is a dependency, but an image may lack it (the GPU machines' did): with
+    # no local .npz the user is told both ways out, not shown an ImportError from deep inside.
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import now raises ImportError
+    with pytest.raises(ValueError, match=r"'mnist'.*mnist\.npz.*tensorflow-datasets.*not installed.*pip install"):
+        data.load_dataset("mnist", data_dir=str(tmp_path))
+    write_npz(tmp_path, "mnist", 10, 4)
+    assert data.load_dataset("mnist", data_dir=str(tmp_path)).origin == str(tmp_path / "mnist.npz")
+
+
 def test_validation_split(tmp_path):
     arrays = write_npz(tmp_path, "cifar10", 50, 10)
     ds = data.load_dataset("cifar10", data_dir=str(tmp_path), validation_size=12, seed=3)

@@ -315,7 +315,15 @@ def _missing_message(name: str, data_dir, tfds_dir: str, version_dir: str, cause
 
 def _tfds_splits(name: str, data_dir, shape: tuple, download: bool, num_threads: int):
     """Splits from `tfds.data_source`; `shape` is ((h, w) or None, channels or None)."""
-    import tensorflow_datasets as tfds  # only the tfds path pays for its import
+    try:
+        import tensorflow_datasets as tfds  # only the tfds path pays for its import
+    except ImportError as e:  # a declared dependency, but an image may lack it (seen on a GPU machine)
+        npz = os.path.join(data_dir, f"{name}.npz") if data_dir else f"<data_dir>/{name}.npz"
+        raise ValueError(
+            f"Data set {name!r}: no local file {npz}, and tensorflow-datasets, which reads the "
+            f"prepared tfds copies, is not installed ({e}). Install it (pip install tensorflow-datasets) "
+            f"or provide DIR/{name}.npz ({_NPZ_CONTENT}) and pass data_dir=DIR."
+        ) from e
 
     builder = tfds.builder(name, data_dir=data_dir)
     tfds_dir = os.path.dirname(os.path.dirname(builder.data_dir))
