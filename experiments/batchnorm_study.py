@@ -142,6 +142,8 @@ def sweep(preset: Preset, batch_norm: bool, seed: int = 0) -> list[dict[str, Any
                 loss, error = float(metrics["loss"]), float(metrics["error"])
                 if not np.isfinite(loss):
                     diverged_at = step
+                    # A row of its own: a run that diverges before its first log still has one.
+                    records.append({"step": step, "epoch": step / pipe.steps_per_epoch, "train_loss": loss})
                     break
                 window.append((loss, error))
                 log = step % preset.log_every == 0 or step == preset.steps
@@ -191,7 +193,7 @@ def plot_curves(runs: list[dict], path: Path, steps: int) -> None:
                 if curve:
                     ax.plot(*zip(*curve), label=label, linewidth=1.6, **style)
                 if r["diverged"]:
-                    x = curve[-1][0] if curve else 0
+                    x = r["diverged_at"]
                     ax.plot([x], [100], "x", color=style["color"], markersize=9, mew=2)
                     ax.annotate("diverged", (x, 100), xytext=(3, -12), textcoords="offset points", fontsize=7,
                                 color=style["color"])

@@ -366,13 +366,14 @@ def test_run_side_by_side():
     per_round = [b / a for a, b in zip(ref["modes"]["train"]["per_round"], other["modes"]["train"]["per_round"])]
     assert other["ratio"]["train"]["median"] == pytest.approx(np.median(per_round))
     for w in result["workers"]:
-        for r in w["modes"].values():  # a CPU has no datasheet peak: no MFU
+        for r in w["modes"].values():  # no peak: no MFU
             assert r["step_ms"] == pytest.approx(1e3 * np.median([4 / ips for ips in r["per_round"]]))
             assert r["mfu"] is None
-        assert w["platform"] == "cpu" and w["peak_tflops"] is None
+        assert w["peak_tflops"] is None  # float32: no single datasheet peak (TF32 or not), on any device
     report = bench.format_report(result)
     assert all(s.label in report for s in specs) and "matmul ceiling (GFLOP/s, float32" in report
-    assert "accelerator:" not in report and "MFU:" not in report
+    on_accelerator = result["workers"][0]["platform"] != "cpu"  # the suite also runs on GPU machines
+    assert ("accelerator:" in report) is on_accelerator and "MFU:" not in report
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ that silently stopped computing them would fail. Real data sets are never read.
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 
@@ -91,6 +92,9 @@ def test_batchnorm_study_tiny(tmp_path):
     final_table = text.split("### Final test error")[1].split("###")[0]
     row = {line.split(" | ")[1]: line for line in final_table.splitlines() if line.startswith("| He N(0, 2/fan_in)")}
     assert "diverged (step" in row["no"] and "diverged" not in row["yes"]
+    # The diverging step is the run's last row, its loss not finite (also when no log came before).
+    last = [r for r in rows if r["run"] == "nobn_he_lr1e+12"][-1]
+    assert f"diverged (step {last['step']})" in row["no"] and not math.isfinite(float(last["train_loss"]))
     assert (tmp_path / "batchnorm_study.png").exists() and (tmp_path / "batchnorm_final.png").exists()
 
 
