@@ -51,6 +51,11 @@ def _index(value) -> int | None:
         return None
 
 
+def is_int(value) -> bool:
+    """Whether `value` is exactly an int (`_index`): the one integer test of cnnjax's argument checks."""
+    return _index(value) is not None
+
+
 def _ints(value, length: int | None = None) -> list[int] | None:
     """The entries of a sequence as exact ints (`_index`), or None: not a sequence (a scalar, a
     string), an entry that is not an int, or not `length` entries."""

@@ -21,15 +21,12 @@ import jax
 import numpy as np
 
 from cnnjax.data import augment as aug
+from cnnjax.functional import is_int
 
 AUGMENTATIONS = ("none", "flip", "cifar", "imagenet")
 NORMALIZATIONS = ("per_pixel_mean", "per_channel", "scale")
 LAZY_STATS_EXAMPLES = 10_000  # sample for the statistics of data sets read lazily (ImageNet)
 _SHUFFLE, _AUGMENT, _STATS = 1, 2, 3  # seed-sequence tags: independent streams per purpose
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def shard_indices(n: int, process_index: int, process_count: int) -> np.ndarray:
@@ -39,9 +36,9 @@ def shard_indices(n: int, process_index: int, process_count: int) -> np.ndarray:
     dropped): the first `n % process_count` shards hold one example more.
     """
     if not (
-        _is_int(process_count)
+        is_int(process_count)
         and process_count >= 1
-        and _is_int(process_index)
+        and is_int(process_index)
         and 0 <= process_index < process_count
     ):
         raise ValueError(
@@ -61,9 +58,9 @@ def training_statistics(source, mode: str, max_examples: int | None = None, chun
     """
     if mode not in NORMALIZATIONS:
         raise ValueError(f"mode must be one of {NORMALIZATIONS}, got {mode!r}")
-    if max_examples is not None and (not _is_int(max_examples) or max_examples < 1):
+    if max_examples is not None and (not is_int(max_examples) or max_examples < 1):
         raise ValueError(f"max_examples must be a positive int or None, got {max_examples!r}")
-    if not _is_int(chunk) or chunk < 1:
+    if not is_int(chunk) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     h, w, c = source.image_shape
     if mode == "scale":
@@ -140,14 +137,14 @@ class Pipeline:
             raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-        if not _is_int(seed) or seed < 0:
+        if not is_int(seed) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        if num_threads is not None and (not _is_int(num_threads) or num_threads < 1):
+        if num_threads is not None and (not is_int(num_threads) or num_threads < 1):
             raise ValueError(
                 f"num_threads must be a positive int (or None for min(16, CPU count)), "
                 f"got {num_threads!r}"
             )
-        if stats_examples is not None and (not _is_int(stats_examples) or stats_examples < 1):
+        if stats_examples is not None and (not is_int(stats_examples) or stats_examples < 1):
             raise ValueError(
                 f"stats_examples must be a positive int (or None for the default), "
                 f"got {stats_examples!r}"
@@ -161,7 +158,7 @@ class Pipeline:
             ("global_batch_size", global_batch_size),
             ("eval_batch_size", eval_batch_size),
         ):
-            if not _is_int(b) or b <= 0 or b % process_count:
+            if not is_int(b) or b <= 0 or b % process_count:
                 raise ValueError(
                     f"{arg} must be a positive multiple of process_count={process_count}, got {b!r}"
                 )
@@ -252,7 +249,7 @@ class Pipeline:
 
     def train_order(self, epoch: int) -> np.ndarray:
         """Training-split indices this process reads in `epoch`, in order (remainder included)."""
-        if not _is_int(epoch) or epoch < 0:
+        if not is_int(epoch) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
         rng = np.random.default_rng([self.seed, epoch, self.process_index, _SHUFFLE])
         return self._train_shard[rng.permutation(len(self._train_shard))]
@@ -265,7 +262,7 @@ class Pipeline:
         last partial batch is dropped; augmentation is seeded by (seed, epoch, process, step).
         """
         order = self.train_order(epoch)
-        if not _is_int(start_step) or not 0 <= start_step <= self.steps_per_epoch:
+        if not is_int(start_step) or not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(
                 f"start_step must be an int in [0, {self.steps_per_epoch}], got {start_step!r}"
             )
@@ -281,7 +278,7 @@ class Pipeline:
         Step `s` is batch `s % steps_per_epoch` of epoch `s // steps_per_epoch`, so a run
         resumed at step `s` continues with exactly the batches it would have seen.
         """
-        if not _is_int(start_step) or start_step < 0:
+        if not is_int(start_step) or start_step < 0:
             raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
         epoch, step = divmod(int(start_step), self.steps_per_epoch)
 
@@ -370,7 +367,7 @@ def prefetch_to_device(iterator, size: int = 2, sharding=None) -> Iterator:
     Yields:
       The same pytrees with `jax.Array` leaves.
     """
-    if not _is_int(size) or size < 1:
+    if not is_int(size) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
     if sharding is None:
         put = jax.device_put

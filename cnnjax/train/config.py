@@ -15,6 +15,8 @@ import types
 import typing
 from typing import Any
 
+from cnnjax.functional import is_int
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("step", "cosine", "constant")
 WARMUPS = ("linear", "constant")
@@ -289,10 +291,6 @@ def _is_real(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _has_type(value: Any, hint: Any) -> bool:
     """Whether `value` fits a TrainConfig annotation (an int is also a float; a bool is neither)."""
     args = typing.get_args(hint)
@@ -303,7 +301,7 @@ def _has_type(value: Any, hint: Any) -> bool:
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
-        return _is_int(value)
+        return is_int(value)
     if hint is float:
         return _is_real(value)
     if hint is str:
@@ -334,7 +332,7 @@ def _json_type(value: Any) -> str:
         return "boolean"
     if value is None:
         return "null"
-    if _is_int(value):
+    if is_int(value):
         return "int"
     if _is_real(value):
         return "number"
