@@ -249,8 +249,23 @@ class _Runner:
     def step(self, mode: str, n: int) -> None:
         raise NotImplementedError
 
-    def matmul(self, n: int, reps: int) -> float:
+    def product(self, n: int) -> Callable[[], Any]:
+        """A call that runs one n x n x n matrix product in the compute dtype and waits for it."""
         raise NotImplementedError
+
+    def matmul(self, n: int, reps: int, budget_s: float = 0.5) -> tuple[float, int]:
+        """(best GFLOP/s of `reps` n^3 products, the n used). n shrinks so that one product takes
+        about `budget_s` at most: bfloat16 products on a CPU without bf16 instructions can run
+        at 1 GFLOP/s (PyTorch on this project's AVX2 machine), where n = 2048 would take minutes."""
+        probe = min(n, 256)
+        f = self.product(probe)
+        f()
+        rate = 2 * probe**3 / min(_timed(f) for _ in range(2))
+        if n > probe:
+            n = max(probe, min(n, int((rate * budget_s / 2) ** (1 / 3))))
+            f = self.product(n)
+            f()
+        return 2 * n**3 / min(_timed(f) for _ in range(reps)) / 1e9, n
 
 
 class _JaxRunner(_Runner):
@@ -319,14 +334,12 @@ class _JaxRunner(_Runner):
                 out = self._eval(self.state, self.batch)
         self._jax.block_until_ready(out)
 
-    def matmul(self, n: int, reps: int) -> float:
+    def product(self, n: int) -> Callable[[], Any]:
         import jax.numpy as jnp
 
         a = self._jax.random.normal(self._jax.random.key(2), (n, n), jnp.float32).astype(self._dtype)
         f = self._jax.jit(lambda a: a @ a)
-        f(a).block_until_ready()
-        best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(reps))
-        return 2 * n**3 / best / 1e9
+        return lambda: f(a).block_until_ready()
 
 
 class _TorchRunner(_Runner):
@@ -377,14 +390,11 @@ class _TorchRunner(_Runner):
         if self.device == "cuda":  # kernels run asynchronously: wait for the last one
             torch.cuda.synchronize()
 
-    def matmul(self, n: int, reps: int) -> float:
+    def product(self, n: int) -> Callable[[], Any]:
         torch = self.torch
-        dtype = torch.bfloat16 if self.autocast else torch.float32
-        a = torch.randn(n, n).to(self.device, dtype)
+        a = torch.randn(n, n).to(self.device, torch.bfloat16 if self.autocast else torch.float32)
         sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
-        a @ a
-        sync()
-        return 2 * n**3 / min(_timed(lambda: (a @ a, sync())) for _ in range(reps)) / 1e9
+        return lambda: (a @ a, sync())
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -435,7 +445,8 @@ def worker_main(spec_json: str) -> int:
             runner.step(cmd[1], int(cmd[2]))
             _send({"wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c})
         elif cmd[0] == "matmul":
-            _send({"gflops": runner.matmul(int(cmd[1]), int(cmd[2]))})
+            gflops, n = runner.matmul(int(cmd[1]), int(cmd[2]))
+            _send({"gflops": gflops, "n": n})
     _send({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     return 0
 
@@ -516,7 +527,8 @@ def run(specs: Sequence[Spec], *, rounds: int = 5, steps: int = 3, modes: Sequen
         compile, e.g. to measure the compile time of a model too large to step here).
       steps: steps per worker, mode and round (timed together, dispatched back to back).
       modes: 'train' and/or 'eval'.
-      matmul_n: size of the n x n x n matmul ceiling in the compute dtype (0: skip).
+      matmul_n: size of the n x n x n matmul ceiling in the compute dtype (0: skip); a worker
+        shrinks it where one product would take over 0.5 s (`_Runner.matmul`).
       log: progress messages (None: quiet).
 
     Returns:
@@ -564,8 +576,7 @@ def run(specs: Sequence[Spec], *, rounds: int = 5, steps: int = 3, modes: Sequen
                     cpu[w.spec.label][m].append(answer["cpu_s"] / steps)
             loads.append(os.getloadavg()[0])
             say(f"round {r + 1}/{rounds} done (load {loads[-1]:.1f})")
-        ceilings = {w.spec.label: w.ask(f"matmul {matmul_n} 3")["gflops"] if matmul_n and rounds else None
-                    for w in workers}
+        ceilings = {w.spec.label: w.ask(f"matmul {matmul_n} 3") if matmul_n and rounds else {} for w in workers}
         for w in workers:
             peak = w.close().get("peak_rss_mib")
             label = w.spec.label
@@ -588,15 +599,16 @@ def run(specs: Sequence[Spec], *, rounds: int = 5, steps: int = 3, modes: Sequen
     return result
 
 
-def _summarise(w: Worker, times: dict[str, list[float]], cpu: dict[str, list[float]], ceiling: float | None,
+def _summarise(w: Worker, times: dict[str, list[float]], cpu: dict[str, list[float]], matmul: dict[str, Any],
                peak: float | None, workers: Sequence[Worker]) -> dict[str, Any]:
     """One worker's entry of `run`'s result (per-mode images/s, GFLOP/s, compile time, memory)."""
     spec, info = w.spec, dict(w.info)
     info.pop("ready", None)
+    ceiling = matmul.get("gflops")
     macs = info.get("macs_per_image") or next((v.info.get("macs_per_image") for v in workers
                                                if v.spec.model == spec.model and v.info.get("macs_per_image")), None)
     entry = {"label": spec.label, "spec": dataclasses.asdict(spec), **info, "peak_rss_mib": peak,
-             "matmul_gflops": ceiling, "modes": {}}
+             "matmul_gflops": ceiling, "matmul_n": matmul.get("n"), "modes": {}}
     for m, ts in times.items():
         if not ts:
             continue
@@ -660,7 +672,8 @@ def format_report(result: dict[str, Any]) -> str:
                 f"{'' if comp is None else format(comp, '.1f') + ' s':>8s} "
                 f"{'' if e.get('train_step_mib') is None else format(e['train_step_mib'], '.0f'):>8s} "
                 f"{'' if e.get('peak_rss_mib') is None else format(e['peak_rss_mib'], '.0f'):>8s}")
-    ceil = ", ".join(f"{e['label']} {e['matmul_gflops']:.0f}" for e in result["workers"] if e["matmul_gflops"])
+    ceil = ", ".join(f"{e['label']} {e['matmul_gflops']:.0f} (n={e.get('matmul_n')})"
+                     for e in result["workers"] if e["matmul_gflops"])
     if ceil:
         dtype = result["workers"][0]["spec"]["dtype"]
         lines.append(f"matmul ceiling (GFLOP/s, {dtype} square matmul): {ceil}")
@@ -694,7 +707,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="steps per worker, mode and round")
-    p.add_argument("--matmul", type=int, default=2048, help="n of the n^3 matmul ceiling (0: skip)")
+    p.add_argument("--matmul", type=int, default=2048,
+                   help="n of the n^3 matmul ceiling, smaller where one product would take over 0.5 s (0: skip)")
     p.add_argument("--threads", type=int, default=0,
                    help="pin every worker to this many cores (torch threads too); 0: the libraries' defaults")
     p.add_argument("--json", metavar="PATH", help="also write the full result as JSON")

@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -385,7 +386,24 @@ def test_torch_runner_steps_and_matmul():
     assert any(not torch.equal(a, b) for a, b in zip(before, runner.net.parameters()))
     assert runner.x.is_contiguous(memory_format=torch.channels_last)
     runner.step("eval", 1)
-    assert not runner.net.training and runner.matmul(32, 1) > 0
+    gflops, n = runner.matmul(32, 1)
+    assert not runner.net.training and gflops > 0 and n == 32
+
+
+def test_matmul_ceiling_shrinks_where_products_are_slow():
+    # A runner whose products take 2 n^3 / rate seconds: at 1 GFLOP/s (PyTorch bf16 on an AVX2
+    # CPU) n = 2048 would take 17 s a product; the ceiling is taken at the n of about 0.5 s.
+    class Fake(bench._Runner):
+        def __init__(self, rate):
+            self.rate = rate
+
+        def product(self, n):
+            return lambda: time.sleep(2 * n**3 / self.rate)
+
+    gflops, n = Fake(1e9).matmul(2048, 1)
+    assert 500 <= n <= 630 and 0.7 < gflops <= 1.0  # (1e9 * 0.5 / 2) ** (1/3) = 630; sleep only overshoots
+    gflops, n = Fake(1e13).matmul(2048, 1)
+    assert n == 2048 and gflops > 1e3
 
 
 def test_peak_table_names_the_right_part():
