@@ -113,7 +113,11 @@ class Spec:
                 raise ValueError(f"{name}={value!r}; choose one of {choices}")
             if value != "auto" and self.impl != "cnnjax":
                 raise ValueError(f"{name} is a cnnjax option; impl={self.impl!r} has none")
-        xla_flags.resolve(self.xla)
+        flags = xla_flags.resolve(self.xla).split()
+        unknown = [f for f in flags if not xla_flags.jaxlib_knows(xla_flags.flag_name(f))]
+        if unknown and self.is_jax:  # XLA would abort the worker on them
+            raise ValueError(f"xla={self.xla!r} sets {unknown}, which the installed jaxlib does not define; "
+                             "choose another XLA configuration, e.g. 'default'")
         return self
 
     @property
@@ -694,9 +698,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--impl", nargs="+", default=["cnnjax", "flax", "torch-cl"], choices=IMPLS,
                    help="implementations; the first (with the first --xla) is the reference of the ratios")
-    p.add_argument("--xla", nargs="+", default=["fast"],
+    p.add_argument("--xla", nargs="+", default=["auto"],
                    help=f"XLA configurations for the JAX implementations: names ({', '.join(xla_flags.CPU_PRESETS)}) "
-                        "or flag strings starting with '--'")
+                        "or flag strings starting with '--'; auto (the default): what the entry points set, "
+                        "'fast' on a CPU host, 'default' where a GPU/TPU is expected")
     p.add_argument("--scan-blocks", action="store_true", help="cnnjax ResNet with scanned blocks")
     p.add_argument("--conv-vjp", nargs="+", choices=CONV_VJPS, default=["auto"],
                    help="cnnjax convolution gradient paths to compare (auto: canonical on CPU)")
@@ -714,11 +719,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the full result as JSON")
 
 
+def auto_xla(environ: Mapping[str, str] | None = None) -> str:
+    """The XLA configuration the entry points give this host: 'fast' (`configure_cpu()`'s preset)
+    on a CPU host whose jaxlib defines its flags, else 'default' (XLA's own; GPU/TPU hosts)."""
+    if xla_flags.accelerator_expected(environ):
+        return "default"
+    fast = xla_flags.resolve("fast").split()
+    return "fast" if all(xla_flags.jaxlib_knows(xla_flags.flag_name(f)) for f in fast) else "default"
+
+
 def specs_from_args(args: argparse.Namespace) -> list[Spec]:
     """One Spec per implementation x XLA configuration (torch once); torch is skipped if missing."""
     specs = []
     for impl in args.impl:
         for xla in (args.xla if not impl.startswith("torch") else ["default"]):
+            xla = auto_xla() if xla == "auto" else xla
             ours = impl == "cnnjax"
             for vjp, bn_vjp, malloc in itertools.product(args.conv_vjp if ours else ["auto"],
                                                          args.bn_vjp if ours else ["auto"], args.malloc):

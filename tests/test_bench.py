@@ -156,6 +156,7 @@ def test_worker_flags_drop_inherited_preset_flags_only():
     (dict(batch_size=0), "batch_size"),
     (dict(threads=-1), "threads"),
     (dict(xla="bogus"), "unknown XLA configuration"),
+    (dict(xla="--xla_cpu_no_such_flag=1"), r"\['--xla_cpu_no_such_flag=1'\], which the installed jaxlib does not define"),
     (dict(conv_vjp="cudnn"), "conv_vjp='cudnn'"),
     (dict(impl="flax", conv_vjp="xla"), "conv_vjp is a cnnjax option"),
     (dict(bn_vjp="cudnn"), "bn_vjp='cudnn'"),
@@ -172,15 +173,29 @@ def test_gradient_paths_multiply_the_cnnjax_workers_only():
 
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
-    args = p.parse_args(["--impl", "cnnjax", "flax", "--conv-vjp", "auto", "xla", "--bn-vjp", "auto", "autodiff"])
+    args = p.parse_args(["--impl", "cnnjax", "flax", "--conv-vjp", "auto", "xla", "--bn-vjp", "auto", "autodiff",
+                         "--xla", "fast"])
     assert [s.label for s in bench.specs_from_args(args)] == [
         "cnnjax[fast]", "cnnjax[fast,bn=autodiff]", "cnnjax[fast,vjp=xla]", "cnnjax[fast,vjp=xla,bn=autodiff]",
         "flax[fast]"]
     # The allocator setting applies to every implementation, torch included.
-    args = p.parse_args(["--impl", "cnnjax", "torch-cl", "--malloc", "auto", "default"])
+    args = p.parse_args(["--impl", "cnnjax", "torch-cl", "--malloc", "auto", "default", "--xla", "fast"])
     labels = [s.label for s in bench.specs_from_args(args)]
     assert labels[:2] == ["cnnjax[fast]", "cnnjax[fast,malloc=default]"]
     assert labels[2:] in ([], ["torch-cl", "torch-cl[malloc=default]"])  # torch only where installed
+
+
+def test_default_xla_configuration_is_the_entry_points():
+    # 'auto': the CPU fast path on a CPU host, XLA's own settings where a GPU/TPU is expected (its
+    # CPU flags would only be noise in the worker's label there).
+    import argparse
+
+    assert bench.auto_xla({"JAX_PLATFORMS": "cpu"}) == "fast"  # this jaxlib defines the preset's flag
+    assert bench.auto_xla({"JAX_PLATFORMS": "cuda"}) == bench.auto_xla({"JAX_PLATFORMS": "tpu,cpu"}) == "default"
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    specs = bench.specs_from_args(p.parse_args(["--impl", "cnnjax", "flax"]))
+    assert [s.xla for s in specs] == [bench.auto_xla()] * 2
 
 
 def test_cli_reports_bad_arguments(capsys):
