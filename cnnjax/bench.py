@@ -113,8 +113,7 @@ class Spec:
                 raise ValueError(f"{name}={value!r}; choose one of {choices}")
             if value != "auto" and self.impl != "cnnjax":
                 raise ValueError(f"{name} is a cnnjax option; impl={self.impl!r} has none")
-        flags = xla_flags.resolve(self.xla).split()
-        unknown = [f for f in flags if not xla_flags.jaxlib_knows(xla_flags.flag_name(f))]
+        unknown = xla_flags.unknown_flags(self.xla)
         if unknown and self.is_jax:  # XLA would abort the worker on them
             raise ValueError(f"xla={self.xla!r} sets {unknown}, which the installed jaxlib does not define; "
                              "choose another XLA configuration, e.g. 'default'")
@@ -276,6 +275,7 @@ class _JaxRunner(_Runner):
     """cnnjax or the Flax twin: cnnjax.train's train and eval steps, compiled ahead of time."""
 
     def __init__(self, spec: Spec):
+        import flax
         import jax
         import jax.numpy as jnp
         import optax
@@ -311,11 +311,6 @@ class _JaxRunner(_Runner):
         step_bytes = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                                + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
         hlo = self._train.as_text()
-        try:  # cnnjax's own count (a jaxpr walk); on another JAX version it may not trace, the timing still stands
-            macs = analysis.summary(spec.model, shape).total_macs
-        except Exception as e:  # noqa: BLE001 - reported, not fatal
-            macs = None
-            print(f"multiply-add count failed ({type(e).__name__}: {e}); no GFLOP/s or MFU", file=sys.stderr)
         self.state, self.batch, self._jax, self._dtype = state, batch, jax, dtype or jnp.float32
         device = jax.devices()[0]
         self.info = {
@@ -323,9 +318,9 @@ class _JaxRunner(_Runner):
             "peak_tflops": peak_tflops(device.device_kind, spec.dtype),
             "compile_train_s": t1 - t0, "compile_eval_s": t2 - t1, "compile_train_cpu_s": c1 - c0,
             "train_step_mib": None if step_bytes is None else step_bytes / 2**20,
-            "macs_per_image": macs,
+            "macs_per_image": analysis.summary(spec.model, shape).total_macs,
             "ynn_fusions": hlo.count('"__ynn_fusion"'), "xnn_fusions": hlo.count("__xnn_fusion"),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__, "flax": _version("flax"),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__, "flax": flax.__version__,
             "conv_vjp": F.CONV_VJP, "bn_vjp": F.BN_VJP,
         }
 
@@ -405,15 +400,6 @@ def _timed(fn: Callable[[], Any]) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
-
-
-def _version(package: str) -> str | None:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _send(obj: dict[str, Any]) -> None:
@@ -582,9 +568,9 @@ def run(specs: Sequence[Spec], *, rounds: int = 5, steps: int = 3, modes: Sequen
             say(f"round {r + 1}/{rounds} done (load {loads[-1]:.1f})")
         ceilings = {w.spec.label: w.ask(f"matmul {matmul_n} 3") if matmul_n and rounds else {} for w in workers}
         for w in workers:
-            peak = w.close().get("peak_rss_mib")
+            peak_rss = w.close().get("peak_rss_mib")
             label = w.spec.label
-            result["workers"].append(_summarise(w, times[label], cpu[label], ceilings[label], peak, workers))
+            result["workers"].append(_summarise(w, times[label], cpu[label], ceilings[label], peak_rss, workers))
     finally:
         for w in workers:
             if w.proc.poll() is None:
@@ -604,14 +590,14 @@ def run(specs: Sequence[Spec], *, rounds: int = 5, steps: int = 3, modes: Sequen
 
 
 def _summarise(w: Worker, times: dict[str, list[float]], cpu: dict[str, list[float]], matmul: dict[str, Any],
-               peak: float | None, workers: Sequence[Worker]) -> dict[str, Any]:
+               peak_rss: float | None, workers: Sequence[Worker]) -> dict[str, Any]:
     """One worker's entry of `run`'s result (per-mode images/s, GFLOP/s, compile time, memory)."""
     spec, info = w.spec, dict(w.info)
     info.pop("ready", None)
-    ceiling = matmul.get("gflops")
+    ceiling, peak_tflops = matmul.get("gflops"), info.get("peak_tflops")
     macs = info.get("macs_per_image") or next((v.info.get("macs_per_image") for v in workers
                                                if v.spec.model == spec.model and v.info.get("macs_per_image")), None)
-    entry = {"label": spec.label, "spec": dataclasses.asdict(spec), **info, "peak_rss_mib": peak,
+    entry = {"label": spec.label, "spec": dataclasses.asdict(spec), **info, "peak_rss_mib": peak_rss,
              "matmul_gflops": ceiling, "matmul_n": matmul.get("n"), "modes": {}}
     for m, ts in times.items():
         if not ts:
@@ -619,13 +605,12 @@ def _summarise(w: Worker, times: dict[str, list[float]], cpu: dict[str, list[flo
         ips = [spec.batch_size / t for t in ts]
         med = _median(ips)
         gflops = None if macs is None else med * macs * (6 if m == "train" else 2) / 1e9
-        peak = info.get("peak_tflops")
         entry["modes"][m] = {"images_per_s": med, "best_images_per_s": max(ips), "per_round": ips,
                              "step_ms": 1e3 * _median(ts),
                              "images_per_cpu_s": spec.batch_size / _median(cpu[m]),
                              "gflops": gflops,
                              "fraction_of_matmul": None if not (gflops and ceiling) else gflops / ceiling,
-                             "mfu": None if not (gflops and peak) else gflops / (1e3 * peak)}
+                             "mfu": None if not (gflops and peak_tflops) else gflops / (1e3 * peak_tflops)}
     return entry
 
 
@@ -700,8 +685,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="implementations; the first (with the first --xla) is the reference of the ratios")
     p.add_argument("--xla", nargs="+", default=["auto"],
                    help=f"XLA configurations for the JAX implementations: names ({', '.join(xla_flags.CPU_PRESETS)}) "
-                        "or flag strings starting with '--'; auto (the default): what the entry points set, "
-                        "'fast' on a CPU host, 'default' where a GPU/TPU is expected")
+                        "or flag strings starting with '--'; auto (the default): 'fast' on a CPU host, "
+                        "'default' where a GPU/TPU is expected (the CPU flags do nothing there)")
     p.add_argument("--scan-blocks", action="store_true", help="cnnjax ResNet with scanned blocks")
     p.add_argument("--conv-vjp", nargs="+", choices=CONV_VJPS, default=["auto"],
                    help="cnnjax convolution gradient paths to compare (auto: canonical on CPU)")
@@ -720,12 +705,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def auto_xla(environ: Mapping[str, str] | None = None) -> str:
-    """The XLA configuration the entry points give this host: 'fast' (`configure_cpu()`'s preset)
-    on a CPU host whose jaxlib defines its flags, else 'default' (XLA's own; GPU/TPU hosts)."""
-    if xla_flags.accelerator_expected(environ):
+    """The XLA configuration `--xla auto` compares: 'fast' (`configure_cpu()`'s CPU preset) on a
+    CPU host whose jaxlib defines its flags; 'default' (XLA's own) where a GPU/TPU is expected,
+    since the CPU flags do nothing there, or where the jaxlib lacks them."""
+    if xla_flags.accelerator_expected(environ) or xla_flags.unknown_flags("fast"):
         return "default"
-    fast = xla_flags.resolve("fast").split()
-    return "fast" if all(xla_flags.jaxlib_knows(xla_flags.flag_name(f)) for f in fast) else "default"
+    return "fast"
 
 
 def specs_from_args(args: argparse.Namespace) -> list[Spec]:

@@ -168,6 +168,12 @@ def jaxlib_knows(name: str) -> bool:
     return False
 
 
+def unknown_flags(config: str) -> list[str]:
+    """The flags of a configuration (a CPU_PRESETS name or a flag string) that the installed jaxlib
+    does not define: XLA aborts the process on them."""
+    return [f for f in resolve(config).split() if not jaxlib_knows(flag_name(f))]
+
+
 def _backend_started() -> bool:
     if "jax" not in sys.modules:
         return False
@@ -200,7 +206,7 @@ def configure_cpu(config: str = FAST, *, environ: dict[str, str] | None = None) 
     if environ is None:  # the process's own allocator, not when a caller (a test) passes an environment
         tune_malloc()
     flags = resolve(config).split()
-    unknown = [f for f in flags if not jaxlib_knows(flag_name(f))]
+    unknown = unknown_flags(config)
     if unknown:
         warnings.warn(f"the installed jaxlib does not know {unknown}: not set (re-measure the CPU fast path "
                       "for this jaxlib, see experiments/results/PERFORMANCE.md)", stacklevel=2)

@@ -185,9 +185,9 @@ def test_gradient_paths_multiply_the_cnnjax_workers_only():
     assert labels[2:] in ([], ["torch-cl", "torch-cl[malloc=default]"])  # torch only where installed
 
 
-def test_default_xla_configuration_is_the_entry_points():
+def test_default_xla_configuration_follows_the_host():
     # 'auto': the CPU fast path on a CPU host, XLA's own settings where a GPU/TPU is expected (its
-    # CPU flags would only be noise in the worker's label there).
+    # CPU flags do nothing there).
     import argparse
 
     assert bench.auto_xla({"JAX_PLATFORMS": "cpu"}) == "fast"  # this jaxlib defines the preset's flag
@@ -444,6 +444,24 @@ def test_report_gives_mfu_against_the_peak():
     report = bench.format_report(result)
     assert "accelerator: NVIDIA H200" in report and " 12.4 " in report and "989.4 TFLOP/s" in report
     assert "bfloat16 square matmul" in report
+
+
+def test_mfu_is_model_flops_over_the_peak():
+    # A worker on an H200 at bfloat16: 256 images in 35 ms, 4.089 G multiply-adds per image.
+    from types import SimpleNamespace
+
+    spec = bench.Spec("cnnjax", "resnet50", batch_size=256, dtype="bfloat16", xla="default")
+    info = {"ready": True, "macs_per_image": 4_089_184_256, "peak_tflops": 989.4, "device": "NVIDIA H200"}
+    w = SimpleNamespace(spec=spec, info=info)
+    entry = bench._summarise(w, {"train": [0.035, 0.035], "eval": [0.010]}, {"train": [0.04, 0.04], "eval": [0.01]},
+                             {"gflops": 664_195.0, "n": 8192}, 2490.0, [w])
+    train, evaluate = entry["modes"]["train"], entry["modes"]["eval"]
+    flops = 256 / 0.035 * 6 * 4_089_184_256  # 6 multiply-adds' worth of FLOPs per trained image
+    assert train["gflops"] == pytest.approx(flops / 1e9) and train["mfu"] == pytest.approx(flops / 989.4e12)
+    assert train["mfu"] == pytest.approx(0.1814, abs=1e-4)  # PERFORMANCE.md's H200 figure, 18.1%
+    assert evaluate["mfu"] == pytest.approx(256 / 0.010 * 2 * 4_089_184_256 / 989.4e12)
+    assert train["fraction_of_matmul"] == pytest.approx(flops / 664_195e9) and entry["matmul_n"] == 8192
+    assert train["step_ms"] == pytest.approx(35.0) and entry["peak_rss_mib"] == 2490.0 and "ready" not in entry
 
 
 def test_workers_share_an_accelerator():
