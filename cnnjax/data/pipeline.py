@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from cnnjax.data import augment as aug
+from cnnjax.data.sources import check_num_threads
 from cnnjax.functional import is_int
 
 AUGMENTATIONS = ("none", "flip", "cifar", "imagenet")
@@ -139,11 +140,7 @@ class Pipeline:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         if not is_int(seed) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        if num_threads is not None and (not is_int(num_threads) or num_threads < 1):
-            raise ValueError(
-                f"num_threads must be a positive int (or None for min(16, CPU count)), "
-                f"got {num_threads!r}"
-            )
+        check_num_threads(num_threads)
         if stats_examples is not None and (not is_int(stats_examples) or stats_examples < 1):
             raise ValueError(
                 f"stats_examples must be a positive int (or None for the default), "

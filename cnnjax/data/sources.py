@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from cnnjax.data import augment
+from cnnjax.functional import is_int
 
 # name -> (num_classes, tfds name of our 'test' split); 'digits' is embedded (scikit-learn).
 _DATASETS = {
@@ -292,7 +293,7 @@ def _load_npz(path: str, hw, channels):
 
 
 def _missing_message(name: str, data_dir, tfds_dir: str, version_dir: str, cause: str) -> str:
-    npz = os.path.join(data_dir, f"{name}.npz") if data_dir else f"<data_dir>/{name}.npz"
+    npz = _npz_path(name, data_dir)
     msg = (
         f"Data set {name!r} is not available offline. Looked for the local file {npz} "
         f"and for a prepared tfds data set in {tfds_dir} (expected {version_dir}: {cause}). "
@@ -318,7 +319,7 @@ def _tfds_splits(name: str, data_dir, shape: tuple, download: bool, num_threads:
     try:
         import tensorflow_datasets as tfds  # only the tfds path pays for its import
     except ImportError as e:  # a declared dependency, but an image may lack it (seen on a GPU machine)
-        npz = os.path.join(data_dir, f"{name}.npz") if data_dir else f"<data_dir>/{name}.npz"
+        npz = _npz_path(name, data_dir)
         raise ValueError(
             f"Data set {name!r}: no local file {npz}, and tensorflow-datasets, which reads the "
             f"prepared tfds copies, is not installed ({e}). Install it (pip install tensorflow-datasets) "
@@ -355,13 +356,23 @@ def _tfds_splits(name: str, data_dir, shape: tuple, download: bool, num_threads:
     return splits, tfds_dir
 
 
+def check_num_threads(num_threads) -> None:
+    """Decoding threads: a positive int, or None for min(16, CPU count)."""
+    if num_threads is not None and (not is_int(num_threads) or num_threads < 1):
+        raise ValueError(
+            f"num_threads must be a positive int (or None for min(16, CPU count)), "
+            f"got {num_threads!r}"
+        )
+
+
+def _npz_path(name: str, data_dir) -> str:
+    """Where a data set's local file is looked for (a placeholder when there is no data_dir)."""
+    return os.path.join(data_dir, f"{name}.npz") if data_dir else f"<data_dir>/{name}.npz"
+
+
 def _carve_validation(splits: dict, validation_size, seed: int) -> dict:
     train = splits["train"]
-    if (
-        isinstance(validation_size, bool)
-        or not isinstance(validation_size, (int, np.integer))
-        or not 0 <= validation_size < len(train)
-    ):
+    if not is_int(validation_size) or not 0 <= validation_size < len(train):
         raise ValueError(
             f"validation_size must be an int in [0, {len(train)}) (the training set "
             f"has {len(train)} examples), got {validation_size!r}"
@@ -419,22 +430,14 @@ def load_dataset(
     """
     if not isinstance(name, str):
         raise ValueError(f"name must be a string, got {name!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if not isinstance(download, (bool, np.bool_)):  # "no" is truthy: it would start a download
         raise ValueError(
             f"download must be True or False (True lets tfds download the data set), "
             f"got {download!r}"
         )
-    if num_threads is not None and (
-        isinstance(num_threads, bool)
-        or not isinstance(num_threads, (int, np.integer))
-        or num_threads < 1
-    ):
-        raise ValueError(
-            f"num_threads must be a positive int (or None for min(16, CPU count)), "
-            f"got {num_threads!r}"
-        )
+    check_num_threads(num_threads)
     if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
         raise ValueError(f"data_dir must be a directory path (str) or None, got {data_dir!r}")
     npz = os.path.join(data_dir, f"{name}.npz") if data_dir else None

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cnnjax.functional import is_int
 from cnnjax.train.state import TrainState
 
 
@@ -31,7 +32,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True, create: bool = True):
-        if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
+        if not is_int(max_to_keep) or max_to_keep < 1:
             raise ValueError(f"max_to_keep must be an int >= 1, got {max_to_keep!r}")
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,

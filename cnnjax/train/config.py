@@ -218,15 +218,15 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of {list(choices)}")
         for name in ("global_batch_size", "log_every", "keep_checkpoints"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, got {getattr(self, name)!r}")
         for name in ("eval_every", "checkpoint_every", "warmup_steps", "validation_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {getattr(self, name)!r}")
         if (self.num_steps is None) == (self.num_epochs is None):
             raise ValueError(f"TrainConfig: set exactly one of num_steps and num_epochs, got "
                              f"num_steps={self.num_steps}, num_epochs={self.num_epochs}")
-        if self.num_steps is not None and (not isinstance(self.num_steps, int) or self.num_steps < 1):
+        if self.num_steps is not None and (not is_int(self.num_steps) or self.num_steps < 1):
             raise ValueError(f"TrainConfig.num_steps must be a positive int, got {self.num_steps!r}")
         if self.num_epochs is not None and not (self.num_epochs > 0 and math.isfinite(self.num_epochs)):
             raise ValueError(f"TrainConfig.num_epochs must be a finite number > 0, got {self.num_epochs!r}")

@@ -30,6 +30,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from cnnjax import data
+from cnnjax.functional import is_int
 from cnnjax.train import optim
 from cnnjax.train.checkpoint import Checkpointer, checkpoint_steps, latest_checkpoint_step
 from cnnjax.train.config import RESUMABLE_FIELDS, TrainConfig
@@ -397,7 +398,7 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, split: str | N
       split: 'test' or 'validation' (default: the config's eval_split).
       model_fn: the model builder the run used, if not the registry.
     """
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+    if step is not None and (not is_int(step) or step < 0):
         raise ValueError(f"step must be a checkpoint's step (an int >= 0) or None for the newest, got {step!r}")
     if split not in (None, "test", "validation"):
         raise ValueError(f"split must be 'test', 'validation' or None (the run's eval_split), got {split!r}")
