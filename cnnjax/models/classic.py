@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax import functional as F
-from cnnjax.models._checks import check_widths
+from cnnjax.models._checks import check_image_input, check_widths
 from cnnjax.models.registry import register
 from cnnjax.nn import Dense, Flatten
 
@@ -51,13 +51,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        if x.ndim != 4:
-            fix = "add a batch axis with x[None]" if x.ndim == 3 else "give one batch of images, (N, H, W, C)"
-            raise ValueError(f"MLP input must be NHWC images (rank 4), got shape {tuple(x.shape)}; {fix} "
-                             "(flat vectors: reshape them to (N, H, W, C))")
-        if x.shape[-1] != self.in_channels:
-            raise ValueError(f"MLP expects {self.in_channels} input channel(s) (NHWC), got shape {tuple(x.shape)}; "
-                             f"pass in_channels={x.shape[-1]} to create() or fix the layout")
+        check_image_input(x, "MLP", min_size=1, in_channels=self.in_channels)  # images, also for flat vectors
         check_widths("MLP", "hidden_sizes", self.hidden_sizes, empty_ok=True)
         act = F.get_activation(self.act)
         if self.dtype is not None:
