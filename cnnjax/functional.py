@@ -275,6 +275,7 @@ def conv2d(
     groups: int = 1,
     precision: lax.PrecisionLike = None,
     vjp: str | None = None,
+    backend: str | None = None,
 ) -> Array:
     """2-D cross-correlation: out[n, i, j, o] = bias[o] + sum_{k, di, dj} w[di, dj, k, o] * x[n, ...].
 
@@ -292,6 +293,11 @@ def conv2d(
         'xla' (JAX's own transpose rule), or None for the default, `CONV_VJP` ('auto': canonical on
         CPU, where XLA runs the transposed layouts slowly, and JAX's rule elsewhere). Grouped
         convolutions always use JAX's rule.
+      backend: which library computes the convolution and its gradients: 'onednn' (oneDNN through
+        `cnnjax.native`, float32 with groups=1; other convolutions fall back to XLA), 'xla' (XLA's
+        own, with `vjp`), or None for the default, `CONV_BACKEND` ('auto': oneDNN on the CPU
+        backend when it is installed, XLA otherwise; see `conv2d_backend`). `precision` only
+        concerns XLA: oneDNN computes float32 convolutions in float32.
 
     Returns:
       (N, H_out, W_out, C_out) with H_out = floor((H + pt + pb - ((KH - 1) * dh + 1)) / sh) + 1.
@@ -325,7 +331,14 @@ def conv2d(
     _check_window_fits(x.shape[1:3], (kh, kw), dilations, pads, "kernel", "kernel")
     if bias is not None and bias.shape != (c_out,):
         raise ValueError(f"bias must have shape ({c_out},), got {tuple(bias.shape)}")
-    if groups == 1 and _use_canonical_vjp(vjp):
+    canonical = _use_canonical_vjp(vjp) and groups == 1  # validates vjp whichever library runs
+    if _use_onednn(backend, x, kernel.astype(x.dtype), groups, pads):
+        from cnnjax.native import onednn
+
+        x, kernel = _vary_alike(x, kernel.astype(x.dtype))
+        geometry = (strides, tuple(tuple(int(v) for v in p) for p in pads), dilations)
+        y = onednn.convolve(x, kernel, geometry)
+    elif canonical:
         y = _conv_canonical(x, kernel.astype(x.dtype), strides, tuple(pads), dilations, precision)
     else:
         y = lax.conv_general_dilated(
@@ -350,6 +363,34 @@ def conv2d(
 CONV_VJP = os.environ.get("CNNJAX_CONV_VJP", "auto")
 BN_VJP = os.environ.get("CNNJAX_BN_VJP", "auto")
 _VJP_MODES, _BN_VJP_MODES = xla_flags.CONV_VJP_MODES, xla_flags.BN_VJP_MODES
+# Which library computes `conv2d` ('auto' | 'onednn' | 'xla'); `conv2d_backend` sets it inside a
+# `with`, CNNJAX_CONV_BACKEND for a whole process.
+CONV_BACKEND = os.environ.get("CNNJAX_CONV_BACKEND", "auto")
+_BACKENDS = xla_flags.CONV_BACKENDS
+
+
+def _use_onednn(backend: str | None, x, kernel, groups: int, pads) -> bool:
+    """Whether conv2d runs on oneDNN: 'xla' never; 'onednn' wherever the kernels apply (float32,
+    groups 1), raising if they cannot run here; 'auto' likewise but only on the CPU backend, and
+    XLA wherever oneDNN is not installed."""
+    mode = CONV_BACKEND if backend is None else backend
+    if mode not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS} or None, got {mode!r}")
+    if mode == "xla":
+        return False
+    from cnnjax import native
+    from cnnjax.native import onednn
+
+    if onednn.supports(x, kernel, groups, pads):
+        return False
+    on_cpu = jax.default_backend() == "cpu"
+    if mode == "auto":
+        return on_cpu and native.available()
+    if not on_cpu:
+        raise ValueError(f"backend='onednn' runs on the CPU backend only (JAX's default backend is "
+                         f"{jax.default_backend()!r}); use backend='xla' or 'auto'")
+    native.load()  # raises NativeUnavailable, saying why and how to install oneDNN
+    return True
 
 
 def _resolve_vjp(vjp: str | None, default: str, modes: tuple[str, ...], cpu_choice: str) -> str:
@@ -412,6 +453,18 @@ class batch_norm_vjp_mode(_VjpMode):  # noqa: N801
     """
 
     _default, _modes = "BN_VJP", _BN_VJP_MODES
+
+
+class conv2d_backend(_VjpMode):  # noqa: N801
+    """Sets the default library of `conv2d` ('auto', 'onednn' or 'xla') inside a `with`.
+
+    oneDNN (`cnnjax.native`, an optional dependency) computes the forward pass and both gradients
+    directly on NHWC/HWIO arrays, where XLA's CPU backend runs Eigen convolutions and transposes
+    around every kernel gradient (PERFORMANCE.md section 10). 'auto' uses it on the CPU backend
+    whenever it is installed; CNNJAX_CONV_BACKEND=xla switches back for a whole process.
+    """
+
+    _default, _modes = "CONV_BACKEND", _BACKENDS
 
 
 def _conv_nhwc(lhs, rhs, strides, pads, dilation, precision, lhs_dilation=(1, 1)):

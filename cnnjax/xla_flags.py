@@ -51,6 +51,7 @@ _MALLOPTS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_ARENA_MAX, 1))
 # the hand-written one on the CPU backend, JAX's own elsewhere); here so that the benchmark's
 # command line can name them without importing JAX.
 CONV_VJP_MODES = ("auto", "canonical", "xla")
+CONV_BACKENDS = ("auto", "onednn", "xla")  # who computes conv2d (cnnjax.functional.CONV_BACKEND)
 BN_VJP_MODES = ("auto", "fused", "autodiff")
 
 # Named XLA_FLAGS strings; the benchmark (`python -m cnnjax bench --xla NAME ...`) compares them

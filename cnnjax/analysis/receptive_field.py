@@ -118,7 +118,9 @@ def receptive_field(model: nn.Module, input_shape: Sequence[int], *, train: bool
         with nn.intercept_methods(tracing.layer_interceptor(on_layer)):
             return tracing.init_with_output(model, x, train, fn)[0]
 
-    closed = jax.make_jaxpr(forward)(tracing.example_input(shape))
+    # The interpreter reads XLA's convolution primitive; oneDNN's would be an opaque custom call.
+    with F.conv2d_backend("xla"):
+        closed = jax.make_jaxpr(forward)(tracing.example_input(shape))
     one = Geometry(1, 1, 0)
     tags: dict[int, Any] = {}
     interpret(closed.jaxpr, [Spatial((1, 2), (one, one))], tags)

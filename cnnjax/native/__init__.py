@@ -1,0 +1,165 @@
+"""Native CPU kernels: oneDNN convolutions as XLA FFI custom calls.
+
+XLA's CPU backend runs convolutions through Eigen (or YNNPACK, slower still on the CIFAR layers'
+filter gradients, PERFORMANCE.md section 1), and needs transposes around every filter gradient.
+oneDNN (the library PyTorch's CPU convolutions run on) computes the forward pass and both
+gradients directly on NHWC activations and HWIO kernels. `dnnl_conv.cc` wraps its three
+convolution primitives as XLA FFI handlers; `cnnjax.native.onednn` calls them from JAX and
+differentiates them (to any order); `cnnjax.functional.conv2d` uses them on the CPU backend
+(`CONV_BACKEND`, PERFORMANCE.md section 10).
+
+oneDNN is optional: `pip install 'cnnjax[onednn]'` installs its CPU build and headers
+(`onednn-cpu-gomp`, `onednn-devel-cpu-gomp`) into the environment, and the first call compiles
+`dnnl_conv.cc` with the system's C++ compiler (a few seconds, once) into a cache directory:
+`$CNNJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/cnnjax`, else `~/.cache/cnnjax`. The library is named
+by a hash of its source, the jaxlib version, the oneDNN location and the compiler, so a change
+to any of them rebuilds it. `CNNJAX_DNNL_ROOT` points at another oneDNN 3.x installation (a
+directory with include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so); `CXX` names the compiler.
+
+`available()` says whether the kernels can be used here (building them if needed) and
+`unavailable_reason()` why not; `load()` raises `NativeUnavailable` with that reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("dnnl_conv.cc")
+TARGETS = ("cnnjax_dnnl_conv_fwd", "cnnjax_dnnl_conv_bwd_data", "cnnjax_dnnl_conv_bwd_weights")
+INSTALL_HINT = "pip install 'cnnjax[onednn]' (oneDNN's CPU build and headers from PyPI)"
+_CXXFLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
+
+
+class NativeUnavailable(RuntimeError):
+    """The oneDNN kernels cannot be built or loaded here; the message says why and what to do."""
+
+
+def dnnl_root() -> Path | None:
+    """The oneDNN installation to build against: `CNNJAX_DNNL_ROOT`, else this environment's
+    prefix when the pip packages put oneDNN there; None if neither has it."""
+    explicit = os.environ.get("CNNJAX_DNNL_ROOT")
+    candidates = [Path(explicit)] if explicit else [Path(sys.prefix)]
+    for root in candidates:
+        if (root / "include" / "oneapi" / "dnnl" / "dnnl.hpp").is_file() and _libdnnl(root) is not None:
+            return root
+    return None
+
+
+def _libdnnl(root: Path) -> Path | None:
+    for lib in ("lib", "lib64"):
+        if (root / lib / "libdnnl.so").exists():
+            return root / lib
+    return None
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept (see the module docstring)."""
+    if os.environ.get("CNNJAX_CACHE_DIR"):
+        return Path(os.environ["CNNJAX_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cnnjax"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+
+
+def _command(cxx: str, root: Path, output: Path) -> list[str]:
+    import jax.ffi
+
+    libdir = _libdnnl(root)
+    return [cxx, *_CXXFLAGS, "-o", str(output), str(SOURCE), "-isystem", str(root / "include"),
+            "-isystem", jax.ffi.include_dir(), f"-L{libdir}", "-ldnnl", f"-Wl,-rpath,{libdir}"]
+
+
+def library_path(root: Path, cxx: str) -> Path:
+    """The cached library for this source, jaxlib, oneDNN and compiler."""
+    import jaxlib
+
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), str(root.resolve()).encode(),
+                 str(Path(cxx).resolve()).encode(), " ".join(_CXXFLAGS).encode()):
+        digest.update(part + b"\0")
+    return cache_dir() / "native" / f"libcnnjax_dnnl-{digest.hexdigest()[:16]}.so"
+
+
+def build(root: Path, cxx: str) -> Path:
+    """Compiles dnnl_conv.cc unless the cached library exists; returns its path. The library is
+    written under a temporary name and renamed into place, so concurrent builds (parallel test
+    workers) never see a half-written file."""
+    target = library_path(root, cxx)
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run(_command(cxx, root, Path(tmp)), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise NativeUnavailable(
+                f"compiling {SOURCE.name} with {cxx} against oneDNN in {root} failed:\n{proc.stderr[-4000:]}"
+            )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    if not sys.platform.startswith("linux"):
+        return None, f"the oneDNN kernels are built for Linux only (this is {sys.platform})"
+    root = dnnl_root()
+    if root is None:
+        where = os.environ.get("CNNJAX_DNNL_ROOT") or sys.prefix
+        return None, f"oneDNN 3.x was not found in {where}; {INSTALL_HINT}, or set CNNJAX_DNNL_ROOT"
+    cxx = _compiler()
+    if cxx is None:
+        return None, "no C++ compiler found (set CXX, or install g++) to build the oneDNN kernels"
+    try:
+        lib = ctypes.CDLL(str(build(root, cxx)))
+    except (NativeUnavailable, OSError) as e:
+        return None, str(e)
+    lib.cnnjax_dnnl_version.restype = ctypes.c_char_p
+    if not _registered:  # XLA keeps the first registration for the life of the process
+        import jax
+
+        for name in TARGETS:
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+        _registered.append(lib)
+    return lib, ""
+
+
+_registered: list[ctypes.CDLL] = []
+
+
+def load() -> ctypes.CDLL:
+    """The loaded kernel library, its FFI targets registered with JAX; raises NativeUnavailable."""
+    lib, reason = _load()
+    if lib is None:
+        raise NativeUnavailable(reason)
+    return lib
+
+
+def available() -> bool:
+    """Whether the oneDNN kernels can run here (builds them on first use)."""
+    return _load()[0] is not None
+
+
+def unavailable_reason() -> str:
+    """Why `available()` is False ('' when it is True)."""
+    return _load()[1]
+
+
+def dnnl_version() -> str:
+    """The version of the oneDNN library the kernels run on, e.g. '3.2.0'."""
+    return load().cnnjax_dnnl_version().decode()

@@ -1,0 +1,249 @@
+// oneDNN convolutions as XLA FFI custom calls on the CPU (cnnjax.native).
+//
+// Three handlers, one per convolution pass, all float32, activations NHWC and kernels HWIO (the
+// layouts cnnjax keeps throughout, so nothing is transposed around a call):
+//   cnnjax_dnnl_conv_fwd          y  = conv(x, w)           x (N,H,W,C), w (KH,KW,C,O) -> y (N,Ho,Wo,O)
+//   cnnjax_dnnl_conv_bwd_data     dx = d conv / d x (dy, w)  dy (N,Ho,Wo,O), w          -> dx (N,H,W,C)
+//   cnnjax_dnnl_conv_bwd_weights  dw = d conv / d w (x, dy)  x, dy                      -> dw (KH,KW,C,O)
+// Attributes (int64 arrays): strides (2), padding (4: top, bottom, left, right), dilation (2).
+//
+// oneDNN picks its own blocked weight layout; the kernel is reordered into it (and the filter
+// gradient out of it) inside the call. Primitives are built once per shape and kept; every call
+// uses its own scratchpad (user scratchpad mode), so concurrent calls from XLA's threads are safe.
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dims = dnnl::memory::dims;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+enum Pass { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+
+struct Geometry {
+  int64_t n, h, w, c, kh, kw, o, ho, wo;
+  int64_t sh, sw, pt, pb, pl, pr, dh, dw;  // dilation as given (1 = none)
+
+  auto key(int pass) const {
+    return std::make_tuple(pass, n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pb, pl, pr, dh, dw);
+  }
+};
+using Key = decltype(std::declval<Geometry>().key(0));
+
+struct Plan {
+  dnnl::primitive prim;
+  dnnl::memory::desc weights_md;  // the primitive's (diff_)weights layout
+  dnnl::memory::desc user_weights_md;  // HWIO
+  bool reorder = false;
+  dnnl::reorder weights_reorder;  // user -> primitive (fwd, bwd-data) or primitive -> user (bwd-w)
+  dnnl::memory::desc scratchpad_md;
+};
+
+dnnl::engine& engine() {
+  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  return eng;
+}
+
+std::mutex plans_mutex;
+std::map<Key, std::shared_ptr<Plan>>& plans() {
+  static auto* m = new std::map<Key, std::shared_ptr<Plan>>();
+  return *m;
+}
+
+std::shared_ptr<Plan> make_plan(const Geometry& g, int pass) {
+  auto& eng = engine();
+  dims src_dims = {g.n, g.c, g.h, g.w};
+  dims wei_dims = {g.o, g.c, g.kh, g.kw};
+  dims dst_dims = {g.n, g.o, g.ho, g.wo};
+  dims strides = {g.sh, g.sw};
+  dims dil = {g.dh - 1, g.dw - 1};
+  dims pad_l = {g.pt, g.pl};
+  dims pad_r = {g.pb, g.pr};
+  dnnl::memory::desc src_md(src_dims, dt::f32, tag::nhwc);
+  dnnl::memory::desc dst_md(dst_dims, dt::f32, tag::nhwc);
+  dnnl::memory::desc any_wei(wei_dims, dt::f32, tag::any);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+
+  auto plan = std::make_shared<Plan>();
+  plan->user_weights_md = dnnl::memory::desc(wei_dims, dt::f32, tag::hwio);
+  auto fwd_pd = dnnl::convolution_forward::primitive_desc(
+      eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src_md, any_wei,
+      dst_md, strides, dil, pad_l, pad_r, attr);
+  if (pass == kForward) {
+    plan->prim = dnnl::convolution_forward(fwd_pd);
+    plan->weights_md = fwd_pd.weights_desc();
+    plan->scratchpad_md = fwd_pd.scratchpad_desc();
+  } else if (pass == kBackwardData) {
+    auto pd = dnnl::convolution_backward_data::primitive_desc(
+        eng, dnnl::algorithm::convolution_direct, src_md, any_wei, dst_md, strides, dil, pad_l, pad_r,
+        fwd_pd, attr);
+    plan->prim = dnnl::convolution_backward_data(pd);
+    plan->weights_md = pd.weights_desc();
+    plan->scratchpad_md = pd.scratchpad_desc();
+  } else {
+    auto pd = dnnl::convolution_backward_weights::primitive_desc(
+        eng, dnnl::algorithm::convolution_direct, src_md, any_wei, dst_md, strides, dil, pad_l, pad_r,
+        fwd_pd, attr);
+    plan->prim = dnnl::convolution_backward_weights(pd);
+    plan->weights_md = pd.diff_weights_desc();
+    plan->scratchpad_md = pd.scratchpad_desc();
+  }
+  plan->reorder = plan->weights_md != plan->user_weights_md;
+  if (plan->reorder) {
+    if (pass == kBackwardWeights) {
+      plan->weights_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+          eng, plan->weights_md, eng, plan->user_weights_md));
+    } else {
+      plan->weights_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+          eng, plan->user_weights_md, eng, plan->weights_md));
+    }
+  }
+  return plan;
+}
+
+std::shared_ptr<Plan> get_plan(const Geometry& g, int pass) {
+  auto key = g.key(pass);
+  {
+    std::lock_guard<std::mutex> lock(plans_mutex);
+    auto it = plans().find(key);
+    if (it != plans().end()) return it->second;
+  }
+  auto plan = make_plan(g, pass);  // outside the lock: building may JIT-compile kernels
+  std::lock_guard<std::mutex> lock(plans_mutex);
+  return plans().emplace(key, plan).first->second;
+}
+
+// A grow-only, 64-byte aligned buffer per thread and purpose (reused across calls).
+struct Buffer {
+  void* data = nullptr;
+  size_t size = 0;
+  void* get(size_t bytes) {
+    if (bytes > size) {
+      std::free(data);
+      size = (bytes + 63) / 64 * 64;
+      data = std::aligned_alloc(64, size);
+      if (data == nullptr) size = 0;
+    }
+    return data;
+  }
+  ~Buffer() { std::free(data); }
+};
+
+ffi::Error check_attrs(ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
+                       ffi::Span<const int64_t> dilation) {
+  if (strides.size() != 2 || padding.size() != 4 || dilation.size() != 2) {
+    return ffi::Error::InvalidArgument(
+        "cnnjax dnnl conv: strides (2), padding (4) and dilation (2) attributes expected");
+  }
+  for (auto v : padding)
+    if (v < 0) return ffi::Error::InvalidArgument("cnnjax dnnl conv: negative padding");
+  for (int i = 0; i < 2; ++i)
+    if (strides[i] < 1 || dilation[i] < 1)
+      return ffi::Error::InvalidArgument("cnnjax dnnl conv: strides and dilation must be >= 1");
+  return ffi::Error::Success();
+}
+
+Geometry geometry(ffi::AnyBuffer::Dimensions act, ffi::AnyBuffer::Dimensions out,
+                  ffi::AnyBuffer::Dimensions wei, ffi::Span<const int64_t> strides,
+                  ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation) {
+  return Geometry{act[0], act[1], act[2], act[3], wei[0], wei[1], wei[3], out[1], out[2],
+                  strides[0], strides[1], padding[0], padding[1], padding[2], padding[3],
+                  dilation[0], dilation[1]};
+}
+
+ffi::Error run(int pass, const Geometry& g, void* src, void* wei, void* dst) {
+  try {
+    auto plan = get_plan(g, pass);
+    auto& eng = engine();
+    thread_local dnnl::stream strm(eng);
+    thread_local Buffer scratch, wbuf;
+    dnnl::memory scratch_mem(plan->scratchpad_md, eng, scratch.get(plan->scratchpad_md.get_size()));
+    dnnl::memory user_w(plan->user_weights_md, eng, wei);
+    dnnl::memory prim_w = user_w;
+    if (plan->reorder) prim_w = dnnl::memory(plan->weights_md, eng, wbuf.get(plan->weights_md.get_size()));
+    dims src_dims = {g.n, g.c, g.h, g.w}, dst_dims = {g.n, g.o, g.ho, g.wo};
+    dnnl::memory src_mem({src_dims, dt::f32, tag::nhwc}, eng, src);
+    dnnl::memory dst_mem({dst_dims, dt::f32, tag::nhwc}, eng, dst);
+    if (pass == kForward) {
+      if (plan->reorder) plan->weights_reorder.execute(strm, user_w, prim_w);
+      plan->prim.execute(strm, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, prim_w},
+                                {DNNL_ARG_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratch_mem}});
+    } else if (pass == kBackwardData) {
+      if (plan->reorder) plan->weights_reorder.execute(strm, user_w, prim_w);
+      plan->prim.execute(strm, {{DNNL_ARG_DIFF_SRC, src_mem}, {DNNL_ARG_WEIGHTS, prim_w},
+                                {DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratch_mem}});
+    } else {
+      plan->prim.execute(strm, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_DIFF_WEIGHTS, prim_w},
+                                {DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratch_mem}});
+      if (plan->reorder) plan->weights_reorder.execute(strm, prim_w, user_w);
+    }
+    strm.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("cnnjax dnnl conv (oneDNN): ") + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("cnnjax dnnl conv: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error conv_fwd(ffi::Buffer<ffi::F32, 4> x, ffi::Buffer<ffi::F32, 4> w,
+                    ffi::ResultBuffer<ffi::F32, 4> y, ffi::Span<const int64_t> strides,
+                    ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation) {
+  if (auto e = check_attrs(strides, padding, dilation); !e.success()) return e;
+  auto g = geometry(x.dimensions(), y->dimensions(), w.dimensions(), strides, padding, dilation);
+  return run(kForward, g, x.untyped_data(), w.untyped_data(), y->untyped_data());
+}
+
+ffi::Error conv_bwd_data(ffi::Buffer<ffi::F32, 4> dy, ffi::Buffer<ffi::F32, 4> w,
+                         ffi::ResultBuffer<ffi::F32, 4> dx, ffi::Span<const int64_t> strides,
+                         ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation) {
+  if (auto e = check_attrs(strides, padding, dilation); !e.success()) return e;
+  auto g = geometry(dx->dimensions(), dy.dimensions(), w.dimensions(), strides, padding, dilation);
+  return run(kBackwardData, g, dx->untyped_data(), w.untyped_data(), dy.untyped_data());
+}
+
+ffi::Error conv_bwd_weights(ffi::Buffer<ffi::F32, 4> x, ffi::Buffer<ffi::F32, 4> dy,
+                            ffi::ResultBuffer<ffi::F32, 4> dw, ffi::Span<const int64_t> strides,
+                            ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation) {
+  if (auto e = check_attrs(strides, padding, dilation); !e.success()) return e;
+  auto g = geometry(x.dimensions(), dy.dimensions(), dw->dimensions(), strides, padding, dilation);
+  return run(kBackwardWeights, g, x.untyped_data(), dw->untyped_data(), dy.untyped_data());
+}
+
+}  // namespace
+
+#define CNNJAX_CONV_BINDING(A, B, R)                          \
+  ffi::Ffi::Bind()                                            \
+      .Arg<ffi::Buffer<ffi::F32, 4>>()                        \
+      .Arg<ffi::Buffer<ffi::F32, 4>>()                        \
+      .Ret<ffi::Buffer<ffi::F32, 4>>()                        \
+      .Attr<ffi::Span<const int64_t>>("strides")              \
+      .Attr<ffi::Span<const int64_t>>("padding")              \
+      .Attr<ffi::Span<const int64_t>>("dilation")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnjax_dnnl_conv_fwd, conv_fwd, CNNJAX_CONV_BINDING(x, w, y));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnjax_dnnl_conv_bwd_data, conv_bwd_data, CNNJAX_CONV_BINDING(dy, w, dx));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnjax_dnnl_conv_bwd_weights, conv_bwd_weights, CNNJAX_CONV_BINDING(x, dy, dw));
+
+extern "C" const char* cnnjax_dnnl_version() {
+  static std::string v = [] {
+    auto* ver = dnnl_version();
+    return std::to_string(ver->major) + "." + std::to_string(ver->minor) + "." + std::to_string(ver->patch);
+  }();
+  return v.c_str();
+}

@@ -1,0 +1,187 @@
+"""cnnjax.native: oneDNN convolutions against the NumPy loops of test_functional and XLA's path."""
+
+import importlib.metadata
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax import functional as F
+from cnnjax import native
+from cnnjax.native import onednn
+from test_functional import _random_conv_case, np_conv2d, np_conv2d_grads
+
+ONEDNN = native.available()
+needs_onednn = pytest.mark.skipif(not ONEDNN, reason=f"oneDNN kernels unavailable: {native.unavailable_reason()}")
+
+
+def _installed(dist: str) -> bool:
+    try:
+        importlib.metadata.version(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def test_onednn_is_available_where_installed():
+    # cnnjax depends on oneDNN's pip packages on Linux x86-64; with them and a compiler the kernels
+    # must build, so the tests below cannot quietly skip where CI installs cnnjax.
+    if not (_installed("onednn-cpu-gomp") and _installed("onednn-devel-cpu-gomp") and native._compiler()):
+        pytest.skip("oneDNN's pip packages or a C++ compiler are missing here")
+    assert ONEDNN, native.unavailable_reason()
+    assert native.dnnl_version().startswith("3.")
+
+
+def _case(seed):
+    rng = np.random.default_rng(500 + seed)
+    c = _random_conv_case(rng)
+    cin, cout = c["cin"] // c["groups"], c["cout"] // c["groups"]  # groups 1
+    # Padding wider than the kernel, and strides that leave trailing rows unread, occur among these.
+    padding = [c["padding"], ((2, 0), (3, 1)), 4][seed % 3]
+    x = rng.standard_normal((3, *c["hw"], cin)).astype(np.float32)
+    w = rng.standard_normal((*c["k"], cin, cout)).astype(np.float32)
+    return c, padding, x, w, rng
+
+
+@needs_onednn
+@pytest.mark.parametrize("seed", range(12))
+def test_onednn_conv_and_gradients_match_loops(seed):
+    c, padding, x, w, rng = _case(seed)
+    kw = dict(stride=c["stride"], padding=padding, dilation=c["dilation"])
+    pads = F.resolve_padding(padding, c["hw"], c["k"], c["stride"], c["dilation"])
+    y = jax.jit(lambda x, w: F.conv2d(x, w, backend="onednn", **kw))(x, w)
+    np.testing.assert_allclose(np.asarray(y), np_conv2d(x, w, None, c["stride"], pads, c["dilation"], 1),
+                               atol=1e-4, rtol=1e-4)
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    dx, dw = jax.jit(jax.grad(lambda x, w: jnp.sum(F.conv2d(x, w, backend="onednn", **kw) * g), (0, 1)))(x, w)
+    want_dx, want_dw = np_conv2d_grads(x, w, g, c["stride"], pads, c["dilation"])
+    np.testing.assert_allclose(np.asarray(dx), want_dx, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(dw), want_dw, atol=1e-4, rtol=1e-4)
+
+
+def _second_order(backend, x, w, kw):
+    def loss(x, w):
+        return jnp.sum(jnp.tanh(F.conv2d(x, w, backend=backend, precision="highest", **kw)))
+
+    def penalty(x, w):  # a gradient penalty: differentiates the convolution's own gradients
+        gx, gw = jax.grad(loss, (0, 1))(x, w)
+        return jnp.sum(gx ** 2) + jnp.sum(jnp.sin(gw))
+
+    return jax.jit(jax.grad(penalty, (0, 1)))(x, w)
+
+
+@needs_onednn
+@pytest.mark.parametrize("seed", range(3))
+def test_onednn_gradients_of_gradients_match_xla(seed):
+    c, padding, x, w, _ = _case(seed)
+    kw = dict(stride=c["stride"], padding=padding, dilation=c["dilation"])
+    for got, want in zip(_second_order("onednn", x, w, kw), _second_order("xla", x, w, kw)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
+def test_onednn_under_vmap_matches_xla():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 2, 7, 7, 4)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 3, 4, 5)).astype(np.float32)
+
+    def per_example(backend):  # one kernel per mapped element, with its gradient
+        f = lambda x, w: jnp.sum(F.conv2d(x, w, stride=2, padding=1, backend=backend) ** 2)
+        return jax.vmap(jax.value_and_grad(f, (0, 1)))(x, w)
+
+    for got, want in zip(jax.tree.leaves(per_example("onednn")), jax.tree.leaves(per_example("xla"))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def _conv_jaxpr(x, w, **kw) -> str:
+    return str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(F.conv2d(x, w, padding=1, **kw)), (0, 1)))(x, w))
+
+
+@needs_onednn
+def test_auto_backend_runs_float32_convolutions_on_onednn_and_falls_back_elsewhere():
+    x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))
+    assert F.CONV_BACKEND == "auto" and jax.default_backend() == "cpu"
+    auto = _conv_jaxpr(x, w)
+    assert "cnnjax_dnnl_conv_fwd" in auto and "conv_general_dilated" not in auto
+    assert auto.count("cnnjax_dnnl_conv_bwd_data") == auto.count("cnnjax_dnnl_conv_bwd_weights") == 1
+    with F.conv2d_backend("xla"):
+        assert "cnnjax_dnnl" not in _conv_jaxpr(x, w)
+    assert "cnnjax_dnnl" not in _conv_jaxpr(x, w, backend="xla")
+    # What the kernels do not cover takes XLA's path under 'auto' and 'onednn' alike.
+    for backend in ("auto", "onednn"):
+        grouped = _conv_jaxpr(x, jnp.ones((3, 3, 1, 4)), groups=2, backend=backend)
+        bf16 = _conv_jaxpr(x.astype(jnp.bfloat16), w, backend=backend)
+        for jaxpr in (grouped, bf16):
+            assert "cnnjax_dnnl" not in jaxpr and "conv_general_dilated" in jaxpr
+
+
+def test_backend_names_are_validated():
+    x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        F.conv2d(x, w, backend="mkldnn")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        F.conv2d_backend("cudnn")
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """native's load state forgotten for the test and again after it (its environment restored)."""
+    monkeypatch.setenv("CNNJAX_CACHE_DIR", str(tmp_path / "cache"))
+    native._load.cache_clear()
+    yield monkeypatch
+    native._load.cache_clear()
+
+
+def test_missing_onednn_is_one_clear_error(fresh_native, tmp_path):
+    fresh_native.setenv("CNNJAX_DNNL_ROOT", str(tmp_path / "nowhere"))
+    assert not native.available()
+    reason = native.unavailable_reason()
+    assert "oneDNN 3.x was not found" in reason and "cnnjax[onednn]" in reason and "CNNJAX_DNNL_ROOT" in reason
+    x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))
+    with pytest.raises(native.NativeUnavailable, match="oneDNN 3.x was not found"):
+        F.conv2d(x, w, backend="onednn")
+    # 'auto' falls back to XLA without a word.
+    assert "cnnjax_dnnl" not in _conv_jaxpr(x, w)
+
+
+@needs_onednn
+def test_failed_build_is_reported_with_the_compiler_output(fresh_native, tmp_path):
+    fake = tmp_path / "fake-cxx"
+    fake.write_text("#!/bin/sh\necho 'fake-cxx: no such luck' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    fresh_native.setenv("CXX", str(fake))
+    assert not native.available()
+    assert "failed" in native.unavailable_reason() and "fake-cxx: no such luck" in native.unavailable_reason()
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # nothing half-written left
+
+
+@needs_onednn
+def test_build_is_cached_and_written_atomically(fresh_native, tmp_path):
+    root, cxx = native.dnnl_root(), native._compiler()
+    path = native.build(root, cxx)
+    assert path.parent == tmp_path / "cache" / "native" and path.is_file()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    mtime = os.stat(path).st_mtime_ns
+    assert native.build(root, cxx) == path and os.stat(path).st_mtime_ns == mtime  # not rebuilt
+    assert native.available() and native.dnnl_version().startswith("3.")
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape,stride,padding", [((2, 8, 8, 3), (1, 2), 0), ((2, 8, 8, 3), (2, 2), 0),
+                                                  ((2, 6, 7, 3), (2, 1), 0), ((1, 7, 9, 3), (3, 2), 1)])
+def test_onednn_strided_1x1_matches_loops(shape, stride, padding):
+    # oneDNN 3.2 computes these filter gradients wrongly when asked for a strided 1x1 convolution;
+    # `onednn.convolve` hands it the strided pixels instead.
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((1, 1, shape[-1], 4)).astype(np.float32)
+    f = lambda x, w: F.conv2d(x, w, stride=stride, padding=padding, backend="onednn")
+    g = rng.standard_normal(f(x, w).shape).astype(np.float32)
+    dx, dw = jax.grad(lambda x, w: jnp.sum(f(x, w) * g), (0, 1))(x, w)
+    pads = ((padding, padding),) * 2
+    np.testing.assert_allclose(np.asarray(f(x, w)), np_conv2d(x, w, None, stride, pads, (1, 1), 1), atol=1e-5)
+    want_dx, want_dw = np_conv2d_grads(x, w, g, stride, pads, (1, 1))
+    np.testing.assert_allclose(np.asarray(dx), want_dx, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(dw), want_dw, atol=1e-4, rtol=1e-4)
