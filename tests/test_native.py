@@ -10,7 +10,6 @@ import pytest
 
 from cnnjax import functional as F
 from cnnjax import native
-from cnnjax.native import onednn
 from test_functional import _random_conv_case, np_conv2d, np_conv2d_grads
 
 ONEDNN = native.available()
@@ -152,7 +151,8 @@ def test_failed_build_is_reported_with_the_compiler_output(fresh_native, tmp_pat
     fake.write_text("#!/bin/sh\necho 'fake-cxx: no such luck' >&2\nexit 3\n")
     fake.chmod(0o755)
     fresh_native.setenv("CXX", str(fake))
-    assert not native.available()
+    with pytest.warns(RuntimeWarning, match="(?s)XLA's run instead.*fake-cxx: no such luck"):
+        assert not native.available()
     assert "failed" in native.unavailable_reason() and "fake-cxx: no such luck" in native.unavailable_reason()
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # nothing half-written left
 
@@ -185,3 +185,25 @@ def test_onednn_strided_1x1_matches_loops(shape, stride, padding):
     want_dx, want_dw = np_conv2d_grads(x, w, g, stride, pads, (1, 1))
     np.testing.assert_allclose(np.asarray(dx), want_dx, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(dw), want_dw, atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
+def test_batch_split_over_xla_threads_matches_one_openmp_call(monkeypatch):
+    # 'xla' splits the batch over XLA's intra-op threads (the kernel gradient summed over the
+    # parts; 5 images make unequal parts on 2 or 4 threads); 'omp' is one oneDNN call.
+    from cnnjax.native import onednn
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 9, 9, 6)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 6, 8)).astype(np.float32)
+
+    def run(mode):
+        monkeypatch.setattr(onednn, "THREADS", mode)
+        f = lambda x, w: jnp.sum(jnp.sin(F.conv2d(x, w, stride=2, padding=1, backend="onednn")))
+        return jax.jit(jax.value_and_grad(f, (0, 1)))(x, w)  # traced anew: THREADS is read at trace time
+
+    for got, want in zip(jax.tree.leaves(run("xla")), jax.tree.leaves(run("omp"))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(onednn, "THREADS", "tbb")
+    with pytest.raises(ValueError, match="CNNJAX_ONEDNN_THREADS"):
+        F.conv2d(x, w, backend="onednn")

@@ -17,7 +17,9 @@ to any of them rebuilds it. `CNNJAX_DNNL_ROOT` points at another oneDNN 3.x inst
 directory with include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so); `CXX` names the compiler.
 
 `available()` says whether the kernels can be used here (building them if needed) and
-`unavailable_reason()` why not; `load()` raises `NativeUnavailable` with that reason.
+`unavailable_reason()` why not; `load()` raises `NativeUnavailable` with that reason. Where
+oneDNN is installed but the kernels cannot be built (no compiler, a failed compile), a
+RuntimeWarning says so once per process, and `conv2d`'s 'auto' runs XLA's convolutions.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("dnnl_conv.cc")
@@ -77,7 +80,7 @@ def _command(cxx: str, root: Path, output: Path) -> list[str]:
 
     libdir = _libdnnl(root)
     return [cxx, *_CXXFLAGS, "-o", str(output), str(SOURCE), "-isystem", str(root / "include"),
-            "-isystem", jax.ffi.include_dir(), f"-L{libdir}", "-ldnnl", f"-Wl,-rpath,{libdir}"]
+            "-isystem", jax.ffi.include_dir(), f"-L{libdir}", "-ldnnl", "-lgomp", f"-Wl,-rpath,{libdir}"]
 
 
 def library_path(root: Path, cxx: str) -> Path:
@@ -124,10 +127,16 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"oneDNN 3.x was not found in {where}; {INSTALL_HINT}, or set CNNJAX_DNNL_ROOT"
     cxx = _compiler()
     if cxx is None:
-        return None, "no C++ compiler found (set CXX, or install g++) to build the oneDNN kernels"
+        reason = "no C++ compiler found (set CXX, or install g++) to build the oneDNN kernels"
+        warnings.warn(f"cnnjax: oneDNN is installed but {reason}; XLA's convolutions run instead", RuntimeWarning,
+                      stacklevel=2)
+        return None, reason
     try:
         lib = ctypes.CDLL(str(build(root, cxx)))
     except (NativeUnavailable, OSError) as e:
+        # oneDNN is installed, so its kernels were expected: say once why XLA's convolutions run.
+        warnings.warn(f"cnnjax: oneDNN's convolutions are unavailable, XLA's run instead: {e}", RuntimeWarning,
+                      stacklevel=2)
         return None, str(e)
     lib.cnnjax_dnnl_version.restype = ctypes.c_char_p
     if not _registered:  # XLA keeps the first registration for the life of the process

@@ -5,12 +5,17 @@
 //   cnnjax_dnnl_conv_fwd          y  = conv(x, w)           x (N,H,W,C), w (KH,KW,C,O) -> y (N,Ho,Wo,O)
 //   cnnjax_dnnl_conv_bwd_data     dx = d conv / d x (dy, w)  dy (N,Ho,Wo,O), w          -> dx (N,H,W,C)
 //   cnnjax_dnnl_conv_bwd_weights  dw = d conv / d w (x, dy)  x, dy                      -> dw (KH,KW,C,O)
-// Attributes (int64 arrays): strides (2), padding (4: top, bottom, left, right), dilation (2).
+// Attributes: strides (2), padding (4: top, bottom, left, right), dilation (2), all int64 arrays;
+// split_batch (int64): 1 splits the batch over XLA's intra-op threads, each part a single-threaded
+// oneDNN call; 0 runs one call on oneDNN's own OpenMP threads.
 //
 // oneDNN picks its own blocked weight layout; the kernel is reordered into it (and the filter
 // gradient out of it) inside the call. Primitives are built once per shape and kept; every call
 // uses its own scratchpad (user scratchpad mode), so concurrent calls from XLA's threads are safe.
 
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -26,6 +31,10 @@
 
 namespace ffi = xla::ffi;
 
+// From the OpenMP runtime oneDNN's CPU build runs on (libgomp; linked explicitly).
+extern "C" int omp_get_max_threads();
+extern "C" void omp_set_num_threads(int);
+
 namespace {
 
 using dims = dnnl::memory::dims;
@@ -38,11 +47,26 @@ struct Geometry {
   int64_t n, h, w, c, kh, kw, o, ho, wo;
   int64_t sh, sw, pt, pb, pl, pr, dh, dw;  // dilation as given (1 = none)
 
-  auto key(int pass) const {
-    return std::make_tuple(pass, n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pb, pl, pr, dh, dw);
+  auto key(int pass, bool single) const {
+    return std::make_tuple(pass, single, n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pb, pl, pr, dh, dw);
   }
 };
-using Key = decltype(std::declval<Geometry>().key(0));
+using Key = decltype(std::declval<Geometry>().key(0, false));
+
+// While alive, oneDNN on this thread runs single-threaded (if `single`); a primitive must run with
+// the thread count it was created with, so plans are made under the same setting.
+struct OmpThreads {
+  int saved = 0;
+  explicit OmpThreads(bool single) {
+    if (single) {
+      saved = omp_get_max_threads();
+      omp_set_num_threads(1);
+    }
+  }
+  ~OmpThreads() {
+    if (saved) omp_set_num_threads(saved);
+  }
+};
 
 struct Plan {
   dnnl::primitive prim;
@@ -64,7 +88,8 @@ std::map<Key, std::shared_ptr<Plan>>& plans() {
   return *m;
 }
 
-std::shared_ptr<Plan> make_plan(const Geometry& g, int pass) {
+std::shared_ptr<Plan> make_plan(const Geometry& g, int pass, bool single) {
+  OmpThreads threads(single);
   auto& eng = engine();
   dims src_dims = {g.n, g.c, g.h, g.w};
   dims wei_dims = {g.o, g.c, g.kh, g.kw};
@@ -116,14 +141,14 @@ std::shared_ptr<Plan> make_plan(const Geometry& g, int pass) {
   return plan;
 }
 
-std::shared_ptr<Plan> get_plan(const Geometry& g, int pass) {
-  auto key = g.key(pass);
+std::shared_ptr<Plan> get_plan(const Geometry& g, int pass, bool single) {
+  auto key = g.key(pass, single);
   {
     std::lock_guard<std::mutex> lock(plans_mutex);
     auto it = plans().find(key);
     if (it != plans().end()) return it->second;
   }
-  auto plan = make_plan(g, pass);  // outside the lock: building may JIT-compile kernels
+  auto plan = make_plan(g, pass, single);  // outside the lock: building may JIT-compile kernels
   std::lock_guard<std::mutex> lock(plans_mutex);
   return plans().emplace(key, plan).first->second;
 }
@@ -166,79 +191,149 @@ Geometry geometry(ffi::AnyBuffer::Dimensions act, ffi::AnyBuffer::Dimensions out
                   dilation[0], dilation[1]};
 }
 
-ffi::Error run(int pass, const Geometry& g, void* src, void* wei, void* dst) {
-  try {
-    auto plan = get_plan(g, pass);
-    auto& eng = engine();
-    thread_local dnnl::stream strm(eng);
-    thread_local Buffer scratch, wbuf;
-    dnnl::memory scratch_mem(plan->scratchpad_md, eng, scratch.get(plan->scratchpad_md.get_size()));
-    dnnl::memory user_w(plan->user_weights_md, eng, wei);
-    dnnl::memory prim_w = user_w;
-    if (plan->reorder) prim_w = dnnl::memory(plan->weights_md, eng, wbuf.get(plan->weights_md.get_size()));
-    dims src_dims = {g.n, g.c, g.h, g.w}, dst_dims = {g.n, g.o, g.ho, g.wo};
-    dnnl::memory src_mem({src_dims, dt::f32, tag::nhwc}, eng, src);
-    dnnl::memory dst_mem({dst_dims, dt::f32, tag::nhwc}, eng, dst);
-    if (pass == kForward) {
-      if (plan->reorder) plan->weights_reorder.execute(strm, user_w, prim_w);
-      plan->prim.execute(strm, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, prim_w},
-                                {DNNL_ARG_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratch_mem}});
-    } else if (pass == kBackwardData) {
-      if (plan->reorder) plan->weights_reorder.execute(strm, user_w, prim_w);
-      plan->prim.execute(strm, {{DNNL_ARG_DIFF_SRC, src_mem}, {DNNL_ARG_WEIGHTS, prim_w},
-                                {DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratch_mem}});
-    } else {
-      plan->prim.execute(strm, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_DIFF_WEIGHTS, prim_w},
-                                {DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratch_mem}});
-      if (plan->reorder) plan->weights_reorder.execute(strm, prim_w, user_w);
+// One oneDNN call over the whole of `g` on this thread (with oneDNN's OpenMP threads unless
+// `single`). Throws on oneDNN errors.
+void run_one(int pass, const Geometry& g, char* src, char* wei, char* dst, bool single) {
+  auto plan = get_plan(g, pass, single);
+  auto& eng = engine();
+  thread_local dnnl::stream strm(eng);
+  thread_local Buffer scratch, wbuf;
+  dnnl::memory scratch_mem(plan->scratchpad_md, eng, scratch.get(plan->scratchpad_md.get_size()));
+  dnnl::memory user_w(plan->user_weights_md, eng, wei);
+  dnnl::memory prim_w = user_w;
+  if (plan->reorder) prim_w = dnnl::memory(plan->weights_md, eng, wbuf.get(plan->weights_md.get_size()));
+  dims src_dims = {g.n, g.c, g.h, g.w}, dst_dims = {g.n, g.o, g.ho, g.wo};
+  dnnl::memory src_mem({src_dims, dt::f32, tag::nhwc}, eng, src);
+  dnnl::memory dst_mem({dst_dims, dt::f32, tag::nhwc}, eng, dst);
+  OmpThreads threads(single);
+  if (pass == kForward) {
+    if (plan->reorder) plan->weights_reorder.execute(strm, user_w, prim_w);
+    plan->prim.execute(strm, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, prim_w},
+                              {DNNL_ARG_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratch_mem}});
+  } else if (pass == kBackwardData) {
+    if (plan->reorder) plan->weights_reorder.execute(strm, user_w, prim_w);
+    plan->prim.execute(strm, {{DNNL_ARG_DIFF_SRC, src_mem}, {DNNL_ARG_WEIGHTS, prim_w},
+                              {DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratch_mem}});
+  } else {
+    plan->prim.execute(strm, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_DIFF_WEIGHTS, prim_w},
+                              {DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratch_mem}});
+    if (plan->reorder) plan->weights_reorder.execute(strm, prim_w, user_w);
+  }
+  strm.wait();
+}
+
+// The batch split into `k` parts run as single-threaded oneDNN calls on XLA's own intra-op
+// threads (the calling thread takes parts too, so a busy pool never blocks it). Parts of the
+// kernel gradient are summed at the end.
+struct Split {
+  std::atomic<int64_t> next{0};
+  int64_t k = 0, finished = 0;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::string error;
+  std::vector<std::vector<float>> partial_dw;  // parts 1..k-1 of the kernel gradient
+};
+
+void run_part(const std::shared_ptr<Split>& split, int pass, const Geometry& g, char* src, char* wei,
+              char* dst) {
+  for (int64_t i; (i = split->next.fetch_add(1)) < split->k;) {
+    std::string error;
+    try {
+      int64_t base = g.n / split->k, extra = g.n % split->k;
+      int64_t start = i * base + std::min(i, extra), n = base + (i < extra ? 1 : 0);
+      Geometry part = g;
+      part.n = n;
+      char* s = src + start * g.h * g.w * g.c * sizeof(float);
+      char* d = dst + start * g.ho * g.wo * g.o * sizeof(float);
+      char* w = wei;
+      if (pass == kBackwardWeights && i > 0) w = reinterpret_cast<char*>(split->partial_dw[i - 1].data());
+      if (n > 0) run_one(pass, part, s, w, d, /*single=*/true);
+    } catch (const dnnl::error& e) {
+      error = std::string("cnnjax dnnl conv (oneDNN): ") + e.what();
+    } catch (const std::exception& e) {
+      error = std::string("cnnjax dnnl conv: ") + e.what();
     }
-    strm.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("cnnjax dnnl conv (oneDNN): ") + e.what());
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("cnnjax dnnl conv: ") + e.what());
+    std::lock_guard<std::mutex> lock(split->mu);
+    if (!error.empty() && split->error.empty()) split->error = error;
+    if (++split->finished == split->k) split->cv.notify_all();
+  }
+}
+
+ffi::Error run(int pass, const Geometry& g, void* src, void* wei, void* dst, ffi::ThreadPool& pool,
+               int64_t split_batch) {
+  int64_t k = split_batch ? std::min<int64_t>(pool.num_threads(), g.n) : 1;
+  if (k <= 1) {
+    try {
+      run_one(pass, g, static_cast<char*>(src), static_cast<char*>(wei), static_cast<char*>(dst), false);
+    } catch (const dnnl::error& e) {
+      return ffi::Error::Internal(std::string("cnnjax dnnl conv (oneDNN): ") + e.what());
+    } catch (const std::exception& e) {
+      return ffi::Error::Internal(std::string("cnnjax dnnl conv: ") + e.what());
+    }
+    return ffi::Error::Success();
+  }
+  auto split = std::make_shared<Split>();
+  split->k = k;
+  if (pass == kBackwardWeights) split->partial_dw.assign(k - 1, std::vector<float>(g.kh * g.kw * g.c * g.o));
+  char *s = static_cast<char*>(src), *w = static_cast<char*>(wei), *d = static_cast<char*>(dst);
+  for (int64_t t = 1; t < k; ++t) pool.Schedule([split, pass, g, s, w, d] { run_part(split, pass, g, s, w, d); });
+  run_part(split, pass, g, s, w, d);
+  {
+    std::unique_lock<std::mutex> lock(split->mu);
+    split->cv.wait(lock, [&] { return split->finished == split->k; });
+  }
+  if (!split->error.empty()) return ffi::Error::Internal(split->error);
+  if (pass == kBackwardWeights) {
+    float* out = static_cast<float*>(wei);
+    for (const auto& part : split->partial_dw)
+      for (size_t j = 0; j < part.size(); ++j) out[j] += part[j];
   }
   return ffi::Error::Success();
 }
 
 ffi::Error conv_fwd(ffi::Buffer<ffi::F32, 4> x, ffi::Buffer<ffi::F32, 4> w,
                     ffi::ResultBuffer<ffi::F32, 4> y, ffi::Span<const int64_t> strides,
-                    ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation) {
+                    ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation,
+                    int64_t split_batch, ffi::ThreadPool pool) {
   if (auto e = check_attrs(strides, padding, dilation); !e.success()) return e;
   auto g = geometry(x.dimensions(), y->dimensions(), w.dimensions(), strides, padding, dilation);
-  return run(kForward, g, x.untyped_data(), w.untyped_data(), y->untyped_data());
+  return run(kForward, g, x.untyped_data(), w.untyped_data(), y->untyped_data(), pool, split_batch);
 }
 
 ffi::Error conv_bwd_data(ffi::Buffer<ffi::F32, 4> dy, ffi::Buffer<ffi::F32, 4> w,
                          ffi::ResultBuffer<ffi::F32, 4> dx, ffi::Span<const int64_t> strides,
-                         ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation) {
+                         ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation,
+                    int64_t split_batch, ffi::ThreadPool pool) {
   if (auto e = check_attrs(strides, padding, dilation); !e.success()) return e;
   auto g = geometry(dx->dimensions(), dy.dimensions(), w.dimensions(), strides, padding, dilation);
-  return run(kBackwardData, g, dx->untyped_data(), w.untyped_data(), dy.untyped_data());
+  return run(kBackwardData, g, dx->untyped_data(), w.untyped_data(), dy.untyped_data(), pool, split_batch);
 }
 
 ffi::Error conv_bwd_weights(ffi::Buffer<ffi::F32, 4> x, ffi::Buffer<ffi::F32, 4> dy,
                             ffi::ResultBuffer<ffi::F32, 4> dw, ffi::Span<const int64_t> strides,
-                            ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation) {
+                            ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation,
+                    int64_t split_batch, ffi::ThreadPool pool) {
   if (auto e = check_attrs(strides, padding, dilation); !e.success()) return e;
   auto g = geometry(x.dimensions(), dy.dimensions(), dw->dimensions(), strides, padding, dilation);
-  return run(kBackwardWeights, g, x.untyped_data(), dw->untyped_data(), dy.untyped_data());
+  return run(kBackwardWeights, g, x.untyped_data(), dw->untyped_data(), dy.untyped_data(), pool, split_batch);
 }
 
 }  // namespace
 
-#define CNNJAX_CONV_BINDING(A, B, R)                          \
-  ffi::Ffi::Bind()                                            \
-      .Arg<ffi::Buffer<ffi::F32, 4>>()                        \
-      .Arg<ffi::Buffer<ffi::F32, 4>>()                        \
-      .Ret<ffi::Buffer<ffi::F32, 4>>()                        \
-      .Attr<ffi::Span<const int64_t>>("strides")              \
-      .Attr<ffi::Span<const int64_t>>("padding")              \
-      .Attr<ffi::Span<const int64_t>>("dilation")
+#define CNNJAX_CONV_BINDING                        \
+  ffi::Ffi::Bind()                                 \
+      .Arg<ffi::Buffer<ffi::F32, 4>>()             \
+      .Arg<ffi::Buffer<ffi::F32, 4>>()             \
+      .Ret<ffi::Buffer<ffi::F32, 4>>()             \
+      .Attr<ffi::Span<const int64_t>>("strides")   \
+      .Attr<ffi::Span<const int64_t>>("padding")   \
+      .Attr<ffi::Span<const int64_t>>("dilation")  \
+      .Attr<int64_t>("split_batch")                \
+      .Ctx<ffi::ThreadPool>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnjax_dnnl_conv_fwd, conv_fwd, CNNJAX_CONV_BINDING(x, w, y));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnjax_dnnl_conv_bwd_data, conv_bwd_data, CNNJAX_CONV_BINDING(dy, w, dx));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnjax_dnnl_conv_bwd_weights, conv_bwd_weights, CNNJAX_CONV_BINDING(x, dy, dw));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnjax_dnnl_conv_fwd, conv_fwd, CNNJAX_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnjax_dnnl_conv_bwd_data, conv_bwd_data, CNNJAX_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnjax_dnnl_conv_bwd_weights, conv_bwd_weights, CNNJAX_CONV_BINDING);
 
 extern "C" const char* cnnjax_dnnl_version() {
   static std::string v = [] {

@@ -16,11 +16,15 @@ which is what their custom VJPs say: gradients of gradients (a gradient penalty,
 oneDNN. Float32 only, groups 1, non-negative padding; `geometry` is
 (strides, ((top, bottom), (left, right)), dilation), static. Forward-mode differentiation (jvp)
 is not defined, as for any custom VJP. Under vmap each call runs once per mapped element.
+`convolve` is the entry point `cnnjax.functional.conv2d` uses (`conv`, with strided 1x1
+convolutions rewritten around a oneDNN bug). By default each call splits its batch over XLA's
+own intra-op threads (`THREADS`), so oneDNN adds no thread pool of its own.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +33,19 @@ from jax import lax
 
 from cnnjax import native
 from cnnjax.functional import _varying_axes
+
+# Whose threads run the convolutions: 'xla' splits the batch over XLA's intra-op thread pool, each
+# part a single-threaded oneDNN call; 'omp' gives each call to oneDNN's own OpenMP threads. Read
+# at trace time; CNNJAX_ONEDNN_THREADS sets it for a process (PERFORMANCE.md section 10).
+THREADS = os.environ.get("CNNJAX_ONEDNN_THREADS", "xla")
+THREADS_MODES = ("xla", "omp")
+
+
+def _threads_mode() -> str:
+    if THREADS not in THREADS_MODES:
+        raise ValueError(f"CNNJAX_ONEDNN_THREADS / onednn.THREADS must be one of {THREADS_MODES}, got {THREADS!r}")
+    return THREADS
+
 
 Geometry = tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]], tuple[int, int]]
 
@@ -49,7 +66,8 @@ def output_shape(x_shape, w_shape, geometry: Geometry) -> tuple[int, int, int, i
 def _call(target: str, shape, a, b, geometry: Geometry):
     native.load()
     out = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
-    y = jax.ffi.ffi_call(target, out, vmap_method="sequential")(a, b, **_attrs(geometry))
+    split = np.int64(_threads_mode() == "xla")
+    y = jax.ffi.ffi_call(target, out, vmap_method="sequential")(a, b, split_batch=split, **_attrs(geometry))
     # Under shard_map the result varies over every mesh axis an operand varies over (the custom
     # call's own type says nothing of it).
     axes = tuple(sorted(_varying_axes(a) | _varying_axes(b)))
