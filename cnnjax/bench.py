@@ -287,6 +287,7 @@ class _JaxRunner(_Runner):
 
         from cnnjax import analysis, models
         from cnnjax import functional as F
+        from cnnjax import native
         from cnnjax.train import create_train_state, make_eval_step, make_train_step
 
         jax.config.update("jax_enable_compilation_cache", False)
@@ -316,6 +317,7 @@ class _JaxRunner(_Runner):
         step_bytes = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                                + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
         hlo = self._train.as_text()
+        onednn_calls = sum(hlo.count(f'custom_call_target="{t}"') for t in native.TARGETS)
         self.state, self.batch, self._jax, self._dtype = state, batch, jax, dtype or jnp.float32
         device = jax.devices()[0]
         self.info = {
@@ -327,6 +329,7 @@ class _JaxRunner(_Runner):
             "ynn_fusions": hlo.count('"__ynn_fusion"'), "xnn_fusions": hlo.count("__xnn_fusion"),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__, "flax": flax.__version__,
             "conv_vjp": F.CONV_VJP, "bn_vjp": F.BN_VJP, "conv_backend": F.CONV_BACKEND,
+            "onednn_calls": onednn_calls, "onednn": native.dnnl_version() if onednn_calls else None,
         }
 
     def step(self, mode: str, n: int) -> None:

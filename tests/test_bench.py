@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax import bench, cli, models, xla_flags
+from cnnjax import bench, cli, models, native, xla_flags
 from cnnjax.models.resnet import cifar_resnet
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type"
@@ -162,6 +162,8 @@ def test_worker_flags_drop_inherited_preset_flags_only():
     (dict(bn_vjp="cudnn"), "bn_vjp='cudnn'"),
     (dict(impl="torch-cl", bn_vjp="autodiff"), "bn_vjp is a cnnjax option"),
     (dict(malloc="jemalloc"), "malloc='jemalloc'"),
+    (dict(conv_backend="mkldnn"), "conv_backend='mkldnn'"),
+    (dict(impl="flax", conv_backend="onednn"), "conv_backend is a cnnjax option"),
 ])
 def test_spec_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -178,6 +180,8 @@ def test_gradient_paths_multiply_the_cnnjax_workers_only():
     assert [s.label for s in bench.specs_from_args(args)] == [
         "cnnjax[fast]", "cnnjax[fast,bn=autodiff]", "cnnjax[fast,vjp=xla]", "cnnjax[fast,vjp=xla,bn=autodiff]",
         "flax[fast]"]
+    args = p.parse_args(["--impl", "cnnjax", "flax", "--conv-backend", "auto", "xla", "--xla", "fast"])
+    assert [s.label for s in bench.specs_from_args(args)] == ["cnnjax[fast]", "cnnjax[fast,conv=xla]", "flax[fast]"]
     # The allocator setting applies to every implementation, torch included.
     args = p.parse_args(["--impl", "cnnjax", "torch-cl", "--malloc", "auto", "default", "--xla", "fast"])
     labels = [s.label for s in bench.specs_from_args(args)]
@@ -360,9 +364,10 @@ def test_fast_path_trains_like_xla_defaults(probes):
 
 def test_run_side_by_side():
     specs = [bench.Spec("cnnjax", "lenet5", batch_size=4, xla="fast"),
-             bench.Spec("cnnjax", "lenet5", batch_size=4, xla="default", conv_vjp="xla", bn_vjp="autodiff")]
+             bench.Spec("cnnjax", "lenet5", batch_size=4, xla="default", conv_vjp="xla", bn_vjp="autodiff",
+                        conv_backend="xla")]
     result = bench.run(specs, rounds=2, steps=1, matmul_n=64, log=None)
-    assert [w["label"] for w in result["workers"]] == ["cnnjax[fast]", "cnnjax[default,vjp=xla,bn=autodiff]"]
+    assert [w["label"] for w in result["workers"]] == ["cnnjax[fast]", "cnnjax[default,vjp=xla,bn=autodiff,conv=xla]"]
     ref, other = result["workers"]
     assert ref["ratio"]["train"]["median"] == 1.0 == ref["ratio"]["eval"]["median"]
     macs = 28 * 28 * 5 * 5 * 1 * 20 + 14 * 14 * 5 * 5 * 20 * 50 + 2450 * 500 + 500 * 10  # the lecture's LeNet-5
@@ -376,6 +381,11 @@ def test_run_side_by_side():
     assert ref["xla_flags"] == xla_flags.CPU_PRESETS["fast"] and other["xla_flags"] == ""
     assert ref["conv_vjp"] == "auto" and other["conv_vjp"] == "xla"
     assert ref["bn_vjp"] == "auto" and other["bn_vjp"] == "autodiff"  # what each worker process really ran
+    assert ref["conv_backend"] == "auto" and other["conv_backend"] == "xla"
+    # 'auto' ran LeNet-5's two convolutions on oneDNN (where it is available: CPU, oneDNN installed).
+    assert other["onednn_calls"] == 0 and other["onednn"] is None
+    onednn_expected = ref["platform"] == "cpu" and native.available()
+    assert (ref["onednn_calls"] >= 4) is onednn_expected and (ref["onednn"] is not None) is onednn_expected
     glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
     assert ref["malloc_tuned"] is (glibc and xla_flags.malloc_wanted())  # auto: as the entry points do
     # The ratio is taken round by round (same load), then the median.
