@@ -88,6 +88,14 @@ std::map<Key, std::shared_ptr<Plan>>& plans() {
   return *m;
 }
 
+// The plan's primitive from its descriptor; `weights` is the (diff_)weights layout it chose.
+template <typename Primitive>
+void keep(Plan& plan, const typename Primitive::primitive_desc& pd, const dnnl::memory::desc& weights) {
+  plan.prim = Primitive(pd);
+  plan.weights_md = weights;
+  plan.scratchpad_md = pd.scratchpad_desc();
+}
+
 std::shared_ptr<Plan> make_plan(const Geometry& g, int pass, bool single) {
   OmpThreads threads(single);
   auto& eng = engine();
@@ -110,23 +118,15 @@ std::shared_ptr<Plan> make_plan(const Geometry& g, int pass, bool single) {
       eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src_md, any_wei,
       dst_md, strides, dil, pad_l, pad_r, attr);
   if (pass == kForward) {
-    plan->prim = dnnl::convolution_forward(fwd_pd);
-    plan->weights_md = fwd_pd.weights_desc();
-    plan->scratchpad_md = fwd_pd.scratchpad_desc();
+    keep<dnnl::convolution_forward>(*plan, fwd_pd, fwd_pd.weights_desc());
   } else if (pass == kBackwardData) {
-    auto pd = dnnl::convolution_backward_data::primitive_desc(
-        eng, dnnl::algorithm::convolution_direct, src_md, any_wei, dst_md, strides, dil, pad_l, pad_r,
-        fwd_pd, attr);
-    plan->prim = dnnl::convolution_backward_data(pd);
-    plan->weights_md = pd.weights_desc();
-    plan->scratchpad_md = pd.scratchpad_desc();
+    dnnl::convolution_backward_data::primitive_desc pd(eng, dnnl::algorithm::convolution_direct, src_md, any_wei,
+                                                       dst_md, strides, dil, pad_l, pad_r, fwd_pd, attr);
+    keep<dnnl::convolution_backward_data>(*plan, pd, pd.weights_desc());
   } else {
-    auto pd = dnnl::convolution_backward_weights::primitive_desc(
-        eng, dnnl::algorithm::convolution_direct, src_md, any_wei, dst_md, strides, dil, pad_l, pad_r,
-        fwd_pd, attr);
-    plan->prim = dnnl::convolution_backward_weights(pd);
-    plan->weights_md = pd.diff_weights_desc();
-    plan->scratchpad_md = pd.scratchpad_desc();
+    dnnl::convolution_backward_weights::primitive_desc pd(eng, dnnl::algorithm::convolution_direct, src_md,
+                                                          any_wei, dst_md, strides, dil, pad_l, pad_r, fwd_pd, attr);
+    keep<dnnl::convolution_backward_weights>(*plan, pd, pd.diff_weights_desc());
   }
   plan->reorder = plan->weights_md != plan->user_weights_md;
   if (plan->reorder) {
