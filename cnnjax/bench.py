@@ -702,7 +702,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bn-vjp", nargs="+", choices=BN_VJPS, default=["auto"],
                    help="cnnjax BatchNorm training gradient paths to compare (auto: fused on CPU)")
     p.add_argument("--conv-backend", nargs="+", choices=CONV_BACKENDS, default=["auto"],
-                   help="cnnjax convolution libraries to compare (auto: oneDNN on CPU where installed, cnnjax[onednn])")
+                   help="cnnjax convolution libraries to compare (auto: oneDNN on the CPU where installed, see cnnjax.native)")
     p.add_argument("--malloc", nargs="+", choices=MALLOCS, default=["auto"],
                    help="C allocator settings to compare, for every implementation (auto: as the entry points, tuned on a CPU host; tuned: cnnjax.xla_flags.tune_malloc)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))

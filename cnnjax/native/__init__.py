@@ -8,8 +8,9 @@ convolution primitives as XLA FFI handlers; `cnnjax.native.onednn` calls them fr
 differentiates them (to any order); `cnnjax.functional.conv2d` uses them on the CPU backend
 (`CONV_BACKEND`, PERFORMANCE.md section 10).
 
-oneDNN is optional: `pip install 'cnnjax[onednn]'` installs its CPU build and headers
-(`onednn-cpu-gomp`, `onednn-devel-cpu-gomp`) into the environment, and the first call compiles
+On Linux x86-64 cnnjax depends on oneDNN's CPU build and headers from PyPI (`onednn-cpu-gomp`,
+`onednn-devel-cpu-gomp`, installed into the environment's prefix); elsewhere they are optional
+and XLA's convolutions run without them. The first call compiles
 `dnnl_conv.cc` with the system's C++ compiler (a few seconds, once) into a cache directory:
 `$CNNJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/cnnjax`, else `~/.cache/cnnjax`. The library is named
 by a hash of its source, the jaxlib version, the oneDNN location and the compiler, so a change
@@ -37,7 +38,8 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("dnnl_conv.cc")
 TARGETS = ("cnnjax_dnnl_conv_fwd", "cnnjax_dnnl_conv_bwd_data", "cnnjax_dnnl_conv_bwd_weights")
-INSTALL_HINT = "pip install 'cnnjax[onednn]' (oneDNN's CPU build and headers from PyPI)"
+DNNL_PACKAGES = ("onednn-cpu-gomp==2023.2.0", "onednn-devel-cpu-gomp==2023.2.0")  # as pyproject.toml pins them
+INSTALL_HINT = f"pip install {' '.join(DNNL_PACKAGES)} (oneDNN's CPU build and headers, Linux x86-64)"
 _CXXFLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
 
 
