@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cnnjax import xla_flags
+from cnnjax import native, xla_flags
+from cnnjax._vma import vary_alike
+from cnnjax.native import onednn
 
 Array = jax.Array
 IntPair = Union[int, Sequence[int]]
@@ -331,19 +333,17 @@ def conv2d(
     _check_window_fits(x.shape[1:3], (kh, kw), dilations, pads, "kernel", "kernel")
     if bias is not None and bias.shape != (c_out,):
         raise ValueError(f"bias must have shape ({c_out},), got {tuple(bias.shape)}")
+    kernel = kernel.astype(x.dtype)
     canonical = _use_canonical_vjp(vjp) and groups == 1  # validates vjp whichever library runs
-    if _use_onednn(backend, x, kernel.astype(x.dtype), groups, pads):
-        from cnnjax.native import onednn
-
-        x, kernel = _vary_alike(x, kernel.astype(x.dtype))
-        geometry = (strides, tuple(tuple(int(v) for v in p) for p in pads), dilations)
-        y = onednn.convolve(x, kernel, geometry)
+    if _use_onednn(backend, x, kernel, groups):
+        y_shape = (x.shape[0], *_conv_spatial(x.shape[1:3], (kh, kw), strides, pads, dilations), c_out)
+        y = onednn.convolve(*vary_alike(x, kernel), (strides, pads, dilations), y_shape)
     elif canonical:
-        y = _conv_canonical(x, kernel.astype(x.dtype), strides, tuple(pads), dilations, precision)
+        y = _conv_canonical(x, kernel, strides, pads, dilations, precision)
     else:
         y = lax.conv_general_dilated(
             x,
-            kernel.astype(x.dtype),
+            kernel,
             window_strides=strides,
             padding=pads,
             rhs_dilation=dilations,
@@ -369,19 +369,14 @@ CONV_BACKEND = os.environ.get("CNNJAX_CONV_BACKEND", "auto")
 _BACKENDS = xla_flags.CONV_BACKENDS
 
 
-def _use_onednn(backend: str | None, x, kernel, groups: int, pads) -> bool:
+def _use_onednn(backend: str | None, x, kernel, groups: int) -> bool:
     """Whether conv2d runs on oneDNN: 'xla' never; 'onednn' wherever the kernels apply (float32,
     groups 1), raising if they cannot run here; 'auto' likewise but only on the CPU backend, and
     XLA wherever oneDNN is not installed."""
     mode = CONV_BACKEND if backend is None else backend
     if mode not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS} or None, got {mode!r}")
-    if mode == "xla":
-        return False
-    from cnnjax import native
-    from cnnjax.native import onednn
-
-    if onednn.supports(x, kernel, groups, pads):
+    if mode == "xla" or not onednn.supports(x, kernel, groups):
         return False
     on_cpu = jax.default_backend() == "cpu"
     if mode == "auto":
@@ -409,9 +404,9 @@ def _use_canonical_vjp(vjp: str | None) -> bool:
     return _resolve_vjp(vjp, CONV_VJP, _VJP_MODES, "canonical") == "canonical"
 
 
-class _VjpMode:
-    """Sets a module-level default gradient path while a `with` block runs (read at trace time, so
-    it must be set before a function is jitted)."""
+class _DefaultMode:
+    """Sets a module-level default (a gradient path, conv2d's library) while a `with` block runs
+    (read at trace time, so it must be set before a function is jitted)."""
 
     _default: str
     _modes: tuple[str, ...]
@@ -430,7 +425,7 @@ class _VjpMode:
         return False
 
 
-class conv2d_vjp_mode(_VjpMode):  # noqa: N801 (used like a function: `with conv2d_vjp_mode('xla'): ...`)
+class conv2d_vjp_mode(_DefaultMode):  # noqa: N801 (used like a function: `with conv2d_vjp_mode('xla'): ...`)
     """Sets the default gradient path of `conv2d` ('auto', 'canonical' or 'xla') inside a `with`.
 
     JAX differentiates a convolution into two convolutions with permuted dimension numbers (the
@@ -443,7 +438,7 @@ class conv2d_vjp_mode(_VjpMode):  # noqa: N801 (used like a function: `with conv
     _default, _modes = "CONV_VJP", _VJP_MODES
 
 
-class batch_norm_vjp_mode(_VjpMode):  # noqa: N801
+class batch_norm_vjp_mode(_DefaultMode):  # noqa: N801
     """Sets the default gradient path of `batch_norm` in training ('auto', 'fused' or 'autodiff').
 
     'fused' is a hand-written VJP (the textbook BatchNorm backward: two per-channel sums and one
@@ -455,10 +450,10 @@ class batch_norm_vjp_mode(_VjpMode):  # noqa: N801
     _default, _modes = "BN_VJP", _BN_VJP_MODES
 
 
-class conv2d_backend(_VjpMode):  # noqa: N801
+class conv2d_backend(_DefaultMode):  # noqa: N801
     """Sets the default library of `conv2d` ('auto', 'onednn' or 'xla') inside a `with`.
 
-    oneDNN (`cnnjax.native`, an optional dependency) computes the forward pass and both gradients
+    oneDNN (`cnnjax.native`; a dependency on Linux x86-64) computes the forward pass and both gradients
     directly on NHWC/HWIO arrays, where XLA's CPU backend runs Eigen convolutions and transposes
     around every kernel gradient (PERFORMANCE.md section 10). 'auto' uses it on the CPU backend
     whenever it is installed; CNNJAX_CONV_BACKEND=xla switches back for a whole process.
@@ -479,33 +474,8 @@ def _conv_canonical_impl(x, kernel, strides, pads, dilation, precision):
     return _conv_nhwc(x, kernel, strides, pads, dilation, precision)
 
 
-def _varying_axes(a) -> frozenset:
-    """The manual mesh axes `a` varies over inside shard_map (empty elsewhere, and on JAX versions
-    without the attribute)."""
-    aval = jax.typeof(a)
-    mat = getattr(aval, "manual_axis_type", None)
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", ()))
-
-
-def _vary_alike(*arrays):
-    """The arrays, each marked varying over every manual mesh axis any of them varies over.
-
-    Under shard_map with check_vma, x varies over the batch axis and a replicated parameter does
-    not; JAX's own differentiation marks the parameter varying where they meet (the transpose of
-    that mark sums the parameter's gradient over the axis). A custom VJP must see operands of one
-    type to give gradients of their types, so the hand-written VJPs do the same before they start.
-    """
-    axes = [_varying_axes(a) for a in arrays]
-    union = frozenset().union(*axes)
-    return tuple(lax.pcast(a, tuple(sorted(union - v)), to="varying") if union - v else a
-                 for a, v in zip(arrays, axes))
-
-
 def _conv_canonical(x, kernel, strides, pads, dilation, precision):
-    pads = tuple(tuple(int(v) for v in p) for p in pads)
-    x, kernel = _vary_alike(x, kernel)
+    x, kernel = vary_alike(x, kernel)
     return _conv_canonical_impl(x, kernel, tuple(strides), pads, tuple(dilation), precision)
 
 
@@ -791,7 +761,7 @@ def batch_norm(
                 raise ValueError("eps must be a concrete number for the fused BatchNorm gradient, got a traced value; "
                                  "pass a Python float or vjp='autodiff'")
             ones, zeros = jnp.ones((c,), jnp.float32), jnp.zeros((c,), jnp.float32)
-            y, mean, var = _batch_norm_train(*_vary_alike(x, ones if scale is None else scale,
+            y, mean, var = _batch_norm_train(*vary_alike(x, ones if scale is None else scale,
                                                           zeros if bias is None else bias), float(eps), axis_name)
         else:
             mean, var = batch_norm_statistics(x, axis_name=axis_name)
@@ -823,7 +793,7 @@ def _batch_norm_train_bwd(eps, axis_name, residuals, cotangents):
 
     d x written as m g + a x + b with per-channel a and b: one pass over the activations. The
     parameters' gradients are this device's sums, as JAX's own differentiation gives them (the
-    data-parallel step averages them; under check_vma `_vary_alike`'s mark sums them).
+    data-parallel step averages them; under check_vma `vary_alike`'s mark sums them).
     """
     x, scale, mean, inv = residuals
     gy, g_mean, g_var = cotangents
@@ -999,6 +969,11 @@ def conv_output_shape(input_shape: Sequence[int], kernel_size: IntPair, features
     spatial = (dims[1], dims[2])
     pads = resolve_padding(padding, spatial, k, s, d)
     _check_window_fits(spatial, k, d, pads, "kernel", "kernel_size")
-    h, w = (output_size(n, kk, ss, p, dd) for n, kk, ss, p, dd in zip(spatial, k, s, pads, d))
-    return (dims[0], h, w, features)
+    return (dims[0], *_conv_spatial(spatial, k, s, pads, d), features)
+
+
+def _conv_spatial(spatial, window, strides, pads, dilation) -> tuple[int, int]:
+    """(H_out, W_out) of a convolution (`output_size` per axis)."""
+    h, w = (output_size(n, k, s, p, d) for n, k, s, p, d in zip(spatial, window, strides, pads, dilation))
+    return h, w
 

@@ -47,14 +47,17 @@ class NativeUnavailable(RuntimeError):
     """The oneDNN kernels cannot be built or loaded here; the message says why and what to do."""
 
 
+def _candidate_root() -> Path:
+    """Where oneDNN is looked for: `CNNJAX_DNNL_ROOT`, else this environment's prefix (where the
+    pip packages put it)."""
+    return Path(os.environ.get("CNNJAX_DNNL_ROOT") or sys.prefix)
+
+
 def dnnl_root() -> Path | None:
-    """The oneDNN installation to build against: `CNNJAX_DNNL_ROOT`, else this environment's
-    prefix when the pip packages put oneDNN there; None if neither has it."""
-    explicit = os.environ.get("CNNJAX_DNNL_ROOT")
-    candidates = [Path(explicit)] if explicit else [Path(sys.prefix)]
-    for root in candidates:
-        if (root / "include" / "oneapi" / "dnnl" / "dnnl.hpp").is_file() and _libdnnl(root) is not None:
-            return root
+    """The oneDNN installation to build against (`_candidate_root`), or None if it has none."""
+    root = _candidate_root()
+    if (root / "include" / "oneapi" / "dnnl" / "dnnl.hpp").is_file() and _libdnnl(root) is not None:
+        return root
     return None
 
 
@@ -125,15 +128,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"the oneDNN kernels are built for Linux only (this is {sys.platform})"
     root = dnnl_root()
     if root is None:
-        where = os.environ.get("CNNJAX_DNNL_ROOT") or sys.prefix
-        return None, f"oneDNN 3.x was not found in {where}; {INSTALL_HINT}, or set CNNJAX_DNNL_ROOT"
-    cxx = _compiler()
-    if cxx is None:
-        reason = "no C++ compiler found (set CXX, or install g++) to build the oneDNN kernels"
-        warnings.warn(f"cnnjax: oneDNN is installed but {reason}; XLA's convolutions run instead", RuntimeWarning,
-                      stacklevel=2)
-        return None, reason
+        return None, f"oneDNN 3.x was not found in {_candidate_root()}; {INSTALL_HINT}, or set CNNJAX_DNNL_ROOT"
     try:
+        cxx = _compiler()
+        if cxx is None:
+            raise NativeUnavailable("no C++ compiler found (set CXX, or install g++) to build the oneDNN kernels")
         lib = ctypes.CDLL(str(build(root, cxx)))
     except (NativeUnavailable, OSError) as e:
         # oneDNN is installed, so its kernels were expected: say once why XLA's convolutions run.

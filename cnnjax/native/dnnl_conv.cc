@@ -18,7 +18,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -129,14 +129,10 @@ std::shared_ptr<Plan> make_plan(const Geometry& g, int pass, bool single) {
     keep<dnnl::convolution_backward_weights>(*plan, pd, pd.diff_weights_desc());
   }
   plan->reorder = plan->weights_md != plan->user_weights_md;
-  if (plan->reorder) {
-    if (pass == kBackwardWeights) {
-      plan->weights_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
-          eng, plan->weights_md, eng, plan->user_weights_md));
-    } else {
-      plan->weights_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
-          eng, plan->user_weights_md, eng, plan->weights_md));
-    }
+  if (plan->reorder) {  // the kernel gradient leaves the primitive's layout; kernels enter it
+    bool out = pass == kBackwardWeights;
+    plan->weights_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(
+        eng, out ? plan->weights_md : plan->user_weights_md, eng, out ? plan->user_weights_md : plan->weights_md));
   }
   return plan;
 }
@@ -206,20 +202,26 @@ void run_one(int pass, const Geometry& g, char* src, char* wei, char* dst, bool 
   dnnl::memory src_mem({src_dims, dt::f32, tag::nhwc}, eng, src);
   dnnl::memory dst_mem({dst_dims, dt::f32, tag::nhwc}, eng, dst);
   OmpThreads threads(single);
-  if (pass == kForward) {
-    if (plan->reorder) plan->weights_reorder.execute(strm, user_w, prim_w);
-    plan->prim.execute(strm, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, prim_w},
-                              {DNNL_ARG_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratch_mem}});
-  } else if (pass == kBackwardData) {
-    if (plan->reorder) plan->weights_reorder.execute(strm, user_w, prim_w);
-    plan->prim.execute(strm, {{DNNL_ARG_DIFF_SRC, src_mem}, {DNNL_ARG_WEIGHTS, prim_w},
-                              {DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratch_mem}});
-  } else {
-    plan->prim.execute(strm, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_DIFF_WEIGHTS, prim_w},
-                              {DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, scratch_mem}});
-    if (plan->reorder) plan->weights_reorder.execute(strm, prim_w, user_w);
-  }
+  bool grad_w = pass == kBackwardWeights;
+  if (plan->reorder && !grad_w) plan->weights_reorder.execute(strm, user_w, prim_w);
+  plan->prim.execute(strm, {{pass == kBackwardData ? DNNL_ARG_DIFF_SRC : DNNL_ARG_SRC, src_mem},
+                            {grad_w ? DNNL_ARG_DIFF_WEIGHTS : DNNL_ARG_WEIGHTS, prim_w},
+                            {pass == kForward ? DNNL_ARG_DST : DNNL_ARG_DIFF_DST, dst_mem},
+                            {DNNL_ARG_SCRATCHPAD, scratch_mem}});
+  if (plan->reorder && grad_w) plan->weights_reorder.execute(strm, prim_w, user_w);
   strm.wait();
+}
+
+// Runs `f`; the message of what it threw ('' if nothing).
+std::string guarded(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const dnnl::error& e) {
+    return std::string("cnnjax dnnl conv (oneDNN): ") + e.what();
+  } catch (const std::exception& e) {
+    return std::string("cnnjax dnnl conv: ") + e.what();
+  }
+  return "";
 }
 
 // The batch split into `k` parts run as single-threaded oneDNN calls on XLA's own intra-op
@@ -237,22 +239,15 @@ struct Split {
 void run_part(const std::shared_ptr<Split>& split, int pass, const Geometry& g, char* src, char* wei,
               char* dst) {
   for (int64_t i; (i = split->next.fetch_add(1)) < split->k;) {
-    std::string error;
-    try {
-      int64_t base = g.n / split->k, extra = g.n % split->k;
-      int64_t start = i * base + std::min(i, extra), n = base + (i < extra ? 1 : 0);
-      Geometry part = g;
-      part.n = n;
-      char* s = src + start * g.h * g.w * g.c * sizeof(float);
-      char* d = dst + start * g.ho * g.wo * g.o * sizeof(float);
-      char* w = wei;
-      if (pass == kBackwardWeights && i > 0) w = reinterpret_cast<char*>(split->partial_dw[i - 1].data());
-      if (n > 0) run_one(pass, part, s, w, d, /*single=*/true);
-    } catch (const dnnl::error& e) {
-      error = std::string("cnnjax dnnl conv (oneDNN): ") + e.what();
-    } catch (const std::exception& e) {
-      error = std::string("cnnjax dnnl conv: ") + e.what();
-    }
+    int64_t base = g.n / split->k, extra = g.n % split->k;
+    int64_t start = i * base + std::min(i, extra);
+    Geometry part = g;
+    part.n = base + (i < extra ? 1 : 0);
+    char* s = src + start * g.h * g.w * g.c * sizeof(float);
+    char* d = dst + start * g.ho * g.wo * g.o * sizeof(float);
+    char* w = wei;
+    if (pass == kBackwardWeights && i > 0) w = reinterpret_cast<char*>(split->partial_dw[i - 1].data());
+    std::string error = guarded([&] { run_one(pass, part, s, w, d, /*single=*/true); });
     std::lock_guard<std::mutex> lock(split->mu);
     if (!error.empty() && split->error.empty()) split->error = error;
     if (++split->finished == split->k) split->cv.notify_all();
@@ -261,21 +256,15 @@ void run_part(const std::shared_ptr<Split>& split, int pass, const Geometry& g, 
 
 ffi::Error run(int pass, const Geometry& g, void* src, void* wei, void* dst, ffi::ThreadPool& pool,
                int64_t split_batch) {
-  int64_t k = split_batch ? std::min<int64_t>(pool.num_threads(), g.n) : 1;
+  int64_t k = split_batch ? std::min<int64_t>(pool.num_threads(), g.n) : 1;  // k <= n: no empty part
+  char *s = static_cast<char*>(src), *w = static_cast<char*>(wei), *d = static_cast<char*>(dst);
   if (k <= 1) {
-    try {
-      run_one(pass, g, static_cast<char*>(src), static_cast<char*>(wei), static_cast<char*>(dst), false);
-    } catch (const dnnl::error& e) {
-      return ffi::Error::Internal(std::string("cnnjax dnnl conv (oneDNN): ") + e.what());
-    } catch (const std::exception& e) {
-      return ffi::Error::Internal(std::string("cnnjax dnnl conv: ") + e.what());
-    }
-    return ffi::Error::Success();
+    std::string error = guarded([&] { run_one(pass, g, s, w, d, /*single=*/false); });
+    return error.empty() ? ffi::Error::Success() : ffi::Error::Internal(error);
   }
   auto split = std::make_shared<Split>();
   split->k = k;
   if (pass == kBackwardWeights) split->partial_dw.assign(k - 1, std::vector<float>(g.kh * g.kw * g.c * g.o));
-  char *s = static_cast<char*>(src), *w = static_cast<char*>(wei), *d = static_cast<char*>(dst);
   for (int64_t t = 1; t < k; ++t) pool.Schedule([split, pass, g, s, w, d] { run_part(split, pass, g, s, w, d); });
   run_part(split, pass, g, s, w, d);
   {
@@ -291,31 +280,36 @@ ffi::Error run(int pass, const Geometry& g, void* src, void* wei, void* dst, ffi
   return ffi::Error::Success();
 }
 
-ffi::Error conv_fwd(ffi::Buffer<ffi::F32, 4> x, ffi::Buffer<ffi::F32, 4> w,
-                    ffi::ResultBuffer<ffi::F32, 4> y, ffi::Span<const int64_t> strides,
-                    ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation,
-                    int64_t split_batch, ffi::ThreadPool pool) {
+// A handler's work: `act` is the input activation (x or dx), `out` the output one (y or dy), `wei`
+// the kernel (w or dw), whichever of them is the result.
+ffi::Error checked_run(int pass, ffi::AnyBuffer::Dimensions act, ffi::AnyBuffer::Dimensions out,
+                       ffi::AnyBuffer::Dimensions wei, void* src, void* wei_data, void* dst,
+                       ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
+                       ffi::Span<const int64_t> dilation, int64_t split_batch, ffi::ThreadPool& pool) {
   if (auto e = check_attrs(strides, padding, dilation); !e.success()) return e;
-  auto g = geometry(x.dimensions(), y->dimensions(), w.dimensions(), strides, padding, dilation);
-  return run(kForward, g, x.untyped_data(), w.untyped_data(), y->untyped_data(), pool, split_batch);
+  return run(pass, geometry(act, out, wei, strides, padding, dilation), src, wei_data, dst, pool, split_batch);
 }
 
-ffi::Error conv_bwd_data(ffi::Buffer<ffi::F32, 4> dy, ffi::Buffer<ffi::F32, 4> w,
-                         ffi::ResultBuffer<ffi::F32, 4> dx, ffi::Span<const int64_t> strides,
-                         ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation,
-                    int64_t split_batch, ffi::ThreadPool pool) {
-  if (auto e = check_attrs(strides, padding, dilation); !e.success()) return e;
-  auto g = geometry(dx->dimensions(), dy.dimensions(), w.dimensions(), strides, padding, dilation);
-  return run(kBackwardData, g, dx->untyped_data(), w.untyped_data(), dy.untyped_data(), pool, split_batch);
+using Attrs = ffi::Span<const int64_t>;
+using F32 = ffi::Buffer<ffi::F32, 4>;
+using F32Result = ffi::ResultBuffer<ffi::F32, 4>;
+
+ffi::Error conv_fwd(F32 x, F32 w, F32Result y, Attrs strides, Attrs padding, Attrs dilation, int64_t split,
+                    ffi::ThreadPool pool) {
+  return checked_run(kForward, x.dimensions(), y->dimensions(), w.dimensions(), x.untyped_data(),
+                     w.untyped_data(), y->untyped_data(), strides, padding, dilation, split, pool);
 }
 
-ffi::Error conv_bwd_weights(ffi::Buffer<ffi::F32, 4> x, ffi::Buffer<ffi::F32, 4> dy,
-                            ffi::ResultBuffer<ffi::F32, 4> dw, ffi::Span<const int64_t> strides,
-                            ffi::Span<const int64_t> padding, ffi::Span<const int64_t> dilation,
-                    int64_t split_batch, ffi::ThreadPool pool) {
-  if (auto e = check_attrs(strides, padding, dilation); !e.success()) return e;
-  auto g = geometry(x.dimensions(), dy.dimensions(), dw->dimensions(), strides, padding, dilation);
-  return run(kBackwardWeights, g, x.untyped_data(), dw->untyped_data(), dy.untyped_data(), pool, split_batch);
+ffi::Error conv_bwd_data(F32 dy, F32 w, F32Result dx, Attrs strides, Attrs padding, Attrs dilation,
+                         int64_t split, ffi::ThreadPool pool) {
+  return checked_run(kBackwardData, dx->dimensions(), dy.dimensions(), w.dimensions(), dx->untyped_data(),
+                     w.untyped_data(), dy.untyped_data(), strides, padding, dilation, split, pool);
+}
+
+ffi::Error conv_bwd_weights(F32 x, F32 dy, F32Result dw, Attrs strides, Attrs padding, Attrs dilation,
+                            int64_t split, ffi::ThreadPool pool) {
+  return checked_run(kBackwardWeights, x.dimensions(), dy.dimensions(), dw->dimensions(), x.untyped_data(),
+                     dw->untyped_data(), dy.untyped_data(), strides, padding, dilation, split, pool);
 }
 
 }  // namespace

@@ -13,9 +13,11 @@ Each is bilinear, and the transpose of each with respect to either argument is o
     conv_backward_weights:  x <- conv_backward_data(dy, ct),    dy <- conv(x, ct)
 
 which is what their custom VJPs say: gradients of gradients (a gradient penalty, say) stay on
-oneDNN. Float32 only, groups 1, non-negative padding; `geometry` is
-(strides, ((top, bottom), (left, right)), dilation), static. Forward-mode differentiation (jvp)
-is not defined, as for any custom VJP. Under vmap each call runs once per mapped element.
+oneDNN. Float32 only, groups 1; `geometry` is (strides, ((top, bottom), (left, right)),
+dilation), and each function is also told the shape of its result (`y_shape`, `x_shape`,
+`w_shape`: its caller has it, and where a stride leaves rows unread x's is not derivable).
+Forward-mode differentiation (jvp) is not defined, as for any custom VJP. Under vmap each call
+runs once per mapped element.
 `convolve` is the entry point `cnnjax.functional.conv2d` uses (`conv`, with strided 1x1
 convolutions rewritten around a oneDNN bug). By default each call splits its batch over XLA's
 own intra-op threads (`THREADS`), so oneDNN adds no thread pool of its own.
@@ -29,10 +31,9 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from cnnjax import native
-from cnnjax.functional import _varying_axes
+from cnnjax._vma import vary_as
 
 # Whose threads run the convolutions: 'xla' splits the batch over XLA's intra-op thread pool, each
 # part a single-threaded oneDNN call; 'omp' gives each call to oneDNN's own OpenMP threads. Read
@@ -48,54 +49,41 @@ def _threads_mode() -> str:
 
 
 Geometry = tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]], tuple[int, int]]
+Shape = tuple[int, ...]
 
 
-def _attrs(geometry: Geometry) -> dict:
-    strides, ((top, bottom), (left, right)), dilation = geometry
-    return dict(strides=np.asarray(strides, np.int64), padding=np.asarray([top, bottom, left, right], np.int64),
-                dilation=np.asarray(dilation, np.int64))
-
-
-def output_shape(x_shape, w_shape, geometry: Geometry) -> tuple[int, int, int, int]:
-    strides, pads, dilation = geometry
-    spatial = [(size + lo + hi - ((k - 1) * d + 1)) // s + 1
-               for size, k, s, (lo, hi), d in zip(x_shape[1:3], w_shape[:2], strides, pads, dilation)]
-    return (x_shape[0], *spatial, w_shape[3])
-
-
-def _call(target: str, shape, a, b, geometry: Geometry):
+def _call(target: str, shape: Shape, a, b, geometry: Geometry):
+    """One custom call, whose result has `shape`."""
     native.load()
-    out = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
-    split = np.int64(_threads_mode() == "xla")
-    y = jax.ffi.ffi_call(target, out, vmap_method="sequential")(a, b, split_batch=split, **_attrs(geometry))
-    # Under shard_map the result varies over every mesh axis an operand varies over (the custom
-    # call's own type says nothing of it).
-    axes = tuple(sorted(_varying_axes(a) | _varying_axes(b)))
-    return lax.pcast(y, axes, to="varying") if axes else y
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv(x, w, geometry: Geometry):
-    return _call("cnnjax_dnnl_conv_fwd", output_shape(x.shape, w.shape, geometry), x, w, geometry)
+    strides, ((top, bottom), (left, right)), dilation = geometry
+    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(shape), jnp.float32), vmap_method="sequential")(
+        a, b, strides=np.asarray(strides, np.int64), padding=np.asarray([top, bottom, left, right], np.int64),
+        dilation=np.asarray(dilation, np.int64), split_batch=np.int64(_threads_mode() == "xla"))
+    return vary_as(y, a, b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_backward_data(dy, w, geometry: Geometry, x_shape: tuple[int, ...]):
+def conv(x, w, geometry: Geometry, y_shape: Shape):
+    return _call("cnnjax_dnnl_conv_fwd", y_shape, x, w, geometry)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_backward_data(dy, w, geometry: Geometry, x_shape: Shape):
     return _call("cnnjax_dnnl_conv_bwd_data", x_shape, dy, w, geometry)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_backward_weights(x, dy, geometry: Geometry, w_shape: tuple[int, ...]):
+def conv_backward_weights(x, dy, geometry: Geometry, w_shape: Shape):
     return _call("cnnjax_dnnl_conv_bwd_weights", w_shape, x, dy, geometry)
 
 
-def _conv_fwd(x, w, geometry):
-    return conv(x, w, geometry), (x, w)
+def _conv_fwd(x, w, geometry, y_shape):
+    return conv(x, w, geometry, y_shape), (x, w)
 
 
-def _conv_bwd(geometry, residuals, ct):
+def _conv_bwd(geometry, y_shape, residuals, ct):
     x, w = residuals
-    return (conv_backward_data(ct, w, geometry, x.shape), conv_backward_weights(x, ct, geometry, w.shape))
+    return conv_backward_data(ct, w, geometry, x.shape), conv_backward_weights(x, ct, geometry, w.shape)
 
 
 def _data_fwd(dy, w, geometry, x_shape):
@@ -104,7 +92,7 @@ def _data_fwd(dy, w, geometry, x_shape):
 
 def _data_bwd(geometry, x_shape, residuals, ct):
     dy, w = residuals
-    return conv(ct, w, geometry), conv_backward_weights(ct, dy, geometry, w.shape)
+    return conv(ct, w, geometry, dy.shape), conv_backward_weights(ct, dy, geometry, w.shape)
 
 
 def _weights_fwd(x, dy, geometry, w_shape):
@@ -113,7 +101,7 @@ def _weights_fwd(x, dy, geometry, w_shape):
 
 def _weights_bwd(geometry, w_shape, residuals, ct):
     x, dy = residuals
-    return conv_backward_data(dy, ct, geometry, x.shape), conv(x, ct, geometry)
+    return conv_backward_data(dy, ct, geometry, x.shape), conv(x, ct, geometry, dy.shape)
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
@@ -121,26 +109,18 @@ conv_backward_data.defvjp(_data_fwd, _data_bwd)
 conv_backward_weights.defvjp(_weights_fwd, _weights_bwd)
 
 
-def convolve(x, w, geometry: Geometry):
+def convolve(x, w, geometry: Geometry, y_shape: Shape):
     """`conv`, with strided 1x1 convolutions given to oneDNN as what they are: a 1x1 convolution
     of every s-th pixel. (oneDNN 3.2's strided 1x1 filter gradient is wrong for some shapes, e.g.
     3 input channels with the image size a multiple of the stride; tests/test_native.py.)"""
-    strides, pads, dilation = geometry
+    strides, pads, _ = geometry
     if w.shape[:2] == (1, 1) and tuple(strides) != (1, 1):
-        if any(v for p in pads for v in p):
-            x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-        _, ho, wo, _ = output_shape(x.shape, w.shape, (strides, ((0, 0), (0, 0)), dilation))
-        x = x[:, :(ho - 1) * strides[0] + 1:strides[0], :(wo - 1) * strides[1] + 1:strides[1]]
+        (sh, sw), (_, ho, wo, _) = strides, y_shape
+        x = jnp.pad(x, ((0, 0), *pads, (0, 0)))[:, :(ho - 1) * sh + 1:sh, :(wo - 1) * sw + 1:sw]
         geometry = ((1, 1), ((0, 0), (0, 0)), (1, 1))
-    return conv(x, w, geometry)
+    return conv(x, w, geometry, y_shape)
 
 
-def supports(x, kernel, groups: int, pads) -> str:
-    """'' if `conv` computes this convolution, else why not (for the callers' fallbacks and errors)."""
-    if groups != 1:
-        return f"groups={groups} (the oneDNN kernels are written for groups=1)"
-    if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
-        return f"dtype {x.dtype}/{kernel.dtype} (the oneDNN kernels are float32 only)"
-    if min(v for p in pads for v in p) < 0:
-        return f"negative padding {tuple(pads)}"
-    return ""
+def supports(x, kernel, groups: int) -> bool:
+    """Whether `conv` computes this convolution: float32, groups 1."""
+    return groups == 1 and x.dtype == jnp.float32 and kernel.dtype == jnp.float32
