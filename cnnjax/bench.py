@@ -40,6 +40,7 @@ from cnnjax import xla_flags
 IMPLS = ("cnnjax", "flax", "torch-cl", "torch-nchw")
 CONV_VJPS, BN_VJPS = xla_flags.CONV_VJP_MODES, xla_flags.BN_VJP_MODES  # cnnjax.functional's gradient paths
 CONV_BACKENDS = xla_flags.CONV_BACKENDS  # who computes cnnjax.functional.conv2d
+BN_BACKENDS = xla_flags.BN_BACKENDS  # who computes cnnjax.functional.batch_norm's passes
 MALLOCS = ("auto", "tuned", "default")  # the C allocator: as entry points set it, cnnjax.xla_flags.tune_malloc(), glibc's
 MODES = ("train", "eval")
 DTYPES = ("float32", "bfloat16")
@@ -73,6 +74,8 @@ class Spec:
         or 'autodiff'; cnnjax workers only).
       conv_backend: the library of cnnjax's convolutions, `cnnjax.functional.CONV_BACKEND` ('auto',
         'onednn' or 'xla'; cnnjax workers only).
+      bn_backend: who computes cnnjax's BatchNorm passes, `cnnjax.functional.BN_BACKEND` ('auto',
+        'native' or 'xla'; cnnjax workers only).
       malloc: the C allocator, for every implementation (torch gains from it too): 'auto' (what
         cnnjax's entry points do: `cnnjax.xla_flags.tune_malloc()` on a CPU host unless
         CNNJAX_CPU_MALLOC=0), 'tuned' (always) or 'default' (glibc's own settings).
@@ -91,6 +94,7 @@ class Spec:
     bn_vjp: str = "auto"
     malloc: str = "auto"
     conv_backend: str = "auto"
+    bn_backend: str = "auto"
 
     def validate(self) -> Spec:
         if self.impl not in IMPLS:
@@ -111,7 +115,8 @@ class Spec:
                 raise ValueError(f"scan_blocks is a cnnjax model option; impl={self.impl!r} has none")
         if self.malloc not in MALLOCS:
             raise ValueError(f"malloc={self.malloc!r}; choose one of {MALLOCS}")
-        for name, choices in (("conv_vjp", CONV_VJPS), ("bn_vjp", BN_VJPS), ("conv_backend", CONV_BACKENDS)):
+        for name, choices in (("conv_vjp", CONV_VJPS), ("bn_vjp", BN_VJPS), ("conv_backend", CONV_BACKENDS),
+                               ("bn_backend", BN_BACKENDS)):
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"{name}={value!r}; choose one of {choices}")
@@ -133,6 +138,7 @@ class Spec:
         vjp = "" if self.conv_vjp == "auto" else f",vjp={self.conv_vjp}"
         vjp += "" if self.bn_vjp == "auto" else f",bn={self.bn_vjp}"
         vjp += "" if self.conv_backend == "auto" else f",conv={self.conv_backend}"
+        vjp += "" if self.bn_backend == "auto" else f",bn_lib={self.bn_backend}"
         vjp += "" if self.malloc == "auto" else f",malloc={self.malloc}"
         return f"{base}[{self.xla}{vjp}]" if self.is_jax else base + (f"[{vjp[1:]}]" if vjp else "")
 
@@ -317,7 +323,8 @@ class _JaxRunner(_Runner):
         step_bytes = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                                + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
         hlo = self._train.as_text()
-        onednn_calls = sum(hlo.count(f'custom_call_target="{t}"') for t in native.TARGETS)
+        onednn_calls = sum(hlo.count(f'custom_call_target="{t}"') for t in native.CONV_TARGETS)
+        bn_calls = sum(hlo.count(f'custom_call_target="{t}"') for t in native.BN_TARGETS)
         self.state, self.batch, self._jax, self._dtype = state, batch, jax, dtype or jnp.float32
         device = jax.devices()[0]
         self.info = {
@@ -329,7 +336,8 @@ class _JaxRunner(_Runner):
             "ynn_fusions": hlo.count('"__ynn_fusion"'), "xnn_fusions": hlo.count("__xnn_fusion"),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__, "flax": flax.__version__,
             "conv_vjp": F.CONV_VJP, "bn_vjp": F.BN_VJP, "conv_backend": F.CONV_BACKEND,
-            "onednn_calls": onednn_calls, "onednn": native.dnnl_version() if onednn_calls else None,
+            "bn_backend": F.BN_BACKEND, "onednn_calls": onednn_calls, "native_bn_calls": bn_calls,
+            "onednn": native.dnnl_version() if onednn_calls else None,
         }
 
     def step(self, mode: str, n: int) -> None:
@@ -466,7 +474,7 @@ def worker_env(spec: Spec, parent: Mapping[str, str]) -> dict[str, str]:
     workers share the card: JAX allocates as it goes instead of taking 75% of the memory at start
     (XLA_PYTHON_CLIENT_PREALLOCATE=false, unless the parent sets it)."""
     env = dict(parent, **{xla_flags.ENV_SWITCH: "0", "CNNJAX_CONV_VJP": spec.conv_vjp, "CNNJAX_BN_VJP": spec.bn_vjp,
-                          "CNNJAX_CONV_BACKEND": spec.conv_backend})
+                          "CNNJAX_CONV_BACKEND": spec.conv_backend, "CNNJAX_BN_BACKEND": spec.bn_backend})
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if spec.is_jax:
         env["XLA_FLAGS"] = worker_xla_flags(spec.xla, parent.get("XLA_FLAGS", ""))
@@ -703,6 +711,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cnnjax BatchNorm training gradient paths to compare (auto: fused on CPU)")
     p.add_argument("--conv-backend", nargs="+", choices=CONV_BACKENDS, default=["auto"],
                    help="cnnjax convolution libraries to compare (auto: oneDNN on the CPU where installed, see cnnjax.native)")
+    p.add_argument("--bn-backend", nargs="+", choices=BN_BACKENDS, default=["auto"],
+                   help="who computes cnnjax's BatchNorm passes, to compare (auto: the native kernels on the CPU where built)")
     p.add_argument("--malloc", nargs="+", choices=MALLOCS, default=["auto"],
                    help="C allocator settings to compare, for every implementation (auto: as the entry points, tuned on a CPU host; tuned: cnnjax.xla_flags.tune_malloc)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -731,11 +741,12 @@ def specs_from_args(args: argparse.Namespace) -> list[Spec]:
         for xla in (args.xla if not impl.startswith("torch") else ["default"]):
             xla = auto_xla() if xla == "auto" else xla
             ours = impl == "cnnjax"
-            for vjp, bn_vjp, backend, malloc in itertools.product(
+            for vjp, bn_vjp, backend, bn_backend, malloc in itertools.product(
                     args.conv_vjp if ours else ["auto"], args.bn_vjp if ours else ["auto"],
-                    args.conv_backend if ours else ["auto"], args.malloc):
+                    args.conv_backend if ours else ["auto"], args.bn_backend if ours else ["auto"], args.malloc):
                 spec = Spec(impl, args.model, args.batch_size, args.dtype, xla, scan_blocks=args.scan_blocks and ours,
-                            threads=args.threads, conv_vjp=vjp, bn_vjp=bn_vjp, malloc=malloc, conv_backend=backend)
+                            threads=args.threads, conv_vjp=vjp, bn_vjp=bn_vjp, malloc=malloc, conv_backend=backend,
+                            bn_backend=bn_backend)
                 if spec.label not in {s.label for s in specs}:
                     specs.append(spec.validate())
     if any(not s.is_jax for s in specs):

@@ -22,6 +22,7 @@ from jax import lax
 
 from cnnjax import native, xla_flags
 from cnnjax._vma import vary_alike
+from cnnjax.native import batch_norm as native_bn
 from cnnjax.native import onednn
 
 Array = jax.Array
@@ -367,25 +368,34 @@ _VJP_MODES, _BN_VJP_MODES = xla_flags.CONV_VJP_MODES, xla_flags.BN_VJP_MODES
 # `with`, CNNJAX_CONV_BACKEND for a whole process.
 CONV_BACKEND = os.environ.get("CNNJAX_CONV_BACKEND", "auto")
 _BACKENDS = xla_flags.CONV_BACKENDS
+# Who computes `batch_norm`'s passes over the activations ('auto' | 'native' | 'xla');
+# `batch_norm_backend` sets it inside a `with`, CNNJAX_BN_BACKEND for a whole process.
+BN_BACKEND = os.environ.get("CNNJAX_BN_BACKEND", "auto")
+_BN_BACKENDS = xla_flags.BN_BACKENDS
 
 
-def _use_onednn(backend: str | None, x, kernel, groups: int) -> bool:
-    """Whether conv2d runs on oneDNN: 'xla' never; 'onednn' wherever the kernels apply (float32,
-    groups 1), raising if they cannot run here; 'auto' likewise but only on the CPU backend, and
-    XLA wherever oneDNN is not installed."""
-    mode = CONV_BACKEND if backend is None else backend
-    if mode not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS} or None, got {mode!r}")
-    if mode == "xla" or not onednn.supports(x, kernel, groups):
+def _use_native(backend: str | None, default: str, modes: tuple[str, ...], supported: bool) -> bool:
+    """Whether a layer runs on cnnjax.native's kernels: 'xla' never; the native mode (modes[1])
+    wherever the kernels apply (`supported`), raising if they cannot run here; 'auto' likewise but
+    only on the CPU backend, and XLA wherever they are not installed."""
+    mode = default if backend is None else backend
+    if mode not in modes:
+        raise ValueError(f"backend must be one of {modes} or None, got {mode!r}")
+    if mode == "xla" or not supported:
         return False
     on_cpu = jax.default_backend() == "cpu"
     if mode == "auto":
         return on_cpu and native.available()
     if not on_cpu:
-        raise ValueError(f"backend='onednn' runs on the CPU backend only (JAX's default backend is "
+        raise ValueError(f"backend={mode!r} runs on the CPU backend only (JAX's default backend is "
                          f"{jax.default_backend()!r}); use backend='xla' or 'auto'")
     native.load()  # raises NativeUnavailable, saying why and how to install oneDNN
     return True
+
+
+def _use_onednn(backend: str | None, x, kernel, groups: int) -> bool:
+    """Whether conv2d runs on oneDNN (float32, groups 1; see `_use_native`)."""
+    return _use_native(backend, CONV_BACKEND, _BACKENDS, onednn.supports(x, kernel, groups))
 
 
 def _resolve_vjp(vjp: str | None, default: str, modes: tuple[str, ...], cpu_choice: str) -> str:
@@ -460,6 +470,20 @@ class conv2d_backend(_DefaultMode):  # noqa: N801
     """
 
     _default, _modes = "CONV_BACKEND", _BACKENDS
+
+
+class batch_norm_backend(_DefaultMode):  # noqa: N801
+    """Sets the default library of `batch_norm`'s passes over the activations ('auto', 'native'
+    or 'xla') inside a `with`.
+
+    The native kernels (`cnnjax.native.batch_norm`, built with the oneDNN convolutions) make one
+    pass for the statistics and one for the normalisation, with a following ReLU and residual
+    addition fused in, and split each pass over XLA's intra-op threads; XLA's CPU backend runs
+    its fusions of the same work on one thread each (PERFORMANCE.md section 11). 'auto' uses them
+    for float32 on the CPU backend wherever they are built; CNNJAX_BN_BACKEND=xla switches back.
+    """
+
+    _default, _modes = "BN_BACKEND", _BN_BACKENDS
 
 
 def _conv_nhwc(lhs, rhs, strides, pads, dilation, precision, lhs_dilation=(1, 1)):
@@ -692,6 +716,18 @@ def batch_norm_statistics(x: Array, *, axis_name: str | None = None) -> tuple[Ar
     return mean, var
 
 
+def _bn_affine(mean, var, scale, bias, eps):
+    """BatchNorm as one multiply-add per element, y = x * mul + add: the per-channel (mul, add) in
+    float32 (scale and bias may be None)."""
+    mul = lax.rsqrt(var.astype(jnp.float32) + eps)
+    if scale is not None:
+        mul = mul * scale.astype(jnp.float32)
+    add = -mean.astype(jnp.float32) * mul
+    if bias is not None:
+        add = add + bias.astype(jnp.float32)
+    return mul, add
+
+
 def batch_norm_apply(x: Array, mean: Array, var: Array, scale: Array | None, bias: Array | None,
                      *, eps: float = 1e-5) -> Array:
     """y = (x - mean) / sqrt(var + eps) * scale + bias, folded to one multiply-add per element."""
@@ -701,14 +737,18 @@ def batch_norm_apply(x: Array, mean: Array, var: Array, scale: Array | None, bia
     eps = _check_eps(eps)
     vs = _check_channel_vectors(x.shape[-1], f"for x of shape {tuple(x.shape)}", ("mean", "var"),
                                 mean=mean, var=var, scale=scale, bias=bias)
-    mean, var, scale, bias = vs["mean"], vs["var"], vs["scale"], vs["bias"]
-    mul = lax.rsqrt(var.astype(jnp.float32) + eps)
-    if scale is not None:
-        mul = mul * scale.astype(jnp.float32)
-    add = -mean.astype(jnp.float32) * mul
-    if bias is not None:
-        add = add + bias.astype(jnp.float32)
+    mul, add = _bn_affine(vs["mean"], vs["var"], vs["scale"], vs["bias"], eps)
     return (x * mul.astype(x.dtype) + add.astype(x.dtype)).astype(x.dtype)
+
+
+def _resolve_activation(activation):
+    """batch_norm's `activation` as a function (None: none)."""
+    if activation is None or callable(activation):
+        return activation
+    if isinstance(activation, str):
+        return get_activation(activation)
+    raise TypeError(f"activation must be None, a name ({', '.join(sorted(ACTIVATIONS))}) or a function, "
+                    f"got {type(activation).__name__}")
 
 
 def batch_norm(
@@ -723,8 +763,12 @@ def batch_norm(
     eps: float = 1e-5,
     axis_name: str | None = None,
     vjp: str | None = None,
+    residual: Array | None = None,
+    activation=None,
+    backend: str | None = None,
 ) -> tuple[Array, tuple[Array, Array]]:
-    """Batch normalisation (Ioffe & Szegedy 2015).
+    """Batch normalisation (Ioffe & Szegedy 2015), optionally followed by a residual addition and
+    an activation: y = activation(BN(x) + residual).
 
     Args:
       x: (N, C) or (N, H, W, C).
@@ -738,6 +782,13 @@ def batch_norm(
       vjp: the training-mode gradient path: 'fused' (a hand-written backward, see
         `batch_norm_vjp_mode`), 'autodiff' (JAX differentiates the forward), or None for the
         default, `BN_VJP` ('auto': fused on CPU, autodiff elsewhere). Values are the same either way.
+      residual: an array of x's shape added after the normalisation (a ResNet block's shortcut), or None.
+      activation: applied last: None, a name from `ACTIVATIONS` or a function. ReLU (and the
+        residual) are fused into the native kernels' passes; anything else runs after them.
+      backend: who computes the passes over the activations: 'native' (`cnnjax.native.batch_norm`,
+        float32 on the CPU backend), 'xla', or None for the default, `BN_BACKEND` ('auto': native
+        for float32 on the CPU backend where the kernels are built, XLA otherwise; see
+        `batch_norm_backend`). Values agree to float32 rounding.
 
     Returns:
       (y, (new_running_mean, new_running_var)).
@@ -750,17 +801,34 @@ def batch_norm(
         raise ValueError(f"momentum must be in [0, 1] (Flax convention, 0.9 = PyTorch's 0.1), got {momentum}")
     eps = _check_eps(eps)
     mode = _resolve_vjp(vjp, BN_VJP, _BN_VJP_MODES, "fused")  # validated in both modes
+    act = _resolve_activation(activation)
+    if residual is not None:
+        residual = _as_array(residual, "residual")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     c = x.shape[-1]
     vs = _check_channel_vectors(c, f"for x of shape {tuple(x.shape)}", ("running_mean", "running_var"),
                                 "; start from zeros (mean) and ones (var)",
                                 scale=scale, bias=bias, running_mean=running_mean, running_var=running_var)
     scale, bias, running_mean, running_var = vs["scale"], vs["bias"], vs["running_mean"], vs["running_var"]
+    float32 = x.dtype == jnp.float32 and (residual is None or residual.dtype == jnp.float32)
+    use_native = _use_native(backend, BN_BACKEND, _BN_BACKENDS, float32)
+    fuse_relu = use_native and act is relu  # into the kernels' passes, with the residual
+    ones, zeros = jnp.ones((c,), jnp.float32), jnp.zeros((c,), jnp.float32)
     if train:
-        if mode == "fused":
-            if _is_traced(eps):
-                raise ValueError("eps must be a concrete number for the fused BatchNorm gradient, got a traced value; "
-                                 "pass a Python float or vjp='autodiff'")
-            ones, zeros = jnp.ones((c,), jnp.float32), jnp.zeros((c,), jnp.float32)
+        if mode == "fused" and _is_traced(eps):
+            raise ValueError("eps must be a concrete number for the fused BatchNorm gradient, got a traced value; "
+                             "pass a Python float or vjp='autodiff'")
+        if use_native:
+            args = vary_alike(x, ones if scale is None else scale, zeros if bias is None else bias,
+                              *(() if residual is None else (residual,)))
+            args = (*args, None) if residual is None else args
+            static = (axis_name, fuse_relu, residual is not None)
+            if mode == "fused":
+                y, mean, var = _batch_norm_native(*args, float(eps), *static)
+            else:  # JAX differentiates the kernels through their references' derivatives
+                y, mean, var = _batch_norm_native_fwd(*args, eps, *static)[0]
+        elif mode == "fused":
             y, mean, var = _batch_norm_train(*vary_alike(x, ones if scale is None else scale,
                                                           zeros if bias is None else bias), float(eps), axis_name)
         else:
@@ -768,8 +836,28 @@ def batch_norm(
             y = batch_norm_apply(x, mean, var, scale, bias, eps=eps)
         new_mean = momentum * running_mean + (1.0 - momentum) * mean
         new_var = momentum * running_var + (1.0 - momentum) * var
-        return y, (new_mean, new_var)
-    return batch_norm_apply(x, running_mean, running_var, scale, bias, eps=eps), (running_mean, running_var)
+        new_stats = (new_mean, new_var)
+    else:
+        if use_native:
+            y = native_bn.apply(x, jnp.stack(_bn_affine(running_mean, running_var, scale, bias, eps)), residual,
+                                relu=fuse_relu)
+        else:
+            y = batch_norm_apply(x, running_mean, running_var, scale, bias, eps=eps)
+        new_stats = (running_mean, running_var)
+    if not use_native:
+        y = add_and_activate(y, residual, act)
+    elif act is not None and not fuse_relu:
+        y = act(y)
+    return y, new_stats
+
+
+def add_and_activate(y: Array, residual: Array | None = None, activation=None) -> Array:
+    """activation(y + residual), either part optional: what `batch_norm` does after normalising
+    (for a layer that stands in for a BatchNorm, e.g. one folded into its convolution)."""
+    if residual is not None:
+        y = y + residual.astype(y.dtype)
+    act = _resolve_activation(activation)
+    return y if act is None else act(y)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -784,38 +872,82 @@ def _batch_norm_train_fwd(x, scale, bias, eps, axis_name):
     return (batch_norm_apply(x, mean, var, scale, bias, eps=eps), mean, var), (x, scale, mean, inv)
 
 
-def _batch_norm_train_bwd(eps, axis_name, residuals, cotangents):
-    """With m = scale / sqrt(var + eps), x^ = (x - mean) / sqrt(var + eps), sums S over the n values
-    of a channel (across devices with axis_name) and cotangents g (of y), g_mean, g_var:
+def _bn_grad_coefficients(sum_g, sum_gx, n, mean, inv, mul, g_mean, g_var, axis_name):
+    """The training BatchNorm backward's per-channel numbers. With m = scale / sqrt(var + eps)
+    (`mul`), x^ = (x - mean) / sqrt(var + eps), sums S over the n values of a channel (across
+    devices with axis_name) and cotangents g (of y), g_mean, g_var:
 
       d bias = sum(g),  d scale = sum(g x^) = (sum(g x) - mean sum(g)) / sqrt(var + eps),
       d x = m (g - S(g) / n - x^ S(g x^) / n) + g_mean / n + 2 g_var (x - mean) / n,
 
-    d x written as m g + a x + b with per-channel a and b: one pass over the activations. The
-    parameters' gradients are this device's sums, as JAX's own differentiation gives them (the
-    data-parallel step averages them; under check_vma `vary_alike`'s mark sums them).
+    d x written as m g + a x + b with per-channel a and b: one pass over the activations. Given
+    this device's sum(g) and sum(g x), returns (d scale, d bias, a, b). The parameters' gradients
+    are this device's sums, as JAX's own differentiation gives them (the data-parallel step
+    averages them; under check_vma `vary_alike`'s mark sums them).
     """
-    x, scale, mean, inv = residuals
-    gy, g_mean, g_var = cotangents
-    axes = tuple(range(x.ndim - 1))
-    g32, x32 = gy.astype(jnp.float32), x.astype(jnp.float32)
-    sum_g, sum_gx = jnp.sum(g32, axes), jnp.sum(g32 * x32, axes)
     d_scale, d_bias = inv * (sum_gx - mean * sum_g), sum_g
-    n = x.size // x.shape[-1]
     if axis_name is not None:
         sum_g, sum_gx = lax.psum((sum_g, sum_gx), axis_name)
         n = n * lax.psum(1, axis_name)
     sum_gxhat = inv * (sum_gx - mean * sum_g)
+    a = (2.0 * g_var - mul * inv * sum_gxhat) / n
+    b = (g_mean - mul * sum_g) / n - a * mean
+    return d_scale, d_bias, a, b
+
+
+def _batch_norm_train_bwd(eps, axis_name, residuals, cotangents):
+    """The backward pass of `_bn_grad_coefficients`, in XLA."""
+    x, scale, mean, inv = residuals
+    gy, g_mean, g_var = cotangents
+    axes = tuple(range(x.ndim - 1))
+    g32, x32 = gy.astype(jnp.float32), x.astype(jnp.float32)
     # Not the forward's multiplier itself: XLA would share one broadcast of it between the forward
     # and this pass and write that broadcast out in full (the reason this VJP exists).
     mul = lax.optimization_barrier(inv * scale.astype(jnp.float32))
-    a = (2.0 * g_var - mul * inv * sum_gxhat) / n
-    b = (g_mean - mul * sum_g) / n - a * mean
+    d_scale, d_bias, a, b = _bn_grad_coefficients(jnp.sum(g32, axes), jnp.sum(g32 * x32, axes),
+                                                   x.size // x.shape[-1], mean, inv, mul, g_mean, g_var, axis_name)
     dx = g32 * mul + x32 * a + b
     return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
 
 
 _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _batch_norm_native(x, scale, bias, residual, eps, axis_name, relu, has_residual):
+    """Training BatchNorm (+ residual, + ReLU) on the native kernels, with its own VJP whose
+    passes are native too: (y, batch mean, batch variance). float32; residual may be None
+    (has_residual False)."""
+    return _batch_norm_native_fwd(x, scale, bias, residual, eps, axis_name, relu, has_residual)[0]
+
+
+def _batch_norm_native_fwd(x, scale, bias, residual, eps, axis_name, relu, has_residual):
+    sums, n = native_bn.sums(x), x.size // x.shape[-1]
+    if axis_name is not None:
+        sums, n = lax.psum(sums, axis_name), n * lax.psum(1, axis_name)
+    mean = sums[0] / n
+    var = jnp.maximum(sums[1] / n - jnp.square(mean), 0.0)  # E[x^2] - E[x]^2 can round below zero
+    mul, add = _bn_affine(mean, var, scale, bias, eps)
+    y = native_bn.apply(x, jnp.stack([mul, add]), residual, relu=relu)
+    keep_y = relu and has_residual  # the ReLU's mask is read from y (x alone does not give it)
+    return (y, mean, var), (x, y if keep_y else None, mean, lax.rsqrt(var + eps), mul, add)
+
+
+def _batch_norm_native_bwd(eps, axis_name, relu, has_residual, residuals, cotangents):
+    x, y, mean, inv, mul, add = residuals
+    gy, g_mean, g_var = cotangents
+    if y is not None:  # ReLU after a residual addition: its mask from y, and g (the masked gy) kept
+        sums, g = native_bn.grad_sums_masked(gy, y, x)
+        mask = False
+    else:  # ReLU (if any) masks where x * mul + add <= 0, recomputed in both passes
+        sums, g, mask = native_bn.grad_sums(gy, x, jnp.stack([mul, add]), relu=relu), gy, relu
+    d_scale, d_bias, a, b = _bn_grad_coefficients(sums[0], sums[1], x.size // x.shape[-1], mean, inv, mul,
+                                                  g_mean, g_var, axis_name)
+    dx = native_bn.grad_apply(g, x, jnp.stack([mul, a, b, mul, add]), relu=mask)
+    return dx, d_scale, d_bias, (g if has_residual else None)
+
+
+_batch_norm_native.defvjp(_batch_norm_native_fwd, _batch_norm_native_bwd)
 
 
 def fold_batch_norm(

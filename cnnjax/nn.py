@@ -149,6 +149,9 @@ class BatchNorm(nn.Module):
       use_scale, use_bias: learnable gamma and beta.
       scale_init, bias_init: their initializers (zeros for scale gives "zero-init residual").
       dtype: output dtype (None: the input's); statistics are always float32.
+
+    Called as `bn(x, residual=r, activation=act)` it returns act(BN(x) + r), which on the CPU the
+    native kernels compute in the same passes as the normalisation (`F.batch_norm`).
     """
 
     use_running_average: bool | None = None
@@ -162,7 +165,8 @@ class BatchNorm(nn.Module):
     dtype: Dtype | None = None
 
     @nn.compact
-    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+    def __call__(self, x: Array, use_running_average: bool | None = None, *, residual: Array | None = None,
+                 activation=None) -> Array:
         use_running_average = merge_param("use_running_average", self.use_running_average, use_running_average)
         where = self.name or "BatchNorm"
         F._check_bn_rank(x, f"{where}: ")  # before the statistics' shapes are taken from x
@@ -178,6 +182,7 @@ class BatchNorm(nn.Module):
             train=not use_running_average, momentum=self.momentum, eps=self.epsilon,
             # No mapped axis exists while initialising outside pmap/shard_map.
             axis_name=None if initializing else self.axis_name,
+            residual=None if residual is None else residual.astype(self.dtype or x.dtype), activation=activation,
         )
         if not use_running_average and not initializing:
             ra_mean.value, ra_var.value = mean, var

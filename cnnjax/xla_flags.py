@@ -52,6 +52,7 @@ _MALLOPTS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_ARENA_MAX, 1))
 # command line can name them without importing JAX.
 CONV_VJP_MODES = ("auto", "canonical", "xla")
 CONV_BACKENDS = ("auto", "onednn", "xla")  # who computes conv2d (cnnjax.functional.CONV_BACKEND)
+BN_BACKENDS = ("auto", "native", "xla")  # who computes batch_norm's passes (cnnjax.functional.BN_BACKEND)
 BN_VJP_MODES = ("auto", "fused", "autodiff")
 
 # Named XLA_FLAGS strings; the benchmark (`python -m cnnjax bench --xla NAME ...`) compares them

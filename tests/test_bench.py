@@ -164,6 +164,8 @@ def test_worker_flags_drop_inherited_preset_flags_only():
     (dict(malloc="jemalloc"), "malloc='jemalloc'"),
     (dict(conv_backend="mkldnn"), "conv_backend='mkldnn'"),
     (dict(impl="flax", conv_backend="onednn"), "conv_backend is a cnnjax option"),
+    (dict(bn_backend="cudnn"), "bn_backend='cudnn'"),
+    (dict(impl="torch-cl", bn_backend="native"), "bn_backend is a cnnjax option"),
 ])
 def test_spec_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -182,6 +184,8 @@ def test_gradient_paths_multiply_the_cnnjax_workers_only():
         "flax[fast]"]
     args = p.parse_args(["--impl", "cnnjax", "flax", "--conv-backend", "auto", "xla", "--xla", "fast"])
     assert [s.label for s in bench.specs_from_args(args)] == ["cnnjax[fast]", "cnnjax[fast,conv=xla]", "flax[fast]"]
+    args = p.parse_args(["--impl", "cnnjax", "flax", "--bn-backend", "auto", "xla", "--xla", "fast"])
+    assert [s.label for s in bench.specs_from_args(args)] == ["cnnjax[fast]", "cnnjax[fast,bn_lib=xla]", "flax[fast]"]
     # The allocator setting applies to every implementation, torch included.
     args = p.parse_args(["--impl", "cnnjax", "torch-cl", "--malloc", "auto", "default", "--xla", "fast"])
     labels = [s.label for s in bench.specs_from_args(args)]
@@ -365,9 +369,10 @@ def test_fast_path_trains_like_xla_defaults(probes):
 def test_run_side_by_side():
     specs = [bench.Spec("cnnjax", "lenet5", batch_size=4, xla="fast"),
              bench.Spec("cnnjax", "lenet5", batch_size=4, xla="default", conv_vjp="xla", bn_vjp="autodiff",
-                        conv_backend="xla")]
+                        conv_backend="xla", bn_backend="xla")]
     result = bench.run(specs, rounds=2, steps=1, matmul_n=64, log=None)
-    assert [w["label"] for w in result["workers"]] == ["cnnjax[fast]", "cnnjax[default,vjp=xla,bn=autodiff,conv=xla]"]
+    assert [w["label"] for w in result["workers"]] == ["cnnjax[fast]",
+                                                       "cnnjax[default,vjp=xla,bn=autodiff,conv=xla,bn_lib=xla]"]
     ref, other = result["workers"]
     assert ref["ratio"]["train"]["median"] == 1.0 == ref["ratio"]["eval"]["median"]
     macs = 28 * 28 * 5 * 5 * 1 * 20 + 14 * 14 * 5 * 5 * 20 * 50 + 2450 * 500 + 500 * 10  # the lecture's LeNet-5
@@ -382,6 +387,8 @@ def test_run_side_by_side():
     assert ref["conv_vjp"] == "auto" and other["conv_vjp"] == "xla"
     assert ref["bn_vjp"] == "auto" and other["bn_vjp"] == "autodiff"  # what each worker process really ran
     assert ref["conv_backend"] == "auto" and other["conv_backend"] == "xla"
+    assert ref["bn_backend"] == "auto" and other["bn_backend"] == "xla"
+    assert ref["native_bn_calls"] == other["native_bn_calls"] == 0  # LeNet-5 has no BatchNorm
     # 'auto' ran LeNet-5's two convolutions on oneDNN (where it is available: CPU, oneDNN installed).
     assert other["onednn_calls"] == 0 and other["onednn"] is None
     onednn_expected = ref["platform"] == "cpu" and native.available()

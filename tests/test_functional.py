@@ -317,9 +317,10 @@ def test_batch_norm_fused_vjp_bfloat16_and_default():
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=5e-2, atol=5e-2)
 
     # 'auto' (the default) is the fused VJP on CPU, JAX's autodiff elsewhere: the fused backward's
-    # barrier is in the traced gradient.
+    # barrier is in the traced gradient (of XLA's path; the native kernels' backward has no barrier).
     def jaxpr(vjp=None):
-        f = lambda x: jnp.sum(F.batch_norm(x, g, b, jnp.zeros(4), jnp.ones(4), train=True, vjp=vjp)[0] ** 2)
+        f = lambda x: jnp.sum(F.batch_norm(x, g, b, jnp.zeros(4), jnp.ones(4), train=True, vjp=vjp,
+                                           backend="xla")[0] ** 2)
         return str(jax.make_jaxpr(jax.grad(f))(x.astype(jnp.float32)))
     assert F.BN_VJP == "auto"
     assert "optimization_barrier" in jaxpr("fused") and "optimization_barrier" not in jaxpr("autodiff")
@@ -349,32 +350,39 @@ def local_loss(vjp):
         return jnp.mean(jnp.sin(y) * w)
     return loss
 
-out = {}
-for vjp in ("fused", "autodiff"):
-    grad = jax.grad(local_loss(vjp), (0, 1, 2))
-    pm = jax.pmap(lambda *a: jax.lax.pmean(grad(*a)[1:], "batch") + (grad(*a)[0],), axis_name="batch")
-    r = pm(x.reshape(4, 2, 3, 3, 2), jnp.broadcast_to(g, (4, 2)), jnp.broadcast_to(b, (4, 2)), w.reshape(4, 2, 3, 3, 2))
-    out[vjp, "pmap"] = [np.asarray(r[0][0]), np.asarray(r[1][0]), np.asarray(r[2]).reshape(8, 3, 3, 2)]
-    for check_vma in (False, True):
-        def step(x, g, b, w):
-            dx, dg, db = grad(x, g, b, w)
-            return dx, jax.lax.pmean(dg, "batch"), jax.lax.pmean(db, "batch")
-        f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("batch"), P(), P(), P("batch")),
-                                  out_specs=(P("batch"), P(), P()), check_vma=check_vma))
-        dx, dg, db = f(shard(x, P("batch")), shard(g, P()), shard(b, P()), shard(w, P("batch")))
-        out[vjp, check_vma] = [np.asarray(dg), np.asarray(db), np.asarray(dx)]
+def run(backend):
+    F.BN_BACKEND = backend  # read at trace time; every function below is traced anew
+    out = {}
+    for vjp in ("fused", "autodiff"):
+        grad = jax.grad(local_loss(vjp), (0, 1, 2))
+        pm = jax.pmap(lambda *a: jax.lax.pmean(grad(*a)[1:], "batch") + (grad(*a)[0],), axis_name="batch")
+        r = pm(x.reshape(4, 2, 3, 3, 2), jnp.broadcast_to(g, (4, 2)), jnp.broadcast_to(b, (4, 2)), w.reshape(4, 2, 3, 3, 2))
+        out[vjp, "pmap"] = [np.asarray(r[0][0]), np.asarray(r[1][0]), np.asarray(r[2]).reshape(8, 3, 3, 2)]
+        for check_vma in (False, True):
+            def step(x, g, b, w):
+                dx, dg, db = grad(x, g, b, w)
+                return dx, jax.lax.pmean(dg, "batch"), jax.lax.pmean(db, "batch")
+            f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("batch"), P(), P(), P("batch")),
+                                      out_specs=(P("batch"), P(), P()), check_vma=check_vma))
+            dx, dg, db = f(shard(x, P("batch")), shard(g, P()), shard(b, P()), shard(w, P("batch")))
+            out[vjp, check_vma] = [np.asarray(dg), np.asarray(db), np.asarray(dx)]
+    return out
+
 # One device on the global batch: the parameters' gradients the data-parallel step must reproduce.
 ref = jax.grad(lambda x, g, b: jnp.mean(jnp.sin(F.batch_norm(x, g, b, jnp.zeros(2), jnp.ones(2), train=True,
-                                                             vjp="autodiff")[0]) * w), (0, 1, 2))(x, g, b)
-for key in (("pmap",), (False,), (True,)):
-    for i in range(3):
-        np.testing.assert_allclose(out[("fused",) + key][i], out[("autodiff",) + key][i], rtol=1e-5, atol=1e-7)
-for key in ("pmap", False):
-    np.testing.assert_allclose(out["fused", key][0], ref[1], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(out["fused", key][1], ref[2], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(out["fused", key][2], 4 * ref[0], rtol=1e-4, atol=1e-6)  # local mean: 4x the share
-# check_vma: autodiff already sums a replicated parameter's gradient over the axis (DESIGN.md's trap).
-np.testing.assert_allclose(out["fused", True][0], 4 * ref[1], rtol=1e-5, atol=1e-7)
+                                                             vjp="autodiff", backend="xla")[0]) * w), (0, 1, 2))(x, g, b)
+# 'auto' is the native kernels (cnnjax.native.batch_norm) here, 'xla' XLA's passes.
+for backend in ("auto", "xla"):
+    out = run(backend)
+    for key in (("pmap",), (False,), (True,)):
+        for i in range(3):
+            np.testing.assert_allclose(out[("fused",) + key][i], out[("autodiff",) + key][i], rtol=1e-5, atol=1e-7)
+    for key in ("pmap", False):
+        np.testing.assert_allclose(out["fused", key][0], ref[1], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(out["fused", key][1], ref[2], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(out["fused", key][2], 4 * ref[0], rtol=1e-4, atol=1e-6)  # local mean: 4x the share
+    # check_vma: autodiff already sums a replicated parameter's gradient over the axis (DESIGN.md's trap).
+    np.testing.assert_allclose(out["fused", True][0], 4 * ref[1], rtol=1e-5, atol=1e-7)
 print("OK")
 """
 

@@ -118,8 +118,8 @@ def receptive_field(model: nn.Module, input_shape: Sequence[int], *, train: bool
         with nn.intercept_methods(tracing.layer_interceptor(on_layer)):
             return tracing.init_with_output(model, x, train, fn)[0]
 
-    # The interpreter reads XLA's convolution primitive; oneDNN's would be an opaque custom call.
-    with F.conv2d_backend("xla"):
+    # The interpreter reads XLA's primitives; the native kernels would be opaque custom calls.
+    with F.conv2d_backend("xla"), F.batch_norm_backend("xla"):
         closed = jax.make_jaxpr(forward)(tracing.example_input(shape))
     one = Geometry(1, 1, 0)
     tags: dict[int, Any] = {}

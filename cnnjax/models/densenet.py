@@ -66,8 +66,10 @@ class DenseLayer(nn.Module):
     @nn.compact
     def __call__(self, inputs: Sequence[Array], train: bool) -> Array:
         x = jnp.concatenate(list(inputs), axis=-1)
-        x = self.conv(self.bn_size * self.growth_rate, kernel_size=1, name="conv1")(self.act(self.norm(name="bn1")(x)))
-        x = self.conv(self.growth_rate, kernel_size=3, padding=1, name="conv2")(self.act(self.norm(name="bn2")(x)))
+        x = self.norm(name="bn1")(x, activation=self.act)
+        x = self.conv(self.bn_size * self.growth_rate, kernel_size=1, name="conv1")(x)
+        x = self.norm(name="bn2")(x, activation=self.act)
+        x = self.conv(self.growth_rate, kernel_size=3, padding=1, name="conv2")(x)
         return Dropout(self.drop_rate, name="dropout")(x, deterministic=not train)
 
 
@@ -105,7 +107,7 @@ class Transition(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x = self.conv(self.features, kernel_size=1, name="conv")(self.act(self.norm(name="bn")(x)))
+        x = self.conv(self.features, kernel_size=1, name="conv")(self.norm(name="bn")(x, activation=self.act))
         return AvgPool(2, 2, name="pool")(x)
 
 
@@ -181,7 +183,7 @@ class DenseNet(nn.Module):
         channels = self.num_init_features or 2 * self.growth_rate
         if self.stem == "imagenet":
             x = conv(channels, kernel_size=7, strides=2, padding=3, name="stem_conv")(x)
-            x = MaxPool(3, 2, padding=1, name="stem_pool")(act(norm(name="stem_bn")(x)))
+            x = MaxPool(3, 2, padding=1, name="stem_pool")(norm(name="stem_bn")(x, activation=act))
         else:
             x = conv(channels, kernel_size=3, padding=1, name="stem_conv")(x)
 
@@ -193,7 +195,7 @@ class DenseNet(nn.Module):
                 channels = int(channels * self.compression)
                 x = Transition(channels, conv, norm, act, name=f"transition{i + 1}")(x)
 
-        x = GlobalAvgPool(name="global_pool")(act(norm(name="final_bn")(x)))
+        x = GlobalAvgPool(name="global_pool")(norm(name="final_bn")(x, activation=act))
         x = Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
         return x.astype(jnp.float32)
 

@@ -54,7 +54,7 @@ class BNActConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x = self.act(self.norm(name="bn")(x))
+        x = self.norm(name="bn")(x, activation=self.act)
         return self.conv(self.features, kernel_size=self.kernel_size, strides=self.strides,
                          padding=self.kernel_size // 2, groups=self.groups, name="conv")(x)
 
@@ -145,7 +145,7 @@ class DPN(nn.Module):
             x = x.astype(self.dtype)
 
         x = conv(self.num_init_features, kernel_size=7, strides=2, padding=3, name="stem_conv")(x)
-        x = MaxPool(3, 2, padding=1, name="stem_pool")(act(norm(name="stem_bn")(x)))
+        x = MaxPool(3, 2, padding=1, name="stem_pool")(norm(name="stem_bn")(x, activation=act))
 
         paths: tuple[Array, Array] | Array = x
         for s, (num_blocks, inc) in enumerate(zip(self.block_sizes, self.increments)):
@@ -155,7 +155,7 @@ class DPN(nn.Module):
                                       project=b == 0, strides=2 if (b == 0 and s > 0) else 1,
                                       name=f"stage{s + 2}_block{b + 1}")(paths)
 
-        x = act(norm(name="final_bn")(jnp.concatenate(paths, axis=-1)))
+        x = norm(name="final_bn")(jnp.concatenate(paths, axis=-1), activation=act)
         x = GlobalAvgPool(keepdims=True, name="global_pool")(x)
         x = Dropout(self.drop_rate, name="dropout")(x, deterministic=not train)
         x = Conv(self.num_classes, kernel_size=1, use_bias=True, dtype=self.dtype, name="classifier")(x)

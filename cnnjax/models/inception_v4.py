@@ -106,7 +106,7 @@ class ConvBN(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         x = self.conv(self.features, self.kernel_size, strides=self.strides, padding=self.padding, name="conv")(x)
-        return self.act(self.norm(name="bn")(x))
+        return self.norm(name="bn")(x, activation=self.act)
 
 
 class InceptionBlock(nn.Module):

@@ -94,23 +94,31 @@ class _Block(nn.Module):
     dropout_rate: float = 0.0
     drop_path_mode: str = "batch"
 
-    def _finish(self, x, pre, branch, out_features, train, drop_rate):
-        """Adds the shortcut (identity, option A padding or projection) to the branch."""
+    def _finish(self, x, pre, branch, out_features, train, drop_rate, last_norm: str):
+        """Ends the block: the branch's last BatchNorm (`last_norm`, post-activation blocks only;
+        `branch` is the last convolution's output), the shortcut (identity, option A padding or
+        projection) and the activation. Where nothing stands between that BatchNorm and the sum,
+        BatchNorm, sum and activation are one call (fused on the CPU, `F.batch_norm`)."""
+        if self.preact:  # the branch ends with its convolution
+            return branch if self.plain else self._shortcut(x, pre, out_features) + drop_path(
+                self, branch, drop_rate, self.drop_path_mode, train)
+        norm = self._last_norm(last_norm)
         if self.plain:
-            return branch if self.preact else self.act(branch)
-        branch = drop_path(self, branch, drop_rate, self.drop_path_mode, train)
+            return norm(branch, activation=self.act)
+        sc = self._shortcut(x, pre, out_features)
+        if drop_rate is None:
+            return norm(branch, residual=sc, activation=self.act)
+        return self.act(sc + drop_path(self, norm(branch), drop_rate, self.drop_path_mode, train))
+
+    def _shortcut(self, x, pre, out_features):
         changes = x.shape[-1] != out_features or self.strides != 1
         if self.shortcut == "C" or (self.shortcut == "B" and changes):
             # Pre-activation projections see the activated input (He et al. 2016b, WRN).
             sc = self.conv(out_features, 1, self.strides, 0, name="proj_conv")(pre)
-            if not self.preact:
-                sc = self.norm(name="proj_bn")(sc)
-        elif changes:
-            sc = zero_pad_shortcut(x, out_features, self.strides)
-        else:
-            sc = x
-        y = sc + branch
-        return y if self.preact else self.act(y)
+            return sc if self.preact else self.norm(name="proj_bn")(sc)
+        if changes:
+            return zero_pad_shortcut(x, out_features, self.strides)
+        return x
 
     def _last_norm(self, name):
         return self.norm(name=name, scale_init=nn.initializers.zeros) if self.zero_init_residual else self.norm(name=name)
@@ -137,15 +145,13 @@ class BasicBlock(_Block):
 
     @nn.compact
     def __call__(self, x, train: bool, drop_rate=None):
-        pre = self.act(self.norm(name="bn1")(x)) if self.preact else x
+        pre = self.norm(name="bn1")(x, activation=self.act) if self.preact else x
         y = self.conv(self.features, 3, self.strides, 1, name="conv1")(pre)
-        y = self.act(self.norm(name="bn2")(y)) if self.preact else self.act(self.norm(name="bn1")(y))
+        y = self.norm(name="bn2" if self.preact else "bn1")(y, activation=self.act)
         if self.dropout_rate:
             y = Dropout(self.dropout_rate, name="dropout")(y, deterministic=not train)
         y = self.conv(self.features, 3, 1, 1, name="conv2")(y)
-        if not self.preact:
-            y = self._last_norm("bn2")(y)
-        return self._finish(x, pre, y, self.features, train, drop_rate)
+        return self._finish(x, pre, y, self.features, train, drop_rate, "bn2")
 
 
 class BottleneckBlock(_Block):
@@ -171,17 +177,15 @@ class BottleneckBlock(_Block):
         inner = int(self.features * self.base_width / 64) * self.groups
         out = self.features * self.expansion
         s1, s3 = (1, self.strides) if self.stride_on_3x3 else (self.strides, 1)
-        pre = self.act(self.norm(name="bn1")(x)) if self.preact else x
+        pre = self.norm(name="bn1")(x, activation=self.act) if self.preact else x
         y = self.conv(inner, 1, s1, 0, name="conv1")(pre)
-        y = self.act(self.norm(name="bn2" if self.preact else "bn1")(y))
+        y = self.norm(name="bn2" if self.preact else "bn1")(y, activation=self.act)
         y = self.conv(inner, 3, s3, 1, groups=self.groups, name="conv2")(y)
-        y = self.act(self.norm(name="bn3" if self.preact else "bn2")(y))
+        y = self.norm(name="bn3" if self.preact else "bn2")(y, activation=self.act)
         if self.dropout_rate:
             y = Dropout(self.dropout_rate, name="dropout")(y, deterministic=not train)
         y = self.conv(out, 1, 1, 0, name="conv3")(y)
-        if not self.preact:
-            y = self._last_norm("bn3")(y)
-        return self._finish(x, pre, y, out, train, drop_rate)
+        return self._finish(x, pre, y, out, train, drop_rate, "bn3")
 
 
 class ResNet(nn.Module):
@@ -288,7 +292,7 @@ class ResNet(nn.Module):
         else:
             x = conv(self.stem_width, 3, 1, 1, name="stem_conv")(x)
         if not self.preact:
-            x = act(norm(name="stem_bn")(x))
+            x = norm(name="stem_bn")(x, activation=act)
         if self.stem == "imagenet":
             x = MaxPool(3, 2, 1, name="stem_pool")(x)
 
@@ -321,7 +325,7 @@ class ResNet(nn.Module):
                         x, train, None if rates is None else rates[index + b - 1])
             index += n
         if self.preact:
-            x = act(norm(name="final_bn")(x))
+            x = norm(name="final_bn")(x, activation=act)
         x = GlobalAvgPool(name="pool")(x)
         x = Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
         return x.astype(jnp.float32)

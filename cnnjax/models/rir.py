@@ -66,7 +66,7 @@ class GeneralizedResidualLayer(nn.Module):
         if self.shortcut:
             zr = zr + zero_pad_shortcut(r, c, self.strides).astype(zr.dtype)
         # BatchNorm is per channel, so one BN of [r, t] is the paper's two.
-        z = self.act(self.norm(name="bn")(jnp.concatenate([zr, zt], axis=-1)))
+        z = self.norm(name="bn")(jnp.concatenate([zr, zt], axis=-1), activation=self.act)
         return z[..., :c], z[..., c:]
 
 

@@ -1,4 +1,4 @@
-"""Native CPU kernels: oneDNN convolutions as XLA FFI custom calls.
+"""Native CPU kernels: oneDNN convolutions and BatchNorm's passes as XLA FFI custom calls.
 
 XLA's CPU backend runs convolutions through Eigen (or YNNPACK, slower still on the CIFAR layers'
 filter gradients, PERFORMANCE.md section 1), and needs transposes around every filter gradient.
@@ -6,12 +6,16 @@ oneDNN (the library PyTorch's CPU convolutions run on) computes the forward pass
 gradients directly on NHWC activations and HWIO kernels. `dnnl_conv.cc` wraps its three
 convolution primitives as XLA FFI handlers; `cnnjax.native.onednn` calls them from JAX and
 differentiates them (to any order); `cnnjax.functional.conv2d` uses them on the CPU backend
-(`CONV_BACKEND`, PERFORMANCE.md section 10).
+(`CONV_BACKEND`, PERFORMANCE.md section 10). `batch_norm.cc` holds BatchNorm's passes over the
+activations (statistics, normalisation with a fused ReLU and residual addition, and their
+backward), `cnnjax.native.batch_norm` their JAX side, used by `cnnjax.functional.batch_norm`
+(`BN_BACKEND`, section 11). Both split their work over XLA's intra-op threads (`parallel.h`) and
+are compiled into one library.
 
 On Linux x86-64 cnnjax depends on oneDNN's CPU build and headers from PyPI (`onednn-cpu-gomp`,
 `onednn-devel-cpu-gomp`, installed into the environment's prefix); elsewhere they are optional
 and XLA's convolutions run without them. The first call compiles
-`dnnl_conv.cc` with the system's C++ compiler (a few seconds, once) into a cache directory:
+the sources with the system's C++ compiler (a few seconds, once) into a cache directory:
 `$CNNJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/cnnjax`, else `~/.cache/cnnjax`. The library is named
 by a hash of its source, the jaxlib version, the oneDNN location and the compiler, so a change
 to any of them rebuilds it. `CNNJAX_DNNL_ROOT` points at another oneDNN 3.x installation (a
@@ -36,11 +40,33 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("dnnl_conv.cc")
-TARGETS = ("cnnjax_dnnl_conv_fwd", "cnnjax_dnnl_conv_bwd_data", "cnnjax_dnnl_conv_bwd_weights")
+_HERE = Path(__file__).parent
+SOURCES = (_HERE / "dnnl_conv.cc", _HERE / "batch_norm.cc")  # compiled together into one library
+HEADERS = (_HERE / "parallel.h",)
+CONV_TARGETS = ("cnnjax_dnnl_conv_fwd", "cnnjax_dnnl_conv_bwd_data", "cnnjax_dnnl_conv_bwd_weights")
+BN_TARGETS = ("cnnjax_bn_sums", "cnnjax_bn_apply", "cnnjax_bn_apply_residual", "cnnjax_bn_grad_sums",
+              "cnnjax_bn_grad_sums_masked", "cnnjax_bn_grad_apply")
+TARGETS = CONV_TARGETS + BN_TARGETS
 DNNL_PACKAGES = ("onednn-cpu-gomp==2023.2.0", "onednn-devel-cpu-gomp==2023.2.0")  # as pyproject.toml pins them
 INSTALL_HINT = f"pip install {' '.join(DNNL_PACKAGES)} (oneDNN's CPU build and headers, Linux x86-64)"
-_CXXFLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
+# -O3 vectorises the BatchNorm loops over channels; no contraction into FMAs, so that the ReLU mask
+# recomputed in a backward pass is the forward's, bit for bit.
+_CXXFLAGS = ("-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
+
+
+def _isa_flags() -> tuple[str, ...]:
+    """-mavx2 -mfma where this CPU has them (the BatchNorm loops run 8 floats wide); part of the
+    cached library's name, so a cache shared with an older CPU never hands it these instructions."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return ("-mavx2", "-mfma") if {"avx2", "fma"} <= set(flags) else ()
+
+
+def _cxxflags() -> tuple[str, ...]:
+    return _CXXFLAGS + _isa_flags()
 
 
 class NativeUnavailable(RuntimeError):
@@ -84,7 +110,7 @@ def _command(cxx: str, root: Path, output: Path) -> list[str]:
     import jax.ffi
 
     libdir = _libdnnl(root)
-    return [cxx, *_CXXFLAGS, "-o", str(output), str(SOURCE), "-isystem", str(root / "include"),
+    return [cxx, *_cxxflags(), "-o", str(output), *map(str, SOURCES), "-isystem", str(root / "include"),
             "-isystem", jax.ffi.include_dir(), f"-L{libdir}", "-ldnnl", "-lgomp", f"-Wl,-rpath,{libdir}"]
 
 
@@ -93,14 +119,14 @@ def library_path(root: Path, cxx: str) -> Path:
     import jaxlib
 
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), str(root.resolve()).encode(),
-                 str(Path(cxx).resolve()).encode(), " ".join(_CXXFLAGS).encode()):
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), jaxlib.__version__.encode(), str(root.resolve()).encode(),
+                 str(Path(cxx).resolve()).encode(), " ".join(_cxxflags()).encode()):
         digest.update(part + b"\0")
     return cache_dir() / "native" / f"libcnnjax_dnnl-{digest.hexdigest()[:16]}.so"
 
 
 def build(root: Path, cxx: str) -> Path:
-    """Compiles dnnl_conv.cc unless the cached library exists; returns its path. The library is
+    """Compiles the sources unless the cached library exists; returns its path. The library is
     written under a temporary name and renamed into place, so concurrent builds (parallel test
     workers) never see a half-written file."""
     target = library_path(root, cxx)
@@ -113,7 +139,7 @@ def build(root: Path, cxx: str) -> Path:
         proc = subprocess.run(_command(cxx, root, Path(tmp)), capture_output=True, text=True)
         if proc.returncode != 0:
             raise NativeUnavailable(
-                f"compiling {SOURCE.name} with {cxx} against oneDNN in {root} failed:\n{proc.stderr[-4000:]}"
+                f"compiling {', '.join(f.name for f in SOURCES)} with {cxx} against oneDNN in {root} failed:\n{proc.stderr[-4000:]}"
             )
         os.replace(tmp, target)
     finally:

@@ -14,8 +14,6 @@
 // uses its own scratchpad (user scratchpad mode), so concurrent calls from XLA's threads are safe.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
@@ -27,6 +25,7 @@
 #include <vector>
 
 #include "dnnl.hpp"
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -225,56 +224,32 @@ std::string guarded(const std::function<void()>& f) {
 }
 
 // The batch split into `k` parts run as single-threaded oneDNN calls on XLA's own intra-op
-// threads (the calling thread takes parts too, so a busy pool never blocks it). Parts of the
-// kernel gradient are summed at the end.
-struct Split {
-  std::atomic<int64_t> next{0};
-  int64_t k = 0, finished = 0;
-  std::mutex mu;
-  std::condition_variable cv;
-  std::string error;
-  std::vector<std::vector<float>> partial_dw;  // parts 1..k-1 of the kernel gradient
-};
-
-void run_part(const std::shared_ptr<Split>& split, int pass, const Geometry& g, char* src, char* wei,
-              char* dst) {
-  for (int64_t i; (i = split->next.fetch_add(1)) < split->k;) {
-    int64_t base = g.n / split->k, extra = g.n % split->k;
-    int64_t start = i * base + std::min(i, extra);
-    Geometry part = g;
-    part.n = base + (i < extra ? 1 : 0);
-    char* s = src + start * g.h * g.w * g.c * sizeof(float);
-    char* d = dst + start * g.ho * g.wo * g.o * sizeof(float);
-    char* w = wei;
-    if (pass == kBackwardWeights && i > 0) w = reinterpret_cast<char*>(split->partial_dw[i - 1].data());
-    std::string error = guarded([&] { run_one(pass, part, s, w, d, /*single=*/true); });
-    std::lock_guard<std::mutex> lock(split->mu);
-    if (!error.empty() && split->error.empty()) split->error = error;
-    if (++split->finished == split->k) split->cv.notify_all();
-  }
-}
-
+// threads (cnnjax::parallel_parts). Parts of the kernel gradient are summed at the end.
 ffi::Error run(int pass, const Geometry& g, void* src, void* wei, void* dst, ffi::ThreadPool& pool,
                int64_t split_batch) {
-  int64_t k = split_batch ? std::min<int64_t>(pool.num_threads(), g.n) : 1;  // k <= n: no empty part
+  int64_t k = split_batch ? std::min<int64_t>(cnnjax::max_parts(pool), g.n) : 1;  // k <= n: no empty part
   char *s = static_cast<char*>(src), *w = static_cast<char*>(wei), *d = static_cast<char*>(dst);
   if (k <= 1) {
     std::string error = guarded([&] { run_one(pass, g, s, w, d, /*single=*/false); });
     return error.empty() ? ffi::Error::Success() : ffi::Error::Internal(error);
   }
-  auto split = std::make_shared<Split>();
-  split->k = k;
-  if (pass == kBackwardWeights) split->partial_dw.assign(k - 1, std::vector<float>(g.kh * g.kw * g.c * g.o));
-  for (int64_t t = 1; t < k; ++t) pool.Schedule([split, pass, g, s, w, d] { run_part(split, pass, g, s, w, d); });
-  run_part(split, pass, g, s, w, d);
-  {
-    std::unique_lock<std::mutex> lock(split->mu);
-    split->cv.wait(lock, [&] { return split->finished == split->k; });
-  }
-  if (!split->error.empty()) return ffi::Error::Internal(split->error);
+  std::vector<std::vector<float>> partial_dw;  // parts 1..k-1 of the kernel gradient
+  if (pass == kBackwardWeights) partial_dw.assign(k - 1, std::vector<float>(g.kh * g.kw * g.c * g.o));
+  std::string error = cnnjax::parallel_parts(pool, k, [&](int64_t i) {
+    int64_t begin, end;
+    cnnjax::part_range(g.n, k, i, begin, end);
+    Geometry part = g;
+    part.n = end - begin;
+    char* pw = pass == kBackwardWeights && i > 0 ? reinterpret_cast<char*>(partial_dw[i - 1].data()) : w;
+    return guarded([&] {
+      run_one(pass, part, s + begin * g.h * g.w * g.c * sizeof(float), pw,
+              d + begin * g.ho * g.wo * g.o * sizeof(float), /*single=*/true);
+    });
+  });
+  if (!error.empty()) return ffi::Error::Internal(error);
   if (pass == kBackwardWeights) {
     float* out = static_cast<float*>(wei);
-    for (const auto& part : split->partial_dw)
+    for (const auto& part : partial_dw)
       for (size_t j = 0; j < part.size(); ++j) out[j] += part[j];
   }
   return ffi::Error::Success();
