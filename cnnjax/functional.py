@@ -819,18 +819,17 @@ def batch_norm(
         if mode == "fused" and _is_traced(eps):
             raise ValueError("eps must be a concrete number for the fused BatchNorm gradient, got a traced value; "
                              "pass a Python float or vjp='autodiff'")
+        operands = (x, ones if scale is None else scale, zeros if bias is None else bias)
         if use_native:
-            args = vary_alike(x, ones if scale is None else scale, zeros if bias is None else bias,
-                              *(() if residual is None else (residual,)))
-            args = (*args, None) if residual is None else args
+            operands = vary_alike(*operands, *(() if residual is None else (residual,)))
+            args = (*operands[:3], None if residual is None else operands[3])
             static = (axis_name, fuse_relu, residual is not None)
             if mode == "fused":
                 y, mean, var = _batch_norm_native(*args, float(eps), *static)
             else:  # JAX differentiates the kernels through their references' derivatives
                 y, mean, var = _batch_norm_native_fwd(*args, eps, *static)[0]
         elif mode == "fused":
-            y, mean, var = _batch_norm_train(*vary_alike(x, ones if scale is None else scale,
-                                                          zeros if bias is None else bias), float(eps), axis_name)
+            y, mean, var = _batch_norm_train(*vary_alike(*operands), float(eps), axis_name)
         else:
             mean, var = batch_norm_statistics(x, axis_name=axis_name)
             y = batch_norm_apply(x, mean, var, scale, bias, eps=eps)
