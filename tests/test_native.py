@@ -189,16 +189,19 @@ def test_onednn_strided_1x1_matches_loops(shape, stride, padding):
 
 
 @needs_onednn
-def test_batch_split_over_xla_threads_matches_one_openmp_call(monkeypatch):
+@pytest.mark.parametrize("batch", [5, 37])
+def test_batch_split_over_xla_threads_matches_one_openmp_call(monkeypatch, batch):
     # 'xla' splits the batch over XLA's intra-op threads (the kernel gradient summed over the
-    # parts; 5 images make unequal parts on 2 or 4 threads); 'omp' is one oneDNN call.
+    # parts; 5 images make two unequal parts on 2 threads, 37 four parts of 9-10 images for the
+    # forward pass and input gradient, up to 8 per thread of at least 8 images); 'omp' is one
+    # oneDNN call.
     from cnnjax.native import onednn
 
     if len(os.sched_getaffinity(0)) < 2:  # XLA's pool has one thread: nothing would be split
         pytest.skip("one core: the split path does not run")
 
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((5, 9, 9, 6)).astype(np.float32)
+    x = rng.standard_normal((batch, 9, 9, 6)).astype(np.float32)
     w = rng.standard_normal((3, 3, 6, 8)).astype(np.float32)
 
     def run(mode):

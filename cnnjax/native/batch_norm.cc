@@ -30,7 +30,7 @@ namespace {
 
 constexpr int64_t kBlockRows = 64;             // rows summed in registers before adding to memory
 constexpr int64_t kFloatRows = 8;              // of which summed in float32 before float64
-constexpr int64_t kMinPartElements = 1 << 15;  // smaller tensors are not split over threads
+constexpr int64_t kMinPartElements = 1 << 15;  // no part of a split pass is smaller
 
 typedef float f4 __attribute__((vector_size(16)));
 typedef double d4 __attribute__((vector_size(32)));
@@ -73,8 +73,7 @@ ffi::Error check_same(const ffi::AnyBuffer::Dimensions& a, const ffi::AnyBuffer:
 }
 
 int64_t parts_for(const Rows& rows, ffi::ThreadPool& pool) {
-  int64_t by_size = rows.r * rows.c / kMinPartElements;
-  return std::max<int64_t>(1, std::min<int64_t>({cnnjax::max_parts(pool), by_size, rows.r}));
+  return cnnjax::part_count(pool, rows.r, (kMinPartElements + rows.c - 1) / std::max<int64_t>(rows.c, 1), 1);
 }
 
 // Runs body(part, begin, end) over the rows in k parts.

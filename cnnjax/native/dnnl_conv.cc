@@ -223,11 +223,19 @@ std::string guarded(const std::function<void()>& f) {
   return "";
 }
 
+constexpr int64_t kMinPartImages = 8;
+
 // The batch split into `k` parts run as single-threaded oneDNN calls on XLA's own intra-op
 // threads (cnnjax::parallel_parts). Parts of the kernel gradient are summed at the end.
 ffi::Error run(int pass, const Geometry& g, void* src, void* wei, void* dst, ffi::ThreadPool& pool,
                int64_t split_batch) {
-  int64_t k = split_batch ? std::min<int64_t>(cnnjax::max_parts(pool), g.n) : 1;  // k <= n: no empty part
+  // Parts of at least kMinPartImages images, and one per thread at least. The filter gradient
+  // keeps one part per thread: its parts' gradients are summed, and finer parts measured no
+  // faster (1.01x [0.86-1.54], ResNet-56, PERFORMANCE.md section 11).
+  int64_t threads = pool.num_threads();
+  int64_t k = !split_batch ? 1
+              : pass == kBackwardWeights ? std::min<int64_t>(threads, g.n)
+                                         : cnnjax::part_count(pool, g.n, kMinPartImages, threads);
   char *s = static_cast<char*>(src), *w = static_cast<char*>(wei), *d = static_cast<char*>(dst);
   if (k <= 1) {
     std::string error = guarded([&] { run_one(pass, g, s, w, d, /*single=*/false); });
