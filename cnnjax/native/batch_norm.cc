@@ -12,8 +12,8 @@
 //   cnnjax_bn_grad_sums_masked(gy, y, x)    -> s (2, C), g   the same sums, g = gy where y > 0, else 0
 //   cnnjax_bn_grad_apply(g, x, coef(5))     -> dx         dx = g coef[0] + x coef[1] + coef[2], g zero
 //                                                         where x coef[3] + coef[4] <= 0 (relu)
-// Sums (over rows, per channel) accumulate in float32 over blocks of rows and in float64 across
-// blocks. Rows are split over XLA's intra-op threads (cnnjax::parallel_parts); the parts' sums are
+// Sums (over rows, per channel) run in float32 over 8 rows and in float64 beyond. Rows are split
+// over XLA's intra-op threads (cnnjax::parallel_parts, cnnjax::part_count); the parts' sums are
 // added in a fixed order, so a result does not depend on which thread ran what.
 
 #include <algorithm>
