@@ -54,8 +54,10 @@ inline std::string parallel_parts(xla::ffi::ThreadPool& pool, int64_t k,
 constexpr int64_t kPartsPerThread = 8;
 
 // How many parts to split `items` into: up to kPartsPerThread per thread of XLA's pool, none of
-// fewer than `min_items` items, but at least `floor` parts (and at most `items`).
+// fewer than `min_items` items, but at least `floor` parts (and at most `items`). One thread: one
+// part (nothing to even out, and one call is cheaper than several).
 inline int64_t part_count(xla::ffi::ThreadPool& pool, int64_t items, int64_t min_items, int64_t floor) {
+  if (pool.num_threads() <= 1) return 1;
   int64_t k = std::min<int64_t>(kPartsPerThread * pool.num_threads(), items / std::max<int64_t>(min_items, 1));
   return std::max<int64_t>(1, std::min(items, std::max(k, floor)));
 }
