@@ -707,13 +707,15 @@ def batch_norm_statistics(x: Array, *, axis_name: str | None = None) -> tuple[Ar
     _check_bn_rank(x)
     axes = tuple(range(x.ndim - 1))
     x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axes)
-    mean_sq = jnp.mean(jnp.square(x32), axes)
+    return _mean_var(jnp.mean(x32, axes), jnp.mean(jnp.square(x32), axes), axis_name)
+
+
+def _mean_var(mean, mean_sq, axis_name):
+    """(mean, biased variance) from this device's E[x] and E[x^2], averaged over `axis_name`."""
     if axis_name is not None:
         mean, mean_sq = lax.pmean((mean, mean_sq), axis_name)
     # E[x^2] - E[x]^2 can round below zero.
-    var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-    return mean, var
+    return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
 
 
 def _bn_affine(mean, var, scale, bias, eps):
@@ -814,12 +816,12 @@ def batch_norm(
     float32 = x.dtype == jnp.float32 and (residual is None or residual.dtype == jnp.float32)
     use_native = _use_native(backend, BN_BACKEND, _BN_BACKENDS, float32)
     fuse_relu = use_native and act is relu  # into the kernels' passes, with the residual
-    ones, zeros = jnp.ones((c,), jnp.float32), jnp.zeros((c,), jnp.float32)
     if train:
         if mode == "fused" and _is_traced(eps):
             raise ValueError("eps must be a concrete number for the fused BatchNorm gradient, got a traced value; "
                              "pass a Python float or vjp='autodiff'")
-        operands = (x, ones if scale is None else scale, zeros if bias is None else bias)
+        operands = (x, jnp.ones((c,), jnp.float32) if scale is None else scale,
+                    jnp.zeros((c,), jnp.float32) if bias is None else bias)
         if use_native:
             operands = vary_alike(*operands, *(() if residual is None else (residual,)))
             args = (*operands[:3], None if residual is None else operands[3])
@@ -843,11 +845,9 @@ def batch_norm(
         else:
             y = batch_norm_apply(x, running_mean, running_var, scale, bias, eps=eps)
         new_stats = (running_mean, running_var)
-    if not use_native:
-        y = add_and_activate(y, residual, act)
-    elif act is not None and not fuse_relu:
-        y = act(y)
-    return y, new_stats
+    # What the kernels did not fuse: on XLA's path the residual and the activation, natively an
+    # activation other than ReLU.
+    return add_and_activate(y, None if use_native else residual, None if fuse_relu else act), new_stats
 
 
 def add_and_activate(y: Array, residual: Array | None = None, activation=None) -> Array:
@@ -921,11 +921,8 @@ def _batch_norm_native(x, scale, bias, residual, eps, axis_name, relu, has_resid
 
 
 def _batch_norm_native_fwd(x, scale, bias, residual, eps, axis_name, relu, has_residual):
-    sums, n = native_bn.sums(x), x.size // x.shape[-1]
-    if axis_name is not None:
-        sums, n = lax.psum(sums, axis_name), n * lax.psum(1, axis_name)
-    mean = sums[0] / n
-    var = jnp.maximum(sums[1] / n - jnp.square(mean), 0.0)  # E[x^2] - E[x]^2 can round below zero
+    moments = native_bn.sums(x) / (x.size // x.shape[-1])
+    mean, var = _mean_var(moments[0], moments[1], axis_name)
     mul, add = _bn_affine(mean, var, scale, bias, eps)
     y = native_bn.apply(x, jnp.stack([mul, add]), residual, relu=relu)
     keep_y = relu and has_residual  # the ReLU's mask is read from y (x alone does not give it)

@@ -15,7 +15,7 @@ arithmetic between them (and the sums across devices) left to XLA. Each is split
 intra-op threads, where XLA's fusions of the same passes run on one thread each (PERFORMANCE.md
 section 11).
 
-Each op's definition is also written with jax.numpy (`REFERENCES`); derivatives of an op are its
+Each op's definition is also written with jax.numpy (`reference_*`); derivatives of an op are its
 reference's (a custom JVP), so a gradient of a gradient, or a jvp, goes through XLA. The
 first-order training gradient is what runs on the kernels (functional's VJP calls grad_sums and
 grad_apply). Under vmap each call runs once per mapped element.
@@ -71,26 +71,22 @@ def reference_grad_apply(relu, g, x, coef):
 
 
 def _native_op(target: str, reference, results, *, relu_attr: bool):
-    """The op computed by the FFI handler `target`; `results(*arrays)` gives its result types.
-    With `relu_attr` the op's first argument is the static relu flag."""
+    """The op computed by the FFI handler `target`, called as op(relu, *arrays) with the static
+    relu flag first (None for handlers without one, `relu_attr` False, whose reference takes only
+    the arrays); `results(*arrays)` gives its result types."""
+    ref = reference if relu_attr else (lambda relu, *arrays: reference(*arrays))
 
-    def call(*args):
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+    def op(relu, *arrays):
         native.load()
-        relu, arrays = (args[0], args[1:]) if relu_attr else (None, args)
         attrs = {"relu": np.int64(bool(relu))} if relu_attr else {}
         out = jax.ffi.ffi_call(target, results(*arrays), vmap_method="sequential")(*arrays, **attrs)
         return jax.tree.map(lambda o: vary_as(o, *arrays), out)
 
-    op = jax.custom_jvp(call, nondiff_argnums=(0,) if relu_attr else ())
+    @op.defjvp
+    def _jvp(relu, primals, tangents):
+        return op(relu, *primals), jax.jvp(functools.partial(ref, relu), primals, tangents)[1]
 
-    if relu_attr:
-        @op.defjvp
-        def _jvp(relu, primals, tangents):
-            return op(relu, *primals), jax.jvp(functools.partial(reference, relu), primals, tangents)[1]
-    else:
-        @op.defjvp
-        def _jvp(primals, tangents):
-            return op(*primals), jax.jvp(reference, primals, tangents)[1]
     return op
 
 
@@ -129,7 +125,7 @@ def _check(x, coef=None, k: int = 0, **same):
 def sums(x):
     """[sum x, sum x^2] per channel, (2, C)."""
     _check(x)
-    return _sums(x)
+    return _sums(None, x)
 
 
 def apply(x, coef, residual=None, *, relu: bool = False):
@@ -152,7 +148,7 @@ def grad_sums(gy, x, coef, *, relu: bool = False):
 def grad_sums_masked(gy, y, x):
     """([sum g, sum g x], g) with g = gy where y > 0, else 0 (a ReLU's output y)."""
     _check(x, gy=gy, y=y)
-    return _grad_sums_masked(gy, y, x)
+    return _grad_sums_masked(None, gy, y, x)
 
 
 def grad_apply(g, x, coef, *, relu: bool = False):
@@ -161,6 +157,3 @@ def grad_apply(g, x, coef, *, relu: bool = False):
     _check(x, coef, 5, g=g)
     return _grad_apply(bool(relu), g, x, coef)
 
-
-REFERENCES = {"sums": reference_sums, "apply": reference_apply, "grad_sums": reference_grad_sums,
-              "grad_sums_masked": reference_grad_sums_masked, "grad_apply": reference_grad_apply}
