@@ -17,8 +17,8 @@ On Linux x86-64 cnnjax depends on oneDNN's CPU build and headers from PyPI (`one
 and XLA's convolutions run without them. The first call compiles
 the sources with the system's C++ compiler (a few seconds, once) into a cache directory:
 `$CNNJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/cnnjax`, else `~/.cache/cnnjax`. The library is named
-by a hash of its source, the jaxlib version, the oneDNN location and the compiler, so a change
-to any of them rebuilds it. `CNNJAX_DNNL_ROOT` points at another oneDNN 3.x installation (a
+by a hash of its sources, the jaxlib version, the oneDNN location, the compiler and its flags
+(with -mavx2 -mfma where the CPU has them), so a change to any of them rebuilds it. `CNNJAX_DNNL_ROOT` points at another oneDNN 3.x installation (a
 directory with include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so); `CXX` names the compiler.
 
 `available()` says whether the kernels can be used here (building them if needed) and
@@ -115,7 +115,7 @@ def _command(cxx: str, root: Path, output: Path) -> list[str]:
 
 
 def library_path(root: Path, cxx: str) -> Path:
-    """The cached library for this source, jaxlib, oneDNN and compiler."""
+    """The cached library for these sources, jaxlib, oneDNN, compiler and flags."""
     import jaxlib
 
     digest = hashlib.sha256()

@@ -49,8 +49,8 @@ inline std::string parallel_parts(xla::ffi::ThreadPool& pool, int64_t k,
 
 // Parts per thread of a split call. Parts are claimed one at a time, so with several per thread
 // a thread that starts late (busy, or still waking up) takes fewer, and the caller waits less for
-// the last one (PERFORMANCE.md section 11: 8 per thread made the ResNet-56 step 1.04-1.09x
-// faster than one per thread on two threads).
+// the last one (PERFORMANCE.md section 11: 8 convolution parts per thread made the ResNet-56
+// step 1.03-1.09x faster than one per thread on two threads, in five interleaved probes).
 constexpr int64_t kPartsPerThread = 8;
 
 // How many parts to split `items` into: up to kPartsPerThread per thread of XLA's pool, none of
