@@ -41,6 +41,7 @@ IMPLS = ("cnnjax", "flax", "torch-cl", "torch-nchw")
 CONV_VJPS, BN_VJPS = xla_flags.CONV_VJP_MODES, xla_flags.BN_VJP_MODES  # cnnjax.functional's gradient paths
 CONV_BACKENDS = xla_flags.CONV_BACKENDS  # who computes cnnjax.functional.conv2d
 BN_BACKENDS = xla_flags.BN_BACKENDS  # who computes cnnjax.functional.batch_norm's passes
+CONV_WEIGHTS = xla_flags.CONV_WEIGHTS  # who computes the filter gradients of cnnjax's oneDNN convolutions
 MALLOCS = ("auto", "tuned", "default")  # the C allocator: as entry points set it, cnnjax.xla_flags.tune_malloc(), glibc's
 MODES = ("train", "eval")
 DTYPES = ("float32", "bfloat16")
@@ -76,6 +77,9 @@ class Spec:
         'onednn' or 'xla'; cnnjax workers only).
       bn_backend: who computes cnnjax's BatchNorm passes, `cnnjax.functional.BN_BACKEND` ('auto',
         'native' or 'xla'; cnnjax workers only).
+      conv_weights: who computes the filter gradient of a convolution on the oneDNN path:
+        'direct' (cnnjax's own kernel, `cnnjax.native.onednn.WEIGHTS`, where it applies), 'onednn',
+        or 'auto' (the library's default, 'direct'); cnnjax workers only.
       malloc: the C allocator, for every implementation (torch gains from it too): 'auto' (what
         cnnjax's entry points do: `cnnjax.xla_flags.tune_malloc()` on a CPU host unless
         CNNJAX_CPU_MALLOC=0), 'tuned' (always) or 'default' (glibc's own settings).
@@ -95,6 +99,7 @@ class Spec:
     malloc: str = "auto"
     conv_backend: str = "auto"
     bn_backend: str = "auto"
+    conv_weights: str = "auto"
 
     def validate(self) -> Spec:
         if self.impl not in IMPLS:
@@ -116,7 +121,7 @@ class Spec:
         if self.malloc not in MALLOCS:
             raise ValueError(f"malloc={self.malloc!r}; choose one of {MALLOCS}")
         for name, choices in (("conv_vjp", CONV_VJPS), ("bn_vjp", BN_VJPS), ("conv_backend", CONV_BACKENDS),
-                               ("bn_backend", BN_BACKENDS)):
+                               ("bn_backend", BN_BACKENDS), ("conv_weights", CONV_WEIGHTS)):
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"{name}={value!r}; choose one of {choices}")
@@ -139,6 +144,7 @@ class Spec:
         vjp += "" if self.bn_vjp == "auto" else f",bn={self.bn_vjp}"
         vjp += "" if self.conv_backend == "auto" else f",conv={self.conv_backend}"
         vjp += "" if self.bn_backend == "auto" else f",bn_lib={self.bn_backend}"
+        vjp += "" if self.conv_weights == "auto" else f",dw={self.conv_weights}"
         vjp += "" if self.malloc == "auto" else f",malloc={self.malloc}"
         return f"{base}[{self.xla}{vjp}]" if self.is_jax else base + (f"[{vjp[1:]}]" if vjp else "")
 
@@ -294,6 +300,7 @@ class _JaxRunner(_Runner):
         from cnnjax import analysis, models
         from cnnjax import functional as F
         from cnnjax import native
+        from cnnjax.native import onednn
         from cnnjax.train import create_train_state, make_eval_step, make_train_step
 
         jax.config.update("jax_enable_compilation_cache", False)
@@ -338,6 +345,8 @@ class _JaxRunner(_Runner):
             "conv_vjp": F.CONV_VJP, "bn_vjp": F.BN_VJP, "conv_backend": F.CONV_BACKEND,
             "bn_backend": F.BN_BACKEND, "onednn_calls": onednn_calls, "native_bn_calls": bn_calls,
             "onednn": native.dnnl_version() if onednn_calls else None,
+            "conv_weights": onednn.WEIGHTS if onednn_calls else None,
+            "direct_weights_kernel": native.direct_conv_weights() if onednn_calls else None,
         }
 
     def step(self, mode: str, n: int) -> None:
@@ -475,6 +484,10 @@ def worker_env(spec: Spec, parent: Mapping[str, str]) -> dict[str, str]:
     (XLA_PYTHON_CLIENT_PREALLOCATE=false, unless the parent sets it)."""
     env = dict(parent, **{xla_flags.ENV_SWITCH: "0", "CNNJAX_CONV_VJP": spec.conv_vjp, "CNNJAX_BN_VJP": spec.bn_vjp,
                           "CNNJAX_CONV_BACKEND": spec.conv_backend, "CNNJAX_BN_BACKEND": spec.bn_backend})
+    if spec.conv_weights == "auto":  # the library's default, as 'auto' means for the settings above
+        env.pop("CNNJAX_CONV_WEIGHTS", None)
+    else:
+        env["CNNJAX_CONV_WEIGHTS"] = spec.conv_weights
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if spec.is_jax:
         env["XLA_FLAGS"] = worker_xla_flags(spec.xla, parent.get("XLA_FLAGS", ""))
@@ -713,6 +726,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cnnjax convolution libraries to compare (auto: oneDNN on the CPU where installed, see cnnjax.native)")
     p.add_argument("--bn-backend", nargs="+", choices=BN_BACKENDS, default=["auto"],
                    help="who computes cnnjax's BatchNorm passes, to compare (auto: the native kernels on the CPU where built)")
+    p.add_argument("--conv-weights", nargs="+", choices=CONV_WEIGHTS, default=["auto"],
+                   help="who computes the filter gradients of cnnjax's oneDNN convolutions, to compare "
+                        "(auto: cnnjax's own kernel where it applies, see cnnjax.native.onednn.WEIGHTS)")
     p.add_argument("--malloc", nargs="+", choices=MALLOCS, default=["auto"],
                    help="C allocator settings to compare, for every implementation (auto: as the entry points, tuned on a CPU host; tuned: cnnjax.xla_flags.tune_malloc)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -741,12 +757,13 @@ def specs_from_args(args: argparse.Namespace) -> list[Spec]:
         for xla in (args.xla if not impl.startswith("torch") else ["default"]):
             xla = auto_xla() if xla == "auto" else xla
             ours = impl == "cnnjax"
-            for vjp, bn_vjp, backend, bn_backend, malloc in itertools.product(
+            for vjp, bn_vjp, backend, bn_backend, weights, malloc in itertools.product(
                     args.conv_vjp if ours else ["auto"], args.bn_vjp if ours else ["auto"],
-                    args.conv_backend if ours else ["auto"], args.bn_backend if ours else ["auto"], args.malloc):
+                    args.conv_backend if ours else ["auto"], args.bn_backend if ours else ["auto"],
+                    args.conv_weights if ours else ["auto"], args.malloc):
                 spec = Spec(impl, args.model, args.batch_size, args.dtype, xla, scan_blocks=args.scan_blocks and ours,
                             threads=args.threads, conv_vjp=vjp, bn_vjp=bn_vjp, malloc=malloc, conv_backend=backend,
-                            bn_backend=bn_backend)
+                            bn_backend=bn_backend, conv_weights=weights)
                 if spec.label not in {s.label for s in specs}:
                     specs.append(spec.validate())
     if any(not s.is_jax for s in specs):

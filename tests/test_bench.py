@@ -166,6 +166,8 @@ def test_worker_flags_drop_inherited_preset_flags_only():
     (dict(impl="flax", conv_backend="onednn"), "conv_backend is a cnnjax option"),
     (dict(bn_backend="cudnn"), "bn_backend='cudnn'"),
     (dict(impl="torch-cl", bn_backend="native"), "bn_backend is a cnnjax option"),
+    (dict(conv_weights="brgemm"), "conv_weights='brgemm'"),
+    (dict(impl="flax", conv_weights="onednn"), "conv_weights is a cnnjax option"),
 ])
 def test_spec_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -186,6 +188,12 @@ def test_gradient_paths_multiply_the_cnnjax_workers_only():
     assert [s.label for s in bench.specs_from_args(args)] == ["cnnjax[fast]", "cnnjax[fast,conv=xla]", "flax[fast]"]
     args = p.parse_args(["--impl", "cnnjax", "flax", "--bn-backend", "auto", "xla", "--xla", "fast"])
     assert [s.label for s in bench.specs_from_args(args)] == ["cnnjax[fast]", "cnnjax[fast,bn_lib=xla]", "flax[fast]"]
+    args = p.parse_args(["--impl", "cnnjax", "flax", "--conv-weights", "auto", "onednn", "--xla", "fast"])
+    specs = bench.specs_from_args(args)
+    assert [s.label for s in specs] == ["cnnjax[fast]", "cnnjax[fast,dw=onednn]", "flax[fast]"]
+    # 'auto' is the library's default whatever the parent set; a choice is passed on.
+    assert "CNNJAX_CONV_WEIGHTS" not in bench.worker_env(specs[0], {"CNNJAX_CONV_WEIGHTS": "onednn"})
+    assert bench.worker_env(specs[1], {})["CNNJAX_CONV_WEIGHTS"] == "onednn"
     # The allocator setting applies to every implementation, torch included.
     args = p.parse_args(["--impl", "cnnjax", "torch-cl", "--malloc", "auto", "default", "--xla", "fast"])
     labels = [s.label for s in bench.specs_from_args(args)]

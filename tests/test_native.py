@@ -216,6 +216,61 @@ def test_batch_split_over_xla_threads_matches_one_openmp_call(monkeypatch, batch
         F.conv2d(x, w, backend="onednn")
 
 
+def test_direct_filter_gradient_is_built_where_the_cpu_has_avx2_and_fma():
+    if not ONEDNN:
+        pytest.skip(f"oneDNN kernels unavailable: {native.unavailable_reason()}")
+    assert native.direct_conv_weights() is ("-mfma" in native._isa_flags())
+
+
+# (batch, image, in channels, out channels, kernel, stride, padding, dilation): each takes the
+# direct filter gradient (out channels a multiple of 8).
+DIRECT_CASES = [
+    (5, (9, 9), 5, 8, (3, 3), (1, 1), 1, (1, 1)),  # one 8-wide tile; 5 images in two unequal parts
+    (3, (8, 8), 13, 40, (3, 3), (1, 1), 1, (1, 1)),  # input channels in blocks of 5, 4, 4; outputs 16 + 16 + 8
+    (2, (11, 10), 7, 24, (3, 3), (2, 2), ((2, 0), (3, 1)), (1, 1)),  # asymmetric padding, rows left unread
+    (2, (12, 10), 6, 16, (3, 3), (1, 1), 2, (2, 2)),  # dilation
+    (2, (3, 3), 3, 8, (3, 3), (1, 1), 2, (3, 3)),  # taps that read only padding
+    (2, (3, 3), 2, 8, (3, 3), (2, 2), 1, (2, 2)),  # a tap whose one row is the one past the image (stride 2)
+    (1, (7, 7), 3, 16, (5, 5), (2, 2), 6, (1, 1)),  # padding wider than the kernel
+    (3, (10, 10), 4, 8, (7, 3), (3, 1), ((3, 3), (1, 1)), (1, 1)),  # unequal kernel sides and strides
+    (2, (9, 9), 12, 32, (1, 1), (1, 1), 0, (1, 1)),  # 1x1
+    (4, (6, 6), 64, 64, (3, 3), (1, 1), 1, (1, 1)),  # a ResNet-56 stage-3 layer's channels (11 blocks)
+]
+
+
+@needs_onednn
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=[str(i) for i in range(len(DIRECT_CASES))])
+def test_direct_filter_gradient_matches_loops_and_onednn(monkeypatch, case):
+    from cnnjax.native import onednn
+
+    if not native.direct_conv_weights():
+        pytest.skip("this CPU lacks AVX2/FMA: oneDNN computes every filter gradient")
+    n, hw, cin, cout, k, stride, padding, dilation = case
+    rng = np.random.default_rng(sum(map(hash, map(str, case))) % 2**32)
+    x = rng.standard_normal((n, *hw, cin)).astype(np.float32)
+    w = rng.standard_normal((*k, cin, cout)).astype(np.float32)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, backend="onednn")
+    g = rng.standard_normal(jax.eval_shape(lambda x, w: F.conv2d(x, w, **kw), x, w).shape).astype(np.float32)
+
+    def grads(mode):
+        monkeypatch.setattr(onednn, "WEIGHTS", mode)  # read at trace time: each call traces anew
+        f = jax.jit(jax.grad(lambda x, w: jnp.sum(F.conv2d(x, w, **kw) * g), (0, 1)))
+        assert f"direct = {int(mode == 'direct')} : i64" in f.lower(x, w).as_text()
+        return f(x, w)
+
+    dx, dw = grads("direct")
+    pads = F.resolve_padding(padding, hw, k, stride, dilation)
+    want_dx, want_dw = np_conv2d_grads(x, w, g, stride, pads, dilation)
+    np.testing.assert_allclose(np.asarray(dw), want_dw, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(dx), want_dx, atol=1e-4, rtol=1e-4)
+    onednn_dx, onednn_dw = grads("onednn")
+    np.testing.assert_array_equal(np.asarray(dx), np.asarray(onednn_dx))  # the input gradient is oneDNN's in both
+    np.testing.assert_allclose(np.asarray(dw), np.asarray(onednn_dw), atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(onednn, "WEIGHTS", "brgemm")
+    with pytest.raises(ValueError, match="CNNJAX_CONV_WEIGHTS"):
+        jax.grad(lambda w: jnp.sum(F.conv2d(x, w, **kw)))(w)
+
+
 def test_install_hint_names_the_packages_pyproject_pins():
     import pathlib
     import tomllib

@@ -42,7 +42,7 @@ from pathlib import Path
 
 _HERE = Path(__file__).parent
 SOURCES = (_HERE / "dnnl_conv.cc", _HERE / "batch_norm.cc")  # compiled together into one library
-HEADERS = (_HERE / "parallel.h",)
+HEADERS = (_HERE / "parallel.h", _HERE / "conv_weights.h")
 CONV_TARGETS = ("cnnjax_dnnl_conv_fwd", "cnnjax_dnnl_conv_bwd_data", "cnnjax_dnnl_conv_bwd_weights")
 BN_TARGETS = ("cnnjax_bn_sums", "cnnjax_bn_apply", "cnnjax_bn_apply_residual", "cnnjax_bn_grad_sums",
               "cnnjax_bn_grad_sums_masked", "cnnjax_bn_grad_apply")
@@ -199,3 +199,9 @@ def unavailable_reason() -> str:
 def dnnl_version() -> str:
     """The version of the oneDNN library the kernels run on, e.g. '3.2.0'."""
     return load().cnnjax_dnnl_version().decode()
+
+
+def direct_conv_weights() -> bool:
+    """Whether the library has cnnjax's own filter-gradient kernel (conv_weights.h: built where
+    the CPU has AVX2 and FMA); elsewhere oneDNN computes every filter gradient."""
+    return bool(load().cnnjax_conv_weights_kernel())

@@ -24,6 +24,7 @@
 #include <tuple>
 #include <vector>
 
+#include "conv_weights.h"
 #include "dnnl.hpp"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -225,20 +226,32 @@ std::string guarded(const std::function<void()>& f) {
 
 constexpr int64_t kMinPartImages = 8;
 
+cnnjax::ConvShape shape_of(const Geometry& g) {
+  return {g.n, g.h, g.w, g.c, g.kh, g.kw, g.o, g.ho, g.wo, g.sh, g.sw, g.pt, g.pl, g.dh, g.dw};
+}
+
 // The batch split into `k` parts run as single-threaded oneDNN calls on XLA's own intra-op
-// threads (cnnjax::parallel_parts). Parts of the kernel gradient are summed at the end.
+// threads (cnnjax::parallel_parts). Parts of the kernel gradient are summed at the end, in part
+// order. With `direct_weights`, the filter gradient is conv_weights.h's where that applies (split
+// the same way, also when oneDNN would run on its OpenMP threads).
 ffi::Error run(int pass, const Geometry& g, void* src, void* wei, void* dst, ffi::ThreadPool& pool,
-               int64_t split_batch) {
+               int64_t split_batch, bool direct_weights = false) {
+  bool direct = direct_weights && pass == kBackwardWeights && cnnjax::conv_weights_supported(shape_of(g));
   // Parts of at least kMinPartImages images, and one per thread at least. The filter gradient
   // keeps one part per thread: its parts' gradients are summed, and finer parts measured no
   // faster (1.01x [0.86-1.54], ResNet-56, PERFORMANCE.md section 11).
   int64_t threads = pool.num_threads();
-  int64_t k = !split_batch ? 1
+  int64_t k = !split_batch && !direct ? 1
               : pass == kBackwardWeights ? std::min<int64_t>(threads, g.n)
                                          : cnnjax::part_count(pool, g.n, kMinPartImages, threads);
+  auto one = [&](const Geometry& part, char* ps, char* pw, char* pd, bool single) {
+    if (!direct) return run_one(pass, part, ps, pw, pd, single);
+    cnnjax::conv_weights(shape_of(part), reinterpret_cast<const float*>(ps), reinterpret_cast<const float*>(pd),
+                         reinterpret_cast<float*>(pw));
+  };
   char *s = static_cast<char*>(src), *w = static_cast<char*>(wei), *d = static_cast<char*>(dst);
   if (k <= 1) {
-    std::string error = guarded([&] { run_one(pass, g, s, w, d, /*single=*/false); });
+    std::string error = guarded([&] { one(g, s, w, d, /*single=*/false); });
     return error.empty() ? ffi::Error::Success() : ffi::Error::Internal(error);
   }
   std::vector<std::vector<float>> partial_dw;  // parts 1..k-1 of the kernel gradient
@@ -249,10 +262,8 @@ ffi::Error run(int pass, const Geometry& g, void* src, void* wei, void* dst, ffi
     Geometry part = g;
     part.n = end - begin;
     char* pw = pass == kBackwardWeights && i > 0 ? reinterpret_cast<char*>(partial_dw[i - 1].data()) : w;
-    return guarded([&] {
-      run_one(pass, part, s + begin * g.h * g.w * g.c * sizeof(float), pw,
-              d + begin * g.ho * g.wo * g.o * sizeof(float), /*single=*/true);
-    });
+    char *ps = s + begin * g.h * g.w * g.c * sizeof(float), *pd = d + begin * g.ho * g.wo * g.o * sizeof(float);
+    return guarded([&] { one(part, ps, pw, pd, /*single=*/true); });
   });
   if (!error.empty()) return ffi::Error::Internal(error);
   if (pass == kBackwardWeights) {
@@ -268,9 +279,11 @@ ffi::Error run(int pass, const Geometry& g, void* src, void* wei, void* dst, ffi
 ffi::Error checked_run(int pass, ffi::AnyBuffer::Dimensions act, ffi::AnyBuffer::Dimensions out,
                        ffi::AnyBuffer::Dimensions wei, void* src, void* wei_data, void* dst,
                        ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
-                       ffi::Span<const int64_t> dilation, int64_t split_batch, ffi::ThreadPool& pool) {
+                       ffi::Span<const int64_t> dilation, int64_t split_batch, ffi::ThreadPool& pool,
+                       bool direct_weights = false) {
   if (auto e = check_attrs(strides, padding, dilation); !e.success()) return e;
-  return run(pass, geometry(act, out, wei, strides, padding, dilation), src, wei_data, dst, pool, split_batch);
+  return run(pass, geometry(act, out, wei, strides, padding, dilation), src, wei_data, dst, pool, split_batch,
+             direct_weights);
 }
 
 using Attrs = ffi::Span<const int64_t>;
@@ -290,14 +303,14 @@ ffi::Error conv_bwd_data(F32 dy, F32 w, F32Result dx, Attrs strides, Attrs paddi
 }
 
 ffi::Error conv_bwd_weights(F32 x, F32 dy, F32Result dw, Attrs strides, Attrs padding, Attrs dilation,
-                            int64_t split, ffi::ThreadPool pool) {
+                            int64_t split, int64_t direct, ffi::ThreadPool pool) {
   return checked_run(kBackwardWeights, x.dimensions(), dy.dimensions(), dw->dimensions(), x.untyped_data(),
-                     dw->untyped_data(), dy.untyped_data(), strides, padding, dilation, split, pool);
+                     dw->untyped_data(), dy.untyped_data(), strides, padding, dilation, split, pool, direct != 0);
 }
 
 }  // namespace
 
-#define CNNJAX_CONV_BINDING                        \
+#define CNNJAX_CONV_ATTRS                          \
   ffi::Ffi::Bind()                                 \
       .Arg<ffi::Buffer<ffi::F32, 4>>()             \
       .Arg<ffi::Buffer<ffi::F32, 4>>()             \
@@ -305,12 +318,13 @@ ffi::Error conv_bwd_weights(F32 x, F32 dy, F32Result dw, Attrs strides, Attrs pa
       .Attr<ffi::Span<const int64_t>>("strides")   \
       .Attr<ffi::Span<const int64_t>>("padding")   \
       .Attr<ffi::Span<const int64_t>>("dilation")  \
-      .Attr<int64_t>("split_batch")                \
-      .Ctx<ffi::ThreadPool>()
+      .Attr<int64_t>("split_batch")
+#define CNNJAX_CONV_BINDING CNNJAX_CONV_ATTRS.Ctx<ffi::ThreadPool>()
+#define CNNJAX_CONV_WEIGHTS_BINDING CNNJAX_CONV_ATTRS.Attr<int64_t>("direct").Ctx<ffi::ThreadPool>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnjax_dnnl_conv_fwd, conv_fwd, CNNJAX_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnjax_dnnl_conv_bwd_data, conv_bwd_data, CNNJAX_CONV_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnjax_dnnl_conv_bwd_weights, conv_bwd_weights, CNNJAX_CONV_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(cnnjax_dnnl_conv_bwd_weights, conv_bwd_weights, CNNJAX_CONV_WEIGHTS_BINDING);
 
 extern "C" const char* cnnjax_dnnl_version() {
   static std::string v = [] {
@@ -319,3 +333,6 @@ extern "C" const char* cnnjax_dnnl_version() {
   }();
   return v.c_str();
 }
+
+// Whether this build has conv_weights.h's filter gradient (AVX2 and FMA).
+extern "C" int cnnjax_conv_weights_kernel() { return CNNJAX_CONV_WEIGHTS_KERNEL; }

@@ -52,13 +52,26 @@ Geometry = tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]], tuple
 Shape = tuple[int, ...]
 
 
-def _call(target: str, shape: Shape, a, b, geometry: Geometry):
+# Who computes the filter gradient: 'direct' is cnnjax's own kernel (native/conv_weights.h) where
+# it applies (AVX2 and FMA, output channels a multiple of 8), oneDNN elsewhere; 'onednn' always
+# oneDNN. Read at trace time; CNNJAX_CONV_WEIGHTS sets it for a process (PERFORMANCE.md section 12).
+WEIGHTS = os.environ.get("CNNJAX_CONV_WEIGHTS", "direct")
+WEIGHTS_MODES = ("direct", "onednn")
+
+
+def _weights_mode() -> str:
+    if WEIGHTS not in WEIGHTS_MODES:
+        raise ValueError(f"CNNJAX_CONV_WEIGHTS / onednn.WEIGHTS must be one of {WEIGHTS_MODES}, got {WEIGHTS!r}")
+    return WEIGHTS
+
+
+def _call(target: str, shape: Shape, a, b, geometry: Geometry, **attrs):
     """One custom call, whose result has `shape`."""
     native.load()
     strides, ((top, bottom), (left, right)), dilation = geometry
     y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(shape), jnp.float32), vmap_method="sequential")(
         a, b, strides=np.asarray(strides, np.int64), padding=np.asarray([top, bottom, left, right], np.int64),
-        dilation=np.asarray(dilation, np.int64), split_batch=np.int64(_threads_mode() == "xla"))
+        dilation=np.asarray(dilation, np.int64), split_batch=np.int64(_threads_mode() == "xla"), **attrs)
     return vary_as(y, a, b)
 
 
@@ -74,7 +87,8 @@ def conv_backward_data(dy, w, geometry: Geometry, x_shape: Shape):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_backward_weights(x, dy, geometry: Geometry, w_shape: Shape):
-    return _call("cnnjax_dnnl_conv_bwd_weights", w_shape, x, dy, geometry)
+    return _call("cnnjax_dnnl_conv_bwd_weights", w_shape, x, dy, geometry,
+                 direct=np.int64(_weights_mode() == "direct"))
 
 
 def _conv_fwd(x, w, geometry, y_shape):
