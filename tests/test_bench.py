@@ -401,6 +401,8 @@ def test_run_side_by_side():
     assert other["onednn_calls"] == 0 and other["onednn"] is None
     onednn_expected = ref["platform"] == "cpu" and native.available()
     assert (ref["onednn_calls"] >= 4) is onednn_expected and (ref["onednn"] is not None) is onednn_expected
+    assert ref["conv_weights"] == ("direct" if onednn_expected else None) and other["conv_weights"] is None
+    assert ref["direct_weights_kernel"] is (native.direct_conv_weights() if onednn_expected else None)
     glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
     assert ref["malloc_tuned"] is (glibc and xla_flags.malloc_wanted())  # auto: as the entry points do
     # The ratio is taken round by round (same load), then the median.

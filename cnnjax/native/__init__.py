@@ -205,3 +205,10 @@ def direct_conv_weights() -> bool:
     """Whether the library has cnnjax's own filter-gradient kernel (conv_weights.h: built where
     the CPU has AVX2 and FMA); elsewhere oneDNN computes every filter gradient."""
     return bool(load().cnnjax_conv_weights_kernel())
+
+
+def direct_conv_weights_calls() -> int:
+    """How many filter gradients that kernel has computed in this process (calls, not parts)."""
+    lib = load()
+    lib.cnnjax_conv_weights_calls.restype = ctypes.c_int64
+    return lib.cnnjax_conv_weights_calls()

@@ -1,8 +1,7 @@
 // The filter gradient of a float32 NHWC convolution, computed directly (cnnjax.native): the kernel
-// cnnjax_dnnl_conv_bwd_weights runs instead of oneDNN's where the CPU has AVX2 and FMA and the
-// output channels are a multiple of 8 (PERFORMANCE.md section 12: oneDNN 3.2's jit:avx2 filter
-// gradient for channels-last tensors reached 38-44 GFLOP/s in a ResNet-56 step, its forward pass
-// 57-77).
+// cnnjax_dnnl_conv_bwd_weights runs instead of oneDNN's where the CPU has AVX2 and FMA and
+// conv_weights_supported says so (PERFORMANCE.md section 12: oneDNN 3.2's jit:avx2 filter gradient for channels-last tensors reached 38-44
+// GFLOP/s in a ResNet-56 step, its forward pass 57-77).
 //
 //   dw[kh, kw, c, o] = sum over n, i, j of x[n, i*sh + kh*dh - pt, j*sw + kw*dw - pl, c] dy[n, i, j, o]
 //
@@ -38,9 +37,12 @@ inline void valid_range(int64_t out, int64_t size, int64_t s, int64_t off, int64
   hi = off > size - 1 ? 0 : std::min(out, (size - 1 - off) / s + 1);
 }
 
-// Whether conv_weights computes this convolution's filter gradient (else oneDNN does).
+// Whether conv_weights computes this convolution's filter gradient (else oneDNN does): output
+// channels a multiple of 8; at least 8 input channels, so that every tile is 4-6 channels high;
+// and a column stride of 1, so that consecutive pixels of x are read. oneDNN's was faster with 3
+// input channels (a network's first layer) and with stride 2 (PERFORMANCE.md section 12).
 inline bool conv_weights_supported(const ConvShape& g) {
-  return CNNJAX_CONV_WEIGHTS_KERNEL && g.o % 8 == 0 && g.c > 0 && g.n > 0;
+  return CNNJAX_CONV_WEIGHTS_KERNEL && g.o % 8 == 0 && g.c >= 8 && g.sw == 1 && g.n > 0;
 }
 
 #if CNNJAX_CONV_WEIGHTS_KERNEL
@@ -87,17 +89,15 @@ inline void conv_weights_tile(const ConvShape& g, const float* x, const float* d
 template <int OV>
 inline void conv_weights_block(const ConvShape& g, const float* x, const float* dy, float* dw, int64_t kh,
                                int64_t kw, int64_t c0, int64_t cb, int64_t o0, bool first) {
-  switch (cb) {
-    case 1: return conv_weights_tile<1, OV>(g, x, dy, dw, kh, kw, c0, o0, first);
-    case 2: return conv_weights_tile<2, OV>(g, x, dy, dw, kh, kw, c0, o0, first);
-    case 3: return conv_weights_tile<3, OV>(g, x, dy, dw, kh, kw, c0, o0, first);
+  switch (cb) {  // 4 to 6 with at least 8 channels in blocks as even as they come
     case 4: return conv_weights_tile<4, OV>(g, x, dy, dw, kh, kw, c0, o0, first);
     case 5: return conv_weights_tile<5, OV>(g, x, dy, dw, kh, kw, c0, o0, first);
     default: return conv_weights_tile<6, OV>(g, x, dy, dw, kh, kw, c0, o0, first);
   }
 }
 
-// dw (KH, KW, C, O) of the g.n images of x (N, H, W, C) and dy (N, Ho, Wo, O); conv_weights_supported(g).
+// dw (KH, KW, C, O) of the g.n images of x (N, H, W, C) and dy (N, Ho, Wo, O); needs
+// conv_weights_supported(g).
 inline void conv_weights(const ConvShape& g, const float* x, const float* dy, float* dw) {
   constexpr int64_t kMaxBlock = 6;  // input channels per tile: 6 x 16 outputs = 12 accumulators
   int64_t blocks = (g.c + kMaxBlock - 1) / kMaxBlock;

@@ -7,13 +7,16 @@
 //   cnnjax_dnnl_conv_bwd_weights  dw = d conv / d w (x, dy)  x, dy                      -> dw (KH,KW,C,O)
 // Attributes: strides (2), padding (4: top, bottom, left, right), dilation (2), all int64 arrays;
 // split_batch (int64): 1 splits the batch over XLA's intra-op threads, each part a single-threaded
-// oneDNN call; 0 runs one call on oneDNN's own OpenMP threads.
+// oneDNN call; 0 runs one call on oneDNN's own OpenMP threads. cnnjax_dnnl_conv_bwd_weights also
+// takes direct (int64): 1 computes the filter gradient with conv_weights.h's kernel where it
+// applies (split over XLA's threads whatever split_batch says), oneDNN elsewhere.
 //
 // oneDNN picks its own blocked weight layout; the kernel is reordered into it (and the filter
 // gradient out of it) inside the call. Primitives are built once per shape and kept; every call
 // uses its own scratchpad (user scratchpad mode), so concurrent calls from XLA's threads are safe.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
@@ -226,6 +229,8 @@ std::string guarded(const std::function<void()>& f) {
 
 constexpr int64_t kMinPartImages = 8;
 
+std::atomic<int64_t> direct_weights_calls{0};  // filter gradients computed by conv_weights.h (tests read it)
+
 cnnjax::ConvShape shape_of(const Geometry& g) {
   return {g.n, g.h, g.w, g.c, g.kh, g.kw, g.o, g.ho, g.wo, g.sh, g.sw, g.pt, g.pl, g.dh, g.dw};
 }
@@ -237,6 +242,7 @@ cnnjax::ConvShape shape_of(const Geometry& g) {
 ffi::Error run(int pass, const Geometry& g, void* src, void* wei, void* dst, ffi::ThreadPool& pool,
                int64_t split_batch, bool direct_weights = false) {
   bool direct = direct_weights && pass == kBackwardWeights && cnnjax::conv_weights_supported(shape_of(g));
+  if (direct) direct_weights_calls.fetch_add(1, std::memory_order_relaxed);
   // Parts of at least kMinPartImages images, and one per thread at least. The filter gradient
   // keeps one part per thread: its parts' gradients are summed, and finer parts measured no
   // faster (1.01x [0.86-1.54], ResNet-56, PERFORMANCE.md section 11).
@@ -334,5 +340,7 @@ extern "C" const char* cnnjax_dnnl_version() {
   return v.c_str();
 }
 
-// Whether this build has conv_weights.h's filter gradient (AVX2 and FMA).
+// Whether this build has conv_weights.h's filter gradient (AVX2 and FMA), and how many filter
+// gradients it has computed in this process.
 extern "C" int cnnjax_conv_weights_kernel() { return CNNJAX_CONV_WEIGHTS_KERNEL; }
+extern "C" int64_t cnnjax_conv_weights_calls() { return direct_weights_calls.load(); }

@@ -20,7 +20,9 @@ Forward-mode differentiation (jvp) is not defined, as for any custom VJP. Under 
 runs once per mapped element.
 `convolve` is the entry point `cnnjax.functional.conv2d` uses (`conv`, with strided 1x1
 convolutions rewritten around a oneDNN bug). By default each call splits its batch over XLA's
-own intra-op threads (`THREADS`), so oneDNN adds no thread pool of its own.
+own intra-op threads (`THREADS`), so oneDNN adds no thread pool of its own, and
+`conv_backward_weights` runs cnnjax's own kernel instead of oneDNN's where it applies (`WEIGHTS`;
+`native/conv_weights.h`).
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ Shape = tuple[int, ...]
 
 
 # Who computes the filter gradient: 'direct' is cnnjax's own kernel (native/conv_weights.h) where
-# it applies (AVX2 and FMA, output channels a multiple of 8), oneDNN elsewhere; 'onednn' always
+# it applies (AVX2 and FMA; output channels a multiple of 8, at least 8 input channels, column
+# stride 1), oneDNN elsewhere; 'onednn' always
 # oneDNN. Read at trace time; CNNJAX_CONV_WEIGHTS sets it for a process (PERFORMANCE.md section 12).
 WEIGHTS = os.environ.get("CNNJAX_CONV_WEIGHTS", "direct")
 WEIGHTS_MODES = ("direct", "onednn")
