@@ -43,29 +43,32 @@ from cnnjax._vma import vary_as
 THREADS = os.environ.get("CNNJAX_ONEDNN_THREADS", "xla")
 THREADS_MODES = ("xla", "omp")
 
-
-def _threads_mode() -> str:
-    if THREADS not in THREADS_MODES:
-        raise ValueError(f"CNNJAX_ONEDNN_THREADS / onednn.THREADS must be one of {THREADS_MODES}, got {THREADS!r}")
-    return THREADS
-
-
-Geometry = tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]], tuple[int, int]]
-Shape = tuple[int, ...]
-
-
 # Who computes the filter gradient: 'direct' is cnnjax's own kernel (native/conv_weights.h) where
 # it applies (AVX2 and FMA; output channels a multiple of 8, at least 8 input channels, column
-# stride 1), oneDNN elsewhere; 'onednn' always
-# oneDNN. Read at trace time; CNNJAX_CONV_WEIGHTS sets it for a process (PERFORMANCE.md section 12).
+# stride 1), oneDNN elsewhere; 'onednn' always oneDNN. Read at trace time; CNNJAX_CONV_WEIGHTS
+# sets it for a process (PERFORMANCE.md section 12).
 WEIGHTS = os.environ.get("CNNJAX_CONV_WEIGHTS", "direct")
 WEIGHTS_MODES = ("direct", "onednn")
 
 
+def _setting(name: str, env: str, modes: tuple[str, ...]) -> str:
+    """This module's setting `name` (set from `env`), checked against `modes`."""
+    value = globals()[name]
+    if value not in modes:
+        raise ValueError(f"{env} / onednn.{name} must be one of {modes}, got {value!r}")
+    return value
+
+
+def _threads_mode() -> str:
+    return _setting("THREADS", "CNNJAX_ONEDNN_THREADS", THREADS_MODES)
+
+
 def _weights_mode() -> str:
-    if WEIGHTS not in WEIGHTS_MODES:
-        raise ValueError(f"CNNJAX_CONV_WEIGHTS / onednn.WEIGHTS must be one of {WEIGHTS_MODES}, got {WEIGHTS!r}")
-    return WEIGHTS
+    return _setting("WEIGHTS", "CNNJAX_CONV_WEIGHTS", WEIGHTS_MODES)
+
+
+Geometry = tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]], tuple[int, int]]
+Shape = tuple[int, ...]
 
 
 def _call(target: str, shape: Shape, a, b, geometry: Geometry, **attrs):
