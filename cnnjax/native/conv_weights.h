@@ -1,7 +1,8 @@
 // The filter gradient of a float32 NHWC convolution, computed directly (cnnjax.native): the kernel
 // cnnjax_dnnl_conv_bwd_weights runs instead of oneDNN's where the CPU has AVX2 and FMA and
-// conv_weights_supported says so (PERFORMANCE.md section 12: oneDNN 3.2's jit:avx2 filter gradient for channels-last tensors reached 38-44
-// GFLOP/s in a ResNet-56 step, its forward pass 57-77).
+// conv_weights_supported says so (PERFORMANCE.md section 12: oneDNN 3.2's jit:avx2 filter
+// gradient for channels-last tensors reached 38-45 GFLOP/s in a ResNet-56 step, its forward pass
+// 57-77).
 //
 //   dw[kh, kw, c, o] = sum over n, i, j of x[n, i*sh + kh*dh - pt, j*sw + kw*dw - pl, c] dy[n, i, j, o]
 //
