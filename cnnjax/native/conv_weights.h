@@ -25,10 +25,12 @@
 
 namespace cnnjax {
 
-// One convolution's geometry (dilation as given: 1 = none).
+// One convolution's geometry, shared with the oneDNN calls of dnnl_conv.cc: x (n, h, w, c),
+// kernel (kh, kw, c, o), y (n, ho, wo, o); strides, padding (top, bottom, left, right) and
+// dilation as given (1 = none).
 struct ConvShape {
   int64_t n, h, w, c, kh, kw, o, ho, wo;
-  int64_t sh, sw, pt, pl, dh, dw;
+  int64_t sh, sw, pt, pb, pl, pr, dh, dw;
 };
 
 // Output positions i in [0, out) that read input row i*s + off inside [0, size): [lo, hi), empty

@@ -46,15 +46,14 @@ using dt = dnnl::memory::data_type;
 
 enum Pass { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
-struct Geometry {
-  int64_t n, h, w, c, kh, kw, o, ho, wo;
-  int64_t sh, sw, pt, pb, pl, pr, dh, dw;  // dilation as given (1 = none)
+using Geometry = cnnjax::ConvShape;
 
-  auto key(int pass, bool single) const {
-    return std::make_tuple(pass, single, n, h, w, c, kh, kw, o, ho, wo, sh, sw, pt, pb, pl, pr, dh, dw);
-  }
-};
-using Key = decltype(std::declval<Geometry>().key(0, false));
+// A plan's key: the pass, single-threaded or not, and the whole geometry.
+auto plan_key(const Geometry& g, int pass, bool single) {
+  return std::make_tuple(pass, single, g.n, g.h, g.w, g.c, g.kh, g.kw, g.o, g.ho, g.wo, g.sh, g.sw, g.pt, g.pb, g.pl,
+                         g.pr, g.dh, g.dw);
+}
+using Key = decltype(plan_key(std::declval<Geometry>(), 0, false));
 
 // While alive, oneDNN on this thread runs single-threaded (if `single`); a primitive must run with
 // the thread count it was created with, so plans are made under the same setting.
@@ -141,7 +140,7 @@ std::shared_ptr<Plan> make_plan(const Geometry& g, int pass, bool single) {
 }
 
 std::shared_ptr<Plan> get_plan(const Geometry& g, int pass, bool single) {
-  auto key = g.key(pass, single);
+  auto key = plan_key(g, pass, single);
   {
     std::lock_guard<std::mutex> lock(plans_mutex);
     auto it = plans().find(key);
@@ -231,17 +230,13 @@ constexpr int64_t kMinPartImages = 8;
 
 std::atomic<int64_t> direct_weights_calls{0};  // filter gradients computed by conv_weights.h (tests read it)
 
-cnnjax::ConvShape shape_of(const Geometry& g) {
-  return {g.n, g.h, g.w, g.c, g.kh, g.kw, g.o, g.ho, g.wo, g.sh, g.sw, g.pt, g.pl, g.dh, g.dw};
-}
-
 // The batch split into `k` parts run as single-threaded oneDNN calls on XLA's own intra-op
 // threads (cnnjax::parallel_parts). Parts of the kernel gradient are summed at the end, in part
 // order. With `direct_weights`, the filter gradient is conv_weights.h's where that applies (split
 // the same way, also when oneDNN would run on its OpenMP threads).
 ffi::Error run(int pass, const Geometry& g, void* src, void* wei, void* dst, ffi::ThreadPool& pool,
                int64_t split_batch, bool direct_weights = false) {
-  bool direct = direct_weights && pass == kBackwardWeights && cnnjax::conv_weights_supported(shape_of(g));
+  bool direct = direct_weights && pass == kBackwardWeights && cnnjax::conv_weights_supported(g);
   if (direct) direct_weights_calls.fetch_add(1, std::memory_order_relaxed);
   // Parts of at least kMinPartImages images, and one per thread at least. The filter gradient
   // keeps one part per thread: its parts' gradients are summed, and finer parts measured no
@@ -252,7 +247,7 @@ ffi::Error run(int pass, const Geometry& g, void* src, void* wei, void* dst, ffi
                                          : cnnjax::part_count(pool, g.n, kMinPartImages, threads);
   auto one = [&](const Geometry& part, char* ps, char* pw, char* pd, bool single) {
     if (!direct) return run_one(pass, part, ps, pw, pd, single);
-    cnnjax::conv_weights(shape_of(part), reinterpret_cast<const float*>(ps), reinterpret_cast<const float*>(pd),
+    cnnjax::conv_weights(part, reinterpret_cast<const float*>(ps), reinterpret_cast<const float*>(pd),
                          reinterpret_cast<float*>(pw));
   };
   char *s = static_cast<char*>(src), *w = static_cast<char*>(wei), *d = static_cast<char*>(dst);
