@@ -79,7 +79,7 @@ class Spec:
         'native' or 'xla'; cnnjax workers only).
       conv_weights: who computes the filter gradient of a convolution on the oneDNN path:
         'direct' (cnnjax's own kernel, `cnnjax.native.onednn.WEIGHTS`, where it applies), 'onednn',
-        or 'auto' (the library's default, 'direct'); cnnjax workers only.
+        or 'auto' (the library's default: 'direct'); cnnjax workers only.
       malloc: the C allocator, for every implementation (torch gains from it too): 'auto' (what
         cnnjax's entry points do: `cnnjax.xla_flags.tune_malloc()` on a CPU host unless
         CNNJAX_CPU_MALLOC=0), 'tuned' (always) or 'default' (glibc's own settings).
@@ -483,11 +483,8 @@ def worker_env(spec: Spec, parent: Mapping[str, str]) -> dict[str, str]:
     workers share the card: JAX allocates as it goes instead of taking 75% of the memory at start
     (XLA_PYTHON_CLIENT_PREALLOCATE=false, unless the parent sets it)."""
     env = dict(parent, **{xla_flags.ENV_SWITCH: "0", "CNNJAX_CONV_VJP": spec.conv_vjp, "CNNJAX_BN_VJP": spec.bn_vjp,
-                          "CNNJAX_CONV_BACKEND": spec.conv_backend, "CNNJAX_BN_BACKEND": spec.bn_backend})
-    if spec.conv_weights == "auto":  # the library's default, as 'auto' means for the settings above
-        env.pop("CNNJAX_CONV_WEIGHTS", None)
-    else:
-        env["CNNJAX_CONV_WEIGHTS"] = spec.conv_weights
+                          "CNNJAX_CONV_BACKEND": spec.conv_backend, "CNNJAX_BN_BACKEND": spec.bn_backend,
+                          "CNNJAX_CONV_WEIGHTS": spec.conv_weights})
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if spec.is_jax:
         env["XLA_FLAGS"] = worker_xla_flags(spec.xla, parent.get("XLA_FLAGS", ""))

@@ -53,7 +53,7 @@ _MALLOPTS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_ARENA_MAX, 1))
 CONV_VJP_MODES = ("auto", "canonical", "xla")
 CONV_BACKENDS = ("auto", "onednn", "xla")  # who computes conv2d (cnnjax.functional.CONV_BACKEND)
 BN_BACKENDS = ("auto", "native", "xla")  # who computes batch_norm's passes (cnnjax.functional.BN_BACKEND)
-CONV_WEIGHTS = ("auto", "direct", "onednn")  # who computes oneDNN-path filter gradients (CNNJAX_CONV_WEIGHTS)
+CONV_WEIGHTS = ("auto", "direct", "onednn")  # who computes oneDNN-path filter gradients (cnnjax.native.onednn.WEIGHTS)
 BN_VJP_MODES = ("auto", "fused", "autodiff")
 
 # Named XLA_FLAGS strings; the benchmark (`python -m cnnjax bench --xla NAME ...`) compares them

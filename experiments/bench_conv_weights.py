@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{f'{cin} -> {cout}, {side}x{side}/{stride}':>22} {best['direct'] * 1e3:10.2f} {flop / best['direct'] / 1e9:8.1f} "
               f"{best['onednn'] * 1e3:10.2f} {flop / best['onednn'] / 1e9:8.1f}  {statistics.median(ratios):.2f} "
               f"[{min(ratios):.2f}-{max(ratios):.2f}]")
-    onednn.WEIGHTS = "direct"
+    onednn.WEIGHTS = "auto"
     return 0
 
 

@@ -192,7 +192,7 @@ def test_gradient_paths_multiply_the_cnnjax_workers_only():
     specs = bench.specs_from_args(args)
     assert [s.label for s in specs] == ["cnnjax[fast]", "cnnjax[fast,dw=onednn]", "flax[fast]"]
     # 'auto' is the library's default whatever the parent set; a choice is passed on.
-    assert "CNNJAX_CONV_WEIGHTS" not in bench.worker_env(specs[0], {"CNNJAX_CONV_WEIGHTS": "onednn"})
+    assert bench.worker_env(specs[0], {"CNNJAX_CONV_WEIGHTS": "onednn"})["CNNJAX_CONV_WEIGHTS"] == "auto"
     assert bench.worker_env(specs[1], {})["CNNJAX_CONV_WEIGHTS"] == "onednn"
     # The allocator setting applies to every implementation, torch included.
     args = p.parse_args(["--impl", "cnnjax", "torch-cl", "--malloc", "auto", "default", "--xla", "fast"])
@@ -401,7 +401,7 @@ def test_run_side_by_side():
     assert other["onednn_calls"] == 0 and other["onednn"] is None
     onednn_expected = ref["platform"] == "cpu" and native.available()
     assert (ref["onednn_calls"] >= 4) is onednn_expected and (ref["onednn"] is not None) is onednn_expected
-    assert ref["conv_weights"] == ("direct" if onednn_expected else None) and other["conv_weights"] is None
+    assert ref["conv_weights"] == ("auto" if onednn_expected else None) and other["conv_weights"] is None
     assert ref["direct_weights_kernel"] is (native.direct_conv_weights() if onednn_expected else None)
     glibc = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
     assert ref["malloc_tuned"] is (glibc and xla_flags.malloc_wanted())  # auto: as the entry points do

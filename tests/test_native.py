@@ -258,7 +258,7 @@ def test_direct_filter_gradient_matches_loops_and_onednn(monkeypatch, case):
     def grads(mode):
         monkeypatch.setattr(onednn, "WEIGHTS", mode)  # read at trace time: each call traces anew
         f = jax.jit(jax.grad(lambda x, w: jnp.sum(F.conv2d(x, w, **kw) * g), (0, 1)))
-        assert f"direct = {int(mode == 'direct')} : i64" in f.lower(x, w).as_text()
+        assert f"direct = {int(mode != 'onednn')} : i64" in f.lower(x, w).as_text()
         return jax.block_until_ready(f(x, w))  # ran (dispatch is asynchronous) before the count is read
 
     calls = native.direct_conv_weights_calls()
@@ -275,6 +275,8 @@ def test_direct_filter_gradient_matches_loops_and_onednn(monkeypatch, case):
     np.testing.assert_array_equal(np.asarray(dx), np.asarray(onednn_dx))  # the input gradient is oneDNN's in both
     # Sums in another order: float32 rounding of the largest entries, not of each entry.
     np.testing.assert_allclose(np.asarray(dw), np.asarray(onednn_dw), atol=2e-6 * np.abs(want_dw).max(), rtol=1e-5)
+    for got, want in zip(grads("auto"), (dx, dw)):  # 'auto', the default, is 'direct'
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     monkeypatch.setattr(onednn, "WEIGHTS", "brgemm")
     with pytest.raises(ValueError, match="CNNJAX_CONV_WEIGHTS"):
         jax.grad(lambda w: jnp.sum(F.conv2d(x, w, **kw)))(w)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax import native
+from cnnjax import native, xla_flags
 from cnnjax._vma import vary_as
 
 # Whose threads run the convolutions: 'xla' splits the batch over XLA's intra-op thread pool, each
@@ -45,10 +45,10 @@ THREADS_MODES = ("xla", "omp")
 
 # Who computes the filter gradient: 'direct' is cnnjax's own kernel (native/conv_weights.h) where
 # it applies (AVX2 and FMA; output channels a multiple of 8, at least 8 input channels, column
-# stride 1), oneDNN elsewhere; 'onednn' always oneDNN. Read at trace time; CNNJAX_CONV_WEIGHTS
-# sets it for a process (PERFORMANCE.md section 12).
-WEIGHTS = os.environ.get("CNNJAX_CONV_WEIGHTS", "direct")
-WEIGHTS_MODES = ("direct", "onednn")
+# stride 1), oneDNN elsewhere; 'onednn' always oneDNN; 'auto' is the measured default, 'direct'.
+# Read at trace time; CNNJAX_CONV_WEIGHTS sets it for a process (PERFORMANCE.md section 12).
+WEIGHTS = os.environ.get("CNNJAX_CONV_WEIGHTS", "auto")
+WEIGHTS_MODES = xla_flags.CONV_WEIGHTS
 
 
 def _setting(name: str, env: str, modes: tuple[str, ...]) -> str:
@@ -94,7 +94,7 @@ def conv_backward_data(dy, w, geometry: Geometry, x_shape: Shape):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_backward_weights(x, dy, geometry: Geometry, w_shape: Shape):
     return _call("cnnjax_dnnl_conv_bwd_weights", w_shape, x, dy, geometry,
-                 direct=np.int64(_weights_mode() == "direct"))
+                 direct=np.int64(_weights_mode() != "onednn"))
 
 
 def _conv_fwd(x, w, geometry, y_shape):
