@@ -336,7 +336,7 @@ def test_batch_norm_fused_vjp_bfloat16_and_default():
 _BN_PARALLEL = r"""
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from cnnjax import functional as F
+from cnnjax import functional as F, native
 mesh = jax.make_mesh((4,), ("batch",))
 shard = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
 rng = np.random.default_rng(0)
@@ -374,6 +374,10 @@ ref = jax.grad(lambda x, g, b: jnp.mean(jnp.sin(F.batch_norm(x, g, b, jnp.zeros(
 # 'auto' is the native kernels (cnnjax.native.batch_norm) here, 'xla' XLA's passes.
 for backend in ("auto", "xla"):
     out = run(backend)
+    # What ran: the kernels' backward pass under 'auto' wherever they are built, never under 'xla'.
+    traced = str(jax.make_jaxpr(jax.pmap(jax.grad(local_loss("fused")), axis_name="batch"))(
+        x.reshape(4, 2, 3, 3, 2), jnp.broadcast_to(g, (4, 2)), jnp.broadcast_to(b, (4, 2)), w.reshape(4, 2, 3, 3, 2)))
+    assert ("cnnjax_bn_grad_apply" in traced) == (backend == "auto" and native.available()), backend
     for key in (("pmap",), (False,), (True,)):
         for i in range(3):
             np.testing.assert_allclose(out[("fused",) + key][i], out[("autodiff",) + key][i], rtol=1e-5, atol=1e-7)
