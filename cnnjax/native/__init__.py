@@ -166,6 +166,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
                       stacklevel=2)
         return None, str(e)
     lib.cnnjax_dnnl_version.restype = ctypes.c_char_p
+    lib.cnnjax_conv_weights_calls.restype = ctypes.c_int64
     if not _registered:  # XLA keeps the first registration for the life of the process
         import jax
 
@@ -209,6 +210,4 @@ def direct_conv_weights() -> bool:
 
 def direct_conv_weights_calls() -> int:
     """How many filter gradients that kernel has computed in this process (calls, not parts)."""
-    lib = load()
-    lib.cnnjax_conv_weights_calls.restype = ctypes.c_int64
-    return lib.cnnjax_conv_weights_calls()
+    return load().cnnjax_conv_weights_calls()
