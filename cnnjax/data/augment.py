@@ -66,15 +66,27 @@ def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
     )
 
 
-def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """float32 `(images / 255 - mean) / std`; mean and std broadcast against [H, W, C]."""
+def normalization_constants(mean, std, image_shape) -> tuple[np.ndarray, np.ndarray]:
+    """(shift, scale) float32 [H, W, C] of `normalize`: 255 * mean, and 1 / (255 * std)."""
     std = np.asarray(std, np.float64)
     # Contiguous full-image operands: broadcasting along a 3-long last axis is ~10x slower.
-    scale = np.broadcast_to(1.0 / (255.0 * std), images.shape[1:]).astype(np.float32, "C")
-    offset = np.broadcast_to(mean / std, images.shape[1:]).astype(np.float32, "C")
+    shift = np.broadcast_to(255.0 * np.asarray(mean, np.float64), image_shape)
+    shift = shift.astype(np.float32, "C")
+    scale = np.broadcast_to(1.0 / (255.0 * std), image_shape).astype(np.float32, "C")
+    return shift, scale
+
+
+def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """float32 `(images - 255 * mean) / (255 * std)`; mean and std broadcast against [H, W, C].
+
+    Subtract, then multiply, each rounded once: a compiler cannot contract the pair into one
+    fused multiply-add (XLA does so for `x * a - b`), so `cnnjax.data.device.normalize` gives
+    these very bits inside a compiled step.
+    """
+    shift, scale = normalization_constants(mean, std, images.shape[1:])
     out = images.astype(np.float32)
+    out -= shift
     out *= scale
-    out -= offset
     return out
 
 

@@ -229,6 +229,25 @@ class Pipeline:
             f"steps_per_epoch={self.steps_per_epoch})"
         )
 
+    def with_seed(self, seed: int) -> "Pipeline":
+        """This pipeline with another seed (order and augmentation): the same data set, batch sizes
+        and normalisation statistics; itself for its own seed."""
+        if seed == self.seed:
+            return self
+        return Pipeline(
+            self.ds,
+            self.global_batch_size,
+            augment=self.augment,
+            normalize=self.normalize,
+            seed=seed,
+            process_index=self.process_index,
+            process_count=self.process_count,
+            eval_split=self.eval_split,
+            eval_batch_size=self.global_eval_batch_size,
+            mean=self.mean,
+            std=self.std,
+        )
+
     def _check_split(self, split, arg="split") -> str:
         if split not in self.ds.splits:
             raise ValueError(
@@ -258,6 +277,23 @@ class Pipeline:
         The shuffle is a permutation of this process's shard seeded by (seed, epoch, process); the
         last partial batch is dropped; augmentation is seeded by (seed, epoch, process, step).
         """
+        return map(self._train_batch, self._epoch_draws(epoch, start_step))
+
+    def train_draws(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        """What is random in the training batches of `epoch` from `start_step` on, per example.
+
+        Yields dicts: 'index' int32 [local_batch_size] (rows of the training split); with
+        augment='cifar' also 'offset' int32 [local_batch_size, 2] (the crop's corner in the padded
+        image) and 'flip' bool [local_batch_size]; with augment='flip' 'flip' only.
+        `train_batches` makes its batches from exactly these draws, and `cnnjax.data.device` the
+        same batches on the devices.
+        """
+        if self.augment == "imagenet":
+            raise ValueError("augment='imagenet' resizes each image on the host: its draws are not "
+                             "per-example offsets and flips (use the host pipeline)")
+        return self._epoch_draws(epoch, start_step)
+
+    def _epoch_draws(self, epoch: int, start_step: int) -> Iterator[dict]:
         order = self.train_order(epoch)
         if not is_int(start_step) or not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(
@@ -265,7 +301,7 @@ class Pipeline:
             )
         b = self.local_batch_size
         return (
-            self._train_batch(order[s * b : (s + 1) * b], epoch, s)
+            self._draws(order[s * b : (s + 1) * b], epoch, s)
             for s in range(start_step, self.steps_per_epoch)
         )
 
@@ -275,23 +311,41 @@ class Pipeline:
         Step `s` is batch `s % steps_per_epoch` of epoch `s // steps_per_epoch`, so a run
         resumed at step `s` continues with exactly the batches it would have seen.
         """
+        return self._stream(start_step, self.train_batches)
+
+    def draw_stream(self, start_step: int = 0) -> Iterator[dict]:
+        """`train_draws` over consecutive epochs from global step `start_step`, endlessly."""
+        return self._stream(start_step, self.train_draws)
+
+    def _stream(self, start_step, per_epoch) -> Iterator[dict]:
         if not is_int(start_step) or start_step < 0:
             raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
         epoch, step = divmod(int(start_step), self.steps_per_epoch)
 
         def stream():
-            yield from self.train_batches(epoch, step)
+            yield from per_epoch(epoch, step)
             for e in itertools.count(epoch + 1):
-                yield from self.train_batches(e)
+                yield from per_epoch(e)
 
         return stream()
 
-    def _train_batch(self, idx: np.ndarray, epoch: int, step: int) -> dict:
-        source = self.ds.splits["train"]
+    def _draws(self, idx: np.ndarray, epoch: int, step: int) -> dict:
         rng = np.random.default_rng([self.seed, epoch, self.process_index, step, _AUGMENT])
+        draws = {"index": idx.astype(np.int32)}
+        if self.augment == "cifar":
+            offsets, flips = aug.draw_cifar_params(rng, len(idx))
+            draws.update(offset=offsets.astype(np.int32), flip=flips)
+        elif self.augment == "flip":
+            draws["flip"] = rng.random(len(idx)) < 0.5
+        elif self.augment == "imagenet":
+            draws["imagenet"] = aug.draw_imagenet_params(rng, len(idx), self.image_shape[0])
+        return draws
+
+    def _train_batch(self, draws: dict) -> dict:
+        source, idx = self.ds.splits["train"], draws["index"]
         if self.augment == "imagenet":
             raw, labels = source.get_raw(idx)
-            shorts, corners, flips = aug.draw_imagenet_params(rng, len(idx), self.image_shape[0])
+            shorts, corners, flips = draws["imagenet"]
             crops = self._pool.map(
                 aug.random_scale_crop,
                 raw,
@@ -304,9 +358,9 @@ class Pipeline:
         images, labels = source.get(idx)
         images = self._normalize(images)
         if self.augment == "cifar":
-            images = aug.pad_crop_flip(images, *aug.draw_cifar_params(rng, len(idx)))
+            images = aug.pad_crop_flip(images, draws["offset"], draws["flip"])
         elif self.augment == "flip":
-            flips = rng.random(len(idx)) < 0.5
+            flips = draws["flip"]
             images[flips] = images[flips, :, ::-1]
         return {"image": images, "label": labels}
 
@@ -332,20 +386,52 @@ class Pipeline:
             for s in range(self.num_eval_steps(split))
         )
 
+    def eval_arrays(self, split: str | None = None) -> dict:
+        """This process's evaluation batches of `split`, stacked and not normalised.
+
+        Returns image uint8 [num_eval_steps, local_eval_batch_size, H, W, C], label int32 and
+        mask bool [num_eval_steps, local_eval_batch_size]: `eval_batches` before `_normalize`.
+        """
+        split = self._check_split(split or self.eval_split)
+        source = self.ds.splits[split]
+        shard = shard_indices(len(source), self.process_index, self.process_count)
+        b = self.local_eval_batch_size
+        batches = [self._raw_eval_batch(source, shard[s * b : (s + 1) * b])
+                   for s in range(self.num_eval_steps(split))]
+        return {k: np.stack([batch[k] for batch in batches]) for k in ("image", "label", "mask")}
+
     def _eval_batch(self, source, idx: np.ndarray) -> dict:
+        batch = self._raw_eval_batch(source, idx)
+        batch["image"] = self._normalize(batch["image"])
+        batch["image"][len(idx):] = 0  # padding rows are zeros after normalising too
+        return batch
+
+    def _raw_eval_batch(self, source, idx: np.ndarray) -> dict:
         b, k = self.local_eval_batch_size, len(idx)
         batch = {
-            "image": np.zeros((b,) + self.image_shape, np.float32),
+            "image": np.zeros((b,) + self.image_shape, np.uint8),
             "label": np.zeros(b, np.int32),
             "mask": np.arange(b) < k,
         }
         if k:
-            images, batch["label"][:k] = source.get(idx)
-            batch["image"][:k] = self._normalize(images)
+            batch["image"][:k], batch["label"][:k] = source.get(idx)
         return batch
 
 
 _END = object()
+
+
+def device_put_fn(sharding=None):
+    """NumPy array (a process's local part) -> `jax.Array` with `sharding` (None: default device).
+
+    When the sharding spans several processes, the global array is assembled from each process's
+    local part with `jax.make_array_from_process_local_data`.
+    """
+    if sharding is None:
+        return jax.device_put
+    if sharding.is_fully_addressable:  # one process, or a mesh of this process's devices
+        return functools.partial(jax.device_put, device=sharding)
+    return functools.partial(jax.make_array_from_process_local_data, sharding)
 
 
 def prefetch_to_device(iterator, size: int = 2, sharding=None) -> Iterator:
@@ -366,12 +452,7 @@ def prefetch_to_device(iterator, size: int = 2, sharding=None) -> Iterator:
     """
     if not is_int(size) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
-    if sharding is None:
-        put = jax.device_put
-    elif sharding.is_fully_addressable:  # one process, or a mesh of this process's devices
-        put = functools.partial(jax.device_put, device=sharding)
-    else:
-        put = functools.partial(jax.make_array_from_process_local_data, sharding)
+    put = device_put_fn(sharding)
     buffer, stop = queue.Queue(maxsize=size), threading.Event()
 
     def offer(item) -> bool:
