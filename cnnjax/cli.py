@@ -113,6 +113,8 @@ def run_train(args: argparse.Namespace) -> int:
     if result.preempted:
         print(f"cnnjax train: stopped by SIGTERM at step {result.step}; checkpoint saved. "
               f"Re-run with --workdir {args.workdir} to resume.", file=sys.stderr)
+    elif len(result.members) > 1:
+        print(json.dumps({"step": result.step, "members": result.members}))
     else:
         print(json.dumps({"step": result.step, **result.metrics}))
     return 0

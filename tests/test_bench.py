@@ -522,3 +522,22 @@ def test_every_entry_point_configures_the_cpu_first(module, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         importlib.import_module(module).main(["--help"])
     assert exit_.value.code == 0 and calls == [()]  # called once, with the measured preset, before parsing
+
+
+def test_engine_benchmark_runs_a_variant_against_the_host_baseline(tmp_path):
+    # experiments/bench_engine.py end to end on its cheapest setting (one variant, 2 steps a round).
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
+    try:
+        import bench_engine
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "engine.json"
+    argv = ["--model", "resnet20", "--batch-size", "8", "--steps-per-dispatch", "2", "--steps", "2",
+            "--rounds", "2", "--seeds", "--variants", "device_x2", "--parallel", "none", "--json", str(out)]
+    assert bench_engine.main(argv) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert sorted(run["variants"]) == ["device_x2", "host"] and run["batch_size"] == 8
+    host, device = run["variants"]["host"], run["variants"]["device_x2"]
+    assert host["ratio_to_host"] == 1.0 and host["members"] == device["members"] == 1
+    assert len(device["rounds_s"]) == 2 and device["images_per_s"] > 0
+    assert device["ratio_to_host"] == pytest.approx(device["images_per_s"] / host["images_per_s"], rel=0.5)

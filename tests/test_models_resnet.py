@@ -176,6 +176,27 @@ def test_residual_minus_plain_is_the_shortcut(shortcut):
     np.testing.assert_allclose(diff, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_shortcut_scale_zero_is_the_plain_twin_and_one_the_resnet(scan):
+    # One network computes both twins (TrainConfig.twins): the scale is a traced argument.
+    x = normal(3, (2, 8, 8, 3))
+    res, plain = (CifarResNet(depth=14, plain=p, scan_blocks=scan) for p in (False, True))
+    v = numpy_variables(res, x.shape, random_bn=True)
+
+    @partial(jax.jit, static_argnums=0)
+    def both(m, scale):
+        kw = {} if scale is None else {"shortcut_scale": scale}
+        logits, upd = m.apply(v, x, train=True, mutable=["batch_stats"], **kw)
+        return m.apply(v, x, train=False, **kw), logits, upd
+
+    for scale, model in ((0.0, plain), (1.0, res)):
+        got, want = both(res, jnp.float32(scale)), both(model, None)
+        jax.tree.map(partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-6), got, want)
+    assert float(np.abs(both(res, jnp.float32(0.0))[0] - both(res, None)[0]).max()) > 1e-3
+    with pytest.raises(ValueError, match="a plain net \\(plain=True\\) has none"):
+        plain.apply(v, x, train=False, shortcut_scale=0.0)
+
+
 def test_v1_and_v1_5_same_params_different_strided_conv():
     x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
     shapes = {}

@@ -66,6 +66,27 @@ def test_one_process_writes_metrics_and_checkpoints_are_complete(runs):
         assert ckpt.all_steps() == [3, 6]
 
 
+def test_two_processes_with_data_on_the_devices_and_two_seeds_match_one_process(tmp_path):
+    # The training split sharded over the two processes' devices, each batch gathered across them.
+    reference = launch.start("multihost.py", "reference", tmp_path / "reference",
+                             tmp_path / "reference.npz")
+    workdir = str(tmp_path / "run")
+    workers = start_workers(tmp_path, workdir, env={"CNNJAX_TEST_ENGINE": "1"})
+    outputs = [launch.finish(p, timeout=400) for p in workers]
+    launch.finish(reference)
+    assert all(o["step"] == 6 and o["devices"] == 2 for o in outputs)
+    # The final evaluation, of the test split resident on both processes' devices, is a global one.
+    assert outputs[0]["metrics"] == outputs[1]["metrics"] and outputs[0]["metrics"]["test_error"] < 1
+    params, ref = dict(np.load(tmp_path / "params0.npz")), dict(np.load(tmp_path / "reference.npz"))
+    for key in ref:
+        assert params[key].shape == (2, *ref[key].shape)
+        # seed 0:
+        np.testing.assert_allclose(params[key][0], ref[key], rtol=0, atol=1e-6, err_msg=key)
+    assert max(np.abs(params[k][1] - ref[k]).max() for k in ref) > 1e-3  # seed 1 is another run
+    records = train.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    assert [(r["step"], r["seed"]) for r in records] == [(3, 0), (3, 1), (6, 0), (6, 1)]
+
+
 @pytest.mark.slow
 def test_sigterm_to_one_process_checkpoints_both_and_the_resumed_run_matches(tmp_path):
     # JAX's preemption service (started by jax.distributed.initialize) sees the signal and both

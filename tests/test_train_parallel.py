@@ -42,3 +42,23 @@ def test_shard_map_with_check_vma_and_pmean_differs(diffs):
 
 def test_a_batch_that_does_not_split_over_the_devices_is_refused(diffs):
     assert "global_batch_size=18 is not divisible by the 4 devices" in diffs["batch_error"]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return launch.run("engine_parallel.py")
+
+
+@pytest.mark.parametrize("variant",
+                         ["shard_map_host", "shard_map_device", "pmap_host", "pmap_device"])
+def test_engine_members_on_four_devices_match_one_device(engine, variant):
+    # Two seeds in one program, 4 steps per call, from the host or from data sharded over devices.
+    d = engine[variant]
+    assert engine["devices"] == 4 and d["step"] == 8
+    assert d["params"] < 1e-6 and d["batch_stats"] < 1e-5, d
+    assert d["test_error"] == pytest.approx([m["test_error"] for m in engine["members"]])
+    assert [m["seed"] for m in engine["members"]] == [0, 1]
+
+
+def test_batches_gathered_across_devices_are_the_host_pipelines(engine):
+    assert engine["gather"] == {"rows_per_device": 360, "same": [True, True, True]}

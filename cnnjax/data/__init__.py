@@ -6,7 +6,7 @@ for batch in data.prefetch_to_device(pipe.train_batches(epoch)): ...
 for batch in pipe.eval_batches('test'): ...  # padded; batch['mask'] marks real examples
 """
 
-from cnnjax.data import augment
+from cnnjax.data import augment, device
 from cnnjax.data.pipeline import (
     AUGMENTATIONS,
     NORMALIZATIONS,
@@ -33,6 +33,7 @@ __all__ = [
     "SubsetSource",
     "TfdsSource",
     "augment",
+    "device",
     "list_datasets",
     "load_dataset",
     "prefetch_to_device",

@@ -3,7 +3,10 @@
 One generic `ResNet` (stages of basic or bottleneck blocks) covers the ImageNet nets of Table 1,
 the CIFAR nets of section 4.2 (`CifarResNet`, depth 6n+2) and, through fields, the later family
 (pre-activation, stochastic depth, wide and grouped bottlenecks: see resnet_variants.py).
-A plain net is the same module with `plain=True`: the same layers, no shortcut at all.
+A plain net is the same module with `plain=True`: the same layers, no shortcut at all. Called
+with `shortcut_scale`, a traced scalar, the ResNet computes `branch + shortcut_scale * shortcut`:
+0 gives its plain twin's function (option A: the same parameters), so that the trainer can run
+both twins as members of one vmapped program (`TrainConfig.twins`).
 
 Conventions (checked against torchvision's counts, see tests): convolutions have no bias and
 are followed by BatchNorm; option B projections are a 1x1 conv + BN (a 1x1 conv alone in
@@ -94,38 +97,47 @@ class _Block(nn.Module):
     dropout_rate: float = 0.0
     drop_path_mode: str = "batch"
 
-    def _finish(self, x, pre, branch, out_features, train, drop_rate, last_norm: str):
+    def _finish(self, x, pre, branch, out_features, train, drop_rate, last_norm: str,
+                shortcut_scale=None):
         """Ends the block: the branch's last BatchNorm (`last_norm`, post-activation blocks only;
         `branch` is the last convolution's output), the shortcut (identity, option A padding or
-        projection) and the activation. Where nothing stands between that BatchNorm and the sum,
-        BatchNorm, sum and activation are one call (fused on the CPU, `F.batch_norm`)."""
+        projection, times `shortcut_scale` if given) and the activation. Where nothing stands
+        between that BatchNorm and the sum, BatchNorm, sum and activation are one call (fused on
+        the CPU, `F.batch_norm`)."""
+        if self.plain and shortcut_scale is not None:
+            raise ValueError("shortcut_scale scales the shortcuts of a ResNet; a plain net "
+                             "(plain=True) has none")
         if self.preact:  # the branch ends with its convolution
-            return branch if self.plain else self._shortcut(x, pre, out_features) + drop_path(
-                self, branch, drop_rate, self.drop_path_mode, train)
+            if self.plain:
+                return branch
+            sc = self._shortcut(x, pre, out_features, shortcut_scale)
+            return sc + drop_path(self, branch, drop_rate, self.drop_path_mode, train)
         norm = self._last_norm(last_norm)
         if self.plain:
             return norm(branch, activation=self.act)
-        sc = self._shortcut(x, pre, out_features)
+        sc = self._shortcut(x, pre, out_features, shortcut_scale)
         if drop_rate is None:
             return norm(branch, residual=sc, activation=self.act)
         return self.act(sc + drop_path(self, norm(branch), drop_rate, self.drop_path_mode, train))
 
-    def _shortcut(self, x, pre, out_features):
+    def _shortcut(self, x, pre, out_features, scale=None):
         changes = x.shape[-1] != out_features or self.strides != 1
         if self.shortcut == "C" or (self.shortcut == "B" and changes):
             # Pre-activation projections see the activated input (He et al. 2016b, WRN).
             sc = self.conv(out_features, 1, self.strides, 0, name="proj_conv")(pre)
-            return sc if self.preact else self.norm(name="proj_bn")(sc)
-        if changes:
-            return zero_pad_shortcut(x, out_features, self.strides)
-        return x
+            sc = sc if self.preact else self.norm(name="proj_bn")(sc)
+        elif changes:
+            sc = zero_pad_shortcut(x, out_features, self.strides)
+        else:
+            sc = x
+        return sc if scale is None else sc * jnp.asarray(scale, sc.dtype)
 
     def _last_norm(self, name):
         return self.norm(name=name, scale_init=nn.initializers.zeros) if self.zero_init_residual else self.norm(name=name)
 
-    def scan_step(self, x, drop_rate, train):
+    def scan_step(self, x, drop_rate, train, shortcut_scale=None):
         """The block as an `nn.scan` body: (carry, per-block input) -> (carry, None)."""
-        return self(x, train, drop_rate), None
+        return self(x, train, drop_rate, shortcut_scale), None
 
 
 class BasicBlock(_Block):
@@ -144,14 +156,14 @@ class BasicBlock(_Block):
     """
 
     @nn.compact
-    def __call__(self, x, train: bool, drop_rate=None):
+    def __call__(self, x, train: bool, drop_rate=None, shortcut_scale=None):
         pre = self.norm(name="bn1")(x, activation=self.act) if self.preact else x
         y = self.conv(self.features, 3, self.strides, 1, name="conv1")(pre)
         y = self.norm(name="bn2" if self.preact else "bn1")(y, activation=self.act)
         if self.dropout_rate:
             y = Dropout(self.dropout_rate, name="dropout")(y, deterministic=not train)
         y = self.conv(self.features, 3, 1, 1, name="conv2")(y)
-        return self._finish(x, pre, y, self.features, train, drop_rate, "bn2")
+        return self._finish(x, pre, y, self.features, train, drop_rate, "bn2", shortcut_scale)
 
 
 class BottleneckBlock(_Block):
@@ -173,7 +185,7 @@ class BottleneckBlock(_Block):
     stride_on_3x3: bool = True
 
     @nn.compact
-    def __call__(self, x, train: bool, drop_rate=None):
+    def __call__(self, x, train: bool, drop_rate=None, shortcut_scale=None):
         inner = int(self.features * self.base_width / 64) * self.groups
         out = self.features * self.expansion
         s1, s3 = (1, self.strides) if self.stride_on_3x3 else (self.strides, 1)
@@ -185,7 +197,7 @@ class BottleneckBlock(_Block):
         if self.dropout_rate:
             y = Dropout(self.dropout_rate, name="dropout")(y, deterministic=not train)
         y = self.conv(out, 1, 1, 0, name="conv3")(y)
-        return self._finish(x, pre, y, out, train, drop_rate, "bn3")
+        return self._finish(x, pre, y, out, train, drop_rate, "bn3", shortcut_scale)
 
 
 class ResNet(nn.Module):
@@ -280,7 +292,9 @@ class ResNet(nn.Module):
                           fix="resize the images or use a CIFAR-style stem")
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, shortcut_scale=None):
+        """Logits of images `x` [N, H, W, C]; `shortcut_scale` (a scalar, traced or not) multiplies
+        every shortcut: 0 computes the plain twin with this net's parameters (option A)."""
         sizes = self.blocks_per_stage()
         self._check_config(sizes)
         self._check_input(x, sizes)
@@ -310,19 +324,20 @@ class ResNet(nn.Module):
         for s, (n, w) in enumerate(zip(sizes, self.stage_widths), start=1):
             features = max(1, int(round(w * self.width)))
             x = block(features=features, strides=1 if s == 1 else 2, name=f"stage{s}_block1")(
-                x, train, None if rates is None else rates[index])
+                x, train, None if rates is None else rates[index], shortcut_scale)
             if self.scan_blocks and n > 1:
                 stage_rates = None if rates is None else jnp.asarray(rates[index + 1:index + n], jnp.float32)
                 stack = nn.scan(block.func, variable_axes={"params": 0, "batch_stats": 0, "intermediates": 0},
                                 split_rngs={"params": True, "dropout": True},
-                                in_axes=(nn.broadcast if stage_rates is None else 0, nn.broadcast),
+                                in_axes=(nn.broadcast if stage_rates is None else 0, nn.broadcast,
+                                         nn.broadcast),
                                 length=n - 1, methods=["scan_step"])
                 x, _ = stack(**block.keywords, features=features, name=f"stage{s}_blocks").scan_step(
-                    x, stage_rates, train)
+                    x, stage_rates, train, shortcut_scale)
             else:
                 for b in range(2, n + 1):
                     x = block(features=features, name=f"stage{s}_block{b}")(
-                        x, train, None if rates is None else rates[index + b - 1])
+                        x, train, None if rates is None else rates[index + b - 1], shortcut_scale)
             index += n
         if self.preact:
             x = norm(name="final_bn")(x, activation=act)

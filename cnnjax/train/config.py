@@ -24,11 +24,13 @@ WD_MASKS = ("all", "no_bn_bias")
 DTYPES = ("float32", "bfloat16")
 PARALLEL = ("shard_map", "pmap", "none")
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+MEMBER_MAPS = ("auto", "vmap", "loop")
 
 # Fields that may change when a run is resumed (how long, how often, how it is shown).
+# steps_per_dispatch and data_on_device change how the same steps are computed, not which.
 RESUMABLE_FIELDS = frozenset({
     "num_steps", "num_epochs", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
-    "progress_bar", "data_dir",
+    "progress_bar", "data_dir", "steps_per_dispatch", "data_on_device", "member_map",
 })
 
 
@@ -76,6 +78,23 @@ class TrainConfig:
       parallel: 'shard_map' (jit over shard_map on a 1-D mesh of all devices), 'pmap', or
         'none' (one device, no named axis).
       seed: seeds initialisation, data order and dropout.
+      seeds: independent runs of this config with seeds seed, seed + 1, ..., trained as members
+        of one compiled program (vmap over a leading member axis), each with its own parameters,
+        statistics, optimiser state, data order, augmentation draws and dropout keys (with
+        rng_impl 'rbg' a member's dropout bits differ from its single run's; threefry2x32's do
+        not). The validation carve-out is the first seed's for all.
+      twins: train the plain and the residual net of the model's depth side by side, for each
+        seed, as members of one program: a ResNet with option A shortcuts (the two have the same
+        parameters), the plain member computed by the same network with its shortcuts scaled by 0.
+      data_on_device: put the training split (and the evaluated split) on the devices once, as
+        uint8 sharded over the data axis, and make each batch there (gather, normalise, pad, crop,
+        flip) from the host pipeline's own draws: the same batches, without the host's pixel work.
+        For sets held in memory, with augment 'none', 'flip' or 'cifar'.
+      steps_per_dispatch: training steps per compiled call (lax.scan); log_every, eval_every and
+        checkpoint_every must be multiples of it. Callbacks and SIGTERM act between calls.
+      member_map: how a program computes its members: 'vmap' (batched, each kernel once for all
+        members), 'loop' (one after the other in the same program) or 'auto' (vmap on a GPU or
+        TPU; loop on the CPU, where vmap runs cnnjax's native kernels member by member, slower).
       rng_impl: JAX PRNG implementation for initialisation and dropout. 'threefry2x32' is JAX's
         default (identical on every backend); 'rbg' is much faster on TPU and compiles much
         faster on CPU (big_vision and t5x use it), with backend-dependent bits.
@@ -118,6 +137,11 @@ class TrainConfig:
     dtype: str = "float32"
     parallel: str = "shard_map"
     seed: int = 0
+    seeds: int = 1
+    twins: bool = False
+    data_on_device: bool = False
+    steps_per_dispatch: int = 1
+    member_map: str = "auto"
     rng_impl: str = "threefry2x32"
     log_every: int = 50
     eval_every: int = 0
@@ -213,11 +237,12 @@ class TrainConfig:
                     raise ValueError(f"TrainConfig.{name} must be a number, got nan")
         for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("warmup", WARMUPS),
                               ("wd_mask", WD_MASKS), ("dtype", DTYPES), ("parallel", PARALLEL),
-                              ("rng_impl", RNG_IMPLS),
+                              ("rng_impl", RNG_IMPLS), ("member_map", MEMBER_MAPS),
                               ("eval_split", ("test", "validation"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of {list(choices)}")
-        for name in ("global_batch_size", "log_every", "keep_checkpoints"):
+        for name in ("global_batch_size", "log_every", "keep_checkpoints", "seeds",
+                     "steps_per_dispatch"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, got {getattr(self, name)!r}")
         for name in ("eval_every", "checkpoint_every", "warmup_steps", "validation_size"):
@@ -255,6 +280,19 @@ class TrainConfig:
         if not 0 <= self.seed < 2**32:
             # Larger seeds wrap around in jax.random.key (2**32 gives the key of seed 0).
             raise ValueError(f"TrainConfig.seed must be an int in [0, 2**32), got {self.seed!r}")
+        if self.seed + self.seeds > 2**32:
+            last = self.seed + self.seeds - 1
+            raise ValueError(f"TrainConfig: seeds {self.seed}..{last} pass 2**32 - 1; lower "
+                             "seed or seeds")
+        n = self.steps_per_dispatch
+        for name in ("log_every", "eval_every", "checkpoint_every"):
+            every = getattr(self, name)
+            if every % n:
+                below, above = every // n * n, (every // n + 1) * n
+                fits = " or ".join(map(str, sorted({below, above} - {0})))
+                raise ValueError(f"TrainConfig.{name}={every} is not a multiple of "
+                                 f"steps_per_dispatch={n}: the host sees the run only between "
+                                 f"dispatches; use {name}={fits}, or change steps_per_dispatch")
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"TrainConfig.image_size must be a positive int (pixels per side) or None for the "
                              f"model's default, got {self.image_size!r}")
@@ -285,6 +323,11 @@ class TrainConfig:
         for name, choices in (("augment", data.AUGMENTATIONS), ("normalize", data.NORMALIZATIONS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of {list(choices)}")
+        if self.data_on_device and self.augment not in data.device.AUGMENTATIONS:
+            choices = list(data.device.AUGMENTATIONS)
+            raise ValueError(f"TrainConfig: data_on_device runs augment {choices} on the devices; "
+                             f"augment={self.augment!r} resizes on the host: set "
+                             "data_on_device=false")
 
 
 def _is_real(x: Any) -> bool:

@@ -3,8 +3,11 @@
 The workdir holds `config.json`, `metrics.jsonl` and `checkpoints/<step>/`. Re-running with the
 same workdir resumes from the newest checkpoint: the data order is a function of (seed, epoch)
 and the dropout keys of (seed, step), so a resumed run repeats exactly what an uninterrupted run
-does. SIGTERM saves a checkpoint at the next step and returns; a NaN or infinite training loss
-raises `NonFiniteLossError` before anything after it is checkpointed.
+does. SIGTERM saves a checkpoint after the current compiled call and returns; a NaN or infinite
+training loss raises `NonFiniteLossError` before anything after it is checkpointed. A run of
+several members (`seeds`, `twins`) writes one metrics record per member and step, tagged with
+its seed (and network), and checkpoints all members together. The compiled calls are
+`cnnjax.train.engine`'s.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import itertools
 import json
 import logging
 import os
@@ -35,9 +37,9 @@ from cnnjax.train import optim
 from cnnjax.train.checkpoint import Checkpointer, checkpoint_steps, latest_checkpoint_step
 from cnnjax.train.config import RESUMABLE_FIELDS, TrainConfig
 from cnnjax.train.metrics import Meter, MetricsWriter, NonFiniteLossError, write_json_atomic
+from cnnjax.train.engine import Engine, Member, initial_state, make_members
 from cnnjax.train.parallel import DataParallel
-from cnnjax.train.state import TrainState, create_train_state
-from cnnjax.train.steps import make_eval_step, make_train_step
+from cnnjax.train.state import TrainState
 
 log = logging.getLogger("cnnjax.train")
 
@@ -51,10 +53,11 @@ class RunResult:
     Attributes:
       step: the step the run stopped at.
       metrics: the final evaluation ('test_loss', 'test_error', 'test_top5_error'; the prefix is
-        the evaluated split), empty if the run was preempted.
-      state: the train state at `step`, as NumPy arrays.
+        the evaluated split) of the first member, empty if the run was preempted.
+      state: the train state at `step`, as NumPy arrays (with a leading member axis if several).
       resumed_from: the checkpoint step the run started from (0 for a fresh run).
       preempted: True if SIGTERM stopped the run early (a checkpoint of `step` was saved).
+      members: each member's tag (seed, and network for twins) and final evaluation.
     """
 
     step: int
@@ -62,11 +65,16 @@ class RunResult:
     state: TrainState
     resumed_from: int
     preempted: bool
+    members: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
 class Setup:
-    """A run's pieces, built from its config (shared by training and `evaluate_checkpoint`)."""
+    """A run's pieces, built from its config (shared by training and `evaluate_checkpoint`).
+
+    `model` is what every member's step computes; `members` the independent runs (one unless
+    the config has seeds > 1 or twins).
+    """
 
     config: TrainConfig
     par: DataParallel
@@ -76,6 +84,7 @@ class Setup:
     learning_rate_fn: Callable
     tx: Any
     num_steps: int
+    members: list[Member]
 
 
 def build(config: TrainConfig, *, model_fn: Callable[..., nn.Module] | None = None) -> Setup:
@@ -101,27 +110,51 @@ def build(config: TrainConfig, *, model_fn: Callable[..., nn.Module] | None = No
         channels = c if channels is None else channels
         model_fn = functools.partial(models.create, config.model)
         takes_in_channels = "in_channels" in inspect.signature(spec.builder).parameters
-    ds = data.load_dataset(config.dataset, data_dir=config.data_dir, image_size=image_size, channels=channels,
-                           validation_size=config.validation_size, seed=config.seed)
-    pipeline = data.Pipeline(ds, config.global_batch_size, augment=config.augment, normalize=config.normalize,
-                             seed=config.seed, eval_split=config.eval_split)
+    ds = data.load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        image_size=image_size,
+        channels=channels,
+        validation_size=config.validation_size,
+        seed=config.seed,
+    )
+    pipeline = data.Pipeline(
+        ds,
+        config.global_batch_size,
+        augment=config.augment,
+        normalize=config.normalize,
+        seed=config.seed,
+        eval_split=config.eval_split,
+    )
     kwargs = dict(config.model_kwargs, num_classes=ds.num_classes, bn_axis_name=par.axis_name)
     if takes_in_channels:  # models that check their input channels (MLP, AlexNet, GoogLeNet)
         kwargs.setdefault("in_channels", ds.image_shape[-1])
     if config.dtype != "float32":
         kwargs["dtype"] = jnp.dtype(config.dtype)
     try:
-        model = model_fn(**kwargs)
+        model, members = make_members(config, model_fn, kwargs, tuple(ds.image_shape))
     except ValueError:
         raise  # models.create names the bad option or value
     except (TypeError, ArithmeticError) as e:
-        raise ValueError(f"cannot build model {config.model!r}{_kwargs_text(config)}: {_one_line(e)} "
-                         "(check --model and --model_kwargs)") from e
+        raise ValueError(
+            f"cannot build model {config.model!r}{_kwargs_text(config)}: {_one_line(e)} "
+            "(check --model and --model_kwargs)"
+        ) from e
     _check_model(config, model, tuple(ds.image_shape))
+    if config.data_on_device:
+        data.device.check_fits(pipeline, par.devices, (config.eval_split,), config.augment)
     lr_fn = optim.create_learning_rate_fn(config, pipeline.steps_per_epoch)
-    return Setup(config=config, par=par, pipeline=pipeline, model=model, input_shape=tuple(ds.image_shape),
-                 learning_rate_fn=lr_fn, tx=optim.create_optimizer(config, lr_fn),
-                 num_steps=optim.num_train_steps(config, pipeline.steps_per_epoch))
+    return Setup(
+        config=config,
+        par=par,
+        pipeline=pipeline,
+        model=model,
+        input_shape=tuple(ds.image_shape),
+        learning_rate_fn=lr_fn,
+        tx=optim.create_optimizer(config, lr_fn),
+        num_steps=optim.num_train_steps(config, pipeline.steps_per_epoch),
+        members=members,
+    )
 
 
 def _kwargs_text(config: TrainConfig) -> str:
@@ -129,10 +162,12 @@ def _kwargs_text(config: TrainConfig) -> str:
 
 
 def _one_line(e: BaseException) -> str:
-    """`e` as one short line: its message's first line, with the exception's name unless a ValueError."""
+    """`e` as one short line: its message's first line, its type's name unless a ValueError."""
     text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
     text = text if len(text) <= 300 else text[:297] + "..."
-    return text if isinstance(e, ValueError) and text else f"{type(e).__name__}: {text}".rstrip(": ")
+    return (
+        text if isinstance(e, ValueError) and text else f"{type(e).__name__}: {text}".rstrip(": ")
+    )
 
 
 def _check_model(config: TrainConfig, model: nn.Module, input_shape: tuple[int, ...]) -> None:
@@ -142,6 +177,7 @@ def _check_model(config: TrainConfig, model: nn.Module, input_shape: tuple[int, 
     ...) then fails here, with a ValueError naming the model, its options and the input shape,
     before a workdir is created or any data is read into the training loop.
     """
+
     def init(x):
         key = jax.random.key(0, impl=config.rng_impl)
         init_key, dropout_key = jax.random.split(key)
@@ -151,8 +187,10 @@ def _check_model(config: TrainConfig, model: nn.Module, input_shape: tuple[int, 
         jax.eval_shape(init, jax.ShapeDtypeStruct((2, *input_shape), jnp.float32))
     except Exception as e:  # any error while tracing is the model's, on these inputs
         shape = "x".join(map(str, input_shape))
-        raise ValueError(f"model {config.model!r}{_kwargs_text(config)} cannot take {shape} inputs: "
-                         f"{_one_line(e)} (check --model, --model_kwargs, --image_size and --channels)") from e
+        raise ValueError(
+            f"model {config.model!r}{_kwargs_text(config)} cannot take {shape} inputs: "
+            f"{_one_line(e)} (check --model, --model_kwargs, --image_size and --channels)"
+        ) from e
 
 
 def check_workdir(workdir: str, name: str = "workdir") -> None:
@@ -164,33 +202,20 @@ def check_workdir(workdir: str, name: str = "workdir") -> None:
         raise ValueError(f"{name} must be a directory path, got {workdir!r}")
     path = os.path.abspath(os.fspath(workdir))
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{name} {os.fspath(workdir)!r} is an existing file, not a directory; give a new "
-                         "directory or a run's workdir")
+        raise ValueError(
+            f"{name} {os.fspath(workdir)!r} is an existing file, not a directory; give a new "
+            "directory or a run's workdir"
+        )
     parent = path
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise ValueError(f"{name} {os.fspath(workdir)!r} cannot be created: {parent!r} is a file, not a directory")
+        raise ValueError(
+            f"{name} {os.fspath(workdir)!r} cannot be created: {parent!r} is a file, "
+            "not a directory"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{name} {os.fspath(workdir)!r}: {parent!r} is not writable")
-
-
-def initial_state(setup: Setup) -> TrainState:
-    """The freshly initialised train state (host NumPy copy), from the config's seed."""
-    key = jax.random.key(setup.config.seed, impl=setup.config.rng_impl)
-    return jax.device_get(create_train_state(key, setup.model, setup.tx, setup.input_shape))
-
-
-def evaluate(setup: Setup, state: Any, eval_step: Callable, split: str | None = None) -> dict[str, float]:
-    """Loss, top-1 and top-5 error over a whole split (padding masked out), keyed '<split>_<name>'."""
-    split = split or setup.pipeline.eval_split
-    totals: dict[str, float] = {}
-    with contextlib.closing(setup.par.prefetch(setup.pipeline.eval_batches(split))) as batches:
-        for batch in batches:
-            for k, v in setup.par.to_host(eval_step(state, batch)).items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-    count = totals.pop("count")
-    return {f"{split}_{k}": v / count for k, v in totals.items()}
 
 
 class _StopSignal:
@@ -243,32 +268,47 @@ def _check_resumable(config: TrainConfig, workdir: str) -> None:
     has_checkpoint = latest_checkpoint_step(os.path.join(workdir, "checkpoints")) is not None
     if not isinstance(old, dict):
         if has_checkpoint:
-            raise ValueError(f"{workdir} holds checkpoints but its config file {path!r} is not a JSON object of "
-                             f"TrainConfig fields ({_one_line(old) if isinstance(old, Exception) else old!r}); "
-                             "restore it or use a new workdir")
+            raise ValueError(
+                f"{workdir} holds checkpoints but its config file {path!r} is not a JSON object of "
+                f"TrainConfig fields ({_one_line(old) if isinstance(old, Exception) else old!r}); "
+                "restore it or use a new workdir"
+            )
         return
     new = config.to_dict()
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_FIELDS)
+    changed = sorted(
+        k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_FIELDS
+    )
     if not changed:
         return
     changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
     if not has_checkpoint:
-        log.warning("%s holds the config of a run without checkpoints (%s): replacing it", workdir, changes)
+        log.warning(
+            "%s holds the config of a run without checkpoints (%s): replacing it", workdir, changes
+        )
         return
-    raise ValueError(f"{workdir} holds a run with a different config ({changes}); only "
-                     f"{sorted(RESUMABLE_FIELDS)} may change on resume. Use a new workdir.")
+    raise ValueError(
+        f"{workdir} holds a run with a different config ({changes}); only "
+        f"{sorted(RESUMABLE_FIELDS)} may change on resume. Use a new workdir."
+    )
 
 
-def train_and_evaluate(config: TrainConfig, workdir: str, *, model_fn: Callable[..., nn.Module] | None = None,
-                       callbacks: Sequence[Callback] = ()) -> RunResult:
+def train_and_evaluate(
+    config: TrainConfig,
+    workdir: str,
+    *,
+    model_fn: Callable[..., nn.Module] | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> RunResult:
     """Trains `config` in `workdir`, resuming from its newest checkpoint, and evaluates.
 
     Args:
       config: the run's configuration (validated here).
       workdir: directory for config.json, metrics.jsonl and checkpoints/ (created).
       model_fn: optional model builder instead of the registry (see `build`).
-      callbacks: called as `callback(step, state, metrics)` after every step on every process
-        (device arrays; reading them synchronises with the device).
+      callbacks: called as `callback(step, state, metrics)` after every compiled call (every
+        `steps_per_dispatch` steps) on every process, with the step reached and device arrays
+        (reading them synchronises with the device; the metrics have the axes [members][steps]
+        in front where the run has several).
 
     Returns:
       A `RunResult`.
@@ -283,9 +323,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, model_fn: Callable[
     """
     check_workdir(workdir)
     _check_resumable(config, workdir)
-    # Everything that can fail on a bad config (fields, data, model, input shape) before anything is written.
+    # Everything that can fail on a bad config (fields, data, model, input shape), before anything
+    # is written.
     setup = build(config, model_fn=model_fn)
-    par, pipe, num_steps = setup.par, setup.pipeline, setup.num_steps
+    par, pipe, num_steps, members = setup.par, setup.pipeline, setup.num_steps, setup.members
     spe = pipe.steps_per_epoch
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
@@ -299,68 +340,111 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, model_fn: Callable[
     start = 0
     if ckpt.latest_step() is not None:
         host_state, meta = ckpt.restore(host_state)
-        start = int(host_state.step)
+        start = int(np.max(host_state.step))
     # Records after the checkpoint (from 0: of an attempt that ended before its first checkpoint).
     dropped = writer.truncate_after(start)
     if start:
-        log.info("resuming %s from step %d (%d later metric records dropped)", workdir, start, dropped)
+        log.info(
+            "resuming %s from step %d (%d later metric records dropped)", workdir, start, dropped
+        )
     else:
-        log.info("training %s on %s in %s: %d steps of %d examples on %d device(s), %d process(es)",
-                 config.model, config.dataset, workdir, num_steps, config.global_batch_size, par.num_devices,
-                 jax.process_count())
-    state = par.replicate(host_state)
-    train_step = par.wrap_train_step(make_train_step(
-        setup.model, setup.tx, setup.learning_rate_fn, label_smoothing=config.label_smoothing,
-        aux_weight=config.aux_weight, axis_name=par.axis_name, rng_impl=config.rng_impl))
-    eval_step = par.wrap_eval_step(make_eval_step(setup.model, axis_name=par.axis_name))
-
-    meter = Meter.from_state(meta.get("meter"))
+        log.info(
+            "training %s on %s in %s: %d steps of %d examples on %d device(s), %d process(es), "
+            "%d member(s)",
+            config.model,
+            config.dataset,
+            workdir,
+            num_steps,
+            config.global_batch_size,
+            par.num_devices,
+            jax.process_count(),
+            len(members),
+        )
+    engine = Engine(setup)
+    state = engine.place(host_state)
+    meters = [Meter.from_state(m) for m in meta.get("meters", [meta.get("meter")] * len(members))]
+    pending: list[tuple[int, int, Any]] = []  # (first step, last step, device metrics) of each call
     wall_offset = float(meta.get("wall_time", 0.0))
     t_start = time.perf_counter()
     t_window, window_steps = t_start, 0
-    step, preempted, record = start, False, {}
+    step, preempted, records = start, False, [{} for _ in members]
     bar = _progress_bar(config, num_steps, start, enabled=is_main)
 
     def save(at: int) -> None:
-        host = par.to_host(state)
+        host = engine.to_host(state)
         # A finite loss is computed before the update: the update itself may still overflow.
-        if not all(np.isfinite(x).all() for x in jax.tree.leaves((host.params, host.batch_stats))):
-            raise NonFiniteLossError(f"the parameters became non-finite at step {at}")
-        ckpt.save(at, host, {"meter": meter.state(), "wall_time": wall_offset + time.perf_counter() - t_start})
+        leaves = jax.tree.leaves((host.params, host.batch_stats))
+        for i in range(len(members)):
+            if not all(np.isfinite(x[i] if len(members) > 1 else x).all() for x in leaves):
+                raise NonFiniteLossError(
+                    f"the parameters became non-finite at step {at}{_member_text(members, i)}"
+                )
+        ckpt.save(
+            at,
+            host,
+            {
+                "meters": [m.state() for m in meters],
+                "wall_time": wall_offset + time.perf_counter() - t_start,
+            },
+        )
 
     try:
-        with _StopSignal() as stop_signal, contextlib.closing(par.prefetch(pipe.train_stream(start))) as batches:
-            for batch in itertools.islice(batches, num_steps - start):
-                state, metrics = train_step(state, batch)
-                step += 1
-                window_steps += 1
-                meter.add(step, metrics)
+        with (
+            _StopSignal() as stop_signal,
+            contextlib.closing(engine.run(state, start, num_steps)) as calls,
+        ):
+            for end, state, metrics in calls:
+                pending.append((step + 1, end, metrics))
+                window_steps += end - step
+                bar.update(end - step)
+                step = end
                 for callback in callbacks:
                     callback(step, state, metrics)
-                bar.update(1)
                 preempted = stop_signal.should_stop(step)
                 final = step == num_steps
                 do_log = step % config.log_every == 0 or final
                 do_eval = (config.eval_every > 0 and step % config.eval_every == 0) or final
-                do_ckpt = (config.checkpoint_every > 0 and step % config.checkpoint_every == 0) or final or preempted
+                do_ckpt = (
+                    (config.checkpoint_every > 0 and step % config.checkpoint_every == 0)
+                    or final
+                    or preempted
+                )
                 if not (do_log or do_eval or do_ckpt):
                     continue
-                meter.flush(par.to_host)  # raises on a non-finite loss, before anything is saved
-                record = {}
+                # Raises on a non-finite loss, before anything is saved.
+                _flush(par, pending, meters, members)
+                pending = []
+                records = [{} for _ in members]
                 if do_log:
                     elapsed = time.perf_counter() - t_window
-                    record.update({f"train_{k}": v for k, v in meter.means().items() if k != "lr"})
-                    record.update(lr=meter.last["lr"], images_per_sec=window_steps * config.global_batch_size / elapsed)
-                    bar.set_postfix(loss=f"{record['train_loss']:.4f}", err=f"{record['train_error']:.4f}",
-                                    img_s=f"{record['images_per_sec']:.0f}")
-                    meter.reset()
+                    for record, meter in zip(records, meters):
+                        record.update(
+                            {f"train_{k}": v for k, v in meter.means().items() if k != "lr"}
+                        )
+                        record.update(
+                            lr=meter.last["lr"],
+                            images_per_sec=window_steps * config.global_batch_size / elapsed,
+                        )
+                        meter.reset()
+                    bar.set_postfix(
+                        loss=f"{records[0]['train_loss']:.4f}",
+                        err=f"{records[0]['train_error']:.4f}",
+                        img_s=f"{records[0]['images_per_sec'] * len(members):.0f}",
+                    )
                 if do_eval:
-                    record.update(evaluate(setup, state, eval_step))
-                if record:
-                    record.update(step=step, epoch=step / spe, wall_time=wall_offset + time.perf_counter() - t_start)
-                    if final:
-                        record["final"] = True
-                    writer.write(record)
+                    for record, evaluated in zip(records, engine.evaluate(state)):
+                        record.update(evaluated)
+                if records[0]:
+                    for record, member in zip(records, members):
+                        record.update(
+                            step=step,
+                            epoch=step / spe,
+                            wall_time=wall_offset + time.perf_counter() - t_start,
+                            **member.tag,
+                        )
+                        if final:
+                            record["final"] = True
+                        writer.write(record)
                 if do_ckpt:
                     save(step)
                 t_window, window_steps = time.perf_counter(), 0
@@ -370,26 +454,75 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, model_fn: Callable[
         ckpt.wait()
         raise NonFiniteLossError(
             f"{e}. Training stopped; the last good checkpoint (step {ckpt.latest_step()}) in "
-            f"{ckpt.directory} is kept. Lower the learning rate or add warm-up, then re-run with the "
-            "same workdir to resume from it.") from None
+            f"{ckpt.directory} is kept. Lower the learning rate or add warm-up, then re-run with "
+            "the same workdir to resume from it."
+        ) from None
     finally:
         bar.close()
         ckpt.close()
 
-    host_state = par.to_host(state)
+    host_state = engine.to_host(state)
     if preempted:
         log.info("SIGTERM: saved a checkpoint at step %d in %s and stopped", step, ckpt.directory)
-        return RunResult(step=step, metrics={}, state=host_state, resumed_from=start, preempted=True)
+        return RunResult(
+            step=step, metrics={}, state=host_state, resumed_from=start, preempted=True
+        )
     if start >= num_steps:  # nothing left to train: report the final evaluation
-        final_metrics = evaluate(setup, state, eval_step)
+        final_metrics = engine.evaluate(state)
     else:
-        final_metrics = {k: v for k, v in record.items() if k.startswith(pipe.eval_split + "_")}
-    log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in final_metrics.items()))
-    return RunResult(step=step, metrics=final_metrics, state=host_state, resumed_from=start, preempted=False)
+        final_metrics = [
+            {k: v for k, v in r.items() if k.startswith(pipe.eval_split + "_")} for r in records
+        ]
+    log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in final_metrics[0].items()))
+    return RunResult(
+        step=step,
+        metrics=final_metrics[0],
+        state=host_state,
+        resumed_from=start,
+        preempted=False,
+        members=[{**m.tag, **f} for m, f in zip(members, final_metrics)],
+    )
 
 
-def evaluate_checkpoint(workdir: str, *, step: int | None = None, split: str | None = None,
-                        model_fn: Callable[..., nn.Module] | None = None) -> dict[str, float]:
+def _member_text(members: Sequence[Member], i: int) -> str:
+    if len(members) == 1:
+        return ""
+    return " (member " + ", ".join(f"{k} {v}" for k, v in members[i].tag.items()) + ")"
+
+
+def _flush(
+    par: DataParallel,
+    pending: list[tuple[int, int, Any]],
+    meters: list[Meter],
+    members: Sequence[Member],
+) -> None:
+    """Adds the pending calls' per-step metrics to each member's meter, step by step.
+
+    NonFiniteLossError names the first step (and member) whose loss is not finite.
+    """
+    for (first, last, _), metrics in zip(pending, par.to_host([m for _, _, m in pending])):
+        n = last - first + 1
+        metrics = {k: np.reshape(v, (len(members), n)) for k, v in metrics.items()}
+        bad = ~np.isfinite(metrics["loss"])
+        if bad.any():
+            i, j = np.argwhere(bad.T)[0][::-1]
+            raise NonFiniteLossError(
+                f"the training loss is {metrics['loss'][i, j]} at step {first + j}"
+                f"{_member_text(members, i)}"
+            )
+        for i, meter in enumerate(meters):
+            for j in range(n):
+                meter.add(first + j, {k: v[i, j] for k, v in metrics.items()})
+            meter.flush(lambda tree: tree)
+
+
+def evaluate_checkpoint(
+    workdir: str,
+    *,
+    step: int | None = None,
+    split: str | None = None,
+    model_fn: Callable[..., nn.Module] | None = None,
+) -> dict[str, Any]:
     """Restores a run's checkpoint (default: the newest) and evaluates it on `split`.
 
     Args:
@@ -397,11 +530,19 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, split: str | N
       step: which checkpoint; None for the newest.
       split: 'test' or 'validation' (default: the config's eval_split).
       model_fn: the model builder the run used, if not the registry.
+
+    Returns:
+      {'step', '<split>_loss', '<split>_error', '<split>_top5_error'}; for a run of several
+      members {'step', 'members': [{'seed', ('network',) '<split>_loss', ...}, ...]}.
     """
     if step is not None and (not is_int(step) or step < 0):
-        raise ValueError(f"step must be a checkpoint's step (an int >= 0) or None for the newest, got {step!r}")
+        raise ValueError(
+            f"step must be a checkpoint's step (an int >= 0) or None for the newest, got {step!r}"
+        )
     if split not in (None, "test", "validation"):
-        raise ValueError(f"split must be 'test', 'validation' or None (the run's eval_split), got {split!r}")
+        raise ValueError(
+            f"split must be 'test', 'validation' or None (the run's eval_split), got {split!r}"
+        )
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"{workdir} has no config.json: not a training workdir")
@@ -416,9 +557,12 @@ def evaluate_checkpoint(workdir: str, *, step: int | None = None, split: str | N
     setup = build(config, model_fn=model_fn)
     with Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints, create=False) as ckpt:
         host_state, _ = ckpt.restore(initial_state(setup), step)
-    eval_step = setup.par.wrap_eval_step(make_eval_step(setup.model, axis_name=setup.par.axis_name))
-    metrics = evaluate(setup, setup.par.replicate(host_state), eval_step, split)
-    return {"step": int(host_state.step), **metrics}
+    engine = Engine(setup)
+    results = engine.evaluate(engine.place(host_state), split)
+    at = int(np.max(host_state.step))
+    if len(setup.members) == 1:
+        return {"step": at, **results[0]}
+    return {"step": at, "members": [{**m.tag, **r} for m, r in zip(setup.members, results)]}
 
 
 def _progress_bar(config: TrainConfig, total: int, initial: int, *, enabled: bool):
@@ -426,7 +570,12 @@ def _progress_bar(config: TrainConfig, total: int, initial: int, *, enabled: boo
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=config.model)
+    desc = (
+        config.model
+        + (" twins" if config.twins else "")
+        + (f" x{config.seeds} seeds" if config.seeds > 1 else "")
+    )
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=desc)
 
 
 class _NoBar:

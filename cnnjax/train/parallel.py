@@ -12,9 +12,10 @@ shard_map has pmap's semantics and one step function serves both wrappers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -96,55 +97,93 @@ class DataParallel:
     @property
     def batch_sharding(self) -> jax.sharding.Sharding:
         """Sharding of a batch (after `host_layout`): split over the 'batch' axis."""
-        if self.mode == "pmap":
-            return NamedSharding(self._local_mesh, P(AXIS))
-        return NamedSharding(self.mesh, P(AXIS))
+        return self.split_sharding(0)
 
-    def host_layout(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """pmap takes [local devices, per-device batch, ...]; the other modes the batch as is."""
+    def split_sharding(self, axis: int = 0) -> jax.sharding.Sharding:
+        """Sharding of arrays split over 'batch' at dimension `axis` (after `host_layout`)."""
+        if self.mode == "pmap":  # pmap's layout puts the device axis first
+            return NamedSharding(self._local_mesh, P(AXIS))
+        return NamedSharding(self.mesh, P(*[None] * axis, AXIS))
+
+    def host_layout(self, batch: Any, axis: int = 0) -> Any:
+        """pmap takes [local devices, ...] with dimension `axis` split; the other modes take arrays
+        as they are."""
         if self.mode != "pmap":
             return batch
         n = len(self.local_devices)
 
         def split(x):
             x = np.asarray(x)
-            if x.shape[0] % n:
-                raise ValueError(f"local batch of {x.shape[0]} does not split over {n} local devices")
-            return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+            if x.shape[axis] % n:
+                raise ValueError(f"local batch of {x.shape[axis]} does not split over {n} local "
+                                 "devices")
+            x = x.reshape(*x.shape[:axis], n, x.shape[axis] // n, *x.shape[axis + 1:])
+            return np.moveaxis(x, axis, 0)
 
         return jax.tree.map(split, batch)
 
     def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's slice of the global batch -> arrays split over the 'batch' axis."""
-        (batch,) = self.prefetch([batch])
-        return batch
+        return self.put_local(batch)
 
-    def prefetch(self, batches: Iterable[dict[str, np.ndarray]], size: int = 2) -> Iterator[dict[str, jax.Array]]:
-        """Sharded batches, copied to the devices in a background thread `size` steps ahead."""
+    def put_local(self, tree: Any, axis: int = 0) -> Any:
+        """This process's part of arrays split at dimension `axis` -> global arrays split over
+        'batch'."""
         from cnnjax import data  # the train package sits above data; imported late to keep this light
 
-        return data.prefetch_to_device(map(self.host_layout, batches), size, self.batch_sharding)
+        put = data.pipeline.device_put_fn(self.split_sharding(axis))
+        return jax.tree.map(put, self.host_layout(tree, axis))
+
+    def put_global(self, tree: Any, axis: int = 0) -> Any:
+        """Arrays every process holds whole -> split over 'batch' at dimension `axis`: device d of D
+        gets the d-th of D equal slices (the dimension must divide)."""
+        def put(x):
+            x = np.asarray(x)
+            if x.shape[axis] % self.num_devices:
+                raise ValueError(f"dimension {axis} of {x.shape} does not split over "
+                                 f"{self.num_devices} devices")
+            if self.mode != "pmap":
+                sharding = self.split_sharding(axis)
+                return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+            size = x.shape[axis] // self.num_devices
+            parts = [np.take(x, range(g * size, (g + 1) * size), axis=axis)
+                     for g in (self.devices.index(d) for d in self.local_devices)]
+            return jax.device_put(np.stack(parts), self.split_sharding(axis))
+
+        return jax.tree.map(put, tree)
+
+    def prefetch(self, batches: Iterable[Any], size: int = 2, axis: int = 0) -> Iterator[Any]:
+        """Sharded batches, copied to the devices in a background thread `size` steps ahead;
+        dimension `axis` of every array is the one split over the devices."""
+        from cnnjax import data
+
+        layout = functools.partial(self.host_layout, axis=axis)
+        return data.prefetch_to_device(map(layout, batches), size, self.split_sharding(axis))
 
     # -- wrapping steps -------------------------------------------------------------------------
 
     def wrap_train_step(self, step_fn: Callable) -> Callable:
         """(state, batch) -> (state, metrics) on all devices; the input state is donated."""
-        return self._wrap(step_fn, donate=True)
+        return self.wrap(step_fn, (0,), donate=True)
 
     def wrap_eval_step(self, step_fn: Callable) -> Callable:
         """(state, batch) -> summed metrics on all devices."""
-        return self._wrap(step_fn, donate=False)
+        return self.wrap(step_fn, (0,), donate=False)
 
-    def _wrap(self, step_fn: Callable, *, donate: bool) -> Callable:
+    def wrap(self, step_fn: Callable, split: Sequence[int | None], *, donate: bool) -> Callable:
+        """`step_fn(state, *args)` on all devices: the state replicated (and donated if `donate`),
+        each of `args` split over the axis at dimension `split[i]` (None: replicated); every output
+        is replicated, which the step makes sure of (pmean, psum)."""
         donate_argnums = (0,) if donate else ()
         if self.mode == "none":
             return jax.jit(step_fn, donate_argnums=donate_argnums)
         if self.mode == "pmap":
             return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=donate_argnums,
+                            in_axes=(0, *[None if a is None else 0 for a in split]),
                             devices=self.devices if self.devices != jax.devices() else None)
-        # The state is replicated (P()), the batch split over the axis (P('batch')), and every
-        # output is replicated because the step pmeans it.
-        mapped = jax.shard_map(step_fn, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False)
+        specs = [P() if a is None else P(*[None] * a, AXIS) for a in split]
+        mapped = jax.shard_map(step_fn, mesh=self.mesh, in_specs=(P(), *specs), out_specs=P(),
+                               check_vma=False)
         return jax.jit(mapped, donate_argnums=donate_argnums)
 
 

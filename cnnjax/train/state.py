@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -55,12 +56,18 @@ def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTrans
     The model is initialised in training mode, so that parts used only in training (auxiliary
     classifiers) get parameters too; BatchNorm does not update its statistics while initialising.
     """
+    return train_state_initializer(model, tx, input_shape)(rng)
+
+
+def train_state_initializer(model: nn.Module, tx: optax.GradientTransformation,
+                            input_shape: tuple[int, ...]) -> Callable[[jax.Array], TrainState]:
+    """`create_train_state` as a function of the key alone, compiled once for all its keys."""
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (H, W, C), got {tuple(input_shape)}")
-    init_key, dropout_key, train_key = jax.random.split(rng, 3)
 
     @jax.jit
-    def init():
+    def init(rng):
+        init_key, dropout_key, train_key = jax.random.split(rng, 3)
         x = jnp.zeros((2, *input_shape), jnp.float32)
         variables = model.init({"params": init_key, "dropout": dropout_key}, x, train=True)
         params = variables["params"]
@@ -68,7 +75,7 @@ def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTrans
                           batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                           rng=jax.random.key_data(train_key) if _is_typed_key(train_key) else train_key)
 
-    return init()
+    return init
 
 
 def _is_typed_key(key: jax.Array) -> bool:

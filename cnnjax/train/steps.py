@@ -63,8 +63,8 @@ def split_outputs(outputs: Any) -> tuple[jax.Array, list[jax.Array]]:
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, learning_rate_fn: optax.Schedule, *,
                     label_smoothing: float = 0.0, aux_weight: float = 0.3,
                     axis_name: str | None = "batch", rng_impl: str | None = None,
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """Builds the per-device training step `(state, batch) -> (state, metrics)`.
+                    ) -> Callable[..., tuple[TrainState, Metrics]]:
+    """Builds the per-device training step `(state, batch, apply_kwargs=None) -> (state, metrics)`.
 
     Args:
       model: linen module; its BatchNorm must use `axis_name` for global-batch statistics.
@@ -75,12 +75,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, learning
       axis_name: the mapped device axis to average over, or None on one device.
       rng_impl: PRNG implementation of `state.rng` ('threefry2x32', 'rbg', ...; None: JAX's default).
 
-    batch: {'image': [b, H, W, C] float, 'label': [b] int}. The metrics (loss of the main
-    classifier, top-1 and top-5 error, learning rate, and aux_loss for models with auxiliary
-    heads) are averages over the global batch.
+    batch: {'image': [b, H, W, C] float, 'label': [b] int}; apply_kwargs: extra arguments of the
+    model's call (a twin's `shortcut_scale`). The metrics (loss of the main classifier, top-1 and
+    top-5 error, learning rate, and aux_loss for models with auxiliary heads) are averages over
+    the global batch.
     """
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def train_step(state: TrainState, batch: Batch,
+                   apply_kwargs: dict | None = None) -> tuple[TrainState, Metrics]:
         images, labels = batch["image"], batch["label"]
         dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=rng_impl), state.step)
         if axis_name is not None:
@@ -89,7 +91,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, learning
         def loss_fn(params):
             variables = {"params": params, "batch_stats": state.batch_stats} if state.batch_stats else {"params": params}
             outputs, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
-                                           rngs={"dropout": dropout_key})
+                                           rngs={"dropout": dropout_key}, **(apply_kwargs or {}))
             logits, aux = split_outputs(outputs)
             loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
             aux_losses = [jnp.mean(cross_entropy(a, labels, label_smoothing)) for a in aux]
@@ -117,19 +119,20 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, learning
     return train_step
 
 
-def make_eval_step(model: nn.Module, *, axis_name: str | None = "batch") -> Callable[[TrainState, Batch], Metrics]:
-    """Builds the per-device evaluation step `(state, batch) -> sums`.
+def make_eval_step(model: nn.Module, *, axis_name: str | None = "batch") -> Callable[..., Metrics]:
+    """Builds the per-device evaluation step `(state, batch, apply_kwargs=None) -> sums`.
 
     batch: {'image', 'label', 'mask'}; 'mask' (bool [b], optional) marks real examples in a
     padded batch. Returns sums over real examples of the whole global batch ('loss', 'error',
     'top5_error', 'count'); divide by the summed 'count' after the last batch.
     """
 
-    def eval_step(state: TrainState, batch: Batch) -> Metrics:
+    def eval_step(state: TrainState, batch: Batch, apply_kwargs: dict | None = None) -> Metrics:
         images, labels = batch["image"], batch["label"]
         mask = batch.get("mask")
         mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-        logits, _ = split_outputs(model.apply(state.variables, images, train=False))
+        outputs = model.apply(state.variables, images, train=False, **(apply_kwargs or {}))
+        logits, _ = split_outputs(outputs)
         sums = {
             "loss": jnp.sum(cross_entropy(logits, labels) * mask),
             "error": jnp.sum(top_k_error(logits, labels, 1) * mask),

@@ -15,7 +15,10 @@ _CACHE: list[str] = []
 
 def _compilation_cache() -> str:
     """A JAX compilation cache shared by this test session's subprocesses (they compile the same
-    steps; a cache hit runs the very same executable), removed at exit."""
+    steps; a cache hit runs the very same executable): the session's (tests/conftest.py), or one
+    of this process's, removed at exit."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
     if not _CACHE:
         _CACHE.append(tempfile.mkdtemp(prefix="cnnjax_test_jax_cache_"))
         atexit.register(shutil.rmtree, _CACHE[0], True)

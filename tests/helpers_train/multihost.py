@@ -8,6 +8,8 @@ A worker is one of two processes training TinyCNN on 8x8 digits with `train_and_
 (shard_map over one CPU device per process, each process reading its own shard). The
 reference is one process and one device stepping on the same global batches: each the
 concatenation of the two processes' local batches. Each writes the final params to OUT.npz.
+With $CNNJAX_TEST_ENGINE=1 the workers train two seeds as members of one program, from data on
+the devices (sharded over both processes), 3 steps per call.
 """
 
 import json
@@ -24,10 +26,13 @@ STEP_SLEEP = float(os.environ.get("CNNJAX_TEST_STEP_SLEEP", 0))  # seconds per s
 def config(parallel):
     from cnnjax import train
 
-    return train.TrainConfig(
+    config = train.TrainConfig(
         model="tiny", dataset="digits", image_size=8, channels=1, global_batch_size=32, num_steps=NUM_STEPS,
         learning_rate=0.1, momentum=0.9, weight_decay=5e-4, schedule="constant", normalize="per_channel",
         parallel=parallel, log_every=2, eval_every=0, checkpoint_every=3, rng_impl="rbg", progress_bar=False)
+    if os.environ.get("CNNJAX_TEST_ENGINE") == "1" and parallel != "none":
+        config = config.replace(seeds=2, data_on_device=True, steps_per_dispatch=3, log_every=3)
+    return config
 
 
 def save_params(path, params):

@@ -1,7 +1,8 @@
 """Trains TinyCNN on 8x8 digits with `train_and_evaluate`; optionally signals itself at a step.
 
 usage: run_digits.py WORKDIR NUM_STEPS [--kill STEP SIGNAL] [--parallel MODE] [--devices N]
-                     [--save_params OUT.npz]
+                     [--save_params OUT.npz] [--engine SEEDS STEPS_PER_DISPATCH]
+(--engine: that many seeds as members of one program, data on the device, steps per call)
 Prints one JSON line: the RunResult's step, resumed_from, preempted and metrics.
 """
 
@@ -19,6 +20,7 @@ parser.add_argument("--parallel", default="none")
 parser.add_argument("--devices", type=int, default=1)
 parser.add_argument("--lr", type=float, default=0.1)
 parser.add_argument("--save_params", help="write the final params to this .npz")
+parser.add_argument("--engine", nargs=2, type=int, metavar=("SEEDS", "STEPS_PER_DISPATCH"))
 args = parser.parse_args()
 if args.devices > 1:
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
@@ -32,6 +34,9 @@ config = train.TrainConfig(
     normalize="per_channel", parallel=args.parallel, log_every=5, eval_every=20, checkpoint_every=10,
     keep_checkpoints=2, rng_impl="rbg", progress_bar=False,
 )
+if args.engine:
+    config = config.replace(seeds=args.engine[0], steps_per_dispatch=args.engine[1],
+                            data_on_device=True, augment="cifar")
 callbacks = []
 if args.kill:
     kill_step, sig = int(args.kill[0]), getattr(signal, args.kill[1])
