@@ -131,6 +131,22 @@ def _as_array(x, name: str):
                          f"{x!r}: {e}") from None
 
 
+def compute_dtype(x, dtype=None):
+    """The dtype a layer computes `x` in: `dtype` if given, x's own if floating, else float32.
+
+    Integer and bool inputs (uint8 images) are promoted: a sum of products in uint8 wraps, and a
+    float kernel cast down to int8 loses its values.
+    """
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.dtype(jnp.float32)
+
+
+def _floating(x):
+    """x in `compute_dtype(x)`: integers and bools promoted to float32, floats unchanged."""
+    return x.astype(compute_dtype(x))
+
+
 def _pair(value: IntPair, name: str, *, minimum: int = 1) -> tuple[int, int]:
     """Normalises an int or a pair to a pair of ints >= minimum (NumPy integers accepted; floats,
     bools and strings rejected rather than truncated or iterated)."""
@@ -305,7 +321,7 @@ def conv2d(
     Returns:
       (N, H_out, W_out, C_out) with H_out = floor((H + pt + pb - ((KH - 1) * dh + 1)) / sh) + 1.
     """
-    x, kernel = _as_array(x, "x"), _as_array(kernel, "kernel")
+    x, kernel = _floating(_as_array(x, "x")), _as_array(kernel, "kernel")
     bias = None if bias is None else _as_array(bias, "bias")
     _check_rank(x, 4, "x", "NHWC")
     if kernel.ndim != 4:
@@ -536,8 +552,8 @@ _conv_canonical_impl.defvjp(_conv_canonical_fwd, _conv_canonical_bwd)
 
 
 def dense(x: Array, kernel: Array, bias: Array | None = None, *, precision: lax.PrecisionLike = None) -> Array:
-    """Fully connected layer: x @ kernel + bias over the last axis."""
-    x, kernel = _as_array(x, "x"), _as_array(kernel, "kernel")
+    """Fully connected layer: x @ kernel + bias over the last axis (integer x in float32)."""
+    x, kernel = _floating(_as_array(x, "x")), _as_array(kernel, "kernel")
     bias = None if bias is None else _as_array(bias, "bias")
     if kernel.ndim != 2:
         raise ValueError(f"kernel must have rank 2 (in, out), got shape {tuple(kernel.shape)}")
@@ -615,12 +631,14 @@ def max_pool(x: Array, kernel_size: IntPair, stride: IntPair | None = None, padd
 def avg_pool(x: Array, kernel_size: IntPair, stride: IntPair | None = None, padding: Padding = 0,
              *, ceil_mode: bool = False, count_include_pad: bool = True) -> Array:
     """Average pooling. count_include_pad counts the explicit zero padding in the divisor
-    (PyTorch's default); the extra far-side padding of ceil_mode is never counted."""
+    (PyTorch's default); the extra far-side padding of ceil_mode is never counted. Integer x is
+    averaged in float32."""
     x = _as_array(x, "x")
     count_include_pad = _flag(count_include_pad, "count_include_pad")
     if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
         raise ValueError(f"avg_pool needs a numeric x (float or int), got dtype {x.dtype}; "
                          "convert it first, e.g. x.astype(jnp.float32)")
+    x = _floating(x)
     window, strides, pads = _pool_geometry(x, kernel_size, stride, padding, ceil_mode, "pooling")
     dims, wstrides, wpads = (1, *window, 1), (1, *strides, 1), ((0, 0), *pads, (0, 0))
     total = lax.reduce_window(x, np.array(0, x.dtype), lax.add, dims, wstrides, wpads)
@@ -649,8 +667,8 @@ def _check_global_pool_input(x, keepdims, name: str):
 
 
 def global_avg_pool(x: Array, *, keepdims: bool = False) -> Array:
-    """Mean over the spatial axes: (N, H, W, C) -> (N, C) (or (N, 1, 1, C))."""
-    x = _check_global_pool_input(x, keepdims, "global_avg_pool")
+    """Mean over the spatial axes: (N, H, W, C) -> (N, C) (or (N, 1, 1, C)); integers in float32."""
+    x = _floating(_check_global_pool_input(x, keepdims, "global_avg_pool"))
     return jnp.mean(x, axis=(1, 2), keepdims=keepdims)
 
 
@@ -793,11 +811,14 @@ def batch_norm(
         `batch_norm_backend`). Values agree to float32 rounding.
 
     Returns:
-      (y, (new_running_mean, new_running_var)).
+      (y, (new_running_mean, new_running_var)); integer x is normalised in float32.
     """
-    x = _as_array(x, "x")
+    x = _floating(_as_array(x, "x"))
     _check_bn_rank(x)
     train = _flag(train, "train")
+    if train and x.size == 0:
+        raise ValueError(f"batch_norm in training needs at least one value per channel, got x of "
+                         f"shape {tuple(x.shape)}: the statistics of an empty batch are 0 / 0")
     momentum = _real(momentum, "momentum")
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1] (Flax convention, 0.9 = PyTorch's 0.1), got {momentum}")
@@ -805,7 +826,7 @@ def batch_norm(
     mode = _resolve_vjp(vjp, BN_VJP, _BN_VJP_MODES, "fused")  # validated in both modes
     act = _resolve_activation(activation)
     if residual is not None:
-        residual = _as_array(residual, "residual")
+        residual = _floating(_as_array(residual, "residual"))
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     c = x.shape[-1]
@@ -993,7 +1014,7 @@ def local_response_norm(
     b_c = a_c / (k + alpha' * sum_{c' in [c - size//2, c + size//2]} a_{c'}^2) ** beta,
     with alpha' = alpha (the paper's formula) or alpha / size when `alpha_over_n` (PyTorch, Caffe).
     """
-    x = _as_array(x, "x")
+    x = _floating(_as_array(x, "x"))
     _check_rank(x, 4, "x", "NHWC")
     size = _positive_int(size, "size", what=" (channels in the window)")
     alpha_over_n = _flag(alpha_over_n, "alpha_over_n")

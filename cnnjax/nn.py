@@ -99,7 +99,7 @@ class Conv(nn.Module):
         kernel = self.param("kernel", get_initializer(self.kernel_init),
                             (kh, kw, c_in // groups, features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (features,), self.param_dtype) if self.use_bias else None
-        dtype = self.dtype or x.dtype
+        dtype = F.compute_dtype(x, self.dtype)
         return F.conv2d(x.astype(dtype), kernel.astype(dtype), None if bias is None else bias.astype(dtype),
                         stride=self.strides, padding=self.padding, dilation=self.dilation,
                         groups=groups, precision=self.precision)
@@ -132,7 +132,7 @@ class Dense(nn.Module):
         features = F._positive_int(self.features, f"{self.name or 'Dense'}: features")
         kernel = self.param("kernel", get_initializer(self.kernel_init), (x.shape[-1], features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (features,), self.param_dtype) if self.use_bias else None
-        dtype = self.dtype or x.dtype
+        dtype = F.compute_dtype(x, self.dtype)
         return F.dense(x.astype(dtype), kernel.astype(dtype), None if bias is None else bias.astype(dtype),
                        precision=self.precision)
 
@@ -177,12 +177,13 @@ class BatchNorm(nn.Module):
         scale = self.param("scale", self.scale_init, (c,), jnp.float32) if self.use_scale else None
         bias = self.param("bias", self.bias_init, (c,), jnp.float32) if self.use_bias else None
         initializing = self.is_initializing()
+        dtype = F.compute_dtype(x, self.dtype)
         y, (mean, var) = F.batch_norm(
-            x.astype(self.dtype or x.dtype), scale, bias, ra_mean.value, ra_var.value,
+            x.astype(dtype), scale, bias, ra_mean.value, ra_var.value,
             train=not use_running_average, momentum=self.momentum, eps=self.epsilon,
             # No mapped axis exists while initialising outside pmap/shard_map.
             axis_name=None if initializing else self.axis_name,
-            residual=None if residual is None else residual.astype(self.dtype or x.dtype), activation=activation,
+            residual=None if residual is None else residual.astype(dtype), activation=activation,
         )
         if not use_running_average and not initializing:
             ra_mean.value, ra_var.value = mean, var

@@ -699,3 +699,47 @@ def test_valid_hyper_parameter_edges_still_work():
     out, (m, v) = F.batch_norm(_XB, None, None, jnp.zeros(3), jnp.ones(3), train=True, momentum=np.float64(0.5),
                                eps=np.float32(1e-3))
     assert out.shape == (2, 3) and m.shape == v.shape == (3,)
+
+
+def test_integer_inputs_give_the_float_results():
+    # Issue 23's cases: each layer promotes integer inputs to float32 instead of casting down.
+    x = np.full((1, 3, 3, 1), 10, np.int8)
+    kernel = np.full((3, 3, 1, 1), 0.4, np.float32)
+    assert float(F.conv2d(x, kernel)[0, 0, 0, 0]) == pytest.approx(36.0)  # not int8(0.4) = 0
+    sums = F.conv2d(np.full((1, 3, 3, 1), 200, np.uint8), np.ones((3, 3, 1, 1), np.uint8))
+    assert sums.dtype == jnp.float32 and float(sums[0, 0, 0, 0]) == 1800.0  # not 1800 % 256
+    pooled = F.avg_pool(np.full((1, 4, 4, 1), 255, np.uint8), 2, 2)
+    assert pooled.dtype == jnp.float32 and float(pooled.min()) == 255.0
+    assert float(F.global_avg_pool(np.full((1, 4, 4, 1), 255, np.uint8))[0, 0]) == 255.0
+    quarter = np.full((4, 1), 0.25, np.float32)
+    assert float(F.dense(np.full((1, 4), 3, np.int8), quarter)[0, 0]) == 3.0
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 5, 5, 3)).astype(np.uint8)
+    floats = images.astype(np.float32)
+    w = (0.1 * rng.standard_normal((3, 3, 3, 2))).astype(np.float32)
+    np.testing.assert_array_equal(F.conv2d(images, w, padding=1), F.conv2d(floats, w, padding=1))
+    np.testing.assert_array_equal(F.local_response_norm(images), F.local_response_norm(floats))
+    ones, zeros = np.ones(3, np.float32), np.zeros(3, np.float32)
+    for train in (True, False):
+        got, got_stats = F.batch_norm(images, ones, zeros, zeros, ones, train=train)
+        want, want_stats = F.batch_norm(floats, ones, zeros, zeros, ones, train=train)
+        assert got.dtype == jnp.float32 and np.abs(np.asarray(got)).max() > 0.5
+        np.testing.assert_array_equal(got, want)
+        jax.tree.map(np.testing.assert_array_equal, got_stats, want_stats)
+    # The max pools stay exact in the input's own dtype (bools: a logical or).
+    assert F.max_pool(images, 2, 2).dtype == jnp.uint8
+    with pytest.raises(ValueError, match=r"at least one value per channel, got x of shape \(0, 5"):
+        F.batch_norm(floats[:0], ones, zeros, zeros, ones, train=True)
+
+
+def test_modules_compute_integer_inputs_in_float32():
+    from cnnjax import nn as cnn
+
+    images = np.random.default_rng(1).integers(0, 256, (2, 5, 5, 3)).astype(np.uint8)
+    modules = (cnn.Conv(4, 3, padding=1), cnn.Dense(4), cnn.BatchNorm(use_running_average=False))
+    for module in modules:
+        variables = module.init(jax.random.key(0), images.astype(np.float32))
+        got = module.apply(variables, images, mutable=["batch_stats"])[0]
+        want = module.apply(variables, images.astype(np.float32), mutable=["batch_stats"])[0]
+        assert got.dtype == jnp.float32
+        np.testing.assert_array_equal(got, want)
