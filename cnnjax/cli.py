@@ -6,6 +6,11 @@ running needs inside `run`) and add a line to COMMANDS.
 
     python -m cnnjax train --preset cifar_resnet --model resnet56 --workdir runs/resnet56
     python -m cnnjax eval --workdir runs/resnet56
+
+Exit status: 0 done; 1 the training diverged; 2 a bad argument, config, data set or workdir
+(one line on stderr says which and how to fix it); EXIT_PREEMPTED (143) `cnnjax train` stopped
+by SIGTERM after saving a checkpoint (re-run the same command to resume: schedulers may
+requeue on it); 141 the output pipe closed (`cnnjax models | head -1`), quietly.
 """
 
 from __future__ import annotations
@@ -14,9 +19,14 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +58,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--workdir", required=True, help="run directory; re-running with it resumes")
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named config (fields below override it)")
-    p.add_argument("--config", metavar="JSON", help="start from a config.json (e.g. another run's)")
+    p.add_argument("--config", metavar="JSON",
+                   help="start from a config.json (e.g. another run's); for a workdir whose "
+                        "config.json is missing, the run's own config restores it")
+    p.add_argument("--allow_change", nargs="+", default=(), metavar="FIELD",
+                   help="on resume, let these fields differ from the run's config.json (the "
+                        "learning rate and its schedule; recorded in config_history.jsonl)")
     p.add_argument("--print_config", action="store_true", help="print the resulting config and exit")
     dist = p.add_argument_group("multi-process (default: $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, "
                                 "$JAX_PROCESS_ID, or SLURM / Open MPI / Cloud TPU auto-detection)")
@@ -106,14 +121,16 @@ def run_train(args: argparse.Namespace) -> int:
 
     check_workdir(args.workdir, "--workdir")  # before any data is loaded
     try:
-        result = train.train_and_evaluate(config, args.workdir)
+        result = train.train_and_evaluate(config, args.workdir, allow_changes=args.allow_change,
+                                          restore_config=bool(args.config))
     except train.NonFiniteLossError as e:
         print(f"cnnjax train: {e}", file=sys.stderr)
         return 1
     if result.preempted:
         print(f"cnnjax train: stopped by SIGTERM at step {result.step}; checkpoint saved. "
               f"Re-run with --workdir {args.workdir} to resume.", file=sys.stderr)
-    elif len(result.members) > 1:
+        return EXIT_PREEMPTED
+    if len(result.members) > 1:
         print(json.dumps({"step": result.step, "members": result.members}))
     else:
         print(json.dumps({"step": result.step, **result.metrics}))
@@ -240,14 +257,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:  # the command's usage, not the top-level one
         args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
     ours = logging.getLogger("cnnjax")
     ours.setLevel(logging.INFO)
-    ours.addHandler(handler)
     ours.propagate = False
+    for old in [h for h in ours.handlers if getattr(h, "_cnnjax_cli", False)]:
+        ours.removeHandler(old)  # one handler, however often main runs in a process
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler._cnnjax_cli = True
+    ours.addHandler(handler)
     try:
-        return args._run(args)
+        status = args._run(args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
+        return status
+    except BrokenPipeError:
+        # The reader went away (`| head`): nothing more to say, and nothing for Python to print
+        # when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except ValueError as e:
         if args.verbose:
             raise

@@ -274,10 +274,12 @@ def test_data_too_large_for_the_device_is_refused_naming_the_sizes(monkeypatch, 
 
 
 def test_a_diverging_member_stops_the_program_naming_the_member(tmp_path):
-    # 0.1 for five steps, then an infinite rate: step 6's update overflows in both members.
+    # 0.1 for five steps, then 3e38 with a weight decay of 10: step 6's update overflows float32
+    # in both members (test_train_steps.py has the single run).
     config = tiny(
         num_steps=20,
-        learning_rate=float("inf"),
+        learning_rate=3e38,
+        weight_decay=10.0,
         warmup_steps=5,
         warmup="constant",
         warmup_lr=0.1,
@@ -295,3 +297,20 @@ def test_a_diverging_member_stops_the_program_naming_the_member(tmp_path):
         run(config, tmp_path, model_fn=TinyCNN)
     steps = [(r["step"], r["seed"]) for r in records(tmp_path)]
     assert steps == [(s, seed) for s in range(1, 7) for seed in (0, 1)]
+
+
+def test_an_evaluation_that_fails_keeps_the_training(tmp_path, monkeypatch):
+    # Whatever stops the final evaluation (a device lost, memory), the trained state is saved
+    # first and the training metrics are written; re-running resumes at the end.
+    def fail(self, state, split=None):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(train.Engine, "evaluate", fail)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        run(tiny(num_steps=8, eval_every=0, log_every=4), tmp_path, model_fn=TinyCNN)
+    with train.Checkpointer(os.path.join(tmp_path, "checkpoints")) as ckpt:
+        assert ckpt.all_steps() == [8]  # checkpoint_every=0: only the final one, saved anyway
+    assert [r["step"] for r in records(tmp_path)] == [4, 8]
+    monkeypatch.undo()
+    again = run(tiny(num_steps=8, eval_every=0, log_every=4), tmp_path, model_fn=TinyCNN)
+    assert again.resumed_from == 8 and again.metrics["test_error"] < 1

@@ -190,11 +190,13 @@ def test_digits_loss_falls_well_below_chance_and_metrics_are_recorded(tmp_path):
 
 
 def test_divergence_stops_before_a_bad_checkpoint(tmp_path):
-    # 0.1 for five steps, then an infinite rate: step 6's update overflows (its loss, computed
-    # before the update, is still finite), so only the parameter check can catch it.
+    # 0.1 for five steps, then 3e38 (finite: an infinite rate is refused) with a weight decay of 10,
+    # so that some update passes float32's 3.4e38: step 6's update overflows (its loss, computed
+    # before the update, is still finite), and only the parameter check can catch it.
     config = TrainConfig(
         model="tiny", dataset="digits", image_size=8, channels=1, global_batch_size=32, num_steps=20,
-        learning_rate=float("inf"), warmup_steps=5, warmup="constant", warmup_lr=0.1, schedule="constant",
+        learning_rate=3e38, weight_decay=10.0, warmup_steps=5, warmup="constant", warmup_lr=0.1,
+        schedule="constant",
         normalize="per_channel", parallel="none", log_every=1, checkpoint_every=3, rng_impl="rbg",
         progress_bar=False)
     with pytest.raises(train.NonFiniteLossError, match=r"non-finite at step 6.*last good checkpoint \(step 3\)"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import os
 from collections.abc import Sequence
 from typing import Protocol
@@ -156,6 +157,19 @@ class Dataset:
     image_shape: tuple[int, int, int]
     splits: dict[str, Source]
     origin: str
+
+    def identity(self, sample: int = 64) -> dict:
+        """What a resumed run checks it trains on the same data: the name, classes, image shape,
+        split sizes and a fingerprint (SHA-256 of `sample` evenly spaced training examples)."""
+        train = self.splits["train"]
+        idx = np.unique(np.linspace(0, len(train) - 1, min(sample, len(train))).astype(np.int64))
+        images, labels = train.get(idx)
+        digest = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+        digest.update(np.asarray(labels, np.int64).tobytes())
+        return {"name": self.name, "num_classes": int(self.num_classes),
+                "image_shape": [int(s) for s in self.image_shape],
+                "sizes": {k: len(v) for k, v in sorted(self.splits.items())},
+                "fingerprint": digest.hexdigest()[:16]}
 
 
 def list_datasets() -> list[str]:
@@ -391,6 +405,25 @@ def _carve_validation(splits: dict, validation_size, seed: int) -> dict:
     return {**splits, **new}
 
 
+def _inferred_num_classes(splits: dict, origin) -> int:
+    """1 + the largest label of a set that declares no class count; ValueError when that count is
+    implausible: more than twice the distinct labels plus 10 (one stray label, say 1000000, would
+    ask for a classifier of a million classes)."""
+    labels = {k: s.labels for k, s in splits.items()
+              if isinstance(s, ArraySource) and s.labels.size}
+    num_classes = 1 + max((int(v.max()) for v in labels.values()), default=0)
+    distinct = np.unique(np.concatenate(list(labels.values()))) if labels else np.zeros(0)
+    if num_classes > 2 * len(distinct) + 10:
+        split, y = max(labels.items(), key=lambda kv: kv[1].max())
+        i = int(np.argmax(y))
+        raise ValueError(
+            f"{origin}: the labels imply {num_classes} classes (y_{split}[{i}] = {y[i]}), but only "
+            f"{len(distinct)} distinct labels occur; labels must be class indices 0..K-1: fix the "
+            "stray label or renumber the classes"
+        )
+    return num_classes
+
+
 def load_dataset(
     name: str,
     *,
@@ -464,11 +497,7 @@ def load_dataset(
             "needs at least one training example"
         )
     splits = _carve_validation(splits, validation_size, seed)
-    num_classes = (
-        _DATASETS[name][0]
-        if name in _DATASETS
-        else 1 + max(int(s.labels.max(initial=0)) for s in splits.values())
-    )
+    num_classes = _DATASETS[name][0] if name in _DATASETS else _inferred_num_classes(splits, origin)
     for split, src in splits.items():
         if (
             isinstance(src, ArraySource)

@@ -7,6 +7,7 @@ compared on resume. Presets are configs with a name; the CLI starts from one and
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import numbers
@@ -14,6 +15,8 @@ import os
 import types
 import typing
 from typing import Any
+
+import numpy as np
 
 from cnnjax.functional import is_int
 
@@ -267,6 +270,12 @@ class TrainConfig:
         if not self.learning_rate > 0 or self.warmup_lr < 0:
             raise ValueError(f"TrainConfig: learning_rate must be > 0 and warmup_lr >= 0, got "
                              f"{self.learning_rate} and {self.warmup_lr}")
+        for name in ("learning_rate", "warmup_lr"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or (value and np.float32(value) == 0):
+                raise ValueError(f"TrainConfig.{name}={value!r} is not a rate float32 can hold "
+                                 "(finite, and 0 or at least 1.4e-45): the steps compute in "
+                                 "float32")
         if self.base_batch_size is not None and self.base_batch_size < 1:
             raise ValueError(f"TrainConfig.base_batch_size must be a positive int or None, got {self.base_batch_size}")
         if not 0 <= self.label_smoothing < 1:
@@ -314,8 +323,11 @@ class TrainConfig:
         from cnnjax import data, models
 
         if self.model not in models.list_models():
-            raise ValueError(f"TrainConfig.model={self.model!r} is not a registered model; valid choices: "
-                             f"{models.list_models()}")
+            names = models.list_models()
+            close = difflib.get_close_matches(str(self.model), names, n=5, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ValueError(f"TrainConfig.model={self.model!r} is not a registered model; "
+                             f"{hint}valid choices: {names}")
         npz = self.data_dir is not None and os.path.exists(os.path.join(self.data_dir, f"{self.dataset}.npz"))
         if self.dataset not in data.list_datasets() and not npz:
             raise ValueError(f"TrainConfig.dataset={self.dataset!r} is not a known data set; valid choices: "

@@ -1,7 +1,9 @@
 """`train_and_evaluate(config, workdir)`: the training run, resumable, on any number of devices.
 
-The workdir holds `config.json`, `metrics.jsonl` and `checkpoints/<step>/`. Re-running with the
-same workdir resumes from the newest checkpoint: the data order is a function of (seed, epoch)
+The workdir holds `config.json`, `metrics.jsonl` and `checkpoints/<step>/` (`cnnjax.train.workdir`:
+one writer at a time, the run's config and data checked on resume, a damaged checkpoint moved
+aside). Re-running with the same workdir resumes from the newest checkpoint that reads completely:
+the data order is a function of (seed, epoch)
 and the dropout keys of (seed, step), so a resumed run repeats exactly what an uninterrupted run
 does. SIGTERM saves a checkpoint after the current compiled call and returns; a NaN or infinite
 training loss raises `NonFiniteLossError` before anything after it is checkpointed. A run of
@@ -16,7 +18,6 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import json
 import logging
 import os
 import signal
@@ -34,10 +35,11 @@ from jax.experimental import multihost_utils
 from cnnjax import data
 from cnnjax.functional import is_int
 from cnnjax.train import optim
-from cnnjax.train.checkpoint import Checkpointer, checkpoint_steps, latest_checkpoint_step
-from cnnjax.train.config import RESUMABLE_FIELDS, TrainConfig
-from cnnjax.train.metrics import Meter, MetricsWriter, NonFiniteLossError, write_json_atomic
+from cnnjax.train import workdir as workdir_lib
+from cnnjax.train.checkpoint import Checkpointer, checkpoint_steps
+from cnnjax.train.config import TrainConfig
 from cnnjax.train.engine import Engine, Member, initial_state, make_members
+from cnnjax.train.metrics import Meter, MetricsWriter, NonFiniteLossError
 from cnnjax.train.parallel import DataParallel
 from cnnjax.train.state import TrainState
 
@@ -126,6 +128,13 @@ def build(config: TrainConfig, *, model_fn: Callable[..., nn.Module] | None = No
         seed=config.seed,
         eval_split=config.eval_split,
     )
+    if len(ds.splits[config.eval_split]) == 0:
+        raise ValueError(
+            f"the {config.eval_split} split of {ds.name} ({ds.origin}) is empty: the run "
+            "could not be evaluated; give it examples, or evaluate on a validation split "
+            "(validation_size=N, eval_split='validation')"
+        )
+    _check_model_kwargs(config, ds, takes_in_channels)
     kwargs = dict(config.model_kwargs, num_classes=ds.num_classes, bn_axis_name=par.axis_name)
     if takes_in_channels:  # models that check their input channels (MLP, AlexNet, GoogLeNet)
         kwargs.setdefault("in_channels", ds.image_shape[-1])
@@ -155,6 +164,27 @@ def build(config: TrainConfig, *, model_fn: Callable[..., nn.Module] | None = No
         num_steps=optim.num_train_steps(config, pipeline.steps_per_epoch),
         members=members,
     )
+
+
+def _check_model_kwargs(config: TrainConfig, ds, takes_in_channels: bool) -> None:
+    """ValueError for a model option the trainer sets itself, unless it agrees with the data."""
+    kw = config.model_kwargs
+    for name, field in (("dtype", "dtype"), ("bn_axis_name", "parallel")):
+        if name in kw:
+            raise ValueError(
+                f"model_kwargs {name}={kw[name]!r}: the trainer sets {name} (from "
+                f"TrainConfig.{field}); drop it from model_kwargs"
+            )
+    for name, value in (
+        ("num_classes", ds.num_classes),
+        ("in_channels", ds.image_shape[-1] if takes_in_channels else None),
+    ):
+        if name in kw and value is not None and kw[name] != value:
+            raise ValueError(
+                f"model_kwargs {name}={kw[name]!r}, but {ds.name} has {value} "
+                f"{'classes' if name == 'num_classes' else 'channels'}: the model follows "
+                f"the data; drop {name} from model_kwargs (or set --channels)"
+            )
 
 
 def _kwargs_text(config: TrainConfig) -> str:
@@ -252,95 +282,92 @@ class _StopSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_resumable(config: TrainConfig, workdir: str) -> None:
-    """Raises ValueError if `workdir` holds checkpoints of a run with a different config.
-
-    A config.json without a checkpoint (a run that failed before its first one) is replaced.
-    """
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except (OSError, ValueError) as e:
-        old = e
-    has_checkpoint = latest_checkpoint_step(os.path.join(workdir, "checkpoints")) is not None
-    if not isinstance(old, dict):
-        if has_checkpoint:
-            raise ValueError(
-                f"{workdir} holds checkpoints but its config file {path!r} is not a JSON object of "
-                f"TrainConfig fields ({_one_line(old) if isinstance(old, Exception) else old!r}); "
-                "restore it or use a new workdir"
-            )
-        return
-    new = config.to_dict()
-    changed = sorted(
-        k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_FIELDS
-    )
-    if not changed:
-        return
-    changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-    if not has_checkpoint:
-        log.warning(
-            "%s holds the config of a run without checkpoints (%s): replacing it", workdir, changes
-        )
-        return
-    raise ValueError(
-        f"{workdir} holds a run with a different config ({changes}); only "
-        f"{sorted(RESUMABLE_FIELDS)} may change on resume. Use a new workdir."
-    )
-
-
 def train_and_evaluate(
     config: TrainConfig,
     workdir: str,
     *,
     model_fn: Callable[..., nn.Module] | None = None,
     callbacks: Sequence[Callback] = (),
+    allow_changes: Sequence[str] = (),
+    restore_config: bool = False,
 ) -> RunResult:
     """Trains `config` in `workdir`, resuming from its newest checkpoint, and evaluates.
 
     Args:
       config: the run's configuration (validated here).
-      workdir: directory for config.json, metrics.jsonl and checkpoints/ (created).
+      workdir: directory for config.json, metrics.jsonl and checkpoints/ (created; see
+        `cnnjax.train.workdir` for what it holds).
       model_fn: optional model builder instead of the registry (see `build`).
       callbacks: called as `callback(step, state, metrics)` after every compiled call (every
         `steps_per_dispatch` steps) on every process, with the step reached and device arrays
         (reading them synchronises with the device; the metrics have the axes [members][steps]
         in front where the run has several).
+      allow_changes: fields of `cnnjax.train.workdir.ADJUSTABLE_FIELDS` (the learning rate and
+        its schedule, ...) that may differ from the run's config.json on resume; the change is
+        recorded in config_history.jsonl.
+      restore_config: take `config` as the run's own where config.json is missing but
+        checkpoints are present.
 
     Returns:
       A `RunResult`.
 
     Raises:
       ValueError: a bad config, a model that cannot be built or cannot take the configured inputs,
-        a workdir that cannot be a directory, or a workdir holding checkpoints of a run with a
-        different config. All of these are raised before anything is written; the config.json of a
-        workdir without checkpoints (a run that failed before its first one) is replaced.
+        an empty evaluation split, a workdir that cannot be one, one that another process is
+        writing (`WorkdirLocked`), or one holding a run with another config or data set, or
+        whose checkpoints all fail to read (`CheckpointError`). All of these are raised before
+        anything is written; a damaged newest checkpoint is moved aside and the run resumes from
+        the newest that reads (a warning names it).
       NonFiniteLossError: the training loss became NaN or infinite; no checkpoint after the last
         finite step is written.
     """
     check_workdir(workdir)
-    _check_resumable(config, workdir)
+    workdir_lib.check_files(workdir)
+    check = functools.partial(
+        workdir_lib.check_resumable,
+        config,
+        workdir,
+        allow_changes=allow_changes,
+        restore_config=restore_config,
+    )
+    check()  # at once, before the data is loaded
     # Everything that can fail on a bad config (fields, data, model, input shape), before anything
     # is written.
     setup = build(config, model_fn=model_fn)
+    identity = setup.pipeline.ds.identity()
+    workdir_lib.check_dataset(workdir, identity)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    with workdir_lib.lock(workdir, enabled=is_main):
+        changes = {}
+        if is_main:  # again, now that no other writer can change the workdir (the others do not
+            # look: process 0 may be creating checkpoints/ as they would, out of step with orbax)
+            changes = check()
+            workdir_lib.check_dataset(workdir, identity)
+        with Checkpointer(
+            os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
+        ) as ckpt:
+            host_state, meta, start = workdir_lib.restore_newest(ckpt, initial_state(setup))
+            if is_main:
+                workdir_lib.write_identity(workdir, config, identity, start, changes)
+            return _train(setup, workdir, ckpt, host_state, meta, start, callbacks)
+
+
+def _train(
+    setup: Setup,
+    workdir: str,
+    ckpt: Checkpointer,
+    host_state: TrainState,
+    meta: dict[str, Any],
+    start: int,
+    callbacks: Sequence[Callback],
+) -> RunResult:
+    """The training loop of `train_and_evaluate`, from the restored state at `start`."""
+    config = setup.config
     par, pipe, num_steps, members = setup.par, setup.pipeline, setup.num_steps, setup.members
     spe = pipe.steps_per_epoch
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), enabled=is_main)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
-
-    host_state = initial_state(setup)
-    meta: dict[str, Any] = {}
-    start = 0
-    if ckpt.latest_step() is not None:
-        host_state, meta = ckpt.restore(host_state)
-        start = int(np.max(host_state.step))
     # Records after the checkpoint (from 0: of an attempt that ended before its first checkpoint).
     dropped = writer.truncate_after(start)
     if start:
@@ -388,6 +415,18 @@ def train_and_evaluate(
             },
         )
 
+    def write(records: list[dict[str, Any]], final: bool) -> None:
+        for record, member in zip(records, members):
+            record.update(
+                step=step,
+                epoch=step / spe,
+                wall_time=wall_offset + time.perf_counter() - t_start,
+                **member.tag,
+            )
+            if final:
+                record["final"] = True
+            writer.write(record)
+
     try:
         with (
             _StopSignal() as stop_signal,
@@ -432,19 +471,18 @@ def train_and_evaluate(
                         img_s=f"{records[0]['images_per_sec'] * len(members):.0f}",
                     )
                 if do_eval:
-                    for record, evaluated in zip(records, engine.evaluate(state)):
-                        record.update(evaluated)
+                    try:
+                        evaluated = engine.evaluate(state)
+                    except BaseException:
+                        # Whatever stops the evaluation, the training up to here is kept.
+                        if records[0]:
+                            write(records, False)
+                        save(step)
+                        raise
+                    for record, metrics in zip(records, evaluated):
+                        record.update(metrics)
                 if records[0]:
-                    for record, member in zip(records, members):
-                        record.update(
-                            step=step,
-                            epoch=step / spe,
-                            wall_time=wall_offset + time.perf_counter() - t_start,
-                            **member.tag,
-                        )
-                        if final:
-                            record["final"] = True
-                        writer.write(record)
+                    write(records, final)
                 if do_ckpt:
                     save(step)
                 t_window, window_steps = time.perf_counter(), 0
@@ -453,13 +491,10 @@ def train_and_evaluate(
     except NonFiniteLossError as e:
         ckpt.wait()
         raise NonFiniteLossError(
-            f"{e}. Training stopped; the last good checkpoint (step {ckpt.latest_step()}) in "
-            f"{ckpt.directory} is kept. Lower the learning rate or add warm-up, then re-run with "
-            "the same workdir to resume from it."
+            _divergence_message(e, workdir, ckpt.latest_step(), config)
         ) from None
     finally:
         bar.close()
-        ckpt.close()
 
     host_state = engine.to_host(state)
     if preempted:
@@ -481,6 +516,26 @@ def train_and_evaluate(
         resumed_from=start,
         preempted=False,
         members=[{**m.tag, **f} for m, f in zip(members, final_metrics)],
+    )
+
+
+def _divergence_message(
+    error: Exception, workdir: str, kept: int | None, config: TrainConfig
+) -> str:
+    """What a diverged run says: where it stopped, what is kept, and the command that continues."""
+    lower = f"{config.learning_rate / 10:g}"
+    if kept is None:
+        return (
+            f"{error}. Training stopped; no checkpoint was written before it, so there is nothing "
+            f"to resume: lower the learning rate (e.g. --learning_rate {lower}) or add warm-up "
+            f"(--warmup_steps, --warmup_lr) and run again (the workdir {workdir} may be reused)"
+        )
+    return (
+        f"{error}. Training stopped; the last good checkpoint (step {kept}) in "
+        f"{os.path.join(workdir, 'checkpoints')} is kept. To continue from it at a lower rate, "
+        f"re-run with the same workdir and allow the change: --learning_rate {lower} "
+        "--allow_change learning_rate (the same for warmup_steps and warmup_lr; "
+        "config_history.jsonl records it)"
     )
 
 
@@ -556,7 +611,12 @@ def evaluate_checkpoint(
         raise ValueError(f"{workdir} has no checkpoint of step {step}; its checkpoints: {steps}")
     setup = build(config, model_fn=model_fn)
     with Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints, create=False) as ckpt:
-        host_state, _ = ckpt.restore(initial_state(setup), step)
+        if step is None:  # the newest that reads; eval changes nothing in the workdir
+            host_state, _, _ = workdir_lib.restore_newest(
+                ckpt, initial_state(setup), move_aside=False
+            )
+        else:
+            host_state, _ = ckpt.restore(initial_state(setup), step)
     engine = Engine(setup)
     results = engine.evaluate(engine.place(host_state), split)
     at = int(np.max(host_state.step))
