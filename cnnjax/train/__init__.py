@@ -25,9 +25,11 @@ from cnnjax.train.optim import (
 from cnnjax.train.parallel import AXIS, DataParallel, initialize_distributed
 from cnnjax.train.state import TrainState, create_train_state
 from cnnjax.train.steps import cross_entropy, make_eval_step, make_train_step, top_k_error
+from cnnjax.train.workdir import CheckpointError, WorkdirLocked
 
 __all__ = [
     "AXIS",
+    "CheckpointError",
     "Checkpointer",
     "DataParallel",
     "Engine",
@@ -38,6 +40,7 @@ __all__ = [
     "RunResult",
     "TrainConfig",
     "TrainState",
+    "WorkdirLocked",
     "build",
     "create_learning_rate_fn",
     "create_optimizer",
