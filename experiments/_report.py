@@ -22,6 +22,38 @@ def machine() -> str:
     return f"{cpu or platform.machine()}, {os.cpu_count()} cores; JAX {jax.__version__} on {jax.default_backend()}"
 
 
+def software() -> dict[str, str]:
+    """The versions a result depends on (cnnjax with its git commit where there is one)."""
+    import importlib.metadata
+    import subprocess
+
+    versions = {}
+    for name in ("cnnjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    versions["python"] = platform.python_version()
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10, cwd=here).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    if commit:
+        versions["cnnjax"] += f" (commit {commit})"
+    return versions
+
+
+def device() -> str:
+    """The JAX devices a result ran on: '1 x NVIDIA H200 (gpu)'."""
+    import jax
+
+    devices = jax.devices()
+    d = devices[0]
+    return f"{len(devices)} x {getattr(d, 'device_kind', d.platform)} ({d.platform})"
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     """Writes `path` whole or not at all: a temporary file beside it, fsync, then rename."""
     path = Path(path)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -155,19 +154,11 @@ def bench(model: str, dtype: str, args) -> dict[str, Any]:
 
 
 def provenance() -> dict[str, Any]:
-    import jax
+    from experiments._report import device, machine, software
 
-    device = jax.devices()[0]
-    return {
-        "device": f"{device.platform}: {getattr(device, 'device_kind', '')}",
-        "devices": jax.device_count(),
-        "jax": jax.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
+    return {"device": device(), "machine": machine(), "versions": software(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def main(argv=None) -> int:

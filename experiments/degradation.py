@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ from typing import Any
 
 from cnnjax.train.config import PRESETS as TRAIN_PRESETS
 from cnnjax.train.config import TrainConfig
+from cnnjax.train import metrics as train_metrics
 from experiments._report import atomic_write, out_dir, save_figure, write_csv
 
 # He et al. 2016, Table 6 (CIFAR-10 test error %, ResNets, option A; ResNet-110: best of 5 runs,
@@ -298,17 +298,8 @@ def programs(nets: Sequence[Network], *, twins: bool, seeds: int) -> list[Progra
 
 
 def read_metrics(workdir: Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl (a torn last line from a killed run is ignored)."""
-    path = workdir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    """The records of a program's metrics.jsonl (`cnnjax.train.read_metrics`)."""
+    return train_metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))
 
 
 CURVE_FIELDS = [
@@ -697,10 +688,10 @@ def _total_wall(runs: Path, elapsed: float, infos: list[dict[str, Any]]) -> floa
     """The experiment's wall time from start to last result, over all the invocations that trained
     (kept in runs/EXPERIMENT.json); without that record, the programs' own times."""
     path = runs / "EXPERIMENT.json"
-    total = json.loads(path.read_text())["total_wall_s"] if path.exists() else None
-    if total is None:
-        total = sum(i["wall_s"] for i in infos) if not elapsed else 0.0
-    total += elapsed
+    if path.exists():
+        total = json.loads(path.read_text())["total_wall_s"] + elapsed
+    else:
+        total = elapsed or sum(i["wall_s"] for i in infos)
     if elapsed and runs.is_dir():
         atomic_write(path, json.dumps({"total_wall_s": total}))
     return total
@@ -782,52 +773,18 @@ def _param_count(cfg: TrainConfig) -> int:
 
 def provenance() -> dict[str, Any]:
     """What a result file should say about how it was made: command, machine, device, versions."""
-    import importlib.metadata
-    import subprocess
+    from experiments._report import device, machine, software
 
-    import jax
-
-    from experiments._report import machine
-
-    devices = jax.devices()
-    d = devices[0]
-    versions = {"cnnjax": _version("cnnjax"), "python": platform.python_version()}
-    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    if commit:
-        versions["cnnjax"] += f" (commit {commit})"
     return {
         "command": " ".join(["python -m experiments.degradation", *sys.argv[1:]])
         if sys.argv[0].endswith("degradation.py")
         else " ".join(sys.argv),
         "machine": machine(),
-        "device": f"{len(devices)} x {getattr(d, 'device_kind', d.platform)} ({d.platform})",
-        "versions": versions,
+        "device": device(),
+        "versions": software(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-
-
-def _version(name: str) -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

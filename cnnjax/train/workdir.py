@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 
 from cnnjax.train.checkpoint import Checkpointer, latest_checkpoint_step, tree_shapes
 from cnnjax.train.config import RESUMABLE_FIELDS, TrainConfig, field_names
+from cnnjax.train.metrics import write_json_atomic
 
 log = logging.getLogger("cnnjax.train")
 
@@ -302,8 +303,6 @@ def write_identity(
     changes: dict[str, tuple[Any, Any]],
 ) -> None:
     """config.json, dataset.json and (for allowed changes) a line of config_history.jsonl."""
-    from cnnjax.train.metrics import write_json_atomic
-
     write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     write_json_atomic(os.path.join(workdir, "dataset.json"), identity)
     if changes:

@@ -1,28 +1,16 @@
-"""Starts the helper scripts of the training tests in fresh interpreters."""
+"""Starts the helper scripts of the training tests in fresh interpreters.
 
-import atexit
+They inherit the session's XLA compilation cache (tests/conftest.py) through the environment:
+they compile the same steps, and a cache hit runs the very same executable.
+"""
+
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 HELPERS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HELPERS))
-_CACHE: list[str] = []
-
-
-def _compilation_cache() -> str:
-    """A JAX compilation cache shared by this test session's subprocesses (they compile the same
-    steps; a cache hit runs the very same executable): the session's (tests/conftest.py), or one
-    of this process's, removed at exit."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return os.environ["JAX_COMPILATION_CACHE_DIR"]
-    if not _CACHE:
-        _CACHE.append(tempfile.mkdtemp(prefix="cnnjax_test_jax_cache_"))
-        atexit.register(shutil.rmtree, _CACHE[0], True)
-    return _CACHE[0]
 
 
 def start(script, *args, env=None, **popen_kwargs):
@@ -30,8 +18,7 @@ def start(script, *args, env=None, **popen_kwargs):
 
     `env` adds environment variables.
     """
-    env = dict(os.environ, **(env or {}), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=_compilation_cache(),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    env = dict(os.environ, **(env or {}), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     return subprocess.Popen([sys.executable, os.path.join(HELPERS, script), *map(str, args)], cwd=HELPERS, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs)
