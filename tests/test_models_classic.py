@@ -172,6 +172,33 @@ def test_vgg_configurations_of_table_1(depth, convs):
     assert set(variables["batch_stats"]["bn1_1"]) == {"mean", "var"}
 
 
+@pytest.mark.parametrize("name,side,pooled", [("vgg11", 32, 7), ("vgg19_bn", 100, 7),
+                                              ("alexnet_torchvision", 63, 6)])
+def test_torchvision_adaptive_pool_keeps_the_classifier_at_every_size(name, side, pooled):
+    # torchvision's AdaptiveAvgPool2d before FC6: same parameters (and weights) at any input size.
+    variables = abstract_variables(create(name), (side, side, 3))
+    assert n_params(variables["params"]) == EXACT_PARAMS[name]
+    c = 256 if name.startswith("alexnet") else 512
+    assert variables["params"]["fc6"]["kernel"].shape == (pooled * pooled * c, 4096)
+    # Without it FC6 reads the last map as it is (1x1 at the smallest input, 3x3 at 100).
+    unpooled = abstract_variables(create(name, adaptive_pool=None), (side, side, 3))["params"]
+    last = {"vgg11": 1, "vgg19_bn": 3, "alexnet_torchvision": 1}[name]
+    assert unpooled["fc6"]["kernel"].shape == (last * last * c, 4096)
+
+
+def test_adaptive_pool_averages_torchvisions_overlapping_bins():
+    from cnnjax.functional import adaptive_avg_pool
+
+    x = normal(2, (2, 3, 7, 4))
+    got = np.asarray(adaptive_avg_pool(x, 7))  # H 3 -> 7, W already 7
+    # Bin i of 7 over 3 rows covers rows floor(3i / 7) .. ceil(3(i + 1) / 7) - 1 (torch's bins).
+    rows = [(0, 1), (0, 1), (0, 2), (1, 2), (1, 3), (2, 3), (2, 3)]
+    a = np.asarray(x)
+    want = np.concatenate([a[:, lo:hi].mean(axis=1, keepdims=True) for lo, hi in rows], axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert adaptive_avg_pool(got, 7) is got  # nothing is added at the native size
+
+
 @pytest.mark.parametrize("name,min_size", [
     ("lenet5", 4), ("alexnet", 67), ("alexnet_torchvision", 63), ("zfnet", 63), ("vgg11", 32), ("vgg19_bn", 32)])
 def test_smallest_input_works_and_one_less_raises(name, min_size):

@@ -16,9 +16,11 @@ from cnnjax.models.densenet import DenseBlock, DenseLayer, DenseNet, cifar_bc_bl
 from cnnjax.nn import BatchNorm, Conv
 
 # torchvision 0.29 densenet.py (REFERENCE.md): bias-free convs, BatchNorm with scale and bias,
-# final Linear with bias, 1000 classes. Exact.
+# final Linear with bias, 1000 classes. Exact. DenseNet-264 (Table 1; torchvision has no builder
+# for it) is counted from torchvision's DenseNet(32, (6, 12, 64, 48), 64).
 TORCHVISION_COUNTS = {"densenet121": 7_978_856, "densenet169": 14_149_480,
-                      "densenet201": 20_013_928, "densenet161": 28_681_000}
+                      "densenet201": 20_013_928, "densenet161": 28_681_000,
+                      "densenet264": 33_337_704}
 # Huang et al. 2017, Table 2 (C10). 100-12 exact for the common PyTorch implementation (3x3 stem
 # of 2k channels without BN, FC with bias); the others as printed, to the paper's 0.05M rounding.
 CIFAR_BC_COUNTS = {"densenet_bc_100_12": (769_162, 0), "densenet_bc_250_24": (15_300_000, 50_000),
@@ -27,8 +29,9 @@ CIFAR_BC_COUNTS = {"densenet_bc_100_12": (769_162, 0), "densenet_bc_250_24": (15
 # is checked in test_analysis.py.
 TORCHVISION_GMACS = {"densenet169": 3.360, "densenet201": 4.291, "densenet161": 7.728}
 # Width of the final feature map, torchvision's `classifier.in_features`; 342 for BC-100-12.
+# DenseNet-264: (64 + 6k) / 2 = 128, (128 + 12k) / 2 = 256, (256 + 64k) / 2 = 1152, 1152 + 48k.
 FINAL_CHANNELS = {"densenet121": 1024, "densenet169": 1664, "densenet201": 1920, "densenet161": 2208,
-                  "densenet_bc_100_12": 342}
+                  "densenet264": 2688, "densenet_bc_100_12": 342}
 
 
 @lru_cache(maxsize=None)
@@ -102,6 +105,16 @@ def test_densenet121_channel_bookkeeping():
     assert p["block4/layer16/conv1/kernel"].shape == (1, 1, 992, 128)
     assert p["block4/layer16/conv2/kernel"].shape == (3, 3, 128, 32)
     assert "stem_bn/scale" in p and not any(k.endswith("bias") and "conv" in k for k in p)
+
+
+def test_densenet264_layout():
+    """Table 1's DenseNet-264: blocks of 6, 12, 64 and 48 layers with k = 32."""
+    _, variables = _abstract("densenet264", batch=1)
+    p = flatten_dict(variables["params"], sep="/")
+    assert "block3/layer64/conv2/kernel" in p and "block3/layer65/conv2/kernel" not in p
+    assert "block4/layer48/conv2/kernel" in p and "block4/layer49/conv2/kernel" not in p
+    assert p["transition3/conv/kernel"].shape == (1, 1, 2304, 1152)
+    assert p["block4/layer48/conv1/kernel"].shape == (1, 1, 1152 + 47 * 32, 128)
 
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION_GMACS))

@@ -19,9 +19,15 @@ from cnnjax.nn import BatchNorm, Conv
 # REFERENCE.md (Chen et al. 2017, 1000 classes), exact for the common port (Cadene pretrainedmodels /
 # timm dpn.py): bias-free convs, BN scale+bias, BN-ReLU-conv units, final BN-ReLU on the
 # concatenated paths, 1x1-conv classifier with bias.
-COUNTS = {"dpn92": 37_668_392, "dpn98": 61_570_728}
-# Table 2 of Chen et al. 2017 at 224x224: "FLOPs" 6.5 and 11.7 x 10^9, which are multiply-adds.
-PAPER_GMACS = {"dpn92": 6.5, "dpn98": 11.7}
+# timm's model cards round them to 12.61M, 37.67M, 61.57M, 86.92M and 79.25M.
+COUNTS = {"dpn68": 12_611_602, "dpn92": 37_668_392, "dpn98": 61_570_728, "dpn107": 86_917_800,
+          "dpn131": 79_254_504}
+# Table 2 of Chen et al. 2017 at 224x224: "FLOPs" 6.5, 11.7 and 16.0 x 10^9, which are
+# multiply-adds; DPN-107's 18.3 is the authors' (github.com/cypw/DPNs), not in the paper.
+PAPER_GMACS = {"dpn92": 6.5, "dpn98": 11.7, "dpn131": 16.0, "dpn107": 18.3}
+# Channels at the end: residual width + dense path, 2 * inc from the projection of stage 5's first
+# block and inc from each of its 3 blocks: 2048 + 5 * 128 = 2688; the small DPN-68 512 + 5 * 64.
+FINAL_CHANNELS = {"dpn68": 832, "dpn92": 2688, "dpn98": 2688, "dpn107": 2688, "dpn131": 2688}
 
 
 @lru_cache(maxsize=None)
@@ -45,9 +51,9 @@ def test_param_count_and_output_shape(name):
     assert n_params(variables["params"]) == COUNTS[name] == spec.reference_params and spec.params_rtol == 0.0
     assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
     p = flatten_dict(variables["params"], sep="/")
-    # Both nets end with 2048 residual + 3 * 128 dense channels = 2688 (the port's `in_chs`).
-    assert p["final_bn/scale"].shape == (2688,)
-    assert p["classifier/kernel"].shape == (1, 1, 2688, 1000) and p["classifier/bias"].shape == (1000,)
+    c = FINAL_CHANNELS[name]  # the port's `in_chs`
+    assert p["final_bn/scale"].shape == (c,)
+    assert p["classifier/kernel"].shape == (1, 1, c, 1000) and p["classifier/bias"].shape == (1000,)
     assert not any(k.endswith("bias") for k in p if "/conv/" in k or k.startswith("stem_conv"))
 
 
@@ -76,6 +82,23 @@ def test_dpn92_stage_layout():
     assert p98["stem_conv/kernel"].shape == (7, 7, 3, 96)
     assert p98["stage2_block1/conv2/conv/kernel"].shape == (3, 3, 4, 160)
     assert DPN_CONFIGS[98]["block_sizes"] == (3, 6, 20, 3)
+
+
+def test_dpn68_small_layout():
+    """timm's small DPN-68: a 10-channel 3x3/2 stem, residual 64 * 2**s, bottleneck 128 * 2**s in
+    32 groups, dense +16/+32/+32/+64."""
+    _, variables = _abstract("dpn68", batch=1)
+    p = flatten_dict(variables["params"], sep="/")
+    assert p["stem_conv/kernel"].shape == (3, 3, 3, 10)
+    assert p["stage2_block1/proj/conv/kernel"].shape == (1, 1, 10, 64 + 2 * 16)
+    assert p["stage2_block1/conv2/conv/kernel"].shape == (3, 3, 4, 128)
+    # Stage 5 starts from 256 + 3 * 32 + 11 * 32 channels, projected to 512 + 2 * 64.
+    assert p["stage5_block1/proj/conv/kernel"].shape == (1, 1, 256 + 14 * 32, 512 + 2 * 64)
+    assert p["stage5_block3/conv3/conv/kernel"].shape == (1, 1, 1024, 512 + 64)
+    assert "stage4_block12/conv1/bn/scale" in p and "stage4_block13/conv1/bn/scale" not in p
+    with pytest.raises(ValueError, match="stem_kernel must be odd"):
+        DPN(num_classes=2, stem_kernel=4).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)),
+                                               train=False)
 
 
 def test_dual_path_block_adds_the_residual_path_and_extends_the_dense_path():

@@ -14,6 +14,7 @@ import pytest
 
 from cnnjax import functional as F
 from cnnjax.models import create, get_spec
+from cnnjax.functional import adaptive_avg_pool
 from cnnjax.models.googlenet import GOOGLENET_MODULES, BNInceptionModule, InceptionModule
 from model_testing import KEY, abstract_apply, abstract_variables, fan_in_variables, n_params, normal
 from cnnjax.nn import BatchNorm, Conv
@@ -192,6 +193,37 @@ def test_googlenet_input_validation():
     assert abstract_apply(aux, (79, 79, 3), train=True)[0].shape == (2, 5)
     with pytest.raises(ValueError, match="inception_block"):
         abstract_apply(create("googlenet", inception_block="fancy"), (224, 224, 3))
+
+
+def test_adaptive_avg_pool_takes_torchvisions_windows():
+    # PyTorch's adaptive_avg_pool2d: bin i of n rows spans floor(i n / 4) to ceil((i + 1) n / 4).
+    x = normal(3, (2, 14, 9, 5))
+    rows, cols = [(0, 4), (3, 7), (7, 11), (10, 14)], [(0, 3), (2, 5), (4, 7), (6, 9)]
+    want = np.stack([np.stack([np.asarray(x)[:, a:b, c:d].mean((1, 2)) for c, d in cols], 1)
+                     for a, b in rows], 1)
+    np.testing.assert_allclose(adaptive_avg_pool(x, 4), want, rtol=1e-6, atol=1e-7)
+    # On 4a's 14x14 map these are not the paper's 5x5/3 windows; where 4 divides the side, they
+    # are the plain 4x4/4 average pool.
+    assert not np.allclose(adaptive_avg_pool(x[:, :, :5], 4)[:, :, 0], F.avg_pool(x, 5, 3)[:, :, 0])
+    y = normal(4, (2, 16, 12, 3))
+    np.testing.assert_allclose(adaptive_avg_pool(y, 4), F.avg_pool(y, (4, 3), (4, 3)), atol=1e-6)
+
+
+def test_googlenet_torchvision_aux_pool_and_transform_input():
+    model = create("googlenet_torchvision", aux_logits=True, num_classes=5)
+    assert model.transform_input and model.aux_pool == "adaptive"
+    # torchvision's aux heads pool to 4x4 whatever the map: they need no larger input.
+    assert model.min_input_size() == model.min_input_size(with_aux=True) == 31
+    (logits, aux), _ = abstract_apply(model, (31, 31, 3), train=True, mutable=["batch_stats"])
+    assert logits.shape == (2, 5) and [a.shape for a in aux] == [(2, 5), (2, 5)]
+    with pytest.raises(ValueError, match="at least 31x31") as e:
+        abstract_apply(model, (30, 30, 3), train=True, mutable=["batch_stats"])
+    assert "aux_logits" not in str(e.value)
+    assert not create("googlenet").transform_input and create("googlenet").aux_pool == "5x5/3"
+    with pytest.raises(ValueError, match="aux_pool must be one of"):
+        abstract_apply(create("googlenet", aux_pool="max"), (224, 224, 3))
+    with pytest.raises(ValueError, match="transform_input re-normalises RGB"):
+        abstract_apply(create("googlenet_torchvision", in_channels=1), (224, 224, 1))
 
 
 # ----------------------------------------------------------------------------- the lecture's module

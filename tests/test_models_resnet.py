@@ -168,10 +168,11 @@ def test_residual_minus_plain_is_the_shortcut(shortcut):
     diff = np.asarray(res.apply(v, jnp.asarray(x), train=False)) - np.asarray(
         plain.apply({"params": {k: a for k, a in v["params"].items() if k != "proj_conv"},
                      "batch_stats": v["batch_stats"]}, jnp.asarray(x), train=False))
+    # A strided unit starts a stage: both shortcuts take the activated input relu(bn1(x)).
+    pre = np.maximum(x / np.sqrt(1 + 1e-5), 0)  # bn1 at init: gamma 1, beta 0, mean 0, var 1
     if shortcut == "A":
-        expected = np.pad(x[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (0, 4)))
+        expected = np.pad(pre[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (0, 4)))
     else:
-        pre = np.maximum(x / np.sqrt(1 + 1e-5), 0)  # bn1 at init: gamma 1, beta 0, mean 0, var 1
         expected = pre[:, ::2, ::2, :] @ np.asarray(v["params"]["proj_conv"]["kernel"])[0, 0]
     np.testing.assert_allclose(diff, expected, atol=1e-5)
 

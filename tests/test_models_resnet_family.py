@@ -98,6 +98,7 @@ def test_exact_counts_of_the_later_family():
     expected = {"wrn28_10": 36_479_194, "wrn40_4": 8_949_210, "wrn16_8": 10_961_370,
                 "resnext29_8x64d": 34_426_698, "resnext29_16x64d": 68_155_210,
                 "resnext50_32x4d": 25_028_904, "resnext101_32x8d": 88_791_336,
+                "resnext101_64x4d": 83_455_272,
                 "wide_resnet50_2": 68_883_240, "wide_resnet101_2": 126_886_696}
     for name, count in expected.items():
         assert get_spec(name).reference_params == count and get_spec(name).params_rtol == 0
@@ -161,6 +162,66 @@ def test_preact_bottleneck_v1_projection_matches_reference():
         return _conv(y, v, "conv3") + _conv(pre, v, "proj_conv", stride=2)
 
     _compare(block, x, reference, 2)
+
+
+def _preact_basic(v, x, features, strides, shortcut_input):
+    """A pre-activation basic unit built by hand; `shortcut_input` 'pre' is relu(bn1(x)) (the
+    first unit of a stage in fb.resnet.torch preresnet.lua, 'both_preact'), 'x' the raw input.
+    The shortcut is the 1x1 projection when `v` has one, else option A (strided, zero-padded)."""
+    relu = jax.nn.relu
+    pre = relu(_bn(x, v, "bn1"))
+    y = _conv(pre, v, "conv1", stride=strides, pad=1)
+    y = _conv(relu(_bn(y, v, "bn2")), v, "conv2", pad=1)
+    sc = pre if shortcut_input == "pre" else x
+    if "proj_conv" in v["params"]:
+        sc = _conv(sc, v, "proj_conv", stride=strides)
+    else:
+        sc = sc[:, ::strides, ::strides, :]
+        sc = jnp.pad(sc, ((0, 0), (0, 0), (0, 0), (0, features - sc.shape[-1])))
+    return sc + y
+
+
+@pytest.mark.parametrize("kw, shortcut_input", [
+    (dict(first=True), "pre"),                      # identity of a stage's first unit
+    (dict(), "x"),                                  # identity of any other unit
+    (dict(strides=2, shortcut="A"), "pre"),         # option A: a shape change starts a stage
+    (dict(strides=2, shortcut="B"), "pre"),         # option B projection
+    (dict(shortcut="C"), "x"),                      # option C projection of a later unit
+    (dict(first=True, shortcut="C"), "pre"),
+], ids=["identity_first", "identity", "A", "B", "C", "C_first"])
+def test_preact_shortcut_input_matches_fb_resnet_torch(kw, shortcut_input):
+    x = normal(7, (2, 6, 6, 4))
+    features = 8 if kw.get("strides") else 4
+    block = BasicBlock(features=features, conv=CONV, norm=EVAL_NORM, preact=True, **kw)
+    strides = kw.get("strides", 1)
+    _compare(block, x, lambda v: _preact_basic(v, x, features, strides, shortcut_input), 8)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_preact_network_first_units_share_bn_relu_with_the_shortcut(scan):
+    # A whole pre-activation net against a hand-built forward pass: bare conv stem, the first
+    # unit of each stage feeding relu(bn1(x)) to its identity / option A shortcut (He et al.
+    # 2016b; fb.resnet.torch preresnet.lua, CIFAR), later units x, final BN-ReLU, pool, FC.
+    relu = jax.nn.relu
+    x = normal(9, (2, 8, 8, 3))
+    kw = dict(stem="cifar", stage_sizes=(2, 2), stage_widths=(8, 16), stem_width=8, shortcut="A",
+              preact=True, num_classes=4)
+    model = ResNet(**kw)
+    v = numpy_variables(model, x.shape, 10, random_bn=True)
+
+    def reference(v):
+        sub = lambda name: {c: v[c][name] for c in ("params", "batch_stats")}  # noqa: E731
+        h = _conv(x, v, "stem_conv", pad=1)
+        for s, features, strides in ((1, 8, 1), (2, 16, 2)):
+            h = _preact_basic(sub(f"stage{s}_block1"), h, features, strides, "pre")
+            h = _preact_basic(sub(f"stage{s}_block2"), h, features, 1, "x")
+        h = relu(_bn(h, v, "final_bn")).mean(axis=(1, 2))
+        return h @ v["params"]["fc"]["kernel"] + v["params"]["fc"]["bias"]
+
+    run = ResNet(scan_blocks=True, **kw) if scan else model
+    got, want = jax.jit(lambda v: (run.apply(scan_variables(v) if scan else v, x, train=False),
+                                   reference(v)))(v)
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_resnext_grouped_bottleneck_matches_reference():

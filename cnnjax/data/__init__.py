@@ -9,6 +9,7 @@ for batch in pipe.eval_batches('test'): ...  # padded; batch['mask'] marks real 
 from cnnjax.data import augment, device
 from cnnjax.data.pipeline import (
     AUGMENTATIONS,
+    FIXED_NORMALIZATIONS,
     NORMALIZATIONS,
     Pipeline,
     prefetch_to_device,
@@ -26,6 +27,7 @@ from cnnjax.data.sources import (
 
 __all__ = [
     "AUGMENTATIONS",
+    "FIXED_NORMALIZATIONS",
     "NORMALIZATIONS",
     "ArraySource",
     "Dataset",

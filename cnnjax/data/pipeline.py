@@ -22,10 +22,18 @@ import numpy as np
 
 from cnnjax.data import augment as aug
 from cnnjax.data.sources import check_num_threads
-from cnnjax.functional import is_int
+from cnnjax._checks import is_int
 
 AUGMENTATIONS = ("none", "flip", "cifar", "imagenet")
-NORMALIZATIONS = ("per_pixel_mean", "per_channel", "scale")
+# The fixed (mean, std) per channel, in [0, 1] units, that published weights were trained with:
+# torchvision's and most of timm's; Inception's (Google's TF-slim models, timm's inception_v4 and
+# inception_resnet_v2); the DPN authors' MXNet models (mean 124, 117, 104; scale 0.0167 per unit).
+FIXED_NORMALIZATIONS = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "dpn": ((124 / 255, 117 / 255, 104 / 255), (1 / (0.0167 * 255),) * 3),
+}
+NORMALIZATIONS = ("per_pixel_mean", "per_channel", "scale", *FIXED_NORMALIZATIONS)
 LAZY_STATS_EXAMPLES = 10_000  # sample for the statistics of data sets read lazily (ImageNet)
 _SHUFFLE, _AUGMENT, _STATS = 1, 2, 3  # seed-sequence tags: independent streams per purpose
 
@@ -55,7 +63,8 @@ def training_statistics(source, mode: str, max_examples: int | None = None, chun
     """(mean, std) in [0, 1] units of a training split for `mode` (see `Pipeline`).
 
     'per_pixel_mean': mean image [H, W, C], std ones [C]; 'per_channel': mean and std [C] over all
-    pixels; 'scale': zeros and ones [C]. At most `max_examples` examples (a fixed sample) are read.
+    pixels; 'scale': zeros and ones [C]; a FIXED_NORMALIZATIONS name: its constants [C] (nothing
+    is read). At most `max_examples` examples (a fixed sample) are read.
     """
     if mode not in NORMALIZATIONS:
         raise ValueError(f"mode must be one of {NORMALIZATIONS}, got {mode!r}")
@@ -66,6 +75,12 @@ def training_statistics(source, mode: str, max_examples: int | None = None, chun
     h, w, c = source.image_shape
     if mode == "scale":
         return np.zeros(c, np.float32), np.ones(c, np.float32)
+    if mode in FIXED_NORMALIZATIONS:
+        mean, std = (np.asarray(v, np.float32) for v in FIXED_NORMALIZATIONS[mode])
+        if c != 3:
+            raise ValueError(f"normalize={mode!r} has constants for 3 channels (RGB); the images "
+                             f"have {c}: give channels=3 or another normalize")
+        return mean, std
     n = len(source)
     if n == 0:
         raise ValueError("the training split is empty: no normalisation statistics")
@@ -98,8 +113,9 @@ class Pipeline:
         random crop, flip; evaluation sees the centre crop of the shorter side resized to 256/224
         of the crop).
       normalize: 'per_pixel_mean' (subtract the training set's mean image, He et al. 2016),
-        'per_channel' (subtract the mean and divide by the std of each channel), or 'scale'
-        (pixels / 255 only). Statistics come from the training split only (after any validation
+        'per_channel' (subtract the mean and divide by the std of each channel), 'scale'
+        (pixels / 255 only), or a FIXED_NORMALIZATIONS name ('imagenet': the constants that
+        torchvision's weights expect; 'inception'; 'dpn'). Statistics come from the training split only (after any validation
         carve-out) and apply to every split. Zero padding happens after normalising, so in
         pixel space it pads with the mean.
       seed: seed of shuffling and augmentation.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from cnnjax import functional as F
+from cnnjax import _checks as C
 
 
 def check_image_input(x: Any, model: str, *, min_size: int, in_channels: int | None = None,
@@ -27,11 +27,11 @@ def check_image_input(x: Any, model: str, *, min_size: int, in_channels: int | N
 
 def check_positive_int(model: str, name: str, value: Any) -> None:
     """Raises ValueError naming `model`'s option `name` unless `value` is an int >= 1."""
-    F._positive_int(value, f"{model}: {name}")
+    C.positive_int(value, f"{model}: {name}")
 
 
 def _is_width(v: Any) -> bool:
-    i = F._index(v)  # an exact int (NumPy ints too), else None
+    i = C.index(v)  # an exact int (NumPy ints too), else None
     return i is not None and i >= 1
 
 

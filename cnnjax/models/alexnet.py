@@ -11,9 +11,9 @@ class driven by a per-layer table:
   after both LRNs and after conv5; dropout 0.5 on FC6 and FC7. 60,965,224 parameters.
 - 'alexnet_torchvision', the "one weird trick" single-GPU variant that torchvision ships:
   64/192/384/256/256 filters, conv1 padding 2, no LRN, no groups, dropout *before* FC6 and FC7.
-  torchvision pools adaptively to 6x6 before FC6; at its 224x224 input the map already is 6x6, so
-  that pool is the identity and is left out here (other sizes change FC6's input width instead).
-  61,100,840 parameters.
+  torchvision pools adaptively to 6x6 before FC6 (`adaptive_avg_pool`), so FC6 reads 6x6x256 at
+  every input size and its weights fit any input; at 224x224 the map already is 6x6 and the pool
+  is skipped. 61,100,840 parameters.
 - 'zfnet' (Figure 3 of the paper): conv1 96 7x7/2, conv2 256 5x5/2, conv3/4/5 384/384/256 3x3 dense
   (one GPU, no groups); each of the first two layers is ReLU -> 3x3/2 max pool -> contrast
   normalisation across maps. The paper's maps 110 -> 55 -> 26 -> 13 -> 6 from 224x224 need
@@ -120,10 +120,11 @@ class AlexNet(nn.Module):
       in_channels: channels the NHWC input must have.
       kernel_init: initializer of the convolutions (name in cnnjax.nn.INITIALIZERS or a callable).
       dtype: compute dtype (None: the input's); parameters stay float32.
+      adaptive_pool: side of torchvision's adaptive average pool before FC6 (6 for
+        'alexnet_torchvision'), which keeps FC6's width at every input size; None flattens the
+        last map as it is (6x6x256 at the native input; other sizes change FC6's width).
       bn_axis_name, bn_momentum: unused (no BatchNorm); accepted so that every model takes the
         same options.
-
-    FC6 sees the flattened last map (6x6x256 at the native input); other sizes change its width.
     """
 
     num_classes: int
@@ -136,6 +137,7 @@ class AlexNet(nn.Module):
     in_channels: int = 3
     kernel_init: Any = "he_normal_fan_in"
     dtype: Any = None
+    adaptive_pool: int | None = None
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
 
@@ -149,6 +151,8 @@ class AlexNet(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         check_positive_int(type(self).__name__, "hidden", self.hidden)
+        if self.adaptive_pool is not None:
+            check_positive_int(type(self).__name__, "adaptive_pool", self.adaptive_pool)
         check_image_input(x, type(self).__name__, min_size=self.min_input_size(), in_channels=self.in_channels,
                           fix="resize or pad the images (227 or 224 natively)")
         lrn = LRNConfig(*self.lrn)._asdict()
@@ -167,6 +171,8 @@ class AlexNet(nn.Module):
             if layer.lrn == "after_pool":
                 x = LocalResponseNorm(**lrn, name=f"norm{i}")(x)
 
+        if self.adaptive_pool is not None:
+            x = F.adaptive_avg_pool(x, self.adaptive_pool)
         x = Flatten(name="flatten")(x)
         for j in (6, 7):
             if self.dropout_first:
@@ -183,7 +189,8 @@ register("alexnet", partial(AlexNet, layers=ALEXNET_CONFIGS["alexnet"]), input_s
          reference_params=60_965_224,
          params_note="two-GPU paper net as one model: groups=2 on conv2/4/5, biases everywhere; exact")
 register("alexnet_torchvision",
-         partial(AlexNet, layers=ALEXNET_CONFIGS["alexnet_torchvision"], dropout_first=True),
+         partial(AlexNet, layers=ALEXNET_CONFIGS["alexnet_torchvision"], dropout_first=True,
+                 adaptive_pool=6),
          input_shape=(224, 224, 3), num_classes=1000, source="torchvision alexnet (Krizhevsky 2014, one weird trick)",
          family="alexnet", reference_params=61_100_840,
          params_note="torchvision definition (64/192/384/256/256, no LRN, no groups); exact")

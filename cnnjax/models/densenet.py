@@ -1,10 +1,11 @@
-"""DenseNet (Huang et al. 2017): ImageNet DenseNet-121/169/201/161 and CIFAR DenseNet-BC.
+"""DenseNet (Huang et al. 2017): ImageNet DenseNet-121/169/201/264/161 and CIFAR DenseNet-BC.
 
 Every layer of a dense block sees the concatenation of the block input and of all earlier layers'
 outputs, and adds `growth_rate` channels of its own (BN-ReLU-conv1x1(bn_size*k)-BN-ReLU-conv3x3(k),
 the "B" bottleneck); transitions (BN-ReLU-conv1x1-avgpool 2x2) compress the channels by
 `compression` (the "C"). The ImageNet variants reproduce torchvision's `densenet.py` exactly
-(parameter counts included); the CIFAR DenseNet-BC variants reproduce the paper's Table 2 models
+(parameter counts included; DenseNet-264, which torchvision does not build, is its `DenseNet` class
+with the paper's configuration); the CIFAR DenseNet-BC variants reproduce the paper's Table 2 models
 as in the authors' Torch code and its common PyTorch ports (3x3 stem with 2k channels and no
 BatchNorm, (L - 4) / 6 bottleneck layers per block).
 
@@ -38,6 +39,7 @@ IMAGENET_CONFIGS = {
     121: ((6, 12, 24, 16), 32),
     169: ((6, 12, 32, 32), 32),
     201: ((6, 12, 48, 32), 32),
+    264: ((6, 12, 64, 48), 32),
     161: ((6, 12, 36, 24), 48),
 }
 
@@ -200,17 +202,22 @@ class DenseNet(nn.Module):
         return x.astype(jnp.float32)
 
 
-def _register_imagenet(depth: int, params: int) -> None:
+def _register_imagenet(depth: int, params: int, source: str, note: str) -> None:
     sizes, k = IMAGENET_CONFIGS[depth]
     register(f"densenet{depth}", partial(DenseNet, block_sizes=sizes, growth_rate=k),
              input_shape=(224, 224, 3), num_classes=1000, family="densenet", dataset="imagenet",
-             source="Huang et al. 2017, Table 1; torchvision densenet.py",
-             reference_params=params, params_rtol=0.0,
-             params_note="exact torchvision count: bias-free convs, BN scale+bias, FC with bias")
+             source=source, reference_params=params, params_rtol=0.0, params_note=note)
 
 
 for _depth, _params in ((121, 7_978_856), (169, 14_149_480), (201, 20_013_928), (161, 28_681_000)):
-    _register_imagenet(_depth, _params)
+    _register_imagenet(_depth, _params, "Huang et al. 2017, Table 1; torchvision densenet.py",
+                       "exact torchvision count: bias-free convs, BN scale+bias, FC with bias")
+# The paper prints no count for DenseNet-264; torchvision has the class but no builder for it.
+_register_imagenet(264, 33_337_704,
+                   "Huang et al. 2017, Table 1 (DenseNet-264); torchvision densenet.py",
+                   "exact count of torchvision's DenseNet(32, (6, 12, 64, 48), 64) (its "
+                   "densenet121 layout with the paper's blocks): bias-free convs, BN scale+bias, "
+                   "FC with bias")
 
 # Paper-rounded counts (Table 2); 100-12 is exact for the common implementation (C10, FC with bias).
 _CIFAR_BC_PARAMS = {100: (769_162, 0.0), 250: (15_300_000, 0.05 / 15.3), 190: (25_600_000, 0.05 / 25.6)}

@@ -14,7 +14,10 @@ The Inception module comes in both forms of Figure 2: 'naive' (1x1, 3x3 and 5x5 
 a 3x3 max pool side by side on the input, concatenated) and 'reduced' (1x1 reductions before the
 3x3 and 5x5 convolutions and after the pool). The "5x5" branch really is 5x5 here; torchvision's
 GoogLeNet has a 3x3 kernel there (a bug kept for its weights), BatchNorm and no LRN:
-'googlenet_torchvision' reproduces those conventions (and its 6,624,904 parameters) on purpose.
+'googlenet_torchvision' reproduces those conventions (and its 6,624,904 parameters) on purpose,
+with torchvision's aux heads (an adaptive average pool to 4x4 instead of 5x5/3: other windows on
+4a's 14x14 map) and the `transform_input` its published weights are loaded with: they take
+(pixel - 0.5) / 0.5, and the model maps ImageNet-normalised inputs there first.
 
 BN-Inception ("Inception-v2" of the BatchNorm paper, Figure 5): BatchNorm after every convolution,
 no LRN and no dropout, each 5x5 replaced by two 3x3, average or max pooling in the pool branch,
@@ -34,6 +37,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from cnnjax import functional as F
 from cnnjax.models._checks import check_image_input
@@ -146,8 +150,15 @@ class InceptionModule(nn.Module):
         return jnp.concatenate(branches, axis=-1)
 
 
+AUX_POOLS = ("5x5/3", "adaptive")
+
+
 class InceptionAux(nn.Module):
-    """Auxiliary classifier (section 5): avg pool 5x5/3 -> conv 1x1 128 -> FC 1024 -> dropout -> FC."""
+    """Auxiliary classifier (section 5): avg pool 5x5/3 -> conv 1x1 128 -> FC 1024 -> dropout -> FC.
+
+    pool: '5x5/3' (the paper) or 'adaptive' (torchvision: adaptive average pool to 4x4, the
+    paper's output size at 224, whatever the input).
+    """
 
     num_classes: int
     dropout_rate: float
@@ -155,10 +166,11 @@ class InceptionAux(nn.Module):
     norm: ModuleDef | None
     act: Callable[[Array], Array]
     dtype: Any = None
+    pool: str = "5x5/3"
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        x = AvgPool(5, 3, name="pool")(x)
+        x = F.adaptive_avg_pool(x, 4) if self.pool == "adaptive" else AvgPool(5, 3, name="pool")(x)
         x = Flatten(name="flatten")(_unit(self.conv, self.norm, self.act, x, 128, 1, "conv"))
         x = self.act(Dense(1024, dtype=self.dtype, name="fc1")(x))
         x = Dropout(self.dropout_rate, name="drop")(x, deterministic=not train)
@@ -166,6 +178,7 @@ class InceptionAux(nn.Module):
 
 
 _FIX_224 = "resize or pad the images (224x224 natively)"
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def googlenet_map_sizes(size: int, pool4_window: int = 3) -> dict[str, int]:
@@ -194,6 +207,10 @@ class GoogLeNet(nn.Module):
       batch_norm: BatchNorm after every convolution, whose bias it then replaces (torchvision).
       b5x5_kernel: kernel of the "5x5" branches (3 reproduces torchvision's GoogLeNet).
       pool4_window: window of the max pool between 4e and 5a (3 in the paper, 2 in torchvision).
+      aux_pool: the auxiliary classifiers' pool, '5x5/3' (the paper) or 'adaptive' (to 4x4, as
+        torchvision).
+      transform_input: first map inputs normalised with the ImageNet mean and std to
+        (pixel - 0.5) / 0.5, as torchvision's GoogLeNet does for its published weights.
       in_channels: channels the NHWC input must have.
       kernel_init: initializer of the convolutions.
       dtype: compute dtype (None: the input's); parameters and BN statistics stay float32.
@@ -211,6 +228,8 @@ class GoogLeNet(nn.Module):
     batch_norm: bool = False
     b5x5_kernel: int = 5
     pool4_window: int = 3
+    aux_pool: str = "5x5/3"
+    transform_input: bool = False
     in_channels: int = 3
     kernel_init: Any = "he_normal_fan_in"
     dtype: Any = None
@@ -219,11 +238,12 @@ class GoogLeNet(nn.Module):
     bn_epsilon: float = 1e-5
 
     def min_input_size(self, with_aux: bool = False) -> int:
-        """Smallest input side (47; 79 when the auxiliary classifiers run) that leaves every pool an output."""
+        """Smallest input side (47; 79 when the paper's auxiliary classifiers run) that leaves every
+        pool an output."""
         n = 1
         while True:
             sizes = googlenet_map_sizes(n, self.pool4_window)
-            if not with_aux:
+            if not with_aux or self.aux_pool == "adaptive":
                 sizes.pop("aux_pool")
             if min(sizes.values()) >= 1:
                 return n
@@ -232,17 +252,29 @@ class GoogLeNet(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array | tuple[Array, list[Array]]:
         run_aux = self.aux_logits and (train or self.is_initializing())
-        hint = " with the auxiliary classifiers (aux_logits=False lowers it)" if run_aux else ""
-        check_image_input(x, "GoogLeNet", min_size=self.min_input_size(run_aux), in_channels=self.in_channels,
+        if self.aux_pool not in AUX_POOLS:
+            raise ValueError(f"aux_pool must be one of {list(AUX_POOLS)}, got {self.aux_pool!r}")
+        min_size = self.min_input_size(run_aux)
+        hint = (" with the auxiliary classifiers (aux_logits=False lowers it)"
+                if min_size > self.min_input_size() else "")
+        check_image_input(x, "GoogLeNet", min_size=min_size, in_channels=self.in_channels,
                           size_note=hint, fix=_FIX_224)
         if self.inception_block not in ("reduced", "naive"):
             raise ValueError(f"inception_block must be 'reduced' or 'naive', got {self.inception_block!r}")
+        if self.transform_input and self.in_channels != 3:
+            raise ValueError(f"transform_input re-normalises RGB inputs; "
+                             f"in_channels={self.in_channels}")
         conv = partial(Conv, use_bias=not self.batch_norm, kernel_init=self.kernel_init, dtype=self.dtype)
         norm = None
         if self.batch_norm:
             norm = batch_norm_for(self, train)
         act = jax.nn.relu
         unit = partial(_unit, conv, norm, act)
+        if self.transform_input:
+            # torchvision's _transform_input: x * std / 0.5 + (mean - 0.5) / 0.5 per channel.
+            scale = jnp.asarray([s / 0.5 for s in _IMAGENET_STD], x.dtype)
+            shift = jnp.asarray([(m - 0.5) / 0.5 for m in _IMAGENET_MEAN], x.dtype)
+            x = x * scale + shift
         if self.dtype is not None:
             x = x.astype(self.dtype)
 
@@ -259,8 +291,9 @@ class GoogLeNet(nn.Module):
             x = InceptionModule(*widths, block=self.inception_block, b5x5_kernel=self.b5x5_kernel, conv=conv,
                                 norm=norm, act=act, name=f"inception{key}")(x)
             if run_aux and key in _AUX_AFTER:
-                aux.append(InceptionAux(self.num_classes, self.aux_dropout_rate, conv, norm, act, dtype=self.dtype,
-                                        name=_AUX_AFTER[key])(x, train).astype(jnp.float32))
+                head = InceptionAux(self.num_classes, self.aux_dropout_rate, conv, norm, act,
+                                    dtype=self.dtype, pool=self.aux_pool, name=_AUX_AFTER[key])
+                aux.append(head(x, train).astype(jnp.float32))
             if key in _POOL_AFTER:
                 window = self.pool4_window if key == "4e" else 3
                 x = MaxPool(window, 2, ceil_mode=True, name=_POOL_AFTER[key])(x)
@@ -377,9 +410,10 @@ register("googlenet_naive", partial(GoogLeNet, inception_block="naive"), input_s
          params_note="no published count: naive modules pass the input through, so channels grow to 4944")
 register("googlenet_torchvision",
          partial(GoogLeNet, lrn=False, batch_norm=True, b5x5_kernel=3, pool4_window=2, dropout_rate=0.2,
-                 bn_epsilon=1e-3),
+                 bn_epsilon=1e-3, aux_pool="adaptive", transform_input=True),
          input_shape=(224, 224, 3), num_classes=1000,
-         source="torchvision googlenet (3x3 kernels in the '5x5' branches, BatchNorm, no LRN)",
+         source="torchvision googlenet (3x3 kernels in the '5x5' branches, BatchNorm, no LRN, "
+                "adaptive aux pools, transform_input as with its weights)",
          family="googlenet", reference_params=6_624_904,
          params_note="torchvision's conventions, aux_logits=False (13,004,888 with them); exact")
 register("bn_inception", BNInception, input_shape=(224, 224, 3), num_classes=1000,

@@ -16,7 +16,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from cnnjax import functional as F
+from cnnjax import _checks as C
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,7 @@ def create(name: str, **overrides: Any) -> nn.Module:
     """Builds the named model; `overrides` replace fields of its module (num_classes, dtype, ...)."""
     spec = get_spec(name)
     kwargs = {"num_classes": spec.num_classes, **overrides}
-    kwargs["num_classes"] = F._positive_int(kwargs["num_classes"], "num_classes", what=" (the classifier's outputs)")
+    kwargs["num_classes"] = C.positive_int(kwargs["num_classes"], "num_classes", what=" (the classifier's outputs)")
     try:
         return spec.builder(**kwargs)
     except TypeError:

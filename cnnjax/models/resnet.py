@@ -10,10 +10,13 @@ both twins as members of one vmapped program (`TrainConfig.twins`).
 
 Conventions (checked against torchvision's counts, see tests): convolutions have no bias and
 are followed by BatchNorm; option B projections are a 1x1 conv + BN (a 1x1 conv alone in
-pre-activation nets, as in He et al. 2016b); the classifier is global average pooling and a
-Dense layer with bias. Bottleneck striding defaults to 'v1.5' (stride on the 3x3 conv, as
-torchvision, fb.resnet.torch and the Flax ImageNet example); `version='v1'` strides the first
-1x1 conv as in the paper. Both have the same parameters, not the same FLOPs.
+pre-activation nets, as in He et al. 2016b); in a pre-activation net the first block of each
+stage shares its first BN-ReLU with its shortcut (identity, option A or projection), as
+fb.resnet.torch's preresnet.lua ('both_preact') and KaimingHe/resnet-1k-layers do; the
+classifier is global average pooling and a Dense layer with bias. Bottleneck striding defaults
+to 'v1.5' (stride on the 3x3 conv, as torchvision, fb.resnet.torch and the Flax ImageNet
+example); `version='v1'` strides the first 1x1 conv as in the paper. Both have the same
+parameters, not the same FLOPs.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ class _Block(nn.Module):
     shortcut: str = "B"
     plain: bool = False
     preact: bool = False
+    first: bool = False
     zero_init_residual: bool = False
     dropout_rate: float = 0.0
     drop_path_mode: str = "batch"
@@ -122,9 +126,13 @@ class _Block(nn.Module):
 
     def _shortcut(self, x, pre, out_features, scale=None):
         changes = x.shape[-1] != out_features or self.strides != 1
+        if self.first or changes:
+            # Pre-activation: a stage's first unit applies BN-ReLU before splitting into branch
+            # and shortcut (fb.resnet.torch preresnet.lua 'both_preact', KaimingHe/resnet-1k-layers
+            # resnet-pre-act.lua); later units' shortcuts see the raw sum. Post-activation: pre is x.
+            x = pre
         if self.shortcut == "C" or (self.shortcut == "B" and changes):
-            # Pre-activation projections see the activated input (He et al. 2016b, WRN).
-            sc = self.conv(out_features, 1, self.strides, 0, name="proj_conv")(pre)
+            sc = self.conv(out_features, 1, self.strides, 0, name="proj_conv")(x)
             sc = sc if self.preact else self.norm(name="proj_bn")(sc)
         elif changes:
             sc = zero_pad_shortcut(x, out_features, self.strides)
@@ -150,6 +158,9 @@ class BasicBlock(_Block):
       shortcut: 'A' zero-padded identity, 'B' projection when the shape changes, 'C' projection always.
       plain: no shortcut (the plain twin).
       preact: BN-ReLU-conv ordering (He et al. 2016b), no activation after the addition.
+      first: the first block of its stage (set by ResNet): with preact, its shortcut takes the
+        input after bn1-ReLU, as does any shortcut that changes the shape (fb.resnet.torch
+        preresnet.lua); other blocks' shortcuts take the block's input.
       zero_init_residual: last BN of the branch starts with gamma = 0 (post-activation only).
       dropout_rate: dropout between the two convolutions (WRN).
       drop_path_mode: stochastic depth per 'batch' (the paper) or per 'sample'.
@@ -214,7 +225,9 @@ class ResNet(nn.Module):
         on every block (He et al. 2016, section 4.1).
       plain: drop every shortcut (the plain twin of the same depth).
       preact: pre-activation blocks (He et al. 2016b): the stem is a bare conv and the head starts
-        with BN-ReLU (`final_bn`).
+        with BN-ReLU (`final_bn`); each stage's first block feeds its shortcut the activated input.
+        (fb.resnet.torch's ImageNet preresnet has stage 1's first BN-ReLU in the stem, before the
+        max pool: the same function while that BN's scales are positive, as pooling commutes.)
       version: bottleneck striding, 'v1' (first 1x1, the paper) or 'v1.5' (3x3, torchvision).
       width: multiplier of every stage width (not the stem): k of WRN.
       groups, base_width, expansion: bottleneck shape (ResNeXt cardinality, width per group).
@@ -323,7 +336,8 @@ class ResNet(nn.Module):
         index = 0
         for s, (n, w) in enumerate(zip(sizes, self.stage_widths), start=1):
             features = max(1, int(round(w * self.width)))
-            x = block(features=features, strides=1 if s == 1 else 2, name=f"stage{s}_block1")(
+            x = block(features=features, strides=1 if s == 1 else 2, first=True,
+                      name=f"stage{s}_block1")(
                 x, train, None if rates is None else rates[index], shortcut_scale)
             if self.scan_blocks and n > 1:
                 stage_rates = None if rates is None else jnp.asarray(rates[index + 1:index + n], jnp.float32)

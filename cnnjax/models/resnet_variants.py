@@ -10,7 +10,7 @@
   wide_resnet50_2 / 101_2 (bottleneck inner width doubled: base_width=128).
 - ResNeXt (Xie et al. 2017): grouped 3x3 bottlenecks, `groups` x `base_width`; ResNeXt-29 on
   CIFAR (64-channel stem, planes 64/128/256, output 4x, projections where channels change) and
-  torchvision's resnext50_32x4d / resnext101_32x8d.
+  torchvision's resnext50_32x4d / resnext101_32x8d / resnext101_64x4d.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ class WideResNet(CifarResNet):
       width: the widening factor k (stage widths 16k, 32k, 64k; the stem stays at 16).
       dropout_rate: dropout between the two convolutions of each block (0.3 in the paper).
       All other fields as in CifarResNet (preact=True and shortcut='B' by default).
+
+    A stage's first block shares its BN-ReLU with the 1x1 projection, as in the authors' code;
+    with k = 1 the first stage keeps its width and its identity shortcut takes the activated
+    input too (He et al.'s rule, resnet.py), where the authors' code gives it the raw input.
     """
 
     depth: int = 28
@@ -98,8 +102,10 @@ for _groups, _ref in ((8, 34_426_698), (16, 68_155_210)):
              source="Xie et al. 2017, section 5.3 and Table 7 (CIFAR ResNeXt-29)", reference_params=_ref,
              params_note="bias-free convs each followed by BN, 1x1 conv + BN projection wherever channels "
                          "change (also stage 1: 64 -> 256), FC with bias (the common PyTorch port)", **_CIFAR)
+# torchvision's counts (the weights' meta["num_params"]).
 for _name, _d, _groups, _bw, _ref in (("resnext50_32x4d", 50, 32, 4, 25_028_904),
-                                      ("resnext101_32x8d", 101, 32, 8, 88_791_336)):
+                                      ("resnext101_32x8d", 101, 32, 8, 88_791_336),
+                                      ("resnext101_64x4d", 101, 64, 4, 83_455_272)):
     register(_name, partial(ResNet, stage_sizes=STAGE_SIZES[_d], block="bottleneck", groups=_groups, base_width=_bw),
              source="Xie et al. 2017, Table 1; torchvision resnext", reference_params=_ref,
              params_note="torchvision convention, option B", **_IMAGENET)

@@ -4,8 +4,11 @@ Stacks of 3x3 convolutions (stride 1, padding 1) with ReLU, 2x2/2 max pooling be
 stages, then FC 4096 -> ReLU -> dropout 0.5 -> FC 4096 -> ReLU -> dropout 0.5 -> FC classes. The
 "_bn" variants put BatchNorm between each convolution and its ReLU and keep the convolution bias,
 as torchvision's `vgg*_bn` do, so every count equals torchvision's exactly (vgg16: 138,357,544).
-torchvision pools adaptively to 7x7 before FC6; at 224x224 the map already is 7x7, so that pool is
-the identity and is left out: at other sizes FC6's input width follows the last map (512 at 32x32).
+torchvision pools adaptively to 7x7 before FC6, and so do the registered models
+(`adaptive_avg_pool`): FC6 reads 7x7x512 at every input size, so torchvision's weights fit any
+input and the parameter count does not depend on it. At 224x224 the map already is 7x7 and the
+pool is skipped. `adaptive_pool=None` flattens the last map as it is instead (FC6 then reads 512
+values at 32x32, the small CIFAR-style head).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnnjax import functional as F
 from cnnjax.models._checks import check_image_input, check_positive_int, check_widths
 from cnnjax.models.registry import register
 from cnnjax.nn import Conv, Dense, Dropout, Flatten, MaxPool, batch_norm_for
@@ -56,6 +60,8 @@ class VGG(nn.Module):
       dtype: compute dtype (None: the input's); parameters and BN statistics stay float32.
       bn_axis_name: mapped axis over which BatchNorm averages batch statistics.
       bn_momentum: BatchNorm running-average momentum (Flax convention).
+      adaptive_pool: side of torchvision's adaptive average pool before FC6 (7 in the registered
+        models); None flattens the last map as it is.
 
     Layers are named as in the Caffe models: conv{stage}_{i} (bn{stage}_{i}), pool{stage}, fc6-fc8.
     """
@@ -70,6 +76,7 @@ class VGG(nn.Module):
     dtype: Any = None
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
+    adaptive_pool: int | None = None
 
     def min_input_size(self) -> int:
         """Smallest input side that survives every 2x2 pool (32 for the five-pool configurations)."""
@@ -79,6 +86,8 @@ class VGG(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         check_widths("VGG", "config", self.config, words=("M",))
         check_positive_int("VGG", "hidden", self.hidden)
+        if self.adaptive_pool is not None:
+            check_positive_int("VGG", "adaptive_pool", self.adaptive_pool)
         check_image_input(x, "VGG", min_size=self.min_input_size(), in_channels=self.in_channels,
                           size_note=" (one per 2x2 pool)", fix="resize or pad the images (224 natively)")
         conv = partial(Conv, kernel_size=3, padding=1, kernel_init=self.kernel_init, dtype=self.dtype)
@@ -98,6 +107,8 @@ class VGG(nn.Module):
             x = jax.nn.relu(x)
             index += 1
 
+        if self.adaptive_pool is not None:
+            x = F.adaptive_avg_pool(x, self.adaptive_pool)
         x = Flatten(name="flatten")(x)
         for j in (6, 7):
             x = jax.nn.relu(Dense(self.hidden, dtype=self.dtype, name=f"fc{j}")(x))
@@ -109,7 +120,8 @@ class VGG(nn.Module):
 _LETTER = {11: "A", 13: "B", 16: "D", 19: "E"}
 for _depth, _cfg in VGG_CONFIGS.items():
     for _bn, _params in zip((False, True), TORCHVISION_PARAMS[_depth]):
-        register(f"vgg{_depth}{'_bn' if _bn else ''}", partial(VGG, config=_cfg, batch_norm=_bn),
+        register(f"vgg{_depth}{'_bn' if _bn else ''}",
+                 partial(VGG, config=_cfg, batch_norm=_bn, adaptive_pool=7),
                  input_shape=(224, 224, 3), num_classes=1000,
                  source=f"Simonyan & Zisserman 2015, Table 1 configuration {_LETTER[_depth]}"
                         + (" + BatchNorm (torchvision)" if _bn else ""),
