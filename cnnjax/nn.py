@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.module import merge_param
 
+from cnnjax import _checks as C
 from cnnjax import functional as F
 
 Array = jax.Array
@@ -87,15 +88,15 @@ class Conv(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"{self.name or 'Conv'}: x must be NHWC (rank 4), got shape {tuple(x.shape)}")
         where = self.name or "Conv"
-        features = F._positive_int(self.features, f"{where}: features")
-        groups = F._positive_int(self.groups, f"{where}: groups")
+        features = C.positive_int(self.features, f"{where}: features")
+        groups = C.positive_int(self.groups, f"{where}: groups")
         c_in = x.shape[-1]
         if c_in % groups or features % groups:
             raise ValueError(
                 f"{where}: groups={groups} must divide both the input channels "
                 f"{c_in} and features={features}"
             )
-        kh, kw = F._pair(self.kernel_size, "kernel_size")
+        kh, kw = C.pair(self.kernel_size, "kernel_size")
         kernel = self.param("kernel", get_initializer(self.kernel_init),
                             (kh, kw, c_in // groups, features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (features,), self.param_dtype) if self.use_bias else None
@@ -129,7 +130,7 @@ class Dense(nn.Module):
     def __call__(self, x: Array) -> Array:
         if x.ndim < 1:
             raise ValueError(f"{self.name or 'Dense'}: x must have a feature axis, got a scalar")
-        features = F._positive_int(self.features, f"{self.name or 'Dense'}: features")
+        features = C.positive_int(self.features, f"{self.name or 'Dense'}: features")
         kernel = self.param("kernel", get_initializer(self.kernel_init), (x.shape[-1], features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (features,), self.param_dtype) if self.use_bias else None
         dtype = F.compute_dtype(x, self.dtype)
@@ -169,8 +170,8 @@ class BatchNorm(nn.Module):
                  activation=None) -> Array:
         use_running_average = merge_param("use_running_average", self.use_running_average, use_running_average)
         where = self.name or "BatchNorm"
-        F._check_bn_rank(x, f"{where}: ")  # before the statistics' shapes are taken from x
-        F._check_eps(self.epsilon, f"{where}: epsilon")
+        C.check_bn_rank(x, f"{where}: ")  # before the statistics' shapes are taken from x
+        C.check_eps(self.epsilon, f"{where}: epsilon")
         c = x.shape[-1]
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))

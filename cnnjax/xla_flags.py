@@ -47,14 +47,10 @@ MALLOC_SWITCH = "CNNJAX_CPU_MALLOC"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _MALLOPTS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_ARENA_MAX, 1))
 
-# The gradient paths `cnnjax.functional` offers for conv2d and for batch_norm in training ('auto':
-# the hand-written one on the CPU backend, JAX's own elsewhere); here so that the benchmark's
-# command line can name them without importing JAX.
-CONV_VJP_MODES = ("auto", "canonical", "xla")
-CONV_BACKENDS = ("auto", "onednn", "xla")  # who computes conv2d (cnnjax.functional.CONV_BACKEND)
-BN_BACKENDS = ("auto", "native", "xla")  # who computes batch_norm's passes (cnnjax.functional.BN_BACKEND)
-CONV_WEIGHTS = ("auto", "direct", "onednn")  # who computes oneDNN-path filter gradients (cnnjax.native.onednn.WEIGHTS)
-BN_VJP_MODES = ("auto", "fused", "autodiff")
+# The layers' trace-time choices (cnnjax.settings, which imports no JAX either), named here for
+# the benchmark's command line.
+from cnnjax.settings import (BN_BACKENDS, BN_VJP_MODES, CONV_BACKENDS,  # noqa: E402,F401
+                             CONV_VJP_MODES, CONV_WEIGHTS)
 
 # Named XLA_FLAGS strings; the benchmark (`python -m cnnjax bench --xla NAME ...`) compares them
 # side by side, each in its own process. Measurements and reasons: PERFORMANCE.md.

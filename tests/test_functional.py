@@ -9,7 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 from cnnjax import functional as F
-from cnnjax import native
+from cnnjax import native, settings
 
 
 # --------------------------------------------------------------------------- NumPy references
@@ -145,7 +145,7 @@ def test_conv2d_vjp_mode_is_traced_in_and_validated():
     # The canonical path transposes explicitly: flipped kernel, x and dy to the kernel-gradient
     # layout, the kernel gradient back.
     assert canonical[0] == 4 and xla[0] < 4
-    assert F.CONV_VJP == "auto"
+    assert settings.current().conv_vjp == "auto"
     # A grouped convolution takes JAX's rule whatever the mode.
     wg = jnp.ones((3, 3, 1, 4))
     with F.conv2d_vjp_mode("canonical"):
@@ -322,7 +322,7 @@ def test_batch_norm_fused_vjp_bfloat16_and_default():
         f = lambda x: jnp.sum(F.batch_norm(x, g, b, jnp.zeros(4), jnp.ones(4), train=True, vjp=vjp,
                                            backend="xla")[0] ** 2)
         return str(jax.make_jaxpr(jax.grad(f))(x.astype(jnp.float32)))
-    assert F.BN_VJP == "auto"
+    assert settings.current().bn_vjp == "auto"
     assert "optimization_barrier" in jaxpr("fused") and "optimization_barrier" not in jaxpr("autodiff")
     assert ("optimization_barrier" in jaxpr()) is (jax.default_backend() == "cpu")
     with F.batch_norm_vjp_mode("autodiff"):
@@ -336,7 +336,7 @@ def test_batch_norm_fused_vjp_bfloat16_and_default():
 _BN_PARALLEL = r"""
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from cnnjax import functional as F, native
+from cnnjax import functional as F, native, settings
 mesh = jax.make_mesh((4,), ("batch",))
 shard = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
 rng = np.random.default_rng(0)
@@ -351,7 +351,7 @@ def local_loss(vjp):
     return loss
 
 def run(backend):
-    F.BN_BACKEND = backend  # read at trace time; every function below is traced anew
+    settings.set_defaults(bn_backend=backend)  # read at trace time; every function below is traced anew
     out = {}
     for vjp in ("fused", "autodiff"):
         grad = jax.grad(local_loss(vjp), (0, 1, 2))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cnnjax import functional as F
-from cnnjax import native
+from cnnjax import native, settings
 from test_functional import _random_conv_case, np_conv2d, np_conv2d_grads
 
 ONEDNN = native.available()
@@ -101,7 +101,7 @@ def _conv_jaxpr(x, w, **kw) -> str:
 @needs_onednn
 def test_auto_backend_runs_float32_convolutions_on_onednn_and_falls_back_elsewhere():
     x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))
-    assert F.CONV_BACKEND == "auto" and jax.default_backend() == "cpu"
+    assert settings.current().conv_backend == "auto" and jax.default_backend() == "cpu"
     auto = _conv_jaxpr(x, w)
     assert "cnnjax_dnnl_conv_fwd" in auto and "conv_general_dilated" not in auto
     assert auto.count("cnnjax_dnnl_conv_bwd_data") == auto.count("cnnjax_dnnl_conv_bwd_weights") == 1
@@ -128,9 +128,9 @@ def test_backend_names_are_validated():
 def fresh_native(monkeypatch, tmp_path):
     """native's load state forgotten for the test and again after it (its environment restored)."""
     monkeypatch.setenv("CNNJAX_CACHE_DIR", str(tmp_path / "cache"))
-    native._load.cache_clear()
+    native.forget()
     yield monkeypatch
-    native._load.cache_clear()
+    native.forget()
 
 
 def test_missing_onednn_is_one_clear_error(fresh_native, tmp_path):
@@ -195,8 +195,6 @@ def test_batch_split_over_xla_threads_matches_one_openmp_call(monkeypatch, batch
     # parts; 5 images make two unequal parts on 2 threads, 37 four parts of 9-10 images for the
     # forward pass and input gradient, up to 8 per thread of at least 8 images); 'omp' is one
     # oneDNN call.
-    from cnnjax.native import onednn
-
     if len(os.sched_getaffinity(0)) < 2:  # XLA's pool has one thread: nothing would be split
         pytest.skip("one core: the split path does not run")
 
@@ -204,16 +202,17 @@ def test_batch_split_over_xla_threads_matches_one_openmp_call(monkeypatch, batch
     x = rng.standard_normal((batch, 9, 9, 6)).astype(np.float32)
     w = rng.standard_normal((3, 3, 6, 8)).astype(np.float32)
 
+    f = jax.jit(jax.value_and_grad(
+        lambda x, w: jnp.sum(jnp.sin(F.conv2d(x, w, stride=2, padding=1, backend="onednn"))), (0, 1)))
+
     def run(mode):
-        monkeypatch.setattr(onednn, "THREADS", mode)
-        f = lambda x, w: jnp.sum(jnp.sin(F.conv2d(x, w, stride=2, padding=1, backend="onednn")))
-        return jax.jit(jax.value_and_grad(f, (0, 1)))(x, w)  # traced anew: THREADS is read at trace time
+        with settings.using(onednn_threads=mode):
+            return f(x, w)  # traced anew: the settings are part of jit's cache key
 
     for got, want in zip(jax.tree.leaves(run("xla")), jax.tree.leaves(run("omp"))):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(onednn, "THREADS", "tbb")
-    with pytest.raises(ValueError, match="CNNJAX_ONEDNN_THREADS"):
-        F.conv2d(x, w, backend="onednn")
+    with pytest.raises(ValueError, match="onednn_threads: mode must be one of"):
+        settings.using(onednn_threads="tbb")
 
 
 def test_direct_filter_gradient_is_built_where_the_cpu_has_avx2_and_fma():
@@ -244,8 +243,6 @@ DIRECT_CASES = [
 @needs_onednn
 @pytest.mark.parametrize("case", DIRECT_CASES, ids=[str(i) for i in range(len(DIRECT_CASES))])
 def test_direct_filter_gradient_matches_loops_and_onednn(monkeypatch, case):
-    from cnnjax.native import onednn
-
     if not native.direct_conv_weights():
         pytest.skip("this CPU lacks AVX2/FMA: oneDNN computes every filter gradient")
     n, hw, cin, cout, k, stride, padding, dilation = case
@@ -255,11 +252,12 @@ def test_direct_filter_gradient_matches_loops_and_onednn(monkeypatch, case):
     kw = dict(stride=stride, padding=padding, dilation=dilation, backend="onednn")
     g = rng.standard_normal(jax.eval_shape(lambda x, w: F.conv2d(x, w, **kw), x, w).shape).astype(np.float32)
 
+    f = jax.jit(jax.grad(lambda x, w: jnp.sum(F.conv2d(x, w, **kw) * g), (0, 1)))
+
     def grads(mode):
-        monkeypatch.setattr(onednn, "WEIGHTS", mode)  # read at trace time: each call traces anew
-        f = jax.jit(jax.grad(lambda x, w: jnp.sum(F.conv2d(x, w, **kw) * g), (0, 1)))
-        assert f"direct = {int(mode != 'onednn')} : i64" in f.lower(x, w).as_text()
-        return jax.block_until_ready(f(x, w))  # ran (dispatch is asynchronous) before the count is read
+        with settings.using(conv_weights=mode):  # part of jit's cache key: each mode traces anew
+            assert f"direct = {int(mode != 'onednn')} : i64" in f.lower(x, w).as_text()
+            return jax.block_until_ready(f(x, w))  # ran (dispatch is asynchronous) before the count is read
 
     calls = native.direct_conv_weights_calls()
     dx, dw = grads("direct")
@@ -277,9 +275,8 @@ def test_direct_filter_gradient_matches_loops_and_onednn(monkeypatch, case):
     np.testing.assert_allclose(np.asarray(dw), np.asarray(onednn_dw), atol=2e-6 * np.abs(want_dw).max(), rtol=1e-5)
     for got, want in zip(grads("auto"), (dx, dw)):  # 'auto', the default, is 'direct'
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    monkeypatch.setattr(onednn, "WEIGHTS", "brgemm")
-    with pytest.raises(ValueError, match="CNNJAX_CONV_WEIGHTS"):
-        jax.grad(lambda w: jnp.sum(F.conv2d(x, w, **kw)))(w)
+    with pytest.raises(ValueError, match="conv_weights: mode must be one of"):
+        settings.using(conv_weights="brgemm")
 
 
 def test_install_hint_names_the_packages_pyproject_pins():
@@ -289,3 +286,58 @@ def test_install_hint_names_the_packages_pyproject_pins():
     pyproject = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
     pinned = [dep.split(";")[0].strip() for dep in pyproject["project"]["dependencies"] if dep.startswith("onednn")]
     assert pinned == list(native.DNNL_PACKAGES)
+
+
+_LAZY_BUILD = r"""
+import sys
+from pathlib import Path
+import jax, jax.numpy as jnp
+from cnnjax import analysis, functional as F, native
+cache = Path(sys.argv[1])
+built = lambda: [p.name for p in cache.rglob("*.so")]
+analysis.summary("lenet5")  # traces the network (jax.eval_shape): no kernel is built
+jax.make_jaxpr(lambda x, w: F.conv2d(x, w))(jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4)))
+assert built() == [], built()
+print("traced:", "cnnjax_dnnl_conv_fwd" in str(jax.make_jaxpr(F.conv2d)(jnp.ones((1, 6, 6, 2)),
+                                                                     jnp.ones((3, 3, 2, 4)))))
+y = jax.jit(F.conv2d)(jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4)))  # lowered and run: built
+assert float(y[0, 0, 0, 0]) == 18.0 and len(built()) == 1, built()
+print("OK")
+"""
+
+
+@needs_onednn
+def test_tracing_builds_nothing_and_the_first_lowering_builds(tmp_path):
+    # `cnnjax summary` only traces; the kernels are compiled when a call to them is first lowered.
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    env = dict(os.environ, CNNJAX_CACHE_DIR=str(cache), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _LAZY_BUILD, str(cache)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+    assert "traced: True" in proc.stdout  # 'auto' chose oneDNN from cheap facts, unbuilt
+
+
+@needs_onednn
+def test_settings_changed_after_compilation_recompile():
+    # The settings are part of jax.jit's cache key: a function compiled under one backend and
+    # called under another is traced and compiled anew, never run with the old choice.
+    x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 4))
+    traced = []
+
+    @jax.jit
+    def f(x, w):
+        traced.append(settings.current().conv_backend)
+        return F.conv2d(x, w, padding=1)
+
+    auto = f.lower(x, w).as_text()
+    f(x, w)
+    with settings.using(conv_backend="xla"):
+        assert "cnnjax_dnnl" not in f.lower(x, w).as_text()
+        np.testing.assert_allclose(np.asarray(f(x, w)), np.asarray(F.conv2d(x, w, padding=1)))
+    assert "cnnjax_dnnl_conv_fwd" in auto and "xla" in traced
+    n = len(traced)
+    f(x, w)  # back under 'auto': the first compilation again, no new trace
+    assert len(traced) == n

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cnnjax import functional as F
-from cnnjax import native
+from cnnjax import native, settings
 from cnnjax.native import batch_norm as B
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: "
@@ -201,7 +201,7 @@ def _bn_jaxpr(x, **kw):
 @needs_native
 def test_auto_backend_picks_native_for_float32_on_the_cpu_with_switches_back():
     x = jnp.ones((2, 3, 3, 4))
-    assert F.BN_BACKEND == "auto" and jax.default_backend() == "cpu"
+    assert settings.current().bn_backend == "auto" and jax.default_backend() == "cpu"
     auto = _bn_jaxpr(x)
     for target in ("cnnjax_bn_sums", "cnnjax_bn_apply", "cnnjax_bn_grad_sums", "cnnjax_bn_grad_apply"):
         assert re.search(target + r"\b", auto), target  # \b: not the _masked or _residual variants

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.extend import core as jex_core
 from jax.interpreters import mlir
 
-from cnnjax import functional as F
+from cnnjax import _checks as C
 from cnnjax import nn as cnn
 
 # The leaves of every cnnjax architecture: one summary row per call of one of these.
@@ -57,7 +57,7 @@ def check_input_shape(input_shape: Any, fn: str) -> tuple[int, ...]:
     except TypeError:
         raise ValueError(f"{fn}: input_shape must be a sequence of positive ints such as (224, 224, 3), "
                          f"got {input_shape!r}") from None
-    if not shape or not all(F.is_int(d) and d > 0 for d in shape):
+    if not shape or not all(C.is_int(d) and d > 0 for d in shape):
         raise ValueError(f"{fn}: input_shape must be positive ints without the batch axis, e.g. (224, 224, 3), "
                          f"got {input_shape!r}")
     if len(shape) == 4:  # every network here takes NHWC batches: this one has a batch axis already

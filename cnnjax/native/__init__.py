@@ -14,17 +14,21 @@ are compiled into one library.
 
 On Linux x86-64 cnnjax depends on oneDNN's CPU build and headers from PyPI (`onednn-cpu-gomp`,
 `onednn-devel-cpu-gomp`, installed into the environment's prefix); elsewhere they are optional
-and XLA's convolutions run without them. The first call compiles
+and XLA's convolutions run without them. The first lowering compiles
 the sources with the system's C++ compiler (a few seconds, once) into a cache directory:
 `$CNNJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/cnnjax`, else `~/.cache/cnnjax`. The library is named
 by a hash of its sources, the jaxlib version, the oneDNN location, the compiler and its flags
 (with -mavx2 -mfma where the CPU has them), so a change to any of them rebuilds it. `CNNJAX_DNNL_ROOT` points at another oneDNN 3.x installation (a
 directory with include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so); `CXX` names the compiler.
 
-`available()` says whether the kernels can be used here (building them if needed) and
-`unavailable_reason()` why not; `load()` raises `NativeUnavailable` with that reason. Where
-oneDNN is installed but the kernels cannot be built (no compiler, a failed compile), a
-RuntimeWarning says so once per process, and `conv2d`'s 'auto' runs XLA's convolutions.
+The layers decide at trace time from cheap facts (`usable()`: Linux, oneDNN found, a C++
+compiler, no failed build), and the library is built and its FFI targets registered when a
+call to them is first lowered (`ensure_lowering_hook`), so tracing (`jax.eval_shape`, `cnnjax
+summary`) builds nothing. `available()` builds now and says whether the kernels can run,
+`unavailable_reason()` why not; `load()` raises `NativeUnavailable` with that reason. Where the
+build fails (a broken compiler), a RuntimeWarning says so once per process; a computation
+already traced onto the kernels then fails to lower with that reason (backend='xla' avoids
+them), and later traces under 'auto' take XLA's path.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+
+from cnnjax import settings
 
 _HERE = Path(__file__).parent
 SOURCES = (_HERE / "dnnl_conv.cc", _HERE / "batch_norm.cc")  # compiled together into one library
@@ -74,9 +80,9 @@ class NativeUnavailable(RuntimeError):
 
 
 def _candidate_root() -> Path:
-    """Where oneDNN is looked for: `CNNJAX_DNNL_ROOT`, else this environment's prefix (where the
-    pip packages put it)."""
-    return Path(os.environ.get("CNNJAX_DNNL_ROOT") or sys.prefix)
+    """Where oneDNN is looked for (`cnnjax.settings.dnnl_root`: CNNJAX_DNNL_ROOT, else this
+    environment's prefix, where the pip packages put it)."""
+    return settings.dnnl_root()
 
 
 def dnnl_root() -> Path | None:
@@ -95,11 +101,8 @@ def _libdnnl(root: Path) -> Path | None:
 
 
 def cache_dir() -> Path:
-    """Where built libraries are kept (see the module docstring)."""
-    if os.environ.get("CNNJAX_CACHE_DIR"):
-        return Path(os.environ["CNNJAX_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "cnnjax"
+    """Where built libraries are kept (`cnnjax.settings.cache_dir`)."""
+    return settings.cache_dir()
 
 
 def _compiler() -> str | None:
@@ -190,6 +193,67 @@ def load() -> ctypes.CDLL:
 def available() -> bool:
     """Whether the oneDNN kernels can run here (builds them on first use)."""
     return _load()[0] is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _facts() -> str:
+    if not sys.platform.startswith("linux"):
+        return f"the oneDNN kernels are built for Linux only (this is {sys.platform})"
+    if dnnl_root() is None:
+        return f"oneDNN 3.x was not found in {_candidate_root()}; {INSTALL_HINT}, or set CNNJAX_DNNL_ROOT"
+    if _compiler() is None:
+        return "no C++ compiler found (set CXX, or install g++) to build the oneDNN kernels"
+    return ""
+
+
+def usable_reason() -> str:
+    """Why the kernels cannot be used here, judged without building them: '' where they can
+    (Linux, oneDNN installed, a C++ compiler, and no failed build in this process). What the
+    layers decide from at trace time; the build itself waits for the first lowering of a call
+    to them (`ensure_lowering_hook`)."""
+    if _load.cache_info().currsize:  # a build or load was tried: its outcome
+        return _load()[1]
+    return _facts()
+
+
+def usable() -> bool:
+    """`usable_reason()` is '' (cheap: builds nothing)."""
+    return not usable_reason()
+
+
+def forget() -> None:
+    """Forgets what was found and loaded (tests that change the environment)."""
+    _facts.cache_clear()
+    _load.cache_clear()
+
+
+_hooked: list[bool] = []
+
+
+def ensure_lowering_hook() -> None:
+    """Builds and registers the kernels when a call to them is first lowered for the CPU, not
+    when it is traced: `jax.eval_shape` or `make_jaxpr` of a network builds nothing. (A CPU
+    lowering rule for JAX's ffi_call primitive that loads the library for cnnjax's targets and
+    then lowers as JAX does; where this JAX lacks that primitive, the library is loaded now.)"""
+    if _hooked:
+        return
+    try:
+        from jax._src import ffi as jax_ffi
+        from jax.interpreters import mlir
+
+        primitive, lowering = jax_ffi.ffi_call_p, jax_ffi.ffi_call_lowering
+    except (ImportError, AttributeError):
+        load()
+        _hooked.append(True)
+        return
+
+    def lower(ctx, *args, target_name, **params):
+        if target_name in TARGETS:
+            load()  # NativeUnavailable says why, where the build failed
+        return lowering(ctx, *args, target_name=target_name, **params)
+
+    mlir.register_lowering(primitive, lower, platform="cpu")
+    _hooked.append(True)
 
 
 def unavailable_reason() -> str:

@@ -78,7 +78,7 @@ def _native_op(target: str, reference, results, *, relu_attr: bool):
 
     @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
     def op(relu, *arrays):
-        native.load()
+        native.ensure_lowering_hook()  # built when first lowered
         attrs = {"relu": np.int64(bool(relu))} if relu_attr else {}
         out = jax.ffi.ffi_call(target, results(*arrays), vmap_method="sequential")(*arrays, **attrs)
         return jax.tree.map(lambda o: vary_as(o, *arrays), out)

@@ -20,52 +20,21 @@ Forward-mode differentiation (jvp) is not defined, as for any custom VJP. Under 
 runs once per mapped element.
 `convolve` is the entry point `cnnjax.functional.conv2d` uses (`conv`, with strided 1x1
 convolutions rewritten around a oneDNN bug). By default each call splits its batch over XLA's
-own intra-op threads (`THREADS`), so oneDNN adds no thread pool of its own, and
-`conv_backward_weights` runs cnnjax's own kernel instead of oneDNN's where it applies (`WEIGHTS`;
-`native/conv_weights.h`).
+own intra-op threads (`cnnjax.settings`' onednn_threads), so oneDNN adds no thread pool of its
+own, and `conv_backward_weights` runs cnnjax's own kernel instead of oneDNN's where it applies
+(conv_weights; `native/conv_weights.h`).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax import native, xla_flags
+from cnnjax import native, settings
 from cnnjax._vma import vary_as
-
-# Whose threads run the convolutions: 'xla' splits the batch over XLA's intra-op thread pool, each
-# part a single-threaded oneDNN call; 'omp' gives each call to oneDNN's own OpenMP threads. Read
-# at trace time; CNNJAX_ONEDNN_THREADS sets it for a process (PERFORMANCE.md section 10).
-THREADS = os.environ.get("CNNJAX_ONEDNN_THREADS", "xla")
-THREADS_MODES = ("xla", "omp")
-
-# Who computes the filter gradient: 'direct' is cnnjax's own kernel (native/conv_weights.h) where
-# it applies (AVX2 and FMA; output channels a multiple of 8, at least 8 input channels, column
-# stride 1), oneDNN elsewhere; 'onednn' always oneDNN; 'auto' is the measured default, 'direct'.
-# Read at trace time; CNNJAX_CONV_WEIGHTS sets it for a process (PERFORMANCE.md section 12).
-WEIGHTS = os.environ.get("CNNJAX_CONV_WEIGHTS", "auto")
-WEIGHTS_MODES = xla_flags.CONV_WEIGHTS
-
-
-def _setting(name: str, env: str, modes: tuple[str, ...]) -> str:
-    """This module's setting `name` (set from `env`), checked against `modes`."""
-    value = globals()[name]
-    if value not in modes:
-        raise ValueError(f"{env} / onednn.{name} must be one of {modes}, got {value!r}")
-    return value
-
-
-def _threads_mode() -> str:
-    return _setting("THREADS", "CNNJAX_ONEDNN_THREADS", THREADS_MODES)
-
-
-def _weights_mode() -> str:
-    return _setting("WEIGHTS", "CNNJAX_CONV_WEIGHTS", WEIGHTS_MODES)
-
 
 Geometry = tuple[tuple[int, int], tuple[tuple[int, int], tuple[int, int]], tuple[int, int]]
 Shape = tuple[int, ...]
@@ -73,11 +42,16 @@ Shape = tuple[int, ...]
 
 def _call(target: str, shape: Shape, a, b, geometry: Geometry, **attrs):
     """One custom call, whose result has `shape`."""
-    native.load()
+    native.ensure_lowering_hook()  # the library is built when this call is first lowered
     strides, ((top, bottom), (left, right)), dilation = geometry
-    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(shape), jnp.float32), vmap_method="sequential")(
-        a, b, strides=np.asarray(strides, np.int64), padding=np.asarray([top, bottom, left, right], np.int64),
-        dilation=np.asarray(dilation, np.int64), split_batch=np.int64(_threads_mode() == "xla"), **attrs)
+    # onednn_threads (cnnjax.settings, read at trace time): 'xla' splits the batch over XLA's
+    # intra-op threads, each part one single-threaded oneDNN call (PERFORMANCE.md section 10).
+    split = settings.current().onednn_threads == "xla"
+    out = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+    y = jax.ffi.ffi_call(target, out, vmap_method="sequential")(
+        a, b, strides=np.asarray(strides, np.int64),
+        padding=np.asarray([top, bottom, left, right], np.int64),
+        dilation=np.asarray(dilation, np.int64), split_batch=np.int64(split), **attrs)
     return vary_as(y, a, b)
 
 
@@ -94,7 +68,7 @@ def conv_backward_data(dy, w, geometry: Geometry, x_shape: Shape):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_backward_weights(x, dy, geometry: Geometry, w_shape: Shape):
     return _call("cnnjax_dnnl_conv_bwd_weights", w_shape, x, dy, geometry,
-                 direct=np.int64(_weights_mode() != "onednn"))
+                 direct=np.int64(settings.current().conv_weights != "onednn"))
 
 
 def _conv_fwd(x, w, geometry, y_shape):
