@@ -1,26 +1,36 @@
-"""Train- and eval-step benchmark of cnnjax against reference implementations, one run side by side.
+"""Train- and eval-step benchmark of cnnjax, side by side with other implementations, one run.
 
-    python -m cnnjax bench --model resnet20 --batch-size 128
-    python -m cnnjax bench --model resnet56 --impl cnnjax flax torch-cl --xla fast default
+    python -m cnnjax bench --model resnet20 --batch_size 128
+    python -m cnnjax bench --model resnet56 --xla fast default --conv_backend auto xla
+    python -m experiments.bench --model resnet56 --impl cnnjax flax torch-cl  # with the twins
 
 Every implementation x XLA configuration is a worker process (XLA reads its flags once, at
-start): `cnnjax` (the registry model), `flax` (a twin built from flax.linen `nn.Conv` and
-`nn.BatchNorm`), `torch-cl` / `torch-nchw` (the same network in PyTorch, channels-last or NCHW;
-only when torch is installed, never a cnnjax dependency). The workers compile one after the other
-(compile times are not contended by each other), then run interleaved rounds, the order rotating
-each round, so that a noisy shared machine loads them alike; the ratios of images/s are taken per
-round against the first worker and their median is what to quote. Also reported: compile time,
-the compiled step's memory and the process's peak RSS, achieved GFLOP/s (6 x multiply-adds per
-image for a train step, 2 x for an eval step), a measured matrix-multiply ceiling in the compute
-dtype and, on a known GPU/TPU at bfloat16, the MFU against the datasheet peak (`PEAK_BF16_TFLOPS`).
-On a GPU the PyTorch twin runs on the GPU too (CUDA, autocast for bfloat16), and the workers share
-the card (`worker_env`).
+start). The workers compile one after the other (compile times are not contended by each other),
+then run interleaved rounds, the order rotating each round, so that a noisy shared machine loads
+them alike; the ratios of images/s are taken per round against the first worker and their median
+is what to quote. Also reported: compile time, the compiled step's memory and the process's peak
+RSS, achieved GFLOP/s (6 x multiply-adds per image for a train step, 2 x for an eval step), a
+measured matrix-multiply ceiling in the compute dtype and, on a known GPU/TPU at bfloat16, the
+MFU against the datasheet peak (`PEAK_BF16_TFLOPS`). On a GPU the workers share the card
+(`worker_env`).
+
+Implementations. This module holds the harness and one implementation, `cnnjax` (the registry
+model, `JaxRunner`). Others are `Runner` subclasses defined anywhere, offered by name with
+`register(name, 'module:attribute')`: a `Spec` carries that import path to its worker process,
+which imports it (the directory of its top-level package reaches the worker through PYTHONPATH,
+`worker_env`), so the library never names them. The reference twins of the CIFAR ResNet, built
+from flax.linen `nn.Conv`/`nn.BatchNorm` (`flax`) and in PyTorch, channels-last or NCHW
+(`torch-cl`, `torch-nchw`; torch is never a cnnjax dependency), live with the benchmark scripts
+in experiments/bench_twins.py; `python -m experiments.bench` registers them and runs this
+harness with the same flags.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import importlib.util
 import itertools
 import json
 import os
@@ -32,29 +42,114 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
+from cnnjax.cli import ArgumentParser
 from cnnjax import xla_flags
 
-IMPLS = ("cnnjax", "flax", "torch-cl", "torch-nchw")
-CONV_VJPS, BN_VJPS = xla_flags.CONV_VJP_MODES, xla_flags.BN_VJP_MODES  # cnnjax.functional's gradient paths
+# cnnjax.functional's gradient paths
+CONV_VJPS, BN_VJPS = xla_flags.CONV_VJP_MODES, xla_flags.BN_VJP_MODES
 CONV_BACKENDS = xla_flags.CONV_BACKENDS  # who computes cnnjax.functional.conv2d
 BN_BACKENDS = xla_flags.BN_BACKENDS  # who computes cnnjax.functional.batch_norm's passes
-CONV_WEIGHTS = xla_flags.CONV_WEIGHTS  # who computes the filter gradients of cnnjax's oneDNN convolutions
-MALLOCS = ("auto", "tuned", "default")  # the C allocator: as entry points set it, cnnjax.xla_flags.tune_malloc(), glibc's
+# who computes the filter gradients of cnnjax's oneDNN convolutions
+CONV_WEIGHTS = xla_flags.CONV_WEIGHTS
+# the C allocator: as entry points set it, cnnjax.xla_flags.tune_malloc(), glibc's
+MALLOCS = ("auto", "tuned", "default")
 MODES = ("train", "eval")
 DTYPES = ("float32", "bfloat16")
 _PREFIX = "@@bench "
-_CIFAR = re.compile(r"^(resnet|plain)(\d+)$")
 
 # Dense bf16 peak TFLOP/s by device kind (vendors' datasheets, without sparsity), for MFU:
 # achieved model FLOP/s over this. Matched in order against jax.Device.device_kind.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
     ("B200", 2250.0), ("A100", 312.0), ("L4", 121.0), ("A10G", 70.0),
-    ("TPU v6", 918.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5", 459.0), ("TPU v4", 275.0),
+    ("TPU v6", 918.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5", 459.0),
+    ("TPU v4", 275.0),
 )
+
+# --------------------------------------------------------------------------- implementations
+
+# name -> 'module:attribute' of its Runner class; the library's own, then `register`'s.
+_RUNNERS: dict[str, str] = {"cnnjax": "cnnjax.bench:JaxRunner"}
+_DEFAULTS: list[str] = ["cnnjax"]  # what `--impl` compares when not given
+# Named in the unknown-implementation error only: defined in experiments/bench_twins.py and
+# registered by `python -m experiments.bench`, never imported here.
+_TWINS = ("flax", "torch-cl", "torch-nchw")
+_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+
+
+def register(name: str, runner: str, *, default: bool = False) -> None:
+    """Offers implementation `name` to `Spec(impl=name)` and `--impl`.
+
+    Args:
+      name: the implementation's name (letters, digits, '-', '_', '.'); registering a name again
+        replaces its runner.
+      runner: import path 'module:attribute' of a `Runner` subclass. It is not imported here:
+        `Spec.validate` imports it in the parent (its class attributes and `check`), and each
+        worker process imports it again to build the runner.
+      default: also compared when `--impl` is not given (options added by `add_arguments` after
+        this call).
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"implementation name {name!r}: letters, digits, '-', '_' or '.'")
+    if not isinstance(runner, str) or not _PATH.match(runner):
+        raise ValueError(f"runner {runner!r}: give an import path 'module:attribute'")
+    _RUNNERS[name] = runner
+    if default and name not in _DEFAULTS:
+        _DEFAULTS.append(name)
+
+
+def implementations() -> tuple[str, ...]:
+    """The registered implementation names, the library's first."""
+    return tuple(_RUNNERS)
+
+
+def runner_path(impl: str) -> str:
+    """The import path registered for `impl`; ValueError naming the choices for other names."""
+    try:
+        return _RUNNERS[impl]
+    except KeyError:
+        pass
+    message = f"impl={impl!r}; choose one of {implementations()}"
+    if impl in _TWINS:
+        message += (f" (the Flax and PyTorch twins of the CIFAR nets, {', '.join(_TWINS)}, are "
+                    "run by `python -m experiments.bench`, which takes the same flags)")
+    raise ValueError(message)
+
+
+def load_runner(path: str) -> type[Runner]:
+    """The class at import path 'module:attribute' (imported now); ValueError if there is none."""
+    if not isinstance(path, str) or not _PATH.match(path):
+        raise ValueError(f"runner {path!r}: give an import path 'module:attribute'")
+    module, _, attr = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"runner {path!r} cannot be imported: {type(e).__name__}: {e}") from e
+    # Duck-typed: under `python -m cnnjax.bench` this module is also loaded as __main__.
+    if not isinstance(cls, type) or not all(hasattr(cls, a) for a in ("step", "product", "check")):
+        raise ValueError(f"runner {path!r} is {cls!r}, not a cnnjax.bench.Runner subclass")
+    return cls
+
+
+def import_root(path: str) -> str | None:
+    """The directory a worker needs on its sys.path to import runner `path`: the one holding its
+    top-level package or module; None for the library's own runners (the worker imports cnnjax
+    as the parent does) and for modules not found."""
+    top = path.partition(":")[0].split(".")[0]
+    if top == "cnnjax":
+        return None
+    try:
+        found = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if found is None:
+        return None
+    if found.submodule_search_locations:  # a package, a namespace package too
+        return os.path.dirname(os.path.abspath(list(found.submodule_search_locations)[0]))
+    return os.path.dirname(os.path.abspath(found.origin)) if found.origin else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,29 +157,36 @@ class Spec:
     """One worker: an implementation of a model under one XLA configuration.
 
     Args:
-      impl: one of IMPLS.
-      model: registered model name ('resnet20'); the flax and torch twins cover the CIFAR
-        ResNets and plain nets (depth 6n+2).
+      impl: an implementation name, `implementations()`: the library's 'cnnjax' and those given
+        to `register` (experiments/bench.py registers the Flax and PyTorch twins); any name when
+        `runner` is given.
+      model: registered model name ('resnet20'); an implementation may cover fewer (the twins:
+        the CIFAR ResNets and plain nets, depth 6n+2), see its runner's `check`.
       batch_size: images per step.
-      dtype: compute dtype; 'bfloat16' keeps float32 parameters and BN statistics (torch: autocast).
+      dtype: compute dtype; 'bfloat16' keeps float32 parameters and BN statistics (torch:
+        autocast).
       xla: a `cnnjax.xla_flags.CPU_PRESETS` name or an XLA flag string (JAX workers only).
       scan_blocks: build the cnnjax ResNet with scanned blocks (compile-time option).
-      conv_vjp: cnnjax's convolution gradient path, `cnnjax.functional.CONV_VJP` ('auto',
+      conv_vjp: cnnjax's convolution gradient path, `cnnjax.settings` conv_vjp ('auto',
         'canonical' or 'xla'; cnnjax workers only).
-      bn_vjp: cnnjax's BatchNorm training gradient path, `cnnjax.functional.BN_VJP` ('auto', 'fused'
-        or 'autodiff'; cnnjax workers only).
-      conv_backend: the library of cnnjax's convolutions, `cnnjax.functional.CONV_BACKEND` ('auto',
-        'onednn' or 'xla'; cnnjax workers only).
-      bn_backend: who computes cnnjax's BatchNorm passes, `cnnjax.functional.BN_BACKEND` ('auto',
-        'native' or 'xla'; cnnjax workers only).
+      bn_vjp: cnnjax's BatchNorm training gradient path, `cnnjax.settings` bn_vjp ('auto',
+        'fused' or 'autodiff'; cnnjax workers only).
+      conv_backend: the library of cnnjax's convolutions, `cnnjax.settings` conv_backend
+        ('auto', 'onednn' or 'xla'; cnnjax workers only).
+      bn_backend: who computes cnnjax's BatchNorm passes, `cnnjax.settings` bn_backend
+        ('auto', 'native' or 'xla'; cnnjax workers only).
       conv_weights: who computes the filter gradient of a convolution on the oneDNN path:
-        'direct' (cnnjax's own kernel, `cnnjax.native.onednn.WEIGHTS`, where it applies), 'onednn',
-        or 'auto' (the library's default: 'direct'); cnnjax workers only.
+        'direct' (cnnjax's own kernel, `cnnjax.settings` conv_weights, where it applies),
+        'onednn', or 'auto' (the library's default: 'direct'); cnnjax workers only.
       malloc: the C allocator, for every implementation (torch gains from it too): 'auto' (what
         cnnjax's entry points do: `cnnjax.xla_flags.tune_malloc()` on a CPU host unless
         CNNJAX_CPU_MALLOC=0), 'tuned' (always) or 'default' (glibc's own settings).
-      threads: pin the worker to this many cores (sched_setaffinity; torch also sets its intra-op
-        threads, XLA sizes its pool from the affinity); 0 leaves both libraries' defaults.
+      threads: pin the worker to this many cores (sched_setaffinity; torch also sets its
+        intra-op threads, XLA sizes its pool from the affinity); 0 leaves both libraries'
+        defaults.
+      runner: import path 'module:attribute' of the `Runner` class the worker builds; '' (the
+        default) takes the one registered for `impl`, which `validate` fills in, so that the
+        worker process needs no registry.
     """
 
     impl: str = "cnnjax"
@@ -100,42 +202,45 @@ class Spec:
     conv_backend: str = "auto"
     bn_backend: str = "auto"
     conv_weights: str = "auto"
+    runner: str = ""
+
+    def runner_class(self) -> type[Runner]:
+        """The Runner class of this spec (imported); ValueError for an unknown impl."""
+        return load_runner(self.runner or runner_path(self.impl))
 
     def validate(self) -> Spec:
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl={self.impl!r}; choose one of {IMPLS}")
+        """This spec with its runner's import path filled in; ValueError for a bad field."""
+        cls = self.runner_class()
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; choose one of {DTYPES}")
         if not isinstance(self.threads, int) or self.threads < 0:
-            raise ValueError(f"threads must be an int >= 0 (0: the libraries' defaults), got {self.threads!r}")
+            raise ValueError("threads must be an int >= 0 (0: the libraries' defaults), "
+                             f"got {self.threads!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if self.impl == "cnnjax":
-            from cnnjax.models import get_spec  # imports JAX, but starts no backend
-
-            get_spec(self.model)  # unknown names: ValueError with the closest registered ones
-        else:
-            cifar_depth(self.model)
-            if self.scan_blocks:
-                raise ValueError(f"scan_blocks is a cnnjax model option; impl={self.impl!r} has none")
+        cls.check(self)  # the models it covers: ValueError with the ones it does
+        if self.scan_blocks and not cls.cnnjax_options:
+            raise ValueError(f"scan_blocks is a cnnjax model option; impl={self.impl!r} has none")
         if self.malloc not in MALLOCS:
             raise ValueError(f"malloc={self.malloc!r}; choose one of {MALLOCS}")
-        for name, choices in (("conv_vjp", CONV_VJPS), ("bn_vjp", BN_VJPS), ("conv_backend", CONV_BACKENDS),
-                               ("bn_backend", BN_BACKENDS), ("conv_weights", CONV_WEIGHTS)):
+        for name, choices in (("conv_vjp", CONV_VJPS), ("bn_vjp", BN_VJPS),
+                              ("conv_backend", CONV_BACKENDS), ("bn_backend", BN_BACKENDS),
+                              ("conv_weights", CONV_WEIGHTS)):
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"{name}={value!r}; choose one of {choices}")
-            if value != "auto" and self.impl != "cnnjax":
+            if value != "auto" and not cls.cnnjax_options:
                 raise ValueError(f"{name} is a cnnjax option; impl={self.impl!r} has none")
         unknown = xla_flags.unknown_flags(self.xla)
-        if unknown and self.is_jax:  # XLA would abort the worker on them
-            raise ValueError(f"xla={self.xla!r} sets {unknown}, which the installed jaxlib does not define; "
-                             "choose another XLA configuration, e.g. 'default'")
-        return self
+        if unknown and cls.uses_xla:  # XLA would abort the worker on them
+            raise ValueError(f"xla={self.xla!r} sets {unknown}, which the installed jaxlib does "
+                             "not define; choose another XLA configuration, e.g. 'default'")
+        return self if self.runner else dataclasses.replace(self, runner=runner_path(self.impl))
 
     @property
     def is_jax(self) -> bool:
-        return not self.impl.startswith("torch")
+        """Whether the worker runs on JAX (takes XLA configurations): its runner's `uses_xla`."""
+        return self.runner_class().uses_xla
 
     @property
     def label(self) -> str:
@@ -146,125 +251,43 @@ class Spec:
         vjp += "" if self.bn_backend == "auto" else f",bn_lib={self.bn_backend}"
         vjp += "" if self.conv_weights == "auto" else f",dw={self.conv_weights}"
         vjp += "" if self.malloc == "auto" else f",malloc={self.malloc}"
-        return f"{base}[{self.xla}{vjp}]" if self.is_jax else base + (f"[{vjp[1:]}]" if vjp else "")
+        if self.is_jax:
+            return f"{base}[{self.xla}{vjp}]"
+        return base + (f"[{vjp[1:]}]" if vjp else "")
 
 
 def peak_tflops(device_kind: str, dtype: str) -> float | None:
-    """The datasheet dense bf16 peak of an accelerator (`PEAK_BF16_TFLOPS`), or None: unknown device,
-    a CPU, or a float32 run (whose peak depends on TF32 and precision settings)."""
+    """The datasheet dense bf16 peak of an accelerator (`PEAK_BF16_TFLOPS`), or None: unknown
+    device, a CPU, or a float32 run (whose peak depends on TF32 and precision settings)."""
     if dtype != "bfloat16":
         return None
-    return next((peak for name, peak in PEAK_BF16_TFLOPS if name.lower() in device_kind.lower()), None)
+    kind = device_kind.lower()
+    return next((peak for name, peak in PEAK_BF16_TFLOPS if name.lower() in kind), None)
 
 
-def cifar_depth(model: str) -> tuple[bool, int]:
-    """(plain, depth) of a registered CIFAR ResNet / plain-net name; ValueError for other names."""
-    from cnnjax.models.resnet import CIFAR_PARAMS  # the registered CIFAR depths (imports jax, not a backend)
-
-    m = _CIFAR.match(model)
-    if not m or int(m.group(2)) not in CIFAR_PARAMS:
-        names = ", ".join(f"resnet{d}" for d in CIFAR_PARAMS)
-        raise ValueError(f"model={model!r}: the flax and torch twins cover the registered CIFAR nets ({names} and "
-                         "their plain<depth> twins); use impl='cnnjax' alone for other models")
-    return m.group(1) == "plain", int(m.group(2))
+# --------------------------------------------------------------------------- runners
 
 
-# --------------------------------------------------------------------------- the Flax nn.Conv twin
+class Runner:
+    """What a worker runs: `step(mode, n)` dispatches n steps and waits for the last one.
 
-
-def flax_cifar_resnet(depth: int, plain: bool = False, num_classes: int = 10, dtype: Any = None):
-    """The CIFAR ResNet of cnnjax.models (option A, 16/32/64 widths) built from flax.linen layers.
-
-    Same layers, parameter count and initialisers as `cnnjax.models.create('resnet<depth>')`, but
-    every convolution is `flax.linen.Conv` and every norm `flax.linen.BatchNorm`.
+    A subclass is built in the worker process as `cls(spec)` and sets `info` (a JSON-able dict:
+    compile times, device, versions). Subclasses outside the library are offered by `register`.
     """
-    import flax.linen as nn
 
-    from cnnjax.models.resnet import zero_pad_shortcut
-
-    he = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-    class Block(nn.Module):
-        features: int
-        strides: int
-
-        @nn.compact
-        def __call__(self, x, train: bool):
-            conv = partial(nn.Conv, kernel_size=(3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                           kernel_init=he, dtype=dtype)
-            norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
-            y = nn.relu(norm(name="bn1")(conv(self.features, strides=self.strides, name="conv1")(x)))
-            y = norm(name="bn2")(conv(self.features, name="conv2")(y))
-            if plain:
-                return nn.relu(y)
-            return nn.relu(zero_pad_shortcut(x, self.features, self.strides) + y)
-
-    class FlaxCifarResNet(nn.Module):
-        @nn.compact
-        def __call__(self, x, train: bool):
-            n = (depth - 2) // 6
-            x = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=he, dtype=dtype,
-                        name="stem_conv")(x)
-            x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                                     name="stem_bn")(x))
-            for s, width in enumerate((16, 32, 64), start=1):
-                for b in range(1, n + 1):
-                    x = Block(width, 2 if s > 1 and b == 1 else 1, name=f"stage{s}_block{b}")(x, train)
-            x = x.mean(axis=(1, 2))
-            return nn.Dense(num_classes, dtype=dtype, name="fc")(x).astype("float32")
-
-    return FlaxCifarResNet()
-
-
-# --------------------------------------------------------------------------- the PyTorch twin
-
-
-def torch_cifar_resnet(depth: int, plain: bool = False, num_classes: int = 10):
-    """The same CIFAR ResNet in PyTorch (bias-free convs, BN momentum 0.1 = Flax 0.9, option A)."""
-    import torch
-    from torch import nn
-    from torch.nn import functional as tf
-
-    class Block(nn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.stride, self.pad = stride, cout - cin
-
-        def forward(self, x):
-            y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-            if plain:
-                return torch.relu(y)
-            sc = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
-            if self.pad:
-                sc = tf.pad(sc, (0, 0, 0, 0, 0, self.pad))
-            return torch.relu(sc + y)
-
-    n = (depth - 2) // 6
-    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
-    cin = 16
-    for s, width in enumerate((16, 32, 64), start=1):
-        for b in range(n):
-            layers.append(Block(cin, width, 2 if s > 1 and b == 0 else 1))
-            cin = width
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
-    net = nn.Sequential(*layers)
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-    return net
-
-
-# --------------------------------------------------------------------------- workers
-
-
-class _Runner:
-    """What a worker runs: `step(mode, n)` dispatches n steps and waits for the last one."""
+    # Runs on JAX: one worker per XLA configuration, XLA_FLAGS set; False: one worker, 'default'.
+    uses_xla: ClassVar[bool] = True
+    # Takes cnnjax's own options (scan_blocks, conv_vjp, bn_vjp, conv_backend, ...).
+    cnnjax_options: ClassVar[bool] = False
+    # Top-level modules it needs; where one is missing its workers are skipped with a message.
+    requires: ClassVar[tuple[str, ...]] = ()
 
     info: dict[str, Any]
+
+    @classmethod
+    def check(cls, spec: Spec) -> None:
+        """Raises ValueError for a spec it cannot run (e.g. a model it does not cover); called
+        by `Spec.validate` in the parent, before any worker starts."""
 
     def step(self, mode: str, n: int) -> None:
         raise NotImplementedError
@@ -276,7 +299,8 @@ class _Runner:
     def matmul(self, n: int, reps: int, budget_s: float = 0.5) -> tuple[float, int]:
         """(best GFLOP/s of `reps` n^3 products, the n used). n shrinks so that one product takes
         about `budget_s` at most: bfloat16 products on a CPU without bf16 instructions can run
-        at 1 GFLOP/s (PyTorch on this project's AVX2 machine), where n = 2048 would take minutes."""
+        at 1 GFLOP/s (PyTorch on this project's AVX2 machine), where n = 2048 would take
+        minutes."""
         probe = min(n, 256)
         f = self.product(probe)
         f()
@@ -288,8 +312,29 @@ class _Runner:
         return 2 * n**3 / min(_timed(f) for _ in range(reps)) / 1e9, n
 
 
-class _JaxRunner(_Runner):
-    """cnnjax or the Flax twin: cnnjax.train's train and eval steps, compiled ahead of time."""
+class JaxRunner(Runner):
+    """cnnjax: cnnjax.train's train and eval steps of the registry model, compiled ahead of time.
+
+    A subclass steps another Flax module the same way by overriding `build_model` (and `check`,
+    `cnnjax_options`): the Flax twin in experiments/bench_twins.py does.
+    """
+
+    cnnjax_options: ClassVar[bool] = True
+
+    @classmethod
+    def check(cls, spec: Spec) -> None:
+        from cnnjax.models import get_spec  # imports JAX, but starts no backend
+
+        get_spec(spec.model)  # unknown names: ValueError with the closest registered ones
+
+    def build_model(self, spec: Spec, dtype: Any) -> Any:
+        """The flax module to step (its input shape: `cnnjax.models.get_spec(spec.model)`)."""
+        from cnnjax import models
+
+        kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+        if spec.scan_blocks:
+            kwargs["scan_blocks"] = True
+        return models.create(spec.model, **kwargs)
 
     def __init__(self, spec: Spec):
         import flax
@@ -298,28 +343,22 @@ class _JaxRunner(_Runner):
         import optax
 
         from cnnjax import analysis, models
-        from cnnjax import functional as F
+        from cnnjax import settings
         from cnnjax import native
-        from cnnjax.native import onednn
         from cnnjax.train import create_train_state, make_eval_step, make_train_step
 
         jax.config.update("jax_enable_compilation_cache", False)
         dtype = jnp.bfloat16 if spec.dtype == "bfloat16" else None
-        if spec.impl == "cnnjax":
-            kwargs = {"dtype": dtype} if dtype is not None else {}
-            if spec.scan_blocks:
-                kwargs["scan_blocks"] = True
-            model = models.create(spec.model, **kwargs)
-        else:
-            plain, depth = cifar_depth(spec.model)
-            model = flax_cifar_resnet(depth, plain, dtype=dtype)
+        model = self.build_model(spec, dtype)
         shape = models.get_spec(spec.model).input_shape
         tx = optax.sgd(0.1, momentum=0.9)
-        # rbg keys: threefry's initialiser graph takes XLA CPU 5x longer to compile (not what is measured).
+        # rbg keys: threefry's initialiser graph takes XLA CPU 5x longer to compile (not what is
+        # measured).
         state = create_train_state(jax.random.key(0, impl="rbg"), model, tx, shape)
-        batch = {"image": jax.random.normal(jax.random.key(1), (spec.batch_size, *shape), jnp.float32),
-                 "label": jnp.arange(spec.batch_size, dtype=jnp.int32) % 10}
-        train = jax.jit(make_train_step(model, tx, lambda s: 0.1, axis_name=None, rng_impl="rbg"), donate_argnums=0)
+        image = jax.random.normal(jax.random.key(1), (spec.batch_size, *shape), jnp.float32)
+        batch = {"image": image, "label": jnp.arange(spec.batch_size, dtype=jnp.int32) % 10}
+        train = jax.jit(make_train_step(model, tx, lambda s: 0.1, axis_name=None, rng_impl="rbg"),
+                        donate_argnums=0)
         evaluate = jax.jit(make_eval_step(model, axis_name=None))
         t0, c0 = time.perf_counter(), time.process_time()
         self._train = train.lower(state, batch).compile()
@@ -327,12 +366,14 @@ class _JaxRunner(_Runner):
         self._eval = evaluate.lower(state, batch).compile()
         t2 = time.perf_counter()
         mem = self._train.memory_analysis()
-        step_bytes = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
+        step_bytes = None if mem is None else (mem.argument_size_in_bytes
+                                               + mem.output_size_in_bytes
                                                + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
         hlo = self._train.as_text()
         onednn_calls = sum(hlo.count(f'custom_call_target="{t}"') for t in native.CONV_TARGETS)
         bn_calls = sum(hlo.count(f'custom_call_target="{t}"') for t in native.BN_TARGETS)
         self.state, self.batch, self._jax, self._dtype = state, batch, jax, dtype or jnp.float32
+        chosen = settings.current()  # what the steps were compiled with (`worker_settings`)
         device = jax.devices()[0]
         self.info = {
             "device": device.device_kind, "platform": device.platform,
@@ -341,11 +382,13 @@ class _JaxRunner(_Runner):
             "train_step_mib": None if step_bytes is None else step_bytes / 2**20,
             "macs_per_image": analysis.summary(spec.model, shape).total_macs,
             "ynn_fusions": hlo.count('"__ynn_fusion"'), "xnn_fusions": hlo.count("__xnn_fusion"),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__, "flax": flax.__version__,
-            "conv_vjp": F.CONV_VJP, "bn_vjp": F.BN_VJP, "conv_backend": F.CONV_BACKEND,
-            "bn_backend": F.BN_BACKEND, "onednn_calls": onednn_calls, "native_bn_calls": bn_calls,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__,
+            "flax": flax.__version__,
+            "conv_vjp": chosen.conv_vjp, "bn_vjp": chosen.bn_vjp,
+            "conv_backend": chosen.conv_backend, "bn_backend": chosen.bn_backend,
+            "onednn_calls": onednn_calls, "native_bn_calls": bn_calls,
             "onednn": native.dnnl_version() if onednn_calls else None,
-            "conv_weights": onednn.WEIGHTS if onednn_calls else None,
+            "conv_weights": chosen.conv_weights if onednn_calls else None,
             "direct_weights_kernel": native.direct_conv_weights() if onednn_calls else None,
         }
 
@@ -361,64 +404,10 @@ class _JaxRunner(_Runner):
     def product(self, n: int) -> Callable[[], Any]:
         import jax.numpy as jnp
 
-        a = self._jax.random.normal(self._jax.random.key(2), (n, n), jnp.float32).astype(self._dtype)
+        key = self._jax.random.key(2)
+        a = self._jax.random.normal(key, (n, n), jnp.float32).astype(self._dtype)
         f = self._jax.jit(lambda a: a @ a)
         return lambda: f(a).block_until_ready()
-
-
-class _TorchRunner(_Runner):
-    """The PyTorch twin: zero_grad, forward, cross-entropy, backward, SGD step (eager), on the GPU
-    when torch sees one (as JAX would use it), else on the CPU."""
-
-    def __init__(self, spec: Spec):
-        import torch
-
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
-            torch.set_num_interop_threads(1)
-        torch.manual_seed(0)
-        plain, depth = cifar_depth(spec.model)
-        fmt = torch.channels_last if spec.impl == "torch-cl" else torch.contiguous_format
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.net = torch_cifar_resnet(depth, plain).to(self.device, memory_format=fmt)
-        self.x = torch.randn(spec.batch_size, 3, 32, 32).to(self.device).contiguous(memory_format=fmt)
-        self.y = (torch.arange(spec.batch_size) % 10).to(self.device)
-        self.opt = torch.optim.SGD(self.net.parameters(), lr=0.1, momentum=0.9)
-        self.autocast = spec.dtype == "bfloat16"
-        self.torch = torch
-        t0 = time.perf_counter()
-        self.step("train", 1)
-        t1 = time.perf_counter()
-        self.step("eval", 1)
-        kind = torch.cuda.get_device_name() if self.device == "cuda" else platform.processor()
-        self.info = {"compile_train_s": t1 - t0, "compile_eval_s": time.perf_counter() - t1,
-                     "torch": torch.__version__, "threads": torch.get_num_threads(),
-                     "device": kind, "platform": "gpu" if self.device == "cuda" else "cpu",
-                     "peak_tflops": peak_tflops(kind, spec.dtype) if self.device == "cuda" else None}
-
-    def step(self, mode: str, n: int) -> None:
-        torch = self.torch
-        with torch.autocast(self.device, torch.bfloat16, enabled=self.autocast):
-            if mode == "eval":
-                self.net.eval()
-                with torch.no_grad():
-                    for _ in range(n):
-                        self.net(self.x)
-            else:
-                self.net.train()
-                for _ in range(n):
-                    self.opt.zero_grad(set_to_none=True)
-                    loss = torch.nn.functional.cross_entropy(self.net(self.x).float(), self.y)
-                    loss.backward()
-                    self.opt.step()
-        if self.device == "cuda":  # kernels run asynchronously: wait for the last one
-            torch.cuda.synchronize()
-
-    def product(self, n: int) -> Callable[[], Any]:
-        torch = self.torch
-        a = torch.randn(n, n).to(self.device, torch.bfloat16 if self.autocast else torch.float32)
-        sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
-        return lambda: (a @ a, sync())
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -433,8 +422,9 @@ def _send(obj: dict[str, Any]) -> None:
 
 
 def worker_main(spec_json: str) -> int:
-    """A worker's loop: build and compile, then answer 'run MODE N', 'matmul N REPS', 'quit' on stdin."""
-    spec = Spec(**json.loads(spec_json)).validate()
+    """A worker's loop: import the spec's runner class (its import path, `Spec.runner`), build
+    and compile, then answer 'run MODE N', 'matmul N REPS', 'quit' on stdin."""
+    spec = Spec(**json.loads(spec_json))
     if spec.threads:
         allowed = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, allowed[:spec.threads])
@@ -442,7 +432,12 @@ def worker_main(spec_json: str) -> int:
     # CNNJAX_CPU_MALLOC); 'tuned' and 'default' regardless of the environment.
     malloc_tuned = spec.malloc != "default" and xla_flags.tune_malloc(force=spec.malloc == "tuned")
     try:
-        runner = _JaxRunner(spec) if spec.is_jax else _TorchRunner(spec)
+        spec = spec.validate()
+        if spec.is_jax:  # read when the runner traces its steps
+            from cnnjax import settings
+
+            settings.set_defaults(**worker_settings(spec))
+        runner = spec.runner_class()(spec)
     except Exception as e:  # reported to the parent, which goes on without this worker
         _send({"error": f"{type(e).__name__}: {e}"})
         return 1
@@ -477,20 +472,36 @@ def worker_xla_flags(config: str, inherited: str = "") -> str:
     return xla_flags.merge_flags(xla_flags.resolve(config), kept)
 
 
+def worker_settings(spec: Spec) -> dict[str, str]:
+    """The `cnnjax.settings` a worker sets before it builds its runner: the spec's choices
+    ('auto': the library's default, whatever the parent process set)."""
+    return {"conv_vjp": spec.conv_vjp, "bn_vjp": spec.bn_vjp, "conv_backend": spec.conv_backend,
+            "bn_backend": spec.bn_backend, "conv_weights": spec.conv_weights}
+
+
 def worker_env(spec: Spec, parent: Mapping[str, str]) -> dict[str, str]:
-    """The environment a worker starts with: the parent's, with the spec's XLA flags and gradient
-    paths, and CNNJAX_CPU_FAST=0 so that nothing in the worker adds flags of its own. On a GPU the
-    workers share the card: JAX allocates as it goes instead of taking 75% of the memory at start
-    (XLA_PYTHON_CLIENT_PREALLOCATE=false, unless the parent sets it)."""
-    env = dict(parent, **{xla_flags.ENV_SWITCH: "0", "CNNJAX_CONV_VJP": spec.conv_vjp, "CNNJAX_BN_VJP": spec.bn_vjp,
-                          "CNNJAX_CONV_BACKEND": spec.conv_backend, "CNNJAX_BN_BACKEND": spec.bn_backend,
-                          "CNNJAX_CONV_WEIGHTS": spec.conv_weights})
+    """The environment a worker starts with: the parent's, with the spec's XLA flags, and
+    CNNJAX_CPU_FAST=0 so that nothing in the worker adds flags of its own. On a GPU
+    the workers share the card: JAX allocates as it goes instead of taking 75% of the memory at
+    start (XLA_PYTHON_CLIENT_PREALLOCATE=false, unless the parent sets it). A runner from outside
+    the library gets the directory of its package put first on PYTHONPATH (`import_root`): such
+    a package (experiments/, say) is not installed, and the worker may start elsewhere."""
+    env = dict(parent, **{xla_flags.ENV_SWITCH: "0"})  # the layers' choices: worker_settings
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if spec.is_jax:
         env["XLA_FLAGS"] = worker_xla_flags(spec.xla, parent.get("XLA_FLAGS", ""))
-    if not xla_flags.enabled(parent):  # CNNJAX_CPU_FAST=0: the entry points leave the allocator alone, so 'auto' does
+    # CNNJAX_CPU_FAST=0: the entry points leave the allocator alone, so 'auto' does
+    if not xla_flags.enabled(parent):
         env[xla_flags.MALLOC_SWITCH] = "0"
+    root = import_root(spec.runner or runner_path(spec.impl))
+    paths = [p for p in parent.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root is not None and root not in paths:
+        env["PYTHONPATH"] = os.pathsep.join([root, *paths])
     return env
+
+
+# A worker process: cnnjax.bench imported as itself (not as __main__, a second copy of it).
+_WORKER = "import sys; from cnnjax.bench import worker_main; sys.exit(worker_main(sys.argv[1]))"
 
 
 class Worker:
@@ -498,9 +509,10 @@ class Worker:
 
     def __init__(self, spec: Spec, timeout_s: float = 600.0):
         self.spec, self.timeout_s = spec, timeout_s
-        cmd = [sys.executable, "-m", "cnnjax.bench", "--worker", json.dumps(dataclasses.asdict(spec))]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=worker_env(spec, os.environ))
+        cmd = [sys.executable, "-c", _WORKER, json.dumps(dataclasses.asdict(spec))]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True,
+                                     env=worker_env(spec, os.environ))
         self.info = self._receive()
 
     def _receive(self) -> dict[str, Any]:
@@ -545,7 +557,7 @@ def run(specs: Sequence[Spec], *, rounds: int = 5, steps: int = 3, modes: Sequen
       steps: steps per worker, mode and round (timed together, dispatched back to back).
       modes: 'train' and/or 'eval'.
       matmul_n: size of the n x n x n matmul ceiling in the compute dtype (0: skip); a worker
-        shrinks it where one product would take over 0.5 s (`_Runner.matmul`).
+        shrinks it where one product would take over 0.5 s (`Runner.matmul`).
       log: progress messages (None: quiet).
 
     Returns:
@@ -704,37 +716,50 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `python -m cnnjax bench` and experiments/bench.py."""
-    p.add_argument("--model", default="resnet20", help="registered model (twins: CIFAR resnet/plain 6n+2)")
-    p.add_argument("--batch-size", type=int, default=128)
+    """The options of `python -m cnnjax bench` and `python -m experiments.bench`; `--impl` offers
+    the implementations registered when this is called (`register`)."""
+    p.add_argument("--model", default="resnet20",
+                   help="registered model (the twins: CIFAR resnet/plain 6n+2)")
+    p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--impl", nargs="+", default=["cnnjax", "flax", "torch-cl"], choices=IMPLS,
-                   help="implementations; the first (with the first --xla) is the reference of the ratios")
+    p.add_argument("--impl", nargs="+", default=list(_DEFAULTS), metavar="IMPL",
+                   help=f"implementations: {', '.join(implementations())} (default: "
+                        f"{' '.join(_DEFAULTS)}); the first (with the first --xla) is the "
+                        "reference of the ratios")
     p.add_argument("--xla", nargs="+", default=["auto"],
-                   help=f"XLA configurations for the JAX implementations: names ({', '.join(xla_flags.CPU_PRESETS)}) "
-                        "or flag strings starting with '--'; auto (the default): 'fast' on a CPU host, "
-                        "'default' where a GPU/TPU is expected (the CPU flags do nothing there)")
-    p.add_argument("--scan-blocks", action="store_true", help="cnnjax ResNet with scanned blocks")
-    p.add_argument("--conv-vjp", nargs="+", choices=CONV_VJPS, default=["auto"],
+                   help="XLA configurations for the JAX implementations: names "
+                        f"({', '.join(xla_flags.CPU_PRESETS)}) or flag strings starting with "
+                        "'--'; auto (the default): 'fast' on a CPU host, 'default' where a "
+                        "GPU/TPU is expected (the CPU flags do nothing there)")
+    p.add_argument("--scan_blocks", action="store_true", help="cnnjax ResNet with scanned blocks")
+    p.add_argument("--conv_vjp", nargs="+", choices=CONV_VJPS, default=["auto"],
                    help="cnnjax convolution gradient paths to compare (auto: canonical on CPU)")
-    p.add_argument("--bn-vjp", nargs="+", choices=BN_VJPS, default=["auto"],
-                   help="cnnjax BatchNorm training gradient paths to compare (auto: fused on CPU)")
-    p.add_argument("--conv-backend", nargs="+", choices=CONV_BACKENDS, default=["auto"],
-                   help="cnnjax convolution libraries to compare (auto: oneDNN on the CPU where installed, see cnnjax.native)")
-    p.add_argument("--bn-backend", nargs="+", choices=BN_BACKENDS, default=["auto"],
-                   help="who computes cnnjax's BatchNorm passes, to compare (auto: the native kernels on the CPU where built)")
-    p.add_argument("--conv-weights", nargs="+", choices=CONV_WEIGHTS, default=["auto"],
-                   help="who computes the filter gradients of cnnjax's oneDNN convolutions, to compare "
-                        "(auto: cnnjax's own kernel where it applies, see cnnjax.native.onednn.WEIGHTS)")
+    p.add_argument("--bn_vjp", nargs="+", choices=BN_VJPS, default=["auto"],
+                   help="cnnjax BatchNorm training gradient paths to compare "
+                        "(auto: fused on CPU)")
+    p.add_argument("--conv_backend", nargs="+", choices=CONV_BACKENDS, default=["auto"],
+                   help="cnnjax convolution libraries to compare (auto: oneDNN on the CPU where "
+                        "installed, see cnnjax.native)")
+    p.add_argument("--bn_backend", nargs="+", choices=BN_BACKENDS, default=["auto"],
+                   help="who computes cnnjax's BatchNorm passes, to compare (auto: the native "
+                        "kernels on the CPU where built)")
+    p.add_argument("--conv_weights", nargs="+", choices=CONV_WEIGHTS, default=["auto"],
+                   help="who computes the filter gradients of cnnjax's oneDNN convolutions, to "
+                        "compare (auto: cnnjax's own kernel where it applies, see "
+                        "cnnjax.settings conv_weights)")
     p.add_argument("--malloc", nargs="+", choices=MALLOCS, default=["auto"],
-                   help="C allocator settings to compare, for every implementation (auto: as the entry points, tuned on a CPU host; tuned: cnnjax.xla_flags.tune_malloc)")
+                   help="C allocator settings to compare, for every implementation (auto: as "
+                        "the entry points, tuned on a CPU host; tuned: "
+                        "cnnjax.xla_flags.tune_malloc)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="steps per worker, mode and round")
     p.add_argument("--matmul", type=int, default=2048,
-                   help="n of the n^3 matmul ceiling, smaller where one product would take over 0.5 s (0: skip)")
+                   help="n of the n^3 matmul ceiling, smaller where one product would take over "
+                        "0.5 s (0: skip)")
     p.add_argument("--threads", type=int, default=0,
-                   help="pin every worker to this many cores (torch threads too); 0: the libraries' defaults")
+                   help="pin every worker to this many cores (torch threads too); 0: the "
+                        "libraries' defaults")
     p.add_argument("--json", metavar="PATH", help="also write the full result as JSON")
 
 
@@ -748,40 +773,48 @@ def auto_xla(environ: Mapping[str, str] | None = None) -> str:
 
 
 def specs_from_args(args: argparse.Namespace) -> list[Spec]:
-    """One Spec per implementation x XLA configuration (torch once); torch is skipped if missing."""
-    specs = []
+    """One Spec per implementation x XLA configuration (an implementation not on JAX once, XLA
+    'default'), x each cnnjax option for cnnjax; an implementation whose `Runner.requires` are
+    not installed (torch for the PyTorch twin) is skipped with a message."""
+    specs: list[Spec] = []
     for impl in args.impl:
-        for xla in (args.xla if not impl.startswith("torch") else ["default"]):
+        cls = Spec(impl).runner_class()  # an unknown name: ValueError naming the choices
+        ours = cls.cnnjax_options
+        for xla in (args.xla if cls.uses_xla else ["default"]):
             xla = auto_xla() if xla == "auto" else xla
-            ours = impl == "cnnjax"
+            mine = (lambda values: values) if ours else (lambda values: ["auto"])  # noqa: E731
             for vjp, bn_vjp, backend, bn_backend, weights, malloc in itertools.product(
-                    args.conv_vjp if ours else ["auto"], args.bn_vjp if ours else ["auto"],
-                    args.conv_backend if ours else ["auto"], args.bn_backend if ours else ["auto"],
-                    args.conv_weights if ours else ["auto"], args.malloc):
-                spec = Spec(impl, args.model, args.batch_size, args.dtype, xla, scan_blocks=args.scan_blocks and ours,
-                            threads=args.threads, conv_vjp=vjp, bn_vjp=bn_vjp, malloc=malloc, conv_backend=backend,
+                    mine(args.conv_vjp), mine(args.bn_vjp), mine(args.conv_backend),
+                    mine(args.bn_backend), mine(args.conv_weights), args.malloc):
+                spec = Spec(impl, args.model, args.batch_size, args.dtype, xla,
+                            scan_blocks=args.scan_blocks and ours, threads=args.threads,
+                            conv_vjp=vjp, bn_vjp=bn_vjp, malloc=malloc, conv_backend=backend,
                             bn_backend=bn_backend, conv_weights=weights)
                 if spec.label not in {s.label for s in specs}:
                     specs.append(spec.validate())
-    if any(not s.is_jax for s in specs):
-        import importlib.util
+    kept, told = [], set()
+    for spec in specs:
+        missing = [m for m in spec.runner_class().requires if importlib.util.find_spec(m) is None]
+        if not missing:
+            kept.append(spec)
+        elif spec.impl not in told:
+            told.add(spec.impl)
+            print(f"{', '.join(missing)} not installed: skipping {spec.impl} "
+                  f"(pip install {' '.join(missing)})", file=sys.stderr)
+    return kept
 
-        if importlib.util.find_spec("torch") is None:
-            print("torch is not installed: skipping the PyTorch reference (pip install torch)", file=sys.stderr)
-            specs = [s for s in specs if s.is_jax]
-    return specs
 
-
-def run_from_args(args: argparse.Namespace) -> int:
+def run_from_args(args: argparse.Namespace, prog: str = "cnnjax bench") -> int:
     if args.json:  # checked before the minutes of benchmarking, written atomically after
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder) or os.path.isdir(args.json):
             raise ValueError(f"--json {args.json!r}: give a file path in an existing directory")
     try:
-        result = run(specs_from_args(args), rounds=args.rounds, steps=args.steps, modes=args.modes,
-                     matmul_n=args.matmul, log=lambda s: print(s, file=sys.stderr))
+        result = run(specs_from_args(args), rounds=args.rounds, steps=args.steps,
+                     modes=args.modes, matmul_n=args.matmul,
+                     log=lambda s: print(s, file=sys.stderr))
     except RuntimeError as e:  # a worker died mid-run (out of memory, a crash in a library)
-        print(f"cnnjax bench: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 1
     print(format_report(result))
     if args.json:
@@ -791,18 +824,24 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m cnnjax.bench` / experiments/bench.py entry point (also runs workers)."""
+def main(argv: Sequence[str] | None = None, *, prog: str = "cnnjax bench",
+         description: str | None = None) -> int:
+    """`python -m cnnjax.bench` entry point, and `python -m experiments.bench`'s (its `prog`,
+    after it registers the twins). Also runs a worker (`--worker SPEC_JSON`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
         return worker_main(argv[1])
-    parser = argparse.ArgumentParser(prog="cnnjax bench", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog=prog, description=description or __doc__.split("\n\n")[0])
     add_arguments(parser)
     try:
-        return run_from_args(parser.parse_args(argv))
+        return run_from_args(parser.parse_args(argv), prog)
     except ValueError as e:
-        parser.exit(2, f"cnnjax bench: error: {e}\n")
+        message = re.sub(r"\s*\n\s*", " ", str(e).strip())  # one line
+        parser.exit(2, f"{prog}: error: {message}\n")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # The module proper (its registry and classes), not this __main__ copy of it.
+    from cnnjax.bench import main as _main
+
+    raise SystemExit(_main())

@@ -29,6 +29,28 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
+def canonical_flags(argv: Sequence[str]) -> list[str]:
+    """`argv` with every long option spelled with underscores (`--data_dir` -> `--data_dir`), up
+    to a `--`: each flag has one spelling in the help, and the other is accepted everywhere."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--":
+            break
+        if a.startswith("--"):
+            name, eq, value = a.partition("=")
+            out[i] = "--" + name[2:].replace("-", "_") + eq + value
+    return out
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser reading flags through `canonical_flags`: cnnjax's commands and
+    experiment scripts define `--data_dir` and also take `--data_dir`."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else args
+        return super().parse_known_args(canonical_flags(args), namespace)
+
+
 @dataclasses.dataclass(frozen=True)
 class Command:
     help: str
@@ -95,16 +117,7 @@ def config_from_args(args: argparse.Namespace):
         config = get_preset(args.preset) if args.preset else TrainConfig()
     changes = {name: parse_field(name, getattr(args, f"field_{name}")) for name in field_names()
                if getattr(args, f"field_{name}") is not None}
-    # A run length given on the command line replaces the preset's (they are exclusive).
-    if "num_steps" in changes and "num_epochs" not in changes:
-        changes["num_epochs"] = None
-    if "num_epochs" in changes and "num_steps" not in changes:
-        changes["num_steps"] = None
-    if "boundary_epochs" in changes and "boundaries" not in changes:
-        changes["boundaries"] = ()
-    if "boundaries" in changes and "boundary_epochs" not in changes:
-        changes["boundary_epochs"] = ()
-    return config.replace(**changes)
+    return config.override(**changes)  # a run length given replaces the preset's
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -140,25 +153,102 @@ def run_train(args: argparse.Namespace) -> int:
 # -- eval ------------------------------------------------------------------------------------------
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", required=True, help="a training run's directory")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--workdir", help="a training run's directory")
+    what.add_argument("--weights", metavar="FILE",
+                      help="weights to evaluate instead: a torchvision/timm state_dict "
+                      "(.safetensors, .pth) or cnnjax variables (.npz, orbax directory); "
+                      "needs --model and --dataset")
     p.add_argument("--step", type=int, help="checkpoint to evaluate (default: the newest)")
     p.add_argument("--split", choices=("test", "validation"), help="default: the run's eval_split")
+    w = p.add_argument_group("with --weights (the same fields as `cnnjax train`)")
+    w.add_argument("--model", help="registered model name")
+    w.add_argument("--dataset", help="data set name (see cnnjax.data.list_datasets())")
+    w.add_argument("--data_dir", help="where the data set lies (offline)")
+    w.add_argument("--image_size", type=int, help="resize images to this side")
+    w.add_argument("--normalize", help="default: what the weights' source expects "
+                   "(cnnjax.weights.normalization)")
+    w.add_argument("--global_batch_size", type=int, default=100, help="evaluation batch")
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from cnnjax import train
 
-    print(json.dumps(train.evaluate_checkpoint(args.workdir, step=args.step, split=args.split)))
+    if args.workdir is not None:
+        bad = [f"--{k}" for k in ("model", "dataset", "data_dir", "image_size", "normalize")
+               if getattr(args, k) is not None]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} go with --weights; --workdir evaluates the run "
+                             "with its own config")
+        result = train.evaluate_checkpoint(args.workdir, step=args.step, split=args.split)
+    else:
+        if args.model is None or args.dataset is None:
+            raise ValueError("--weights needs --model NAME and --dataset NAME")
+        if args.step is not None:
+            raise ValueError("--step goes with --workdir (a run's checkpoints)")
+        from cnnjax import data, weights
+        from cnnjax.train.config import TrainConfig
+
+        normalize = args.normalize
+        if normalize is None:
+            normalize = (weights.normalization(args.model) if args.model in weights.SOURCES
+                         else "per_channel")
+        # ImageNet is evaluated as the weights' sources evaluate it: the centre crop of the image
+        # resized to 256/224 of the crop (the evaluation half of the 'imagenet' augmentation).
+        augment = "imagenet" if args.dataset == "imagenet2012" else "none"
+        config = TrainConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir,
+                             image_size=args.image_size, normalize=normalize, augment=augment,
+                             global_batch_size=args.global_batch_size, num_steps=1).validate()
+        ds = data.load_dataset(config.dataset, data_dir=config.data_dir)
+        try:
+            variables = weights.load(args.model, args.weights, num_classes=ds.num_classes)
+        except (OSError, ImportError) as e:
+            raise ValueError(f"--weights: {e}") from None
+        result = train.evaluate_weights(config, variables, split=args.split)
+    print(json.dumps(result))
     return 0
+
+
+# -- convert ---------------------------------------------------------------------------------------
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SRC", help="a torchvision/timm state_dict: .safetensors (no "
+                   "torch needed) or .pth/.pt/.bin (needs torch: pip install 'cnnjax[torch]')")
+    p.add_argument("dest", metavar="DEST", help="cnnjax variables out: DEST.npz, or an orbax "
+                   "checkpoint directory for any other name; never overwritten")
+    p.add_argument("--model", required=True, help="cnnjax model name (cnnjax.weights.SOURCES)")
+    p.add_argument("--num_classes", type=int,
+                   help="classifier width (default: the state_dict's own)")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from cnnjax import weights
+
+    try:
+        if os.path.exists(args.dest):
+            raise FileExistsError(f"DEST {args.dest!r} exists; remove it or choose another name")
+        variables = weights.load(args.model, args.source, num_classes=args.num_classes)
+        weights.save(variables, args.dest)
+    except (OSError, ImportError) as e:
+        raise ValueError(str(e)) from None
+    count = sum(a.size for a in _leaves(variables["params"]))
+    print(json.dumps({"model": args.model, "source": weights.SOURCES.get(args.model),
+                      "dest": args.dest, "params": count}))
+    return 0
+
+
+def _leaves(tree):
+    for v in tree.values():
+        yield from (_leaves(v) if isinstance(v, dict) else (v,))
 
 
 # -- summary / models -----------------------------------------------------------------------------
 
 def add_summary_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="registered model name (see `cnnjax models`)")
-    p.add_argument("--input-shape", type=int, nargs=3, metavar=("H", "W", "C"),
+    p.add_argument("--input_shape", type=int, nargs=3, metavar=("H", "W", "C"),
                    help="one image's shape (default: the model's registered input shape)")
-    p.add_argument("--num-classes", type=int, help="classifier width (default: the registered one)")
+    p.add_argument("--num_classes", type=int, help="classifier width (default: the registered one)")
     p.add_argument("--train", action="store_true", help="trace in training mode (auxiliary heads)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -195,15 +285,13 @@ def run_models(args: argparse.Namespace) -> int:
 # -- degradation ------------------------------------------------------------------------------------
 
 def add_degradation_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("args", nargs="*", help="arguments of `python -m experiments.degradation` (e.g. --preset cpu)")
+    p.add_argument("args", nargs="*", help="the experiment's arguments (cnnjax degradation "
+                   "--help lists them; e.g. --preset cpu)")
 
 
 def run_degradation(args: argparse.Namespace) -> int:
-    try:
-        from experiments import degradation
-    except ImportError:
-        raise ValueError("the experiments package is not importable: install cnnjax from its source tree "
-                         "(pip install -e .) or run from the repository root") from None
+    from cnnjax import degradation
+
     return degradation.main(args.args)
 
 
@@ -224,21 +312,29 @@ def run_bench(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Command] = {
     "summary": Command("the lecture-style layer table of a model (no compile)", add_summary_arguments, run_summary),
     "models": Command("list the registered models", add_models_arguments, run_models),
-    "degradation": Command("plain vs residual degradation experiment (see experiments/degradation.py)",
+    "degradation": Command("plain vs residual degradation experiment (cnnjax.degradation)",
                            add_degradation_arguments, run_degradation),
     "train": Command("train a model (resumes when the workdir holds a run)", add_train_arguments, run_train),
-    "eval": Command("evaluate a run's checkpoint", add_eval_arguments, run_eval),
-    "bench": Command("step speed next to Flax nn.Conv and PyTorch (cnnjax.bench)", add_bench_arguments, run_bench),
+    "eval": Command("evaluate a run's checkpoint, or given weights", add_eval_arguments, run_eval),
+    "convert": Command("torchvision/timm weights into cnnjax variables (cnnjax.weights)",
+                       add_convert_arguments, run_convert),
+    "bench": Command("train/eval step speed of the CPU and XLA options side by side "
+                     "(cnnjax.bench)", add_bench_arguments, run_bench),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnjax", description="Convolutional networks in JAX/Flax.")
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with `only`, the arguments of that command alone (adding the others'
+    imports JAX and the trainer, seconds that `cnnjax --help` need not wait for)."""
+    parser = ArgumentParser(prog="cnnjax", description="Convolutional networks in JAX/Flax.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log the libraries' INFO messages too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
-        p = sub.add_parser(name, help=command.help, description=command.help)
-        command.add_arguments(p)
+        # `degradation` hands everything, --help included, to the experiment's own parser.
+        p = sub.add_parser(name, help=command.help, description=command.help,
+                           add_help=name != "degradation")
+        if only is None or name == only:
+            command.add_arguments(p)
         p.set_defaults(_run=command.run, _parser=p)
     return parser
 
@@ -248,11 +344,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cnnjax import xla_flags
 
     xla_flags.configure_cpu()  # the measured CPU fast path, before JAX starts (CNNJAX_CPU_FAST=0: off)
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    named = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(only=named if named in COMMANDS else "")
     args, extra = parser.parse_known_args(argv)
     if args.command == "degradation":
-        # Everything after the command word goes, in order, to the experiment's own parser.
+        # Everything after the command word goes, in order, to the experiment's own parser
+        # (--help too: it is the experiment's).
         args.args = argv[argv.index("degradation") + 1:]
     elif extra:  # the command's usage, not the top-level one
         args._parser.error(f"unrecognized arguments: {' '.join(extra)}")

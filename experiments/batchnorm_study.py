@@ -40,7 +40,8 @@ import optax
 from cnnjax import data
 from cnnjax import nn as cnn
 from cnnjax.train import create_train_state, make_eval_step, make_train_step
-from experiments._report import atomic_write, save_figure, write_csv, claims_parser, machine as _machine
+from cnnjax.reporting import atomic_write, machine as _machine, save_figure, write_csv
+from experiments._report import claims_parser
 
 NAME = "batchnorm_study"
 INITS = {"he": "he_normal_fan_in", "gauss0.01": "normal_0.01"}  # short name -> cnnjax.nn.INITIALIZERS

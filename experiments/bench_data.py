@@ -1,15 +1,15 @@
 """Input pipeline throughput next to the train step's consumption, same model and batch.
 
-    python experiments/bench_data.py --steps 50 [--data-dir ../shared/data] [--batch-size 128]
+    python experiments/bench_data.py --steps 50 [--data_dir ../shared/data] [--batch_size 128]
 
-For each data set (the embedded digits at 32x32x3, and cifar10 when --data-dir holds
+For each data set (the embedded digits at 32x32x3, and cifar10 when --data_dir holds
 cifar10.npz), both with the CIFAR augmentation and per-pixel mean subtraction, it prints:
   pipeline   host images/s of `Pipeline.train_stream()` alone;
   train      images/s of the train step (forward, backward, SGD) on one fixed device batch;
   fed        images/s of the train step fed by the pipeline through `prefetch_to_device`;
 and the ratios pipeline / train and fed / train. The pipeline is not the bottleneck when
 pipeline / train is well above 1 and fed / train is close to 1. The train columns use
-`--model` (default resnet20); `--no-train` measures the pipeline alone.
+`--model` (default resnet20); `--no_train` measures the pipeline alone.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cnnjax.cli import ArgumentParser
 from cnnjax import data
 
 
@@ -99,20 +100,20 @@ def main(argv=None) -> None:
     from cnnjax import xla_flags
 
     xla_flags.configure_cpu()  # the measured CPU fast path, before JAX starts (CNNJAX_CPU_FAST=0: off)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=50, help="timed steps per measurement")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--data-dir", default=None, help="directory holding cifar10.npz")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--data_dir", default=None, help="directory holding cifar10.npz")
     parser.add_argument("--model", default="resnet20", help="registry name for the train step")
-    parser.add_argument("--no-train", action="store_true", help="measure the pipeline only")
+    parser.add_argument("--no_train", action="store_true", help="measure the pipeline only")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
-        parser.error("--steps and --batch-size must be positive")
+        parser.error("--steps and --batch_size must be positive")
 
     configs = [("digits", {"image_size": 32, "channels": 3})]
     if args.data_dir:
         if not os.path.isfile(os.path.join(args.data_dir, "cifar10.npz")):
-            parser.error(f"--data-dir {args.data_dir} holds no cifar10.npz")
+            parser.error(f"--data_dir {args.data_dir} holds no cifar10.npz")
         configs.append(("cifar10", {"data_dir": args.data_dir}))
     train = not args.no_train
     if train:

@@ -1,8 +1,8 @@
 """Images/s of the training engine's options side by side, in one process (issue 19).
 
     python experiments/bench_engine.py --model resnet20 resnet56
-    python experiments/bench_engine.py --model resnet56 --dtype float32 bfloat16 --data-dir DIR \\
-        --steps-per-dispatch 50 --seeds 2 4 8 --json OUT.json          # on a GPU
+    python experiments/bench_engine.py --model resnet56 --dtype float32 bfloat16 --data_dir DIR \\
+        --steps_per_dispatch 50 --seeds 2 4 8 --json OUT.json          # on a GPU
 
 Every variant trains the same thing, the paper's CIFAR recipe (batch 128, pad-crop-flip,
 per-pixel mean), through `cnnjax.train.Engine`, the code `cnnjax train` runs:
@@ -12,13 +12,13 @@ per-pixel mean), through `cnnjax.train.Engine`, the code `cnnjax train` runs:
   host_xN     steps_per_dispatch N, fed by the host
   device_xN   both
   seeds_K     K seeds as members of one program, on device_xN (K from --seeds), the members
-              mapped as member_map 'auto' does; seeds_K_vmap / seeds_K_loop with --member-maps
+              mapped as member_map 'auto' does; seeds_K_vmap / seeds_K_loop with --member_maps
 
 Each variant is built and compiled first (the compile and first call are timed), then all are
 timed in interleaved rounds with the order rotating, so that a noisy machine loads them alike.
 A round trains `--steps` steps of every variant, each ended by waiting for its state. Images/s
 count every member's images; the ratio to 'host' is taken per round and its median quoted.
-Data: CIFAR-10 from --data-dir (`cifar10.npz` or a tfds directory), else the embedded digits at
+Data: CIFAR-10 from --data_dir (`cifar10.npz` or a tfds directory), else the embedded digits at
 32x32x3 (the host pipeline's work per batch does not depend on the set's size).
 """
 
@@ -34,6 +34,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cnnjax.cli import ArgumentParser
 from cnnjax import xla_flags  # noqa: E402
 
 
@@ -104,7 +105,7 @@ def bench(model: str, dtype: str, args) -> dict[str, Any]:
     steps = args.steps or 2 * args.steps_per_dispatch
     if steps % args.steps_per_dispatch:
         raise SystemExit(
-            f"--steps {steps} must be a multiple of --steps-per-dispatch {args.steps_per_dispatch}"
+            f"--steps {steps} must be a multiple of --steps_per_dispatch {args.steps_per_dispatch}"
         )
     table = variants(args.steps_per_dispatch, args.seeds, args.member_maps)
     if args.variants:
@@ -154,7 +155,7 @@ def bench(model: str, dtype: str, args) -> dict[str, Any]:
 
 
 def provenance() -> dict[str, Any]:
-    from experiments._report import device, machine, software
+    from cnnjax.reporting import device, machine, software
 
     return {"device": device(), "machine": machine(), "versions": software(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -163,14 +164,14 @@ def provenance() -> dict[str, Any]:
 
 def main(argv=None) -> int:
     xla_flags.configure_cpu()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", default=["resnet20", "resnet56"])
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps-per-dispatch", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--steps_per_dispatch", type=int, default=8)
     p.add_argument("--seeds", type=int, nargs="*", default=[2, 4, 8])
     p.add_argument(
-        "--member-maps",
+        "--member_maps",
         nargs="*",
         default=[],
         choices=["vmap", "loop"],
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--variants", nargs="*", help="only these (and 'host', the baseline)")
     p.add_argument("--parallel", default="shard_map", choices=["shard_map", "pmap", "none"])
-    p.add_argument("--data-dir", default=None, help="directory with cifar10.npz or a tfds data_dir")
+    p.add_argument("--data_dir", default=None, help="directory with cifar10.npz or a tfds data_dir")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     results = {

@@ -32,7 +32,8 @@ import numpy as np
 
 from cnnjax import models
 from cnnjax.analysis import count_params, fold_batchnorm
-from experiments._report import atomic_write, write_csv, claims_parser, machine as _machine
+from cnnjax.reporting import atomic_write, machine as _machine, write_csv
+from experiments._report import claims_parser
 
 NAME = "bn_folding"
 DEFAULT_MODELS = ("resnet20", "resnet56", "resnet50", "vgg11_bn", "bn_inception", "densenet121")
@@ -205,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = claims_parser(NAME, __doc__)
     parser.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS), help="networks folded and compared")
     parser.add_argument("--time", nargs="*", default=list(DEFAULT_TIMED), help="networks timed, original vs folded")
-    parser.add_argument("--batch-size", type=int, default=128, help="evaluation batch of the timing")
+    parser.add_argument("--batch_size", type=int, default=128, help="evaluation batch of the timing")
     parser.add_argument("--repeats", type=int, default=9, help="timing repetitions (alternating)")
     parser.add_argument("--calls", type=int, default=3, help="calls per repetition")
     args = parser.parse_args(argv)
@@ -213,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown models {unknown}; see cnnjax.models.list_models()")
     if min(args.batch_size, args.repeats, args.calls) < 1:
-        parser.error("--batch-size, --repeats and --calls must be positive")
+        parser.error("--batch_size, --repeats and --calls must be positive")
     start = time.perf_counter()
     equal = []
     for name in args.models:

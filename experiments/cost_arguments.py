@@ -12,7 +12,7 @@ against reduced on the same input, and the two whole networks.
 Every number is read from `summary` (abstract tracing, nothing compiled) and checked against the
 closed formula; the script writes cost_arguments.md and cost_arguments.csv:
 
-  python -m experiments.cost_arguments [--out experiments/results/claims] [--no-networks]
+  python -m experiments.cost_arguments [--out experiments/results/claims] [--no_networks]
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import jax
 
 from cnnjax import nn as cnn
 from cnnjax.analysis import receptive_field, summary
-from experiments._report import atomic_write, write_csv, claims_parser, machine as _machine
+from cnnjax.reporting import atomic_write, machine as _machine, write_csv
+from experiments._report import claims_parser
 
 NAME = "cost_arguments"
 VGG_WIDTHS = ((64, 224), (128, 112), (256, 56), (512, 28))  # VGG stage width and its map side
@@ -180,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     xla_flags.configure_cpu()  # the measured CPU fast path, before JAX starts (CNNJAX_CPU_FAST=0: off)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = claims_parser(NAME, __doc__)
-    parser.add_argument("--no-networks", action="store_true",
+    parser.add_argument("--no_networks", action="store_true",
                         help="skip the per-module GoogLeNet table and the whole networks (faster)")
     args = parser.parse_args(argv)
     start = time.perf_counter()

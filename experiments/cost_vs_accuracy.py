@@ -21,7 +21,8 @@ from pathlib import Path
 
 from cnnjax import models
 from cnnjax.analysis import summary
-from experiments._report import atomic_write, save_figure, write_csv, claims_parser, machine as _machine
+from cnnjax.reporting import atomic_write, machine as _machine, save_figure, write_csv
+from experiments._report import claims_parser
 
 NAME = "cost_vs_accuracy"
 TV = "torchvision V1 weights [tv]"

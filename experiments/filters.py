@@ -9,7 +9,7 @@ runs/claims/filters, never committed). Each filter is drawn as an RGB patch, its
 linearly from [min, max] of that filter to [0, 1] (the usual display; the sign and scale of a
 filter are not shown).
 
-  python -m experiments.filters --data-dir ../shared/data            # CIFAR-10, a few minutes
+  python -m experiments.filters --data_dir ../shared/data            # CIFAR-10, a few minutes
   python -m experiments.filters --preset tiny                        # CI: digits, seconds
 """
 
@@ -29,7 +29,8 @@ import numpy as np
 
 from cnnjax import nn as cnn
 from cnnjax.train import TrainConfig, build, initial_state, read_metrics, train_and_evaluate
-from experiments._report import atomic_write, save_figure, claims_parser, machine as _machine
+from cnnjax.reporting import atomic_write, machine as _machine, save_figure
+from experiments._report import claims_parser
 
 NAME = "filters"
 
@@ -139,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = claims_parser(NAME, __doc__)
     parser.add_argument("--preset", default="cifar10", choices=sorted(PRESETS))
-    parser.add_argument("--data-dir", default=None, help="directory holding cifar10.npz (or a tfds data_dir)")
+    parser.add_argument("--data_dir", default=None, help="directory holding cifar10.npz (or a tfds data_dir)")
     parser.add_argument("--workdir", default=os.path.join("runs", "claims"), help="parent of the run directory")
     args = parser.parse_args(argv)
     description, config = PRESETS[args.preset]

@@ -22,13 +22,13 @@ log() { echo "== $* ($(date +%T))"; }
 
 part1() {
   log "1. ResNet-50 bf16, batch 256"
-  timeout 240 $PY -m cnnjax bench --model resnet50 --batch-size 256 --dtype bfloat16 --impl cnnjax --xla default \
+  timeout 240 $PY -m cnnjax bench --model resnet50 --batch_size 256 --dtype bfloat16 --impl cnnjax --xla default \
     --rounds 3 --steps 20 --matmul 8192 --json "$OUT/resnet50_bf16.json"
 }
 part2() {
   log "2. CIFAR ResNet-56 float32, batch 128: cnnjax, Flax twin, PyTorch channels-last"
-  timeout 160 $PY -m cnnjax bench --model resnet56 --batch-size 128 --impl cnnjax flax torch-cl --xla default \
-    --rounds 5 --steps 30 --matmul 4096 --json "$OUT/resnet56_f32.json"
+  timeout 160 $PY -m experiments.bench --model resnet56 --batch_size 128 --impl cnnjax flax torch-cl \
+    --xla default --rounds 5 --steps 30 --matmul 4096 --json "$OUT/resnet56_f32.json"
 }
 part3() {
   log "3. trainer end to end (digits, 200 steps, then resumed to 300)"

@@ -21,12 +21,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 log() { echo "== $* ($(date +%T))"; }
 data_args=()
-[ -n "$DATA" ] && data_args=(--data-dir "$DATA")
+[ -n "$DATA" ] && data_args=(--data_dir "$DATA")
 
 bench() {
   log "issue 19: the engine's options, ResNet-20/56, float32 and bfloat16"
   timeout 420 $PY experiments/bench_engine.py --model resnet20 resnet56 --dtype float32 bfloat16 \
-    --steps-per-dispatch 100 --steps 200 --rounds 3 --seeds 2 4 8 --member-maps loop \
+    --steps_per_dispatch 100 --steps 200 --rounds 3 --seeds 2 4 8 --member_maps loop \
     "${data_args[@]}" \
     --json "$OUT/bench_engine.json"
   log "issue 20: the PyTorch twin of ResNet-56"

@@ -7,7 +7,7 @@ trains in its own resumable workdir (default runs/claims/lenet_<preset>, never c
 script writes lenet_mnist.md (table, command, machine, wall time), lenet_mnist.csv (curves) and
 lenet_mnist.png (training and test error against epochs) into --out:
 
-  python -m experiments.lenet_mnist --data-dir ../shared/data          # presets mnist and digits
+  python -m experiments.lenet_mnist --data_dir ../shared/data          # presets mnist and digits
   python -m experiments.lenet_mnist --presets digits                   # minutes, no data needed
 """
 
@@ -24,7 +24,8 @@ from pathlib import Path
 
 
 from cnnjax.train import TrainConfig, get_preset, read_metrics, train_and_evaluate
-from experiments._report import atomic_write, save_figure, write_csv, claims_parser, machine as _machine
+from cnnjax.reporting import atomic_write, machine as _machine, save_figure, write_csv
+from experiments._report import claims_parser
 
 NAME = "lenet_mnist"
 TARGET_ACCURACY = {"mnist": 99.2}  # the issue's target, percent
@@ -148,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = claims_parser(NAME, __doc__)
     parser.add_argument("--presets", nargs="*", default=["mnist", "digits"], choices=sorted(PRESETS))
-    parser.add_argument("--data-dir", default=None, help="directory holding mnist.npz (or a tfds data_dir)")
+    parser.add_argument("--data_dir", default=None, help="directory holding mnist.npz (or a tfds data_dir)")
     parser.add_argument("--workdir", default=os.path.join("runs", "claims"),
                         help="parent of the per-preset run directories (lenet_<preset>)")
     args = parser.parse_args(argv)

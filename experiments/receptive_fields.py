@@ -36,7 +36,8 @@ from cnnjax import models
 from cnnjax import nn as cnn
 from cnnjax.analysis import (empirical_receptive_field, format_receptive_field, receptive_field,
                              stacked_receptive_field)
-from experiments._report import atomic_write, save_figure, write_csv, claims_parser, machine as _machine
+from cnnjax.reporting import atomic_write, machine as _machine, save_figure, write_csv
+from experiments._report import claims_parser
 
 NAME = "receptive_fields"
 ARAUJO = "Araujo, Norris & Sim 2019 (Distill), TF-slim models"

@@ -1,8 +1,8 @@
 """The paper's CIFAR recipe in PyTorch, timed: the speed comparison a user would make (issue 20).
 
-    python experiments/torch_twin.py --data-dir DIR --model resnet56 --steps 2000 --json OUT.json
+    python experiments/torch_twin.py --data_dir DIR --model resnet56 --steps 2000 --json OUT.json
 
-The same network as cnnjax's (`cnnjax.bench.torch_cifar_resnet`: option A, bias-free convs, BN
+The same network as cnnjax's (`experiments.bench_twins.torch_cifar_resnet`: option A, bias-free convs, BN
 momentum 0.1 = Flax's 0.9, He fan-out init) trained with the same recipe (SGD momentum 0.9,
 weight decay 1e-4 on every weight, lr 0.1, batch 128, 4-pixel pad + random crop + flip,
 per-pixel mean) on the same design as cnnjax's engine: the uint8 training set resident on the
@@ -20,6 +20,8 @@ import platform
 import re
 import sys
 import time
+
+from cnnjax.cli import ArgumentParser
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -52,7 +54,7 @@ def train(
     import torch
     import torch.nn.functional as F
 
-    from cnnjax.bench import torch_cifar_resnet
+    from experiments.bench_twins import torch_cifar_resnet
 
     match = re.fullmatch(r"(resnet|plain)(\d+)", model_name)
     if match is None:
@@ -120,12 +122,12 @@ def train(
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet56")
     p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"])
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None)
+    p.add_argument("--data_dir", "--data_dir", dest="data_dir", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     import torch

@@ -1,8 +1,10 @@
-"""cnnjax.bench and cnnjax.xla_flags: flag handling, the reference twins, numerics under the CPU
-fast path, and one small side-by-side run. No timing is asserted (the machine is shared)."""
+"""cnnjax.bench and cnnjax.xla_flags: flag handling, the implementation registry, the reference
+twins (experiments/bench_twins.py, registered by experiments/bench.py), numerics under the CPU
+fast path, and small side-by-side runs. No timing is asserted (the machine is shared)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -15,8 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnjax import bench, cli, models, native, xla_flags
+from cnnjax import analysis, bench, cli, models, native, xla_flags
 from cnnjax.models.resnet import cifar_resnet
+from experiments import bench as experiments_bench
+from experiments import bench_twins
 
 YNN = "--xla_cpu_experimental_ynn_fusion_type"
 
@@ -147,53 +151,165 @@ def test_worker_flags_drop_inherited_preset_flags_only():
 # --------------------------------------------------------------------------- specs and twins
 
 
+@pytest.fixture
+def twins(monkeypatch):
+    """The Flax and PyTorch twins registered as `python -m experiments.bench` does; the
+    library's registry is as before after the test."""
+    monkeypatch.setattr(bench, "_RUNNERS", dict(bench._RUNNERS))
+    monkeypatch.setattr(bench, "_DEFAULTS", list(bench._DEFAULTS))
+    experiments_bench.register_twins()
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(impl="tf"), "impl='tf'"),
     (dict(dtype="float16"), "dtype='float16'"),
-    (dict(impl="flax", model="resnet50"), "model='resnet50'.*CIFAR"),
-    (dict(impl="torch-cl", model="vgg16"), "model='vgg16'"),
-    (dict(impl="flax", scan_blocks=True), "scan_blocks"),
     (dict(batch_size=0), "batch_size"),
     (dict(threads=-1), "threads"),
     (dict(xla="bogus"), "unknown XLA configuration"),
-    (dict(xla="--xla_cpu_no_such_flag=1"), r"\['--xla_cpu_no_such_flag=1'\], which the installed jaxlib does not define"),
+    (dict(xla="--xla_cpu_no_such_flag=1"),
+     r"\['--xla_cpu_no_such_flag=1'\], which the installed jaxlib does not define"),
     (dict(conv_vjp="cudnn"), "conv_vjp='cudnn'"),
-    (dict(impl="flax", conv_vjp="xla"), "conv_vjp is a cnnjax option"),
     (dict(bn_vjp="cudnn"), "bn_vjp='cudnn'"),
-    (dict(impl="torch-cl", bn_vjp="autodiff"), "bn_vjp is a cnnjax option"),
     (dict(malloc="jemalloc"), "malloc='jemalloc'"),
     (dict(conv_backend="mkldnn"), "conv_backend='mkldnn'"),
-    (dict(impl="flax", conv_backend="onednn"), "conv_backend is a cnnjax option"),
     (dict(bn_backend="cudnn"), "bn_backend='cudnn'"),
-    (dict(impl="torch-cl", bn_backend="native"), "bn_backend is a cnnjax option"),
     (dict(conv_weights="brgemm"), "conv_weights='brgemm'"),
-    (dict(impl="flax", conv_weights="onednn"), "conv_weights is a cnnjax option"),
 ])
 def test_spec_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         bench.Spec(**kwargs).validate()
 
 
-def test_gradient_paths_multiply_the_cnnjax_workers_only():
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(impl="flax", model="resnet50"), "model='resnet50'.*CIFAR"),
+    (dict(impl="torch-cl", model="vgg16"), "model='vgg16'"),
+    (dict(impl="flax", scan_blocks=True), "scan_blocks"),
+    (dict(impl="flax", conv_vjp="xla"), "conv_vjp is a cnnjax option"),
+    (dict(impl="torch-cl", bn_vjp="autodiff"), "bn_vjp is a cnnjax option"),
+    (dict(impl="flax", conv_backend="onednn"), "conv_backend is a cnnjax option"),
+    (dict(impl="torch-cl", bn_backend="native"), "bn_backend is a cnnjax option"),
+    (dict(impl="flax", conv_weights="onednn"), "conv_weights is a cnnjax option"),
+])
+def test_twin_spec_validation(twins, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bench.Spec(**kwargs).validate()
+
+
+def test_unknown_impl_is_one_clear_error(capsys, monkeypatch):
+    # The library offers its own implementation only; the twins' names point to the script that
+    # registers them, other names get the choices alone.
+    monkeypatch.setattr(bench, "_RUNNERS", dict(bench._RUNNERS))
+    monkeypatch.setattr(bench, "_DEFAULTS", list(bench._DEFAULTS))
+    assert bench.implementations() == ("cnnjax",)
+    for impl in ("flax", "torch-cl", "torch-nchw"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["bench", "--model", "resnet20", "--impl", "cnnjax", impl])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("error:") == 1, err
+        assert f"impl={impl!r}; choose one of ('cnnjax',)" in err
+        assert "run by `python -m experiments.bench`" in err
+        with pytest.raises(ValueError, match="python -m experiments.bench"):
+            bench.Spec(impl).validate()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--impl", "tf"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "impl='tf'; choose one of ('cnnjax',)" in err
+    assert "experiments" not in err
+    p = cli.ArgumentParser()
+    bench.add_arguments(p)
+    assert p.parse_args([]).impl == ["cnnjax"]  # `cnnjax bench` alone: the library's default
+    # With the twins registered: the script's choices, the default as before the split.
+    with pytest.raises(SystemExit) as e:
+        experiments_bench.main(["--impl", "tf"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("python -m experiments.bench: error: ")
+    assert "choose one of ('cnnjax', 'flax', 'torch-cl', 'torch-nchw')" in err
+    p = cli.ArgumentParser()
+    bench.add_arguments(p)
+    assert p.parse_args([]).impl == ["cnnjax", "flax", "torch-cl"]
+    for name, runner in (("x y", "m:a"), ("x", "not a path"), ("x", "m.a")):
+        with pytest.raises(ValueError):
+            bench.register(name, runner)
+    with pytest.raises(ValueError, match="cannot be imported"):
+        bench.Spec("mine", runner="experiments.bench_twins:NoSuchRunner").validate()
+
+
+_OUTSIDE = """
+from cnnjax import bench
+
+
+class Mine(bench.JaxRunner):  # cnnjax's model, from a module that no installed package holds
+    pass
+"""
+
+
+def test_a_twin_runs_through_its_registered_import_path(twins, monkeypatch, tmp_path):
+    # Each spec carries its runner's import path; the worker imports it. experiments/ is not
+    # installed: the worker, started elsewhere with cnnjax alone on its path, finds it through
+    # the PYTHONPATH that worker_env adds. (A stale editable install may still map experiments/;
+    # the module written here is on no path but the parent's, whatever is installed.)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "outside_runner.py").write_text(_OUTSIDE)
+    monkeypatch.syspath_prepend(str(src))
+    bench.register("mine", "outside_runner:Mine")
+    specs = [bench.Spec("flax", "resnet20", batch_size=2, xla="fast")]
+    if importlib.util.find_spec("torch") is not None:
+        specs.append(bench.Spec("torch-nchw", "resnet20", batch_size=2))
+    specs.append(bench.Spec("mine", "lenet5", batch_size=2, xla="fast"))
+    checked = [s.validate() for s in specs]
+    assert checked[0].runner == "experiments.bench_twins:FlaxTwinRunner" and not specs[0].runner
+    root = os.path.dirname(os.path.dirname(os.path.abspath(bench_twins.__file__)))
+    assert bench.worker_env(checked[0], {"PYTHONPATH": "/x"})["PYTHONPATH"] == f"{root}:/x"
+    assert bench.worker_env(checked[-1], {})["PYTHONPATH"] == str(src)
+    assert "PYTHONPATH" not in bench.worker_env(bench.Spec("cnnjax", "lenet5"), {})
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "cnnjax").symlink_to(os.path.dirname(os.path.abspath(bench.__file__)))
+    kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+            if p and os.path.abspath(p) != root]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(lib), *kept]))
+    monkeypatch.chdir(tmp_path)
+    result = bench.run(specs, rounds=1, steps=1, matmul_n=0, log=None)
+    labels = ["flax[fast]", "torch-nchw", "mine[fast]"]
+    assert [w["label"] for w in result["workers"]] == [s.label for s in checked]
+    assert [s.label for s in checked] == labels[:len(specs) - 1] + labels[-1:]
+    macs = {m: analysis.summary(m, models.get_spec(m).input_shape).total_macs
+            for m in ("resnet20", "lenet5")}
+    assert result["workers"][0]["macs_per_image"] == macs["resnet20"]
+    for w, spec in zip(result["workers"], checked):
+        assert w["spec"]["runner"] == spec.runner
+        for mode, factor in (("train", 6), ("eval", 2)):
+            r = w["modes"][mode]
+            assert len(r["per_round"]) == 1 and r["images_per_s"] > 0
+            want = r["images_per_s"] * factor * macs[spec.model] / 1e9
+            assert r["gflops"] == pytest.approx(want)
+    assert result["workers"][0]["onednn_calls"] == 0  # nn.Conv: XLA's convolutions
+    if len(specs) > 2:
+        assert result["workers"][1]["torch"] and "xla_flags" not in result["workers"][1]
+
+
+def test_gradient_paths_multiply_the_cnnjax_workers_only(twins):
     import argparse
 
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
-    args = p.parse_args(["--impl", "cnnjax", "flax", "--conv-vjp", "auto", "xla", "--bn-vjp", "auto", "autodiff",
+    args = p.parse_args(["--impl", "cnnjax", "flax", "--conv_vjp", "auto", "xla", "--bn_vjp", "auto", "autodiff",
                          "--xla", "fast"])
     assert [s.label for s in bench.specs_from_args(args)] == [
         "cnnjax[fast]", "cnnjax[fast,bn=autodiff]", "cnnjax[fast,vjp=xla]", "cnnjax[fast,vjp=xla,bn=autodiff]",
         "flax[fast]"]
-    args = p.parse_args(["--impl", "cnnjax", "flax", "--conv-backend", "auto", "xla", "--xla", "fast"])
+    args = p.parse_args(["--impl", "cnnjax", "flax", "--conv_backend", "auto", "xla", "--xla", "fast"])
     assert [s.label for s in bench.specs_from_args(args)] == ["cnnjax[fast]", "cnnjax[fast,conv=xla]", "flax[fast]"]
-    args = p.parse_args(["--impl", "cnnjax", "flax", "--bn-backend", "auto", "xla", "--xla", "fast"])
+    args = p.parse_args(["--impl", "cnnjax", "flax", "--bn_backend", "auto", "xla", "--xla", "fast"])
     assert [s.label for s in bench.specs_from_args(args)] == ["cnnjax[fast]", "cnnjax[fast,bn_lib=xla]", "flax[fast]"]
-    args = p.parse_args(["--impl", "cnnjax", "flax", "--conv-weights", "auto", "onednn", "--xla", "fast"])
+    args = p.parse_args(["--impl", "cnnjax", "flax", "--conv_weights", "auto", "onednn", "--xla", "fast"])
     specs = bench.specs_from_args(args)
     assert [s.label for s in specs] == ["cnnjax[fast]", "cnnjax[fast,dw=onednn]", "flax[fast]"]
     # 'auto' is the library's default whatever the parent set; a choice is passed on.
-    assert bench.worker_env(specs[0], {"CNNJAX_CONV_WEIGHTS": "onednn"})["CNNJAX_CONV_WEIGHTS"] == "auto"
-    assert bench.worker_env(specs[1], {})["CNNJAX_CONV_WEIGHTS"] == "onednn"
+    assert bench.worker_settings(specs[0])["conv_weights"] == "auto"
+    assert bench.worker_settings(specs[1])["conv_weights"] == "onednn"
+    assert not any(k.startswith("CNNJAX_CONV") for k in bench.worker_env(specs[1], {}))
     # The allocator setting applies to every implementation, torch included.
     args = p.parse_args(["--impl", "cnnjax", "torch-cl", "--malloc", "auto", "default", "--xla", "fast"])
     labels = [s.label for s in bench.specs_from_args(args)]
@@ -201,7 +317,7 @@ def test_gradient_paths_multiply_the_cnnjax_workers_only():
     assert labels[2:] in ([], ["torch-cl", "torch-cl[malloc=default]"])  # torch only where installed
 
 
-def test_default_xla_configuration_follows_the_host():
+def test_default_xla_configuration_follows_the_host(twins):
     # 'auto': the CPU fast path on a CPU host, XLA's own settings where a GPU/TPU is expected (its
     # CPU flags do nothing there).
     import argparse
@@ -214,9 +330,9 @@ def test_default_xla_configuration_follows_the_host():
     assert [s.xla for s in specs] == [bench.auto_xla()] * 2
 
 
-def test_cli_reports_bad_arguments(capsys):
+def test_cli_reports_bad_arguments(twins, capsys):
     with pytest.raises(SystemExit) as e:
-        cli.main(["bench", "--model", "resnet50", "--impl", "flax"])
+        experiments_bench.main(["--model", "resnet50", "--impl", "flax"])
     assert e.value.code == 2
     assert "model='resnet50'" in capsys.readouterr().err
     # Each fails at once (the unknown model used to be "skipped" with exit status 0, the --json
@@ -237,10 +353,11 @@ def _init(model, x):
 def test_flax_twin_has_the_cnnjax_layout_and_computes_the_same_function():
     shapes = lambda m: jax.tree.map(lambda a: a.shape, jax.eval_shape(  # noqa: E731
         lambda: m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)))
-    assert shapes(bench.flax_cifar_resnet(20)) == shapes(models.create("resnet20"))
-    assert shapes(bench.flax_cifar_resnet(20, plain=True)) == shapes(models.create("plain20"))
+    twin = bench_twins.flax_cifar_resnet
+    assert shapes(twin(20)) == shapes(models.create("resnet20"))
+    assert shapes(twin(20, plain=True)) == shapes(models.create("plain20"))
 
-    ours, twin = cifar_resnet(8), bench.flax_cifar_resnet(8)
+    ours, twin = cifar_resnet(8), bench_twins.flax_cifar_resnet(8)
     x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
     v = _init(ours, x)
     v = {"params": v["params"], "batch_stats": jax.tree.map(lambda a: a + 0.1, v["batch_stats"])}
@@ -255,10 +372,11 @@ def test_flax_twin_has_the_cnnjax_layout_and_computes_the_same_function():
 
 def test_torch_twin_has_the_same_parameters_and_outputs():
     torch = pytest.importorskip("torch")
-    assert sum(p.numel() for p in bench.torch_cifar_resnet(20).parameters()) == 269_722
-    assert sum(p.numel() for p in bench.torch_cifar_resnet(20, plain=True).parameters()) == 269_722
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert count(bench_twins.torch_cifar_resnet(20)) == 269_722
+    assert count(bench_twins.torch_cifar_resnet(20, plain=True)) == 269_722
 
-    ours, net = cifar_resnet(8), bench.torch_cifar_resnet(8)
+    ours, net = cifar_resnet(8), bench_twins.torch_cifar_resnet(8)
     x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
     v = _init(ours, x)
     p, s = v["params"], jax.tree.map(lambda a: a + 0.1, v["batch_stats"])
@@ -422,7 +540,7 @@ def test_run_side_by_side():
 @pytest.mark.slow
 def test_torch_runner_steps_and_matmul():
     torch = pytest.importorskip("torch")
-    runner = bench._TorchRunner(bench.Spec("torch-cl", "resnet20", batch_size=2))
+    runner = bench_twins.TorchRunner(bench.Spec("torch-cl", "resnet20", batch_size=2))
     before = [p.detach().clone() for p in runner.net.parameters()]
     runner.step("train", 1)
     assert any(not torch.equal(a, b) for a, b in zip(before, runner.net.parameters()))
@@ -435,7 +553,7 @@ def test_torch_runner_steps_and_matmul():
 def test_matmul_ceiling_shrinks_where_products_are_slow():
     # A runner whose products take 2 n^3 / rate seconds: at 1 GFLOP/s (PyTorch bf16 on an AVX2
     # CPU) n = 2048 would take 17 s a product; the ceiling is taken at the n of about 0.5 s.
-    class Fake(bench._Runner):
+    class Fake(bench.Runner):
         def __init__(self, rate):
             self.rate = rate
 
@@ -532,7 +650,7 @@ def test_engine_benchmark_runs_a_variant_against_the_host_baseline(tmp_path):
     finally:
         sys.path.pop(0)
     out = tmp_path / "engine.json"
-    argv = ["--model", "resnet20", "--batch-size", "8", "--steps-per-dispatch", "2", "--steps", "2",
+    argv = ["--model", "resnet20", "--batch_size", "8", "--steps_per_dispatch", "2", "--steps", "2",
             "--rounds", "2", "--seeds", "--variants", "device_x2", "--parallel", "none", "--json", str(out)]
     assert bench_engine.main(argv) == 0
     (run,) = json.loads(out.read_text())["runs"]

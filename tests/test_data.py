@@ -209,7 +209,7 @@ def test_missing_data_errors(tmp_path):
         "'cifar10'",
         str(tmp_path / "cifar10.npz"),
         "x_train, y_train, x_test, y_test",
-        "--data-dir",
+        "--data_dir",
         "array_record",
     ):
         assert part in msg
@@ -270,10 +270,10 @@ def test_missing_data_message_names_every_spelling_of_data_dir(tmp_path):
         data.load_dataset("cifar10", data_dir=str(tmp_path))
     msg = str(e.value)
     # load_dataset / TrainConfig take data_dir=; `python -m cnnjax train` --data_dir; experiments
-    # --data-dir: the message must not send a `cnnjax train` user to a flag it rejects.
-    assert "data_dir=DIR" in msg and "--data_dir DIR" in msg and "--data-dir DIR" in msg
+    # --data_dir: the message must not send a `cnnjax train` user to a flag it rejects.
+    assert "data_dir=DIR" in msg and "--data_dir DIR" in msg and "--data_dir DIR" in msg
     assert "python -m cnnjax train" in msg
-    assert "Provide it with --data-dir" not in msg
+    assert "Provide it with --data_dir" not in msg
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import warnings
 
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from cnnjax import models
-from experiments import degradation
+from cnnjax import degradation
 
 
 # He et al. 2016, section 4.2, field by field (TrainConfig's names).
@@ -278,3 +279,31 @@ def test_plot_labels_what_it_has_and_says_when_a_panel_is_empty(tmp_path, monkey
         "no results yet"
     ]
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_main_job_writes_under_a_run_directory(tmp_path, monkeypatch):
+    """The README's main job must leave a fresh clone clean: results under runs/, and the
+    committed reference only when --out names it."""
+    calls = []
+    monkeypatch.setattr(degradation, "run", lambda *a, **k: calls.append((a, k)) or [])
+    monkeypatch.setattr(degradation, "table", lambda *a, **k: "")
+    monkeypatch.chdir(tmp_path)
+    assert degradation.main([]) == 0
+    (preset, out), kwargs = calls[-1]
+    assert (preset, out) == ("quick", os.path.join("runs", "degradation_quick"))
+    assert kwargs["runs_dir"] == os.path.join("runs", "degradation_quick")
+    assert kwargs["command"] == "cnnjax degradation"
+    ref = os.path.join("experiments", "results", "degradation_quick")
+    assert degradation.main(["--out", ref, "--data-dir", "d"]) == 0  # the alias spelling too
+    (_, out), kwargs = calls[-1]
+    assert out == ref and kwargs["data_dir"] == "d"
+
+
+def test_the_library_never_imports_the_experiments():
+    import pathlib
+    import re
+
+    root = pathlib.Path(degradation.__file__).parent
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if re.search(r"^\s*(from|import) experiments\b", p.read_text(), re.M)]
+    assert offenders == []

@@ -22,7 +22,7 @@ def read_csv(path):
 
 
 def test_cost_arguments(tmp_path):
-    assert cost_arguments.main(["--out", str(tmp_path), "--no-networks"]) == 0
+    assert cost_arguments.main(["--out", str(tmp_path), "--no_networks"]) == 0
     text = (tmp_path / "cost_arguments.md").read_text()
     rows = {(r["part"], r["design"], r["C"]): r for r in read_csv(tmp_path / "cost_arguments.csv")}
     # 27C^2 against 49C^2 (C = 64: 110,592 and 200,704), both seeing 7x7.
@@ -60,7 +60,7 @@ def test_receptive_fields(tmp_path):
 
 def test_bn_folding(tmp_path):
     # Batch 2 as the equality check's: the timing reuses its two compiled networks.
-    argv = ["--out", str(tmp_path), "--models", "resnet20", "--time", "resnet20", "--batch-size", "2",
+    argv = ["--out", str(tmp_path), "--models", "resnet20", "--time", "resnet20", "--batch_size", "2",
             "--repeats", "2", "--calls", "1"]
     assert bn_folding.main(argv) == 0
     (row,) = read_csv(tmp_path / "bn_folding.csv")
@@ -149,7 +149,7 @@ def test_scripts_refuse_bad_arguments_before_any_work(tmp_path, capsys):
     (a_file := tmp_path / "a_file").write_text("")
     cases = ((cost_vs_accuracy.main, ["--models"], "at least one name"),  # was an IndexError after measuring
              (receptive_fields.main, ["--out", str(a_file)], "is a file"),
-             (bench_data.main, ["--batch-size", "5000", "--steps", "1", "--no-train"], "no full global batch"))
+             (bench_data.main, ["--batch_size", "5000", "--steps", "1", "--no_train"], "no full global batch"))
     for main, argv, message in cases:
         with pytest.raises(SystemExit) as info:
             main(argv)

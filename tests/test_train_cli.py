@@ -157,3 +157,24 @@ def test_an_unknown_flag_shows_the_command_usage(capsys, command):
     code, err = run_cli([*command, "--bogus"], capsys)
     assert code == 2 and f"usage: cnnjax {command[0]} " in err and f"cnnjax {command[0]}: error: unrecognized " \
         "arguments: --bogus" in err, err
+
+
+def test_one_flag_spelling_with_the_other_as_alias(tmp_path, capsys):
+    assert cli.canonical_flags(["train", "--data-dir=x", "--global-batch-size", "8", "--",
+                                "--keep-me"]) == ["train", "--data_dir=x", "--global_batch_size",
+                                                  "8", "--", "--keep-me"]
+    for spelling in ("--print_config", "--print-config"):
+        assert cli.main(["train", "--workdir", str(tmp_path), "--preset", "cifar_plain",
+                         "--global-batch-size", "64", spelling]) == 0
+        assert json.loads(capsys.readouterr().out)["global_batch_size"] == 64
+    parser = cli.build_parser()
+    flags = {o for a in parser._subparsers._group_actions[0].choices.values() for act in a._actions
+             for o in act.option_strings if o.startswith("--")}
+    assert not [f for f in flags if "-" in f[2:]], "every flag is spelled with underscores"
+
+
+def test_help_lists_the_commands_without_importing_jax():
+    code = ("import sys\nfrom cnnjax import cli\ntry:\n    cli.main(['--help'])\n"
+            "except SystemExit:\n    pass\nassert 'jax' not in sys.modules, 'imported jax'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "convert" in out.stdout and "degradation" in out.stdout

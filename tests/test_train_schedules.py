@@ -57,6 +57,66 @@ def test_linear_scaling_rule_and_epoch_boundaries():
                                [0.1, 0.01, 0.001], rtol=1e-6)
 
 
+def test_googlenet_preset_follows_the_paper():
+    # Szegedy et al. 2014, section 6: SGD, momentum 0.9, the rate 4% lower every 8 epochs; section
+    # 5: the auxiliary classifiers' losses are weighted by 0.3 in training.
+    from cnnjax import models
+
+    config = train.get_preset("imagenet_googlenet").validate()
+    assert (config.optimizer, config.momentum, config.aux_weight) == ("sgd", 0.9, 0.3)
+    spe = 1_281_167 // 32
+    assert train.num_train_steps(config, spe) == 250 * spe
+    schedule = train.create_learning_rate_fn(config, spe)
+    steps = [0, 8 * spe - 1, 8 * spe, 16 * spe - 1, 16 * spe, 248 * spe, 250 * spe - 1]
+    want = [0.01, 0.01, 0.0096, 0.0096, 0.01 * 0.96**2, 0.01 * 0.96**31, 0.01 * 0.96**31]
+    np.testing.assert_allclose(lrs(schedule, steps), want, rtol=1e-5)
+    # Its model gives two aux logits in training (shapes only), none in evaluation.
+    model = models.create(config.model, num_classes=5, **config.model_kwargs)
+    x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    rngs = {"dropout": jax.random.key(1)}
+    logits, aux = jax.eval_shape(lambda v, x: model.apply(v, x, train=True, rngs=rngs),
+                                 variables, x)
+    assert logits.shape == (2, 5) and [a.shape for a in aux] == [(2, 5), (2, 5)]
+    assert jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x).shape == (2, 5)
+
+
+@pytest.mark.slow
+def test_googlenet_preset_trainer_weighs_the_aux_losses_0_3():
+    # One step of the trainer with the preset's model and optimiser moves each classifier's bias
+    # (not decayed) by -lr x its loss weight x the batch mean of softmax - one-hot: 1 for the main
+    # classifier, 0.3 for the aux ones.
+    from cnnjax import models
+
+    config = train.get_preset("imagenet_googlenet")
+    schedule = train.create_learning_rate_fn(config, 1_281_167 // 32)
+    model = models.create(config.model, num_classes=5, **config.model_kwargs)
+    size = model.min_input_size(with_aux=True)
+    tx = train.create_optimizer(config, schedule)
+    key = jax.random.key(0, impl=config.rng_impl)
+    state = train.create_train_state(key, model, tx, (size, size, 3))
+    images = np.random.RandomState(0).randn(2, size, size, 3).astype(np.float32)
+    labels = np.array([1, 3], np.int32)
+    step = train.make_train_step(model, tx, schedule, aux_weight=config.aux_weight, axis_name=None,
+                                 rng_impl=config.rng_impl)
+    new, metrics = jax.jit(step)(state, {"image": images, "label": labels})
+    # The step's dropout key: the state's, folded with the step number.
+    key = jax.random.wrap_key_data(state.rng, impl=config.rng_impl)
+    rngs = {"dropout": jax.random.fold_in(key, 0)}
+    logits, aux = jax.jit(lambda p, x: model.apply({"params": p}, x, train=True, rngs=rngs))(
+        state.params, images)
+    assert len(aux) == 2 and "aux_loss" in metrics
+    onehot = np.eye(5)[labels]
+    for path, z, weight in ((("fc",), logits, 1.0), (("aux1", "fc2"), aux[0], 0.3),
+                            (("aux2", "fc2"), aux[1], 0.3)):
+        before, after = state.params, new.params
+        for k in path:
+            before, after = before[k], after[k]
+        want = -0.01 * weight * (np.asarray(jax.nn.softmax(z)) - onehot).mean(0)
+        np.testing.assert_allclose(after["bias"] - before["bias"], want, rtol=1e-4, atol=1e-9,
+                                   err_msg="/".join(path))
+
+
 def _one_update(config, params, grads, steps=1):
     tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 1))
     opt_state = tx.init(params)
@@ -157,3 +217,16 @@ def test_parse_field_types():
     assert config_lib.parse_field("learning_rate", "0.1") == 0.1
     with pytest.raises(ValueError, match="num_steps"):
         config_lib.parse_field("num_steps", "1.5")
+
+
+def test_override_gives_way_to_the_exclusive_twin():
+    """A run length or boundary list given replaces the preset's other spelling of it."""
+    base = config_lib.get_preset("cifar_resnet")
+    assert base.num_steps and base.boundaries
+    cfg = base.override(num_epochs=3, boundary_epochs=(1, 2))
+    assert (cfg.num_steps, cfg.num_epochs, cfg.boundaries, cfg.boundary_epochs) == (
+        None, 3, (), (1, 2))
+    both = base.override(num_steps=5, num_epochs=None)  # both given: taken as given
+    assert (both.num_steps, both.num_epochs) == (5, None)
+    with pytest.raises(ValueError, match="no field"):
+        base.override(num_step=5)

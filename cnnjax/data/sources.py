@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from cnnjax.data import augment
-from cnnjax.functional import is_int
+from cnnjax._checks import is_int
 
 # name -> (num_classes, tfds name of our 'test' split); 'digits' is embedded (scikit-learn).
 _DATASETS = {
@@ -314,7 +314,7 @@ def _missing_message(name: str, data_dir, tfds_dir: str, version_dir: str, cause
         f"Provide it as DIR/{name}.npz holding x_train, y_train, x_test, y_test "
         f"(uint8 NHWC images, integer labels) and pass the directory as data_dir=DIR "
         f"(load_dataset, TrainConfig), --data_dir DIR (python -m cnnjax train) or "
-        f"--data-dir DIR (the experiments scripts, python -m experiments.*); or prepare it "
+        f"--data_dir DIR (the experiments scripts, python -m experiments.*); or prepare it "
         f"for tfds in array_record format "
         f'(`builder.download_and_prepare(file_format="array_record")` with network access, or '
         f"load_dataset(..., download=True))."

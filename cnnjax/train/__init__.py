@@ -12,6 +12,7 @@ from cnnjax.train.loop import (
     RunResult,
     build,
     evaluate_checkpoint,
+    evaluate_weights,
     initial_state,
     train_and_evaluate,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "create_train_state",
     "cross_entropy",
     "evaluate_checkpoint",
+    "evaluate_weights",
     "get_preset",
     "initial_state",
     "initialize_distributed",

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from cnnjax.functional import is_int
+from cnnjax._checks import is_int
 from cnnjax.train.state import TrainState
 
 

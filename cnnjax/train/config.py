@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnjax.functional import is_int
+from cnnjax._checks import is_int
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("step", "cosine", "constant")
@@ -37,6 +37,10 @@ RESUMABLE_FIELDS = frozenset({
 })
 
 
+# Pairs of fields of which a run sets one: the run's length, and the step schedule's boundaries.
+EXCLUSIVE = (("num_steps", "num_epochs"), ("boundaries", "boundary_epochs"))
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of one training run.
@@ -52,7 +56,8 @@ class TrainConfig:
       eval_split: split evaluated during and after training ('test' or 'validation').
       augment: 'none', 'flip', 'cifar' (pad 4, crop, flip) or 'imagenet' (scale augmentation,
         crop, flip).
-      normalize: 'per_pixel_mean' (the ResNet CIFAR recipe), 'per_channel' or 'scale'.
+      normalize: 'per_pixel_mean' (the ResNet CIFAR recipe), 'per_channel', 'scale', or the
+        fixed constants published weights expect: 'imagenet' (torchvision), 'inception', 'dpn'.
       global_batch_size: examples per step over all devices and processes.
       num_steps: length of the run in steps; exactly one of num_steps and num_epochs is set.
       num_epochs: length of the run in epochs (rounded up to whole steps).
@@ -177,6 +182,17 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"TrainConfig has no field(s) {unknown}; fields are {field_names()}")
         return dataclasses.replace(self, **changes)
+
+    def override(self, **changes: Any) -> TrainConfig:
+        """`replace`, where a field given replaces its exclusive twin too (EXCLUSIVE): a preset's
+        num_epochs gives way to num_steps given on the command line, boundary_epochs to
+        boundaries, and the other way round."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for a, b in EXCLUSIVE:
+            for given, other in ((a, b), (b, a)):
+                if given in changes and other not in changes:
+                    changes[other] = defaults[other]
+        return self.replace(**changes)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -489,6 +505,23 @@ PRESETS: dict[str, TrainConfig] = {
         warmup_steps=780, warmup="linear", warmup_lr=0.1,
         augment="imagenet", normalize="per_channel", dtype="bfloat16",
         log_every=20, eval_every=1_000, checkpoint_every=1_000,
+    ),
+    # Szegedy et al. 2014, section 6: SGD with momentum 0.9, the rate decreased by 4% every 8
+    # epochs (a step of 0.96 at each multiple of 8 epochs); the two auxiliary classifiers of
+    # section 5 train with their losses weighted by 0.3 (dropout 0.4 and 0.7 are the model's).
+    # The paper gives no rate, batch, weight decay or length: those are BVLC's solver.prototxt
+    # for bvlc_googlenet (made with Szegedy's help, same schedule: 320k iterations of 32 images
+    # are 8 epochs): 0.01 for 32 images, decay 2e-4 not on biases, 10M iterations = 250 epochs.
+    # Not expressible here: the asynchronous updates, Polyak averaging, Caffe's doubled bias
+    # rate, the paper's photometric distortions and 8%-100%-area crops (scale augmentation
+    # instead).
+    "imagenet_googlenet": TrainConfig(
+        model="googlenet", model_kwargs={"aux_logits": True}, dataset="imagenet2012",
+        global_batch_size=32, num_epochs=250, optimizer="sgd", learning_rate=0.01,
+        base_batch_size=32, momentum=0.9, weight_decay=2e-4, wd_mask="no_bn_bias",
+        schedule="step", boundary_epochs=tuple(range(8, 250, 8)), decay_factor=0.96,
+        aux_weight=0.3, augment="imagenet", normalize="per_channel", dtype="bfloat16",
+        log_every=100, eval_every=40_000, checkpoint_every=40_000,
     ),
 }
 

@@ -33,7 +33,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from cnnjax import data
-from cnnjax.functional import is_int
+from cnnjax._checks import is_int
 from cnnjax.train import optim
 from cnnjax.train import workdir as workdir_lib
 from cnnjax.train.checkpoint import Checkpointer, checkpoint_steps
@@ -623,6 +623,52 @@ def evaluate_checkpoint(
     if len(setup.members) == 1:
         return {"step": at, **results[0]}
     return {"step": at, "members": [{**m.tag, **r} for m, r in zip(setup.members, results)]}
+
+
+def evaluate_weights(
+    config: TrainConfig,
+    variables: dict[str, Any],
+    *,
+    split: str | None = None,
+    model_fn: Callable[..., nn.Module] | None = None,
+) -> dict[str, Any]:
+    """Evaluates given variables ({'params', 'batch_stats'}, e.g. from `cnnjax.weights.load`) on
+    `split` of `config`'s data set, as `evaluate_checkpoint` evaluates a run's checkpoint.
+
+    Only the data and model fields of `config` matter (model, dataset, data_dir, image_size,
+    channels, normalize, global_batch_size, model_kwargs, dtype). Returns {'<split>_loss',
+    '<split>_error', '<split>_top5_error'}.
+    """
+    if split not in (None, "test", "validation"):
+        raise ValueError(f"split must be 'test', 'validation' or None (the config's eval_split), "
+                         f"got {split!r}")
+    if config.seeds != 1:
+        raise ValueError(f"one set of variables is one member: seeds must be 1, got {config.seeds}")
+    setup = build(config, model_fn=model_fn)
+    member = setup.members[0]
+    shapes = jax.eval_shape(
+        lambda: member.init_model.init(jax.random.key(0), jnp.zeros((1, *setup.input_shape)),
+                                       train=False))
+    want = jax.tree.map(lambda a: (a.shape, a.dtype), {"params": shapes["params"],
+                                                       "batch_stats": shapes.get("batch_stats", {})})
+    given = {"params": variables.get("params", {}), "batch_stats": variables.get("batch_stats", {})}
+    got = jax.tree.map(lambda a: (np.shape(a), np.asarray(a).dtype), given)
+    if jax.tree.structure(want) != jax.tree.structure(got) or (
+        jax.tree.leaves(want) != jax.tree.leaves(got)
+    ):
+        raise ValueError(
+            f"the variables do not fit {config.model!r} on {config.dataset} "
+            f"({setup.input_shape}, {setup.pipeline.dataset.num_classes} classes): load them for "
+            "this model and number of classes (cnnjax.weights.load(..., num_classes=N))"
+        )
+    params = jax.tree.map(np.asarray, given["params"])
+    state = TrainState(step=np.zeros((), np.int32), params=params,
+                       batch_stats=jax.tree.map(np.asarray, given["batch_stats"]),
+                       opt_state=jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                                              jax.eval_shape(setup.tx.init, params)),
+                       rng=np.asarray(jax.random.key_data(jax.random.key(0, impl=config.rng_impl))))
+    engine = Engine(setup)
+    return engine.evaluate(engine.place(state), split)[0]
 
 
 def _progress_bar(config: TrainConfig, total: int, initial: int, *, enabled: bool):

@@ -8,16 +8,12 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from cnnjax._files import atomic_write
+
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    """Writes `obj` as JSON to a temporary file and renames it over `path`."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Writes `obj` as JSON, whole or not at all."""
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -68,12 +64,7 @@ class MetricsWriter:
             return 0
         records = read_metrics(self.path)
         keep = [r for r in records if r.get("step", 0) <= step]
-        tmp = f"{self.path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
         return len(records) - len(keep)
 
 
