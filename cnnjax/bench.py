@@ -44,15 +44,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
+from cnnjax import settings, xla_flags
 from cnnjax.cli import ArgumentParser
-from cnnjax import xla_flags
 
 # cnnjax.functional's gradient paths
-CONV_VJPS, BN_VJPS = xla_flags.CONV_VJP_MODES, xla_flags.BN_VJP_MODES
-CONV_BACKENDS = xla_flags.CONV_BACKENDS  # who computes cnnjax.functional.conv2d
-BN_BACKENDS = xla_flags.BN_BACKENDS  # who computes cnnjax.functional.batch_norm's passes
+CONV_VJPS, BN_VJPS = settings.CONV_VJP_MODES, settings.BN_VJP_MODES
+CONV_BACKENDS = settings.CONV_BACKENDS  # who computes cnnjax.functional.conv2d
+BN_BACKENDS = settings.BN_BACKENDS  # who computes cnnjax.functional.batch_norm's passes
 # who computes the filter gradients of cnnjax's oneDNN convolutions
-CONV_WEIGHTS = xla_flags.CONV_WEIGHTS
+CONV_WEIGHTS = settings.CONV_WEIGHTS
 # the C allocator: as entry points set it, cnnjax.xla_flags.tune_malloc(), glibc's
 MALLOCS = ("auto", "tuned", "default")
 MODES = ("train", "eval")
@@ -62,9 +62,19 @@ _PREFIX = "@@bench "
 # Dense bf16 peak TFLOP/s by device kind (vendors' datasheets, without sparsity), for MFU:
 # achieved model FLOP/s over this. Matched in order against jax.Device.device_kind.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
-    ("B200", 2250.0), ("A100", 312.0), ("L4", 121.0), ("A10G", 70.0),
-    ("TPU v6", 918.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5", 459.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("TPU v6", 918.0),
+    ("TPU v5 lite", 197.0),
+    ("TPU v5e", 197.0),
+    ("TPU v5", 459.0),
     ("TPU v4", 275.0),
 )
 
@@ -114,8 +124,10 @@ def runner_path(impl: str) -> str:
         pass
     message = f"impl={impl!r}; choose one of {implementations()}"
     if impl in _TWINS:
-        message += (f" (the Flax and PyTorch twins of the CIFAR nets, {', '.join(_TWINS)}, are "
-                    "run by `python -m experiments.bench`, which takes the same flags)")
+        message += (
+            f" (the Flax and PyTorch twins of the CIFAR nets, {', '.join(_TWINS)}, are "
+            "run by `python -m experiments.bench`, which takes the same flags)"
+        )
     raise ValueError(message)
 
 
@@ -180,7 +192,8 @@ class Spec:
         'onednn', or 'auto' (the library's default: 'direct'); cnnjax workers only.
       malloc: the C allocator, for every implementation (torch gains from it too): 'auto' (what
         cnnjax's entry points do: `cnnjax.xla_flags.tune_malloc()` on a CPU host unless
-        CNNJAX_CPU_MALLOC=0), 'tuned' (always) or 'default' (glibc's own settings).
+        CNNJAX_CPU_FAST=0; the parent decides, `worker_spec`), 'tuned' (always) or 'default'
+        (glibc's own settings).
       threads: pin the worker to this many cores (sched_setaffinity; torch also sets its
         intra-op threads, XLA sizes its pool from the affinity); 0 leaves both libraries'
         defaults.
@@ -214,8 +227,9 @@ class Spec:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; choose one of {DTYPES}")
         if not isinstance(self.threads, int) or self.threads < 0:
-            raise ValueError("threads must be an int >= 0 (0: the libraries' defaults), "
-                             f"got {self.threads!r}")
+            raise ValueError(
+                f"threads must be an int >= 0 (0: the libraries' defaults), got {self.threads!r}"
+            )
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
         cls.check(self)  # the models it covers: ValueError with the ones it does
@@ -223,9 +237,13 @@ class Spec:
             raise ValueError(f"scan_blocks is a cnnjax model option; impl={self.impl!r} has none")
         if self.malloc not in MALLOCS:
             raise ValueError(f"malloc={self.malloc!r}; choose one of {MALLOCS}")
-        for name, choices in (("conv_vjp", CONV_VJPS), ("bn_vjp", BN_VJPS),
-                              ("conv_backend", CONV_BACKENDS), ("bn_backend", BN_BACKENDS),
-                              ("conv_weights", CONV_WEIGHTS)):
+        for name, choices in (
+            ("conv_vjp", CONV_VJPS),
+            ("bn_vjp", BN_VJPS),
+            ("conv_backend", CONV_BACKENDS),
+            ("bn_backend", BN_BACKENDS),
+            ("conv_weights", CONV_WEIGHTS),
+        ):
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"{name}={value!r}; choose one of {choices}")
@@ -233,8 +251,10 @@ class Spec:
                 raise ValueError(f"{name} is a cnnjax option; impl={self.impl!r} has none")
         unknown = xla_flags.unknown_flags(self.xla)
         if unknown and cls.uses_xla:  # XLA would abort the worker on them
-            raise ValueError(f"xla={self.xla!r} sets {unknown}, which the installed jaxlib does "
-                             "not define; choose another XLA configuration, e.g. 'default'")
+            raise ValueError(
+                f"xla={self.xla!r} sets {unknown}, which the installed jaxlib does "
+                "not define; choose another XLA configuration, e.g. 'default'"
+            )
         return self if self.runner else dataclasses.replace(self, runner=runner_path(self.impl))
 
     @property
@@ -342,9 +362,7 @@ class JaxRunner(Runner):
         import jax.numpy as jnp
         import optax
 
-        from cnnjax import analysis, models
-        from cnnjax import settings
-        from cnnjax import native
+        from cnnjax import analysis, models, native, settings
         from cnnjax.train import create_train_state, make_eval_step, make_train_step
 
         jax.config.update("jax_enable_compilation_cache", False)
@@ -357,8 +375,10 @@ class JaxRunner(Runner):
         state = create_train_state(jax.random.key(0, impl="rbg"), model, tx, shape)
         image = jax.random.normal(jax.random.key(1), (spec.batch_size, *shape), jnp.float32)
         batch = {"image": image, "label": jnp.arange(spec.batch_size, dtype=jnp.int32) % 10}
-        train = jax.jit(make_train_step(model, tx, lambda s: 0.1, axis_name=None, rng_impl="rbg"),
-                        donate_argnums=0)
+        train = jax.jit(
+            make_train_step(model, tx, lambda s: 0.1, axis_name=None, rng_impl="rbg"),
+            donate_argnums=0,
+        )
         evaluate = jax.jit(make_eval_step(model, axis_name=None))
         t0, c0 = time.perf_counter(), time.process_time()
         self._train = train.lower(state, batch).compile()
@@ -366,9 +386,16 @@ class JaxRunner(Runner):
         self._eval = evaluate.lower(state, batch).compile()
         t2 = time.perf_counter()
         mem = self._train.memory_analysis()
-        step_bytes = None if mem is None else (mem.argument_size_in_bytes
-                                               + mem.output_size_in_bytes
-                                               + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+        step_bytes = (
+            None
+            if mem is None
+            else (
+                mem.argument_size_in_bytes
+                + mem.output_size_in_bytes
+                + mem.temp_size_in_bytes
+                - mem.alias_size_in_bytes
+            )
+        )
         hlo = self._train.as_text()
         onednn_calls = sum(hlo.count(f'custom_call_target="{t}"') for t in native.CONV_TARGETS)
         bn_calls = sum(hlo.count(f'custom_call_target="{t}"') for t in native.BN_TARGETS)
@@ -376,17 +403,25 @@ class JaxRunner(Runner):
         chosen = settings.current()  # what the steps were compiled with (`worker_settings`)
         device = jax.devices()[0]
         self.info = {
-            "device": device.device_kind, "platform": device.platform,
+            "device": device.device_kind,
+            "platform": device.platform,
             "peak_tflops": peak_tflops(device.device_kind, spec.dtype),
-            "compile_train_s": t1 - t0, "compile_eval_s": t2 - t1, "compile_train_cpu_s": c1 - c0,
+            "compile_train_s": t1 - t0,
+            "compile_eval_s": t2 - t1,
+            "compile_train_cpu_s": c1 - c0,
             "train_step_mib": None if step_bytes is None else step_bytes / 2**20,
             "macs_per_image": analysis.summary(spec.model, shape).total_macs,
-            "ynn_fusions": hlo.count('"__ynn_fusion"'), "xnn_fusions": hlo.count("__xnn_fusion"),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__,
+            "ynn_fusions": hlo.count('"__ynn_fusion"'),
+            "xnn_fusions": hlo.count("__xnn_fusion"),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "jax": jax.__version__,
             "flax": flax.__version__,
-            "conv_vjp": chosen.conv_vjp, "bn_vjp": chosen.bn_vjp,
-            "conv_backend": chosen.conv_backend, "bn_backend": chosen.bn_backend,
-            "onednn_calls": onednn_calls, "native_bn_calls": bn_calls,
+            "conv_vjp": chosen.conv_vjp,
+            "bn_vjp": chosen.bn_vjp,
+            "conv_backend": chosen.conv_backend,
+            "bn_backend": chosen.bn_backend,
+            "onednn_calls": onednn_calls,
+            "native_bn_calls": bn_calls,
             "onednn": native.dnnl_version() if onednn_calls else None,
             "conv_weights": chosen.conv_weights if onednn_calls else None,
             "direct_weights_kernel": native.direct_conv_weights() if onednn_calls else None,
@@ -427,9 +462,10 @@ def worker_main(spec_json: str) -> int:
     spec = Spec(**json.loads(spec_json))
     if spec.threads:
         allowed = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, allowed[:spec.threads])
-    # Before any library starts its threads. 'auto' decides as the entry points do (CPU host,
-    # CNNJAX_CPU_MALLOC); 'tuned' and 'default' regardless of the environment.
+        os.sched_setaffinity(0, allowed[: spec.threads])
+    # Before any library starts its threads, and before JAX is imported (XLA's allocations must
+    # find glibc tuned). The parent resolves 'auto' (`worker_spec`); a spec given by hand with
+    # 'auto' decides as the entry points do, in this process's environment.
     malloc_tuned = spec.malloc != "default" and xla_flags.tune_malloc(force=spec.malloc == "tuned")
     try:
         spec = spec.validate()
@@ -467,7 +503,9 @@ def worker_xla_flags(config: str, inherited: str = "") -> str:
     Flags that some preset sets (e.g. added by `configure_cpu()` in the parent) are dropped from
     `inherited`, so that 'default' really is XLA's default; other flags (device count, dumps) stay.
     """
-    compared = {xla_flags.flag_name(f) for flags in xla_flags.CPU_PRESETS.values() for f in flags.split()}
+    compared = {
+        xla_flags.flag_name(f) for flags in xla_flags.CPU_PRESETS.values() for f in flags.split()
+    }
     kept = " ".join(f for f in inherited.split() if xla_flags.flag_name(f) not in compared)
     return xla_flags.merge_flags(xla_flags.resolve(config), kept)
 
@@ -475,8 +513,24 @@ def worker_xla_flags(config: str, inherited: str = "") -> str:
 def worker_settings(spec: Spec) -> dict[str, str]:
     """The `cnnjax.settings` a worker sets before it builds its runner: the spec's choices
     ('auto': the library's default, whatever the parent process set)."""
-    return {"conv_vjp": spec.conv_vjp, "bn_vjp": spec.bn_vjp, "conv_backend": spec.conv_backend,
-            "bn_backend": spec.bn_backend, "conv_weights": spec.conv_weights}
+    return {
+        "conv_vjp": spec.conv_vjp,
+        "bn_vjp": spec.bn_vjp,
+        "conv_backend": spec.conv_backend,
+        "bn_backend": spec.bn_backend,
+        "conv_weights": spec.conv_weights,
+    }
+
+
+def worker_spec(spec: Spec, parent: Mapping[str, str]) -> Spec:
+    """The spec a worker receives: `spec` with malloc='auto' resolved in the parent's environment
+    to what an entry point would do there ('tuned' on a CPU host, 'default' where a GPU/TPU is
+    expected or CNNJAX_CPU_FAST=0, `xla_flags.malloc_wanted`). The worker itself runs with
+    CNNJAX_CPU_FAST=0 (`worker_env`), so it could not tell."""
+    if spec.malloc != "auto":
+        return spec
+    wanted = xla_flags.malloc_wanted(parent)
+    return dataclasses.replace(spec, malloc="tuned" if wanted else "default")
 
 
 def worker_env(spec: Spec, parent: Mapping[str, str]) -> dict[str, str]:
@@ -490,9 +544,6 @@ def worker_env(spec: Spec, parent: Mapping[str, str]) -> dict[str, str]:
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if spec.is_jax:
         env["XLA_FLAGS"] = worker_xla_flags(spec.xla, parent.get("XLA_FLAGS", ""))
-    # CNNJAX_CPU_FAST=0: the entry points leave the allocator alone, so 'auto' does
-    if not xla_flags.enabled(parent):
-        env[xla_flags.MALLOC_SWITCH] = "0"
     root = import_root(spec.runner or runner_path(spec.impl))
     paths = [p for p in parent.get("PYTHONPATH", "").split(os.pathsep) if p]
     if root is not None and root not in paths:
@@ -509,16 +560,22 @@ class Worker:
 
     def __init__(self, spec: Spec, timeout_s: float = 600.0):
         self.spec, self.timeout_s = spec, timeout_s
-        cmd = [sys.executable, "-c", _WORKER, json.dumps(dataclasses.asdict(spec))]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True,
-                                     env=worker_env(spec, os.environ))
+        sent = worker_spec(spec, os.environ)  # the allocator choice travels in the spec
+        cmd = [sys.executable, "-c", _WORKER, json.dumps(dataclasses.asdict(sent))]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=worker_env(spec, os.environ),
+        )
         self.info = self._receive()
 
     def _receive(self) -> dict[str, Any]:
         for line in self.proc.stdout:
             if line.startswith(_PREFIX):
-                msg = json.loads(line[len(_PREFIX):])
+                msg = json.loads(line[len(_PREFIX) :])
                 if "error" in msg:
                     raise RuntimeError(f"{self.spec.label}: {msg['error']}")
                 return msg
@@ -546,8 +603,15 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def run(specs: Sequence[Spec], *, rounds: int = 5, steps: int = 3, modes: Sequence[str] = MODES,
-        matmul_n: int = 2048, log: Callable[[str], None] | None = print) -> dict[str, Any]:
+def run(
+    specs: Sequence[Spec],
+    *,
+    rounds: int = 5,
+    steps: int = 3,
+    modes: Sequence[str] = MODES,
+    matmul_n: int = 2048,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
     """Benchmarks `specs` side by side; the first spec is the reference of the ratios.
 
     Args:
@@ -569,7 +633,9 @@ def run(specs: Sequence[Spec], *, rounds: int = 5, steps: int = 3, modes: Sequen
         raise ValueError("specs is empty: give at least one implementation")
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"duplicate workers {labels}: each implementation x XLA configuration once")
+        raise ValueError(
+            f"duplicate workers {labels}: each implementation x XLA configuration once"
+        )
     if rounds < 0 or steps < 1:
         raise ValueError(f"rounds={rounds} must be >= 0 (0: compile only) and steps={steps} >= 1")
     if matmul_n < 0:
@@ -578,8 +644,13 @@ def run(specs: Sequence[Spec], *, rounds: int = 5, steps: int = 3, modes: Sequen
     if bad or not modes:
         raise ValueError(f"modes={tuple(modes)}; choose from {MODES}")
     say = log or (lambda _: None)
-    result: dict[str, Any] = {"machine": machine_info(), "load_start": os.getloadavg(), "rounds": rounds,
-                              "steps": steps, "workers": []}
+    result: dict[str, Any] = {
+        "machine": machine_info(),
+        "load_start": os.getloadavg(),
+        "rounds": rounds,
+        "steps": steps,
+        "workers": [],
+    }
     workers: list[Worker] = []
     try:
         for spec in specs:
@@ -589,7 +660,10 @@ def run(specs: Sequence[Spec], *, rounds: int = 5, steps: int = 3, modes: Sequen
             except RuntimeError as e:
                 say(f"  skipped: {e}")
                 continue
-            say(f"  compiled: train {w.info['compile_train_s']:.1f} s, eval {w.info['compile_eval_s']:.1f} s")
+            say(
+                f"  compiled: train {w.info['compile_train_s']:.1f} s, "
+                f"eval {w.info['compile_eval_s']:.1f} s"
+            )
             workers.append(w)
         if not workers:
             raise RuntimeError("no worker started (see 'skipped' above)")
@@ -597,7 +671,7 @@ def run(specs: Sequence[Spec], *, rounds: int = 5, steps: int = 3, modes: Sequen
         cpu = {w.spec.label: {m: [] for m in modes} for w in workers}
         loads = []
         for r in range(rounds):
-            order = workers[r % len(workers):] + workers[:r % len(workers)] if workers else []
+            order = workers[r % len(workers) :] + workers[: r % len(workers)] if workers else []
             for w in order:
                 for m in modes:
                     answer = w.ask(f"run {m} {steps}")
@@ -605,11 +679,16 @@ def run(specs: Sequence[Spec], *, rounds: int = 5, steps: int = 3, modes: Sequen
                     cpu[w.spec.label][m].append(answer["cpu_s"] / steps)
             loads.append(os.getloadavg()[0])
             say(f"round {r + 1}/{rounds} done (load {loads[-1]:.1f})")
-        ceilings = {w.spec.label: w.ask(f"matmul {matmul_n} 3") if matmul_n and rounds else {} for w in workers}
+        ceilings = {
+            w.spec.label: w.ask(f"matmul {matmul_n} 3") if matmul_n and rounds else {}
+            for w in workers
+        }
         for w in workers:
             peak_rss = w.close().get("peak_rss_mib")
             label = w.spec.label
-            result["workers"].append(_summarise(w, times[label], cpu[label], ceilings[label], peak_rss, workers))
+            result["workers"].append(
+                _summarise(w, times[label], cpu[label], ceilings[label], peak_rss, workers)
+            )
     finally:
         for w in workers:
             if w.proc.poll() is None:
@@ -624,32 +703,59 @@ def run(specs: Sequence[Spec], *, rounds: int = 5, steps: int = 3, modes: Sequen
             base = times[ref][m]
             per_round = [b / t for b, t in zip(base, times[entry["label"]][m])]
             if per_round:
-                entry["ratio"][m] = {"median": _median(per_round), "min": min(per_round), "max": max(per_round)}
+                entry["ratio"][m] = {
+                    "median": _median(per_round),
+                    "min": min(per_round),
+                    "max": max(per_round),
+                }
     return result
 
 
-def _summarise(w: Worker, times: dict[str, list[float]], cpu: dict[str, list[float]], matmul: dict[str, Any],
-               peak_rss: float | None, workers: Sequence[Worker]) -> dict[str, Any]:
+def _summarise(
+    w: Worker,
+    times: dict[str, list[float]],
+    cpu: dict[str, list[float]],
+    matmul: dict[str, Any],
+    peak_rss: float | None,
+    workers: Sequence[Worker],
+) -> dict[str, Any]:
     """One worker's entry of `run`'s result (per-mode images/s, GFLOP/s, compile time, memory)."""
     spec, info = w.spec, dict(w.info)
     info.pop("ready", None)
     ceiling, peak_tflops = matmul.get("gflops"), info.get("peak_tflops")
-    macs = info.get("macs_per_image") or next((v.info.get("macs_per_image") for v in workers
-                                               if v.spec.model == spec.model and v.info.get("macs_per_image")), None)
-    entry = {"label": spec.label, "spec": dataclasses.asdict(spec), **info, "peak_rss_mib": peak_rss,
-             "matmul_gflops": ceiling, "matmul_n": matmul.get("n"), "modes": {}}
+    macs = info.get("macs_per_image") or next(
+        (
+            v.info.get("macs_per_image")
+            for v in workers
+            if v.spec.model == spec.model and v.info.get("macs_per_image")
+        ),
+        None,
+    )
+    entry = {
+        "label": spec.label,
+        "spec": dataclasses.asdict(spec),
+        **info,
+        "peak_rss_mib": peak_rss,
+        "matmul_gflops": ceiling,
+        "matmul_n": matmul.get("n"),
+        "modes": {},
+    }
     for m, ts in times.items():
         if not ts:
             continue
         ips = [spec.batch_size / t for t in ts]
         med = _median(ips)
         gflops = None if macs is None else med * macs * (6 if m == "train" else 2) / 1e9
-        entry["modes"][m] = {"images_per_s": med, "best_images_per_s": max(ips), "per_round": ips,
-                             "step_ms": 1e3 * _median(ts),
-                             "images_per_cpu_s": spec.batch_size / _median(cpu[m]),
-                             "gflops": gflops,
-                             "fraction_of_matmul": None if not (gflops and ceiling) else gflops / ceiling,
-                             "mfu": None if not (gflops and peak_tflops) else gflops / (1e3 * peak_tflops)}
+        entry["modes"][m] = {
+            "images_per_s": med,
+            "best_images_per_s": max(ips),
+            "per_round": ips,
+            "step_ms": 1e3 * _median(ts),
+            "images_per_cpu_s": spec.batch_size / _median(cpu[m]),
+            "gflops": gflops,
+            "fraction_of_matmul": None if not (gflops and ceiling) else gflops / ceiling,
+            "mfu": None if not (gflops and peak_tflops) else gflops / (1e3 * peak_tflops),
+        }
     return entry
 
 
@@ -667,48 +773,76 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     simd = sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
-    return {"cpu": model, "cores": os.cpu_count(), "simd": simd, "python": platform.python_version()}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "simd": simd,
+        "python": platform.python_version(),
+    }
 
 
 def format_report(result: dict[str, Any]) -> str:
     """The human-readable table of `run`'s result."""
     m = result["machine"]
-    lines = [f"machine: {m['cpu']}, {m['cores']} cores, {' '.join(m['simd'])}; "
-             f"load {result['load_start'][0]:.1f} -> {result['load_end'][0]:.1f}; "
-             f"{result['rounds']} rounds x {result['steps']} steps; ratios vs {result['reference']}"]
-    devices = sorted({e["device"] for e in result["workers"] if e.get("platform", "cpu") != "cpu" and e.get("device")})
+    lines = [
+        f"machine: {m['cpu']}, {m['cores']} cores, {' '.join(m['simd'])}; "
+        f"load {result['load_start'][0]:.1f} -> {result['load_end'][0]:.1f}; "
+        f"{result['rounds']} rounds x {result['steps']} steps; ratios vs {result['reference']}"
+    ]
+    devices = sorted(
+        {
+            e["device"]
+            for e in result["workers"]
+            if e.get("platform", "cpu") != "cpu" and e.get("device")
+        }
+    )
     if devices:
         lines.append(f"accelerator: {', '.join(devices)}")
-    head = (f"{'worker':28s} {'mode':5s} {'img/s':>7s} {'best':>7s} {'ms/step':>8s} {'ratio':>6s} {'[min-max]':>13s} "
-            f"{'img/CPUs':>8s} {'GFLOP/s':>8s} {'%mm':>4s} {'MFU%':>5s} {'compile':>8s} {'step MiB':>8s} "
-            f"{'RSS MiB':>8s}")
+    head = (
+        f"{'worker':28s} {'mode':5s} {'img/s':>7s} {'best':>7s} {'ms/step':>8s} {'ratio':>6s} "
+        f"{'[min-max]':>13s} {'img/CPUs':>8s} {'GFLOP/s':>8s} {'%mm':>4s} {'MFU%':>5s} "
+        f"{'compile':>8s} {'step MiB':>8s} "
+        f"{'RSS MiB':>8s}"
+    )
     lines += [head, "-" * len(head)]
     for e in result["workers"]:
         if not e["modes"]:
-            lines.append(f"{e['label']:28s} compile only: train {e['compile_train_s']:.1f} s "
-                         f"(CPU {e.get('compile_train_cpu_s', float('nan')):.1f} s), eval {e['compile_eval_s']:.1f} s")
+            lines.append(
+                f"{e['label']:28s} compile only: train {e['compile_train_s']:.1f} s "
+                f"(CPU {e.get('compile_train_cpu_s', float('nan')):.1f} s), "
+                f"eval {e['compile_eval_s']:.1f} s"
+            )
         for mode, r in e["modes"].items():
             ratio = e["ratio"][mode]
             frac = "" if r["fraction_of_matmul"] is None else f"{100 * r['fraction_of_matmul']:.0f}"
             mfu = "" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}"
             comp = e.get(f"compile_{mode}_s")
+            gflops = "" if r["gflops"] is None else format(r["gflops"], ".1f")
+            step_mib = e.get("train_step_mib")
+            rss = e.get("peak_rss_mib")
             lines.append(
-                f"{e['label']:28s} {mode:5s} {r['images_per_s']:7.1f} {r['best_images_per_s']:7.1f} "
-                f"{r.get('step_ms', float('nan')):8.2f} "
-                f"{ratio['median']:6.2f} {ratio['min']:6.2f}-{ratio['max']:<6.2f} {r['images_per_cpu_s']:8.1f} "
-                f"{'' if r['gflops'] is None else format(r['gflops'], '.1f'):>8s} {frac:>4s} {mfu:>5s} "
+                f"{e['label']:28s} {mode:5s} {r['images_per_s']:7.1f} "
+                f"{r['best_images_per_s']:7.1f} {r.get('step_ms', float('nan')):8.2f} "
+                f"{ratio['median']:6.2f} {ratio['min']:6.2f}-{ratio['max']:<6.2f} "
+                f"{r['images_per_cpu_s']:8.1f} {gflops:>8s} {frac:>4s} {mfu:>5s} "
                 f"{'' if comp is None else format(comp, '.1f') + ' s':>8s} "
-                f"{'' if e.get('train_step_mib') is None else format(e['train_step_mib'], '.0f'):>8s} "
-                f"{'' if e.get('peak_rss_mib') is None else format(e['peak_rss_mib'], '.0f'):>8s}")
-    ceil = ", ".join(f"{e['label']} {e['matmul_gflops']:.0f} (n={e.get('matmul_n')})"
-                     for e in result["workers"] if e["matmul_gflops"])
+                f"{'' if step_mib is None else format(step_mib, '.0f'):>8s} "
+                f"{'' if rss is None else format(rss, '.0f'):>8s}"
+            )
+    ceil = ", ".join(
+        f"{e['label']} {e['matmul_gflops']:.0f} (n={e.get('matmul_n')})"
+        for e in result["workers"]
+        if e["matmul_gflops"]
+    )
     if ceil:
         dtype = result["workers"][0]["spec"]["dtype"]
         lines.append(f"matmul ceiling (GFLOP/s, {dtype} square matmul): {ceil}")
     peaks = {e["peak_tflops"] for e in result["workers"] if e.get("peak_tflops")}
     if peaks:
-        lines.append(f"MFU: model FLOP/s (6 x multiply-adds per trained image, 2 x evaluated) over the datasheet "
-                     f"dense bf16 peak, {', '.join(f'{p:g}' for p in sorted(peaks))} TFLOP/s")
+        lines.append(
+            "MFU: model FLOP/s (6 x multiply-adds per trained image, 2 x evaluated) over the "
+            f"datasheet dense bf16 peak, {', '.join(f'{p:g}' for p in sorted(peaks))} TFLOP/s"
+        )
     return "\n".join(lines)
 
 
@@ -718,48 +852,94 @@ def format_report(result: dict[str, Any]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `python -m cnnjax bench` and `python -m experiments.bench`; `--impl` offers
     the implementations registered when this is called (`register`)."""
-    p.add_argument("--model", default="resnet20",
-                   help="registered model (the twins: CIFAR resnet/plain 6n+2)")
+    p.add_argument(
+        "--model", default="resnet20", help="registered model (the twins: CIFAR resnet/plain 6n+2)"
+    )
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--impl", nargs="+", default=list(_DEFAULTS), metavar="IMPL",
-                   help=f"implementations: {', '.join(implementations())} (default: "
-                        f"{' '.join(_DEFAULTS)}); the first (with the first --xla) is the "
-                        "reference of the ratios")
-    p.add_argument("--xla", nargs="+", default=["auto"],
-                   help="XLA configurations for the JAX implementations: names "
-                        f"({', '.join(xla_flags.CPU_PRESETS)}) or flag strings starting with "
-                        "'--'; auto (the default): 'fast' on a CPU host, 'default' where a "
-                        "GPU/TPU is expected (the CPU flags do nothing there)")
+    p.add_argument(
+        "--impl",
+        nargs="+",
+        default=list(_DEFAULTS),
+        metavar="IMPL",
+        help=f"implementations: {', '.join(implementations())} (default: "
+        f"{' '.join(_DEFAULTS)}); the first (with the first --xla) is the "
+        "reference of the ratios",
+    )
+    p.add_argument(
+        "--xla",
+        nargs="+",
+        default=["auto"],
+        help="XLA configurations for the JAX implementations: names "
+        f"({', '.join(xla_flags.CPU_PRESETS)}) or flag strings starting with "
+        "'--'; auto (the default): 'fast' on a CPU host, 'default' where a "
+        "GPU/TPU is expected (the CPU flags do nothing there)",
+    )
     p.add_argument("--scan_blocks", action="store_true", help="cnnjax ResNet with scanned blocks")
-    p.add_argument("--conv_vjp", nargs="+", choices=CONV_VJPS, default=["auto"],
-                   help="cnnjax convolution gradient paths to compare (auto: canonical on CPU)")
-    p.add_argument("--bn_vjp", nargs="+", choices=BN_VJPS, default=["auto"],
-                   help="cnnjax BatchNorm training gradient paths to compare "
-                        "(auto: fused on CPU)")
-    p.add_argument("--conv_backend", nargs="+", choices=CONV_BACKENDS, default=["auto"],
-                   help="cnnjax convolution libraries to compare (auto: oneDNN on the CPU where "
-                        "installed, see cnnjax.native)")
-    p.add_argument("--bn_backend", nargs="+", choices=BN_BACKENDS, default=["auto"],
-                   help="who computes cnnjax's BatchNorm passes, to compare (auto: the native "
-                        "kernels on the CPU where built)")
-    p.add_argument("--conv_weights", nargs="+", choices=CONV_WEIGHTS, default=["auto"],
-                   help="who computes the filter gradients of cnnjax's oneDNN convolutions, to "
-                        "compare (auto: cnnjax's own kernel where it applies, see "
-                        "cnnjax.settings conv_weights)")
-    p.add_argument("--malloc", nargs="+", choices=MALLOCS, default=["auto"],
-                   help="C allocator settings to compare, for every implementation (auto: as "
-                        "the entry points, tuned on a CPU host; tuned: "
-                        "cnnjax.xla_flags.tune_malloc)")
+    p.add_argument(
+        "--conv_vjp",
+        nargs="+",
+        choices=CONV_VJPS,
+        default=["auto"],
+        help="cnnjax convolution gradient paths to compare (auto: canonical on CPU)",
+    )
+    p.add_argument(
+        "--bn_vjp",
+        nargs="+",
+        choices=BN_VJPS,
+        default=["auto"],
+        help="cnnjax BatchNorm training gradient paths to compare (auto: fused on CPU)",
+    )
+    p.add_argument(
+        "--conv_backend",
+        nargs="+",
+        choices=CONV_BACKENDS,
+        default=["auto"],
+        help="cnnjax convolution libraries to compare (auto: oneDNN on the CPU where "
+        "installed, see cnnjax.native)",
+    )
+    p.add_argument(
+        "--bn_backend",
+        nargs="+",
+        choices=BN_BACKENDS,
+        default=["auto"],
+        help="who computes cnnjax's BatchNorm passes, to compare (auto: the native "
+        "kernels on the CPU where built)",
+    )
+    p.add_argument(
+        "--conv_weights",
+        nargs="+",
+        choices=CONV_WEIGHTS,
+        default=["auto"],
+        help="who computes the filter gradients of cnnjax's oneDNN convolutions, to "
+        "compare (auto: cnnjax's own kernel where it applies, see "
+        "cnnjax.settings conv_weights)",
+    )
+    p.add_argument(
+        "--malloc",
+        nargs="+",
+        choices=MALLOCS,
+        default=["auto"],
+        help="C allocator settings to compare, for every implementation (auto: as "
+        "the entry points, tuned on a CPU host; tuned: "
+        "cnnjax.xla_flags.tune_malloc)",
+    )
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="steps per worker, mode and round")
-    p.add_argument("--matmul", type=int, default=2048,
-                   help="n of the n^3 matmul ceiling, smaller where one product would take over "
-                        "0.5 s (0: skip)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="pin every worker to this many cores (torch threads too); 0: the "
-                        "libraries' defaults")
+    p.add_argument(
+        "--matmul",
+        type=int,
+        default=2048,
+        help="n of the n^3 matmul ceiling, smaller where one product would take over "
+        "0.5 s (0: skip)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="pin every worker to this many cores (torch threads too); 0: the libraries' defaults",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the full result as JSON")
 
 
@@ -780,16 +960,32 @@ def specs_from_args(args: argparse.Namespace) -> list[Spec]:
     for impl in args.impl:
         cls = Spec(impl).runner_class()  # an unknown name: ValueError naming the choices
         ours = cls.cnnjax_options
-        for xla in (args.xla if cls.uses_xla else ["default"]):
+        for xla in args.xla if cls.uses_xla else ["default"]:
             xla = auto_xla() if xla == "auto" else xla
             mine = (lambda values: values) if ours else (lambda values: ["auto"])  # noqa: E731
             for vjp, bn_vjp, backend, bn_backend, weights, malloc in itertools.product(
-                    mine(args.conv_vjp), mine(args.bn_vjp), mine(args.conv_backend),
-                    mine(args.bn_backend), mine(args.conv_weights), args.malloc):
-                spec = Spec(impl, args.model, args.batch_size, args.dtype, xla,
-                            scan_blocks=args.scan_blocks and ours, threads=args.threads,
-                            conv_vjp=vjp, bn_vjp=bn_vjp, malloc=malloc, conv_backend=backend,
-                            bn_backend=bn_backend, conv_weights=weights)
+                mine(args.conv_vjp),
+                mine(args.bn_vjp),
+                mine(args.conv_backend),
+                mine(args.bn_backend),
+                mine(args.conv_weights),
+                args.malloc,
+            ):
+                spec = Spec(
+                    impl,
+                    args.model,
+                    args.batch_size,
+                    args.dtype,
+                    xla,
+                    scan_blocks=args.scan_blocks and ours,
+                    threads=args.threads,
+                    conv_vjp=vjp,
+                    bn_vjp=bn_vjp,
+                    malloc=malloc,
+                    conv_backend=backend,
+                    bn_backend=bn_backend,
+                    conv_weights=weights,
+                )
                 if spec.label not in {s.label for s in specs}:
                     specs.append(spec.validate())
     kept, told = [], set()
@@ -799,8 +995,11 @@ def specs_from_args(args: argparse.Namespace) -> list[Spec]:
             kept.append(spec)
         elif spec.impl not in told:
             told.add(spec.impl)
-            print(f"{', '.join(missing)} not installed: skipping {spec.impl} "
-                  f"(pip install {' '.join(missing)})", file=sys.stderr)
+            print(
+                f"{', '.join(missing)} not installed: skipping {spec.impl} "
+                f"(pip install {' '.join(missing)})",
+                file=sys.stderr,
+            )
     return kept
 
 
@@ -810,9 +1009,14 @@ def run_from_args(args: argparse.Namespace, prog: str = "cnnjax bench") -> int:
         if not os.path.isdir(folder) or os.path.isdir(args.json):
             raise ValueError(f"--json {args.json!r}: give a file path in an existing directory")
     try:
-        result = run(specs_from_args(args), rounds=args.rounds, steps=args.steps,
-                     modes=args.modes, matmul_n=args.matmul,
-                     log=lambda s: print(s, file=sys.stderr))
+        result = run(
+            specs_from_args(args),
+            rounds=args.rounds,
+            steps=args.steps,
+            modes=args.modes,
+            matmul_n=args.matmul,
+            log=lambda s: print(s, file=sys.stderr),
+        )
     except RuntimeError as e:  # a worker died mid-run (out of memory, a crash in a library)
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
@@ -824,8 +1028,9 @@ def run_from_args(args: argparse.Namespace, prog: str = "cnnjax bench") -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None, *, prog: str = "cnnjax bench",
-         description: str | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, *, prog: str = "cnnjax bench", description: str | None = None
+) -> int:
     """`python -m cnnjax.bench` entry point, and `python -m experiments.bench`'s (its `prog`,
     after it registers the twins). Also runs a worker (`--worker SPEC_JSON`)."""
     argv = list(sys.argv[1:] if argv is None else argv)

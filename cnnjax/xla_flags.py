@@ -20,9 +20,10 @@ glibc on Linux): XLA CPU allocates each step's temporaries as one block (281 MiB
 batch-128 train step); glibc serves a block that large with mmap and unmaps it when it is freed,
 so every step page-faulted all of it anew (72k faults and 240 ms of kernel time in a 1.05 s step,
 PERFORMANCE.md section 8). Tuned, freed memory stays in the process and the next step reuses it:
-1.2-1.5x faster steps on one core. `CNNJAX_CPU_MALLOC=0` (or CNNJAX_CPU_FAST=0) leaves the
-allocator alone; `CNNJAX_CPU_MALLOC=1` tunes it on an accelerator host too, where it is off by
-default (not measured there, and one arena could slow many-threaded input pipelines).
+1.2-1.5x faster steps on one core. CNNJAX_CPU_FAST=0 leaves the allocator alone too. Where a
+GPU/TPU plugin is installed it is off by default (not measured there, and one arena could slow
+many-threaded input pipelines); `configure_cpu(malloc=True)` tunes it there too,
+`configure_cpu(malloc=False)` never (the argument replaces the former CNNJAX_CPU_MALLOC variable).
 
 This module imports nothing from JAX, so importing it never initialises a backend.
 """
@@ -41,16 +42,10 @@ import warnings
 from collections.abc import Mapping
 
 ENV_SWITCH = "CNNJAX_CPU_FAST"
-MALLOC_SWITCH = "CNNJAX_CPU_MALLOC"
 # glibc's mallopt() parameters (malloc.h) and the values tune_malloc() sets: no mmap for large
 # blocks, never give the top of the heap back, one arena (XLA's block comes from any thread).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _MALLOPTS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_ARENA_MAX, 1))
-
-# The layers' trace-time choices (cnnjax.settings, which imports no JAX either), named here for
-# the benchmark's command line.
-from cnnjax.settings import (BN_BACKENDS, BN_VJP_MODES, CONV_BACKENDS,  # noqa: E402,F401
-                             CONV_VJP_MODES, CONV_WEIGHTS)
 
 # Named XLA_FLAGS strings; the benchmark (`python -m cnnjax bench --xla NAME ...`) compares them
 # side by side, each in its own process. Measurements and reasons: PERFORMANCE.md.
@@ -92,19 +87,27 @@ def resolve(config: str) -> str:
         return CPU_PRESETS[config]
     if config.strip() == "" or config.lstrip().startswith("--"):
         return config.strip()
-    raise ValueError(f"unknown XLA configuration {config!r}: give a preset name ({', '.join(CPU_PRESETS)}) "
-                     "or a flag string starting with '--', e.g. '--xla_cpu_use_onednn=true'")
+    raise ValueError(
+        f"unknown XLA configuration {config!r}: give a preset name ({', '.join(CPU_PRESETS)}) "
+        "or a flag string starting with '--', e.g. '--xla_cpu_use_onednn=true'"
+    )
 
 
-def enabled(environ: Mapping[str, str] | None = None, switch: str = ENV_SWITCH, default: str = "1") -> bool:
-    """Whether an environment switch (CNNJAX_CPU_FAST by default) is on: 1/true/yes/on or empty, 0/false/no/off;
+def enabled(
+    environ: Mapping[str, str] | None = None, switch: str = ENV_SWITCH, default: str = "1"
+) -> bool:
+    """Whether an environment switch (CNNJAX_CPU_FAST by default) is on: 1/true/yes/on or empty,
+    0/false/no/off;
     `default` when unset; any other value raises ValueError."""
     value = (os.environ if environ is None else environ).get(switch, default).strip().lower()
     if value in ("0", "false", "no", "off"):
         return False
     if value in ("", "1", "true", "yes", "on"):
         return True
-    raise ValueError(f"{switch}={value!r}: use 1 (on) or 0 (off; unset means {'on' if default == '1' else 'off'})")
+    raise ValueError(
+        f"{switch}={value!r}: use 1 (on) or 0 (off; unset means "
+        f"{'on' if default == '1' else 'off'})"
+    )
 
 
 def accelerator_expected(environ: Mapping[str, str] | None = None) -> bool:
@@ -122,22 +125,27 @@ def accelerator_expected(environ: Mapping[str, str] | None = None) -> bool:
     return any(importlib.util.find_spec(name) is not None for name in ("jax_plugins", "libtpu"))
 
 
-def malloc_wanted(environ: Mapping[str, str] | None = None) -> bool:
-    """CNNJAX_CPU_MALLOC's value: 1 or 0 when set, else on unless an accelerator is expected."""
-    return enabled(environ, MALLOC_SWITCH, default="0" if accelerator_expected(environ) else "1")
+def malloc_wanted(environ: Mapping[str, str] | None = None, malloc: bool | None = None) -> bool:
+    """Whether `configure_cpu(malloc=malloc)` tunes the allocator under `environ`: never when
+    CNNJAX_CPU_FAST=0; else `malloc` when given (True: on an accelerator host too; False: not at
+    all); None: on unless an accelerator is expected (`accelerator_expected`)."""
+    if not enabled(environ):
+        return False
+    return not accelerator_expected(environ) if malloc is None else bool(malloc)
 
 
-def tune_malloc(environ: Mapping[str, str] | None = None, *, force: bool = False) -> bool:
+def tune_malloc(
+    environ: Mapping[str, str] | None = None, *, malloc: bool | None = None, force: bool = False
+) -> bool:
     """Keeps freed memory in the process (glibc: no mmap for large blocks, no trimming, one arena).
 
-    Applied when `force` or `malloc_wanted(environ)`: CNNJAX_CPU_MALLOC=1 or 0 decides; unset,
-    it is on unless an accelerator is expected (`accelerator_expected`).
+    Applied when `force` (whatever the environment) or `malloc_wanted(environ, malloc)`.
     Returns True when applied; False when not, off Linux, or without glibc's mallopt (musl, other
     platforms: nothing is changed). Process-wide and for the process's life: the resident size
     then stays at its peak, which a training process reaches every step anyway. Call it early,
     before threads start (the arena limit applies to threads that have none yet).
     """
-    if not (force or malloc_wanted(environ)):
+    if not (force or malloc_wanted(environ, malloc)):
         return False
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
@@ -184,37 +192,48 @@ def _backend_started() -> bool:
         return False
 
 
-def configure_cpu(config: str = FAST, *, environ: dict[str, str] | None = None) -> str:
+def configure_cpu(
+    config: str = FAST, *, environ: dict[str, str] | None = None, malloc: bool | None = None
+) -> str:
     """Adds the CPU fast-path flags to XLA_FLAGS (before JAX initialises its backend).
 
     Args:
       config: a CPU_PRESETS name or an XLA flag string (default: the measured winner).
       environ: the environment to change (os.environ by default; tests pass a dict).
+      malloc: the allocator tuning (`tune_malloc`): None (default) on a CPU host only, True on
+        a GPU/TPU host too, False never. CNNJAX_CPU_FAST=0 leaves it off whatever this says.
 
     Returns:
       The resulting XLA_FLAGS. Does nothing when CNNJAX_CPU_FAST=0; otherwise, for the process's
-      own environment, also calls `tune_malloc()` (CPU hosts; its switch: CNNJAX_CPU_MALLOC). Flags the user
-      already set keep the user's value; flags the installed jaxlib does not define are left out, with a
-      warning (XLA would abort on them). Warns, and changes nothing, when a JAX backend is
+      own environment, also calls `tune_malloc(malloc=malloc)`. Flags the user already set keep
+      the user's value; flags the installed jaxlib does not define are left out, with a warning
+      (XLA would abort on them). Warns, and changes nothing, when a JAX backend is
       already running (the flags would be ignored).
     """
     env = os.environ if environ is None else environ
     current = env.get("XLA_FLAGS", "")
     if not enabled(env):
         return current
-    if environ is None:  # the process's own allocator, not when a caller (a test) passes an environment
-        tune_malloc()
+    # The process's own allocator, not when a caller (a test) passes an environment.
+    if environ is None:
+        tune_malloc(malloc=malloc)
     flags = resolve(config).split()
     unknown = unknown_flags(config)
     if unknown:
-        warnings.warn(f"the installed jaxlib does not know {unknown}: not set (re-measure the CPU fast path "
-                      "for this jaxlib, see experiments/results/PERFORMANCE.md)", stacklevel=2)
+        warnings.warn(
+            f"the installed jaxlib does not know {unknown}: not set (re-measure the CPU fast path "
+            "for this jaxlib, see experiments/results/PERFORMANCE.md)",
+            stacklevel=2,
+        )
     merged = merge_flags(current, " ".join(f for f in flags if f not in unknown))
     if merged == current:
         return current
     if environ is None and _backend_started():
-        warnings.warn("cnnjax.xla_flags.configure_cpu() was called after JAX initialised its backend; "
-                      "the CPU flags are ignored. Call it before the first JAX computation.", stacklevel=2)
+        warnings.warn(
+            "cnnjax.xla_flags.configure_cpu() was called after JAX initialised its backend; "
+            "the CPU flags are ignored. Call it before the first JAX computation.",
+            stacklevel=2,
+        )
         return current
     env["XLA_FLAGS"] = merged
     return merged
