@@ -79,9 +79,11 @@ def real(value, name: str, *, traced_ok: bool = False):
         )
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
         f = float(value)
-    elif (getattr(value, "shape", None) == () and getattr(value, "dtype", None) is not None
-          and (jnp.issubdtype(value.dtype, jnp.floating)
-               or jnp.issubdtype(value.dtype, jnp.integer))):
+    elif (
+        getattr(value, "shape", None) == ()
+        and getattr(value, "dtype", None) is not None
+        and (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer))
+    ):
         f = float(value)
     else:
         raise ValueError(f"{name} must be a number (a Python float), got {value!r}")
@@ -115,9 +117,11 @@ def as_array(x, name: str):
     try:
         return jnp.asarray(x)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be an array (or something jnp.asarray converts), got "
-                         f"{type(x).__name__} "
-                         f"{x!r}: {e}") from None
+        raise ValueError(
+            f"{name} must be an array (or something jnp.asarray converts), got "
+            f"{type(x).__name__} "
+            f"{x!r}: {e}"
+        ) from None
 
 
 def pair(value: IntPair, name: str, *, minimum: int = 1) -> tuple[int, int]:
@@ -172,8 +176,10 @@ def check_key(rng, name: str) -> None:
         got = f"an array of dtype {dtype} and shape {shape}"
     else:
         got = repr(rng)
-    raise ValueError(f"{name} must be a single PRNG key such as jax.random.key(0) (in a module: "
-                     f"rngs={{'dropout': key}}), got {got}")
+    raise ValueError(
+        f"{name} must be a single PRNG key such as jax.random.key(0) (in a module: "
+        f"rngs={{'dropout': key}}), got {got}"
+    )
 
 
 def check_bn_rank(x, where: str = "") -> None:
@@ -198,8 +204,9 @@ def check_eps(eps, name: str = "eps"):
     return eps
 
 
-def check_channel_vectors(c: int, context: str, required: tuple[str, ...] = (), fix: str = "",
-                          **vectors) -> dict:
+def check_channel_vectors(
+    c: int, context: str, required: tuple[str, ...] = (), fix: str = "", **vectors
+) -> dict:
     """Each given vector as an array of shape (C,); None stays None unless its name is `required`.
     `context` ends the shape message, e.g. "for x of shape (8, 3)"."""
     out = {}
@@ -223,19 +230,24 @@ def conv_operands(x, kernel, groups) -> int:
     groups = positive_int(groups, "groups")
     c_in, (kh, kw, k_in, c_out) = x.shape[-1], kernel.shape
     if c_in == 0:
-        raise ValueError(f"x has 0 channels (shape {tuple(x.shape)}); a convolution needs at "
-                         "least one input channel")
+        raise ValueError(
+            f"x has 0 channels (shape {tuple(x.shape)}); a convolution needs at "
+            "least one input channel"
+        )
     if min(kh, kw, k_in, c_out) == 0:
         raise ValueError(
             f"kernel has a zero-size dimension (shape {tuple(kernel.shape)}); KH, KW, "
             "C_in // groups and C_out must all be >= 1"
         )
     if c_in % groups:
-        raise ValueError(f"groups={groups} must divide the input channels {c_in} "
-                         f"(x shape {tuple(x.shape)})")
+        raise ValueError(
+            f"groups={groups} must divide the input channels {c_in} (x shape {tuple(x.shape)})"
+        )
     if c_out % groups:
-        raise ValueError(f"groups={groups} must divide the output channels {c_out} "
-                         f"(kernel shape {tuple(kernel.shape)})")
+        raise ValueError(
+            f"groups={groups} must divide the output channels {c_out} "
+            f"(kernel shape {tuple(kernel.shape)})"
+        )
     if k_in * groups != c_in:
         raise ValueError(
             f"channel mismatch: x has {c_in} channels but kernel {tuple(kernel.shape)} expects "

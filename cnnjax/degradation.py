@@ -16,8 +16,8 @@ experiments/results/degradation_<preset>` refreshes the committed reference ther
                   device and the software versions
 
 The networks train on `cnnjax.train`'s engine as programs (one resumable workdir each, under
---workdir, default runs/degradation_<preset> as well; never committed): with the preset's `twins` the
-plain and residual nets of one depth are two members of one program, and --seeds K makes K
+--workdir, default runs/degradation_<preset> as well; never committed): with the preset's `twins`
+the plain and residual nets of one depth are two members of one program, and --seeds K makes K
 seeds of each network members too; the accelerator presets keep the data on the device and run
 many steps per call.
 
@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import Any
 
 from cnnjax.cli import ArgumentParser
+from cnnjax.reporting import atomic_write, out_dir, save_figure, write_csv
+from cnnjax.train import metrics as train_metrics
 from cnnjax.train.config import PRESETS as TRAIN_PRESETS
 from cnnjax.train.config import TrainConfig
-from cnnjax.train import metrics as train_metrics
-from cnnjax.reporting import atomic_write, out_dir, save_figure, write_csv
 
 # He et al. 2016, Table 6 (CIFAR-10 test error %, ResNets, option A; ResNet-110: best of 5 runs,
 # "6.61 +- 0.16" their mean) and Table 2 (ImageNet top-1 error %, 10-crop).
@@ -864,7 +864,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "cnnjax degradation") ->
         help="override TrainConfig fields for every network (e.g. num_steps=500)",
     )
     args = parser.parse_args(argv)
-    from cnnjax.train.config import parse_field, field_names
+    from cnnjax.train.config import field_names, parse_field
 
     overrides = {} if args.dtype is None else {"dtype": args.dtype}
     for item in args.set:

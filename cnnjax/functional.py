@@ -110,8 +110,14 @@ def resolve_padding(
     return pads  # type: ignore[return-value]
 
 
-def output_size(size: int, window: int, stride: int = 1, pad: int | tuple[int, int] = 0,
-                dilation: int = 1, ceil_mode: bool = False) -> int:
+def output_size(
+    size: int,
+    window: int,
+    stride: int = 1,
+    pad: int | tuple[int, int] = 0,
+    dilation: int = 1,
+    ceil_mode: bool = False,
+) -> int:
     """The lecture's output-size formula floor((W - K + 2P) / S) + 1, with dilation and ceil mode.
 
     0 when the (dilated) window does not fit the padded input. `pad` is an int or (lo, hi).
@@ -149,7 +155,10 @@ def output_size(size: int, window: int, stride: int = 1, pad: int | tuple[int, i
 
 def _conv_spatial(spatial, window, strides, pads, dilation) -> tuple[int, int]:
     """(H_out, W_out) of a convolution (`output_size` per axis)."""
-    h, w = (output_size(n, k, s, p, d) for n, k, s, p, d in zip(spatial, window, strides, pads, dilation))
+    h, w = (
+        output_size(n, k, s, p, d)
+        for n, k, s, p, d in zip(spatial, window, strides, pads, dilation)
+    )
     return h, w
 
 
@@ -169,7 +178,8 @@ def conv2d(
     vjp: str | None = None,
     backend: str | None = None,
 ) -> Array:
-    """2-D cross-correlation: out[n, i, j, o] = bias[o] + sum_{k, di, dj} w[di, dj, k, o] * x[n, ...].
+    """2-D cross-correlation: out[n, i, j, o] = bias[o] + sum_{k, di, dj} w[di,
+    dj, k, o] * x[n, ...].
 
     Args:
       x: input, (N, H, W, C_in).
@@ -207,15 +217,24 @@ def conv2d(
     if impl is not None:
         y = impl(x, kernel, strides, pads, dilations, precision)
     else:
-        y = lax.conv_general_dilated(x, kernel, window_strides=strides, padding=pads,
-                                     rhs_dilation=dilations, dimension_numbers=DIMENSION_NUMBERS,
-                                     feature_group_count=groups, precision=precision)
+        y = lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=strides,
+            padding=pads,
+            rhs_dilation=dilations,
+            dimension_numbers=DIMENSION_NUMBERS,
+            feature_group_count=groups,
+            precision=precision,
+        )
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y
 
 
-def dense(x: Array, kernel: Array, bias: Array | None = None, *, precision: lax.PrecisionLike = None) -> Array:
+def dense(
+    x: Array, kernel: Array, bias: Array | None = None, *, precision: lax.PrecisionLike = None
+) -> Array:
     """Fully connected layer: x @ kernel + bias over the last axis (integer x in float32)."""
     x, kernel = _floating(C.as_array(x, "x")), C.as_array(kernel, "kernel")
     bias = None if bias is None else C.as_array(bias, "bias")
@@ -223,15 +242,19 @@ def dense(x: Array, kernel: Array, bias: Array | None = None, *, precision: lax.
         raise ValueError(f"kernel must have rank 2 (in, out), got shape {tuple(kernel.shape)}")
     if x.ndim < 1:
         raise ValueError(
-            f"x must have a feature axis (shape (..., {kernel.shape[0]})), got a scalar; reshape it, e.g. x.reshape(1, -1)"
+            f"x must have a feature axis (shape (..., {kernel.shape[0]})), "
+            "got a scalar; reshape it, e.g. x.reshape(1, -1)"
         )
     if x.shape[-1] != kernel.shape[0]:
         raise ValueError(
-            f"x has {x.shape[-1]} features but kernel {tuple(kernel.shape)} expects {kernel.shape[0]}; "
-            "flatten the input or fix the layer's input size"
+            f"x has {x.shape[-1]} features but kernel {tuple(kernel.shape)} expects "
+            f"{kernel.shape[0]}; flatten the input or fix the layer's input size"
         )
     if bias is not None and bias.shape != (kernel.shape[1],):
-        raise ValueError(f"bias must have shape ({kernel.shape[1]},) (the kernel's outputs), got {tuple(bias.shape)}")
+        raise ValueError(
+            f"bias must have shape ({kernel.shape[1]},) (the kernel's outputs), "
+            f"got {tuple(bias.shape)}"
+        )
     y = jnp.matmul(x, kernel.astype(x.dtype), precision=precision)
     return y if bias is None else y + bias.astype(y.dtype)
 
@@ -240,7 +263,9 @@ def flatten(x: Array) -> Array:
     """Flattens all but the batch axis (NHWC order)."""
     x = C.as_array(x, "x")
     if x.ndim < 2:
-        raise ValueError(f"x must have a batch axis and at least one more, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"x must have a batch axis and at least one more, got shape {tuple(x.shape)}"
+        )
     return x.reshape(x.shape[0], -1)
 
 
@@ -272,8 +297,14 @@ def _pool_geometry(x, kernel_size, stride, padding, ceil_mode, name):
     return window, strides, pads
 
 
-def max_pool(x: Array, kernel_size: IntPair, stride: IntPair | None = None, padding: Padding = 0,
-             *, ceil_mode: bool = False) -> Array:
+def max_pool(
+    x: Array,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: Padding = 0,
+    *,
+    ceil_mode: bool = False,
+) -> Array:
     """Max pooling (padding never wins: it is -inf); stride defaults to the window."""
     x = C.as_array(x, "x")
     window, strides, pads = _pool_geometry(x, kernel_size, stride, padding, ceil_mode, "pooling")
@@ -287,21 +318,33 @@ def max_pool(x: Array, kernel_size: IntPair, stride: IntPair | None = None, padd
     elif jnp.issubdtype(x.dtype, jnp.bool_):
         init = np.array(False)
     else:
-        raise ValueError(f"max_pool needs a real x (float, int or bool), got dtype {x.dtype}; convert x first")
-    return lax.reduce_window(x, init, lax.max, (1, *window, 1), (1, *strides, 1),
-                             ((0, 0), *pads, (0, 0)))
+        raise ValueError(
+            f"max_pool needs a real x (float, int or bool), got dtype {x.dtype}; convert x first"
+        )
+    return lax.reduce_window(
+        x, init, lax.max, (1, *window, 1), (1, *strides, 1), ((0, 0), *pads, (0, 0))
+    )
 
 
-def avg_pool(x: Array, kernel_size: IntPair, stride: IntPair | None = None, padding: Padding = 0,
-             *, ceil_mode: bool = False, count_include_pad: bool = True) -> Array:
+def avg_pool(
+    x: Array,
+    kernel_size: IntPair,
+    stride: IntPair | None = None,
+    padding: Padding = 0,
+    *,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+) -> Array:
     """Average pooling. count_include_pad counts the explicit zero padding in the divisor
     (PyTorch's default); the extra far-side padding of ceil_mode is never counted. Integer x is
     averaged in float32."""
     x = C.as_array(x, "x")
     count_include_pad = C.flag(count_include_pad, "count_include_pad")
     if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
-        raise ValueError(f"avg_pool needs a numeric x (float or int), got dtype {x.dtype}; "
-                         "convert it first, e.g. x.astype(jnp.float32)")
+        raise ValueError(
+            f"avg_pool needs a numeric x (float or int), got dtype {x.dtype}; "
+            "convert it first, e.g. x.astype(jnp.float32)"
+        )
     x = _floating(x)
     window, strides, pads = _pool_geometry(x, kernel_size, stride, padding, ceil_mode, "pooling")
     dims, wstrides, wpads = (1, *window, 1), (1, *strides, 1), ((0, 0), *pads, (0, 0))
@@ -312,7 +355,9 @@ def avg_pool(x: Array, kernel_size: IntPair, stride: IntPair | None = None, padd
         user = resolve_padding(padding, x.shape[1:3], window, strides)
         ones = jnp.pad(ones, ((0, 0), *user, (0, 0)), constant_values=1)
         extra = tuple((lo - ulo, hi - uhi) for (lo, hi), (ulo, uhi) in zip(pads, user))
-        count = lax.reduce_window(ones, np.array(0, x.dtype), lax.add, dims, wstrides, ((0, 0), *extra, (0, 0)))
+        count = lax.reduce_window(
+            ones, np.array(0, x.dtype), lax.add, dims, wstrides, ((0, 0), *extra, (0, 0))
+        )
     else:
         count = lax.reduce_window(ones, np.array(0, x.dtype), lax.add, dims, wstrides, wpads)
     return total / count
@@ -324,8 +369,8 @@ def _check_global_pool_input(x, keepdims, name: str):
     C.flag(keepdims, "keepdims")
     if x.shape[1] == 0 or x.shape[2] == 0:
         raise ValueError(
-            f"x has an empty spatial extent (shape {tuple(x.shape)}); {name} needs H >= 1 and W >= 1 "
-            "(the pool of zero positions is undefined): check the layers before it"
+            f"x has an empty spatial extent (shape {tuple(x.shape)}); {name} needs H >= 1 and W >= "
+            "1 (the pool of zero positions is undefined): check the layers before it"
         )
     return x
 
@@ -343,9 +388,15 @@ def adaptive_avg_pool(x: Array, size: IntPair) -> Array:
     for axis, out in zip((1, 2), sizes):
         n = x.shape[axis]
         if n != out:
-            x = jnp.concatenate([
-                lax.slice_in_dim(x, i * n // out, -(-(i + 1) * n // out), axis=axis)
-                .mean(axis=axis, keepdims=True) for i in range(out)], axis=axis)
+            x = jnp.concatenate(
+                [
+                    lax.slice_in_dim(x, i * n // out, -(-(i + 1) * n // out), axis=axis).mean(
+                        axis=axis, keepdims=True
+                    )
+                    for i in range(out)
+                ],
+                axis=axis,
+            )
     return x
 
 
@@ -396,15 +447,25 @@ def _bn_affine(mean, var, scale, bias, eps):
     return mul, add
 
 
-def batch_norm_apply(x: Array, mean: Array, var: Array, scale: Array | None, bias: Array | None,
-                     *, eps: float = 1e-5) -> Array:
+def batch_norm_apply(
+    x: Array, mean: Array, var: Array, scale: Array | None, bias: Array | None, *, eps: float = 1e-5
+) -> Array:
     """y = (x - mean) / sqrt(var + eps) * scale + bias, folded to one multiply-add per element."""
     x = C.as_array(x, "x")
     if x.ndim < 1:
-        raise ValueError("x must have a channel axis (last), got a scalar; pass (..., C) with C = mean.shape[0]")
+        raise ValueError(
+            "x must have a channel axis (last), got a scalar; pass (..., C) with C = mean.shape[0]"
+        )
     eps = C.check_eps(eps)
-    vs = C.check_channel_vectors(x.shape[-1], f"for x of shape {tuple(x.shape)}", ("mean", "var"),
-                                mean=mean, var=var, scale=scale, bias=bias)
+    vs = C.check_channel_vectors(
+        x.shape[-1],
+        f"for x of shape {tuple(x.shape)}",
+        ("mean", "var"),
+        mean=mean,
+        var=var,
+        scale=scale,
+        bias=bias,
+    )
     mul, add = _bn_affine(vs["mean"], vs["var"], vs["scale"], vs["bias"], eps)
     return (x * mul.astype(x.dtype) + add.astype(x.dtype)).astype(x.dtype)
 
@@ -415,8 +476,10 @@ def _resolve_activation(activation):
         return activation
     if isinstance(activation, str):
         return get_activation(activation)
-    raise TypeError(f"activation must be None, a name ({', '.join(sorted(ACTIVATIONS))}) or a function, "
-                    f"got {type(activation).__name__}")
+    raise TypeError(
+        f"activation must be None, a name ({', '.join(sorted(ACTIVATIONS))}) or a function, "
+        f"got {type(activation).__name__}"
+    )
 
 
 def batch_norm(
@@ -466,24 +529,36 @@ def batch_norm(
     C.check_bn_rank(x)
     train = C.flag(train, "train")
     if train and x.size == 0:
-        raise ValueError(f"batch_norm in training needs at least one value per channel, got x of "
-                         f"shape {tuple(x.shape)}: the statistics of an empty batch are 0 / 0")
+        raise ValueError(
+            f"batch_norm in training needs at least one value per channel, got x of "
+            f"shape {tuple(x.shape)}: the statistics of an empty batch are 0 / 0"
+        )
     momentum = C.real(momentum, "momentum")
     if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1] (Flax convention, 0.9 = PyTorch's 0.1), got {momentum}")
+        raise ValueError(
+            f"momentum must be in [0, 1] (Flax convention, 0.9 = PyTorch's 0.1), got {momentum}"
+        )
     eps = C.check_eps(eps)
     act = _resolve_activation(activation)
     if residual is not None:
         residual = _floating(C.as_array(residual, "residual"))
         if residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, "
-                             f"got {tuple(residual.shape)}")
-    vs = C.check_channel_vectors(x.shape[-1], f"for x of shape {tuple(x.shape)}",
-                                 ("running_mean", "running_var"),
-                                 "; start from zeros (mean) and ones (var)", scale=scale, bias=bias,
-                                 running_mean=running_mean, running_var=running_var)
-    scale, bias, running_mean, running_var = (vs[k] for k in ("scale", "bias", "running_mean",
-                                                              "running_var"))
+            raise ValueError(
+                f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
+            )
+    vs = C.check_channel_vectors(
+        x.shape[-1],
+        f"for x of shape {tuple(x.shape)}",
+        ("running_mean", "running_var"),
+        "; start from zeros (mean) and ones (var)",
+        scale=scale,
+        bias=bias,
+        running_mean=running_mean,
+        running_var=running_var,
+    )
+    scale, bias, running_mean, running_var = (
+        vs[k] for k in ("scale", "bias", "running_mean", "running_var")
+    )
     # Faster code for the same math where there is some (cnnjax.backends.batch_norm): the native
     # kernels (which fuse the residual and a ReLU), or a hand-written training gradient.
     choice = _bn_backend.select(x, residual, vjp=vjp, backend=backend)
@@ -500,8 +575,9 @@ def batch_norm(
         new_stats = (new_mean, new_var)
     else:
         if choice.native:
-            y = _bn_backend.evaluate(x, running_mean, running_var, scale, bias, eps, residual,
-                                     relu=fuse_relu)
+            y = _bn_backend.evaluate(
+                x, running_mean, running_var, scale, bias, eps, residual, relu=fuse_relu
+            )
         else:
             y = batch_norm_apply(x, running_mean, running_var, scale, bias, eps=eps)
         new_stats = (running_mean, running_var)
@@ -537,11 +613,21 @@ def fold_batch_norm(
     """
     kernel = C.as_array(kernel, "kernel")
     if kernel.ndim < 2:
-        raise ValueError(f"kernel must be a conv (HWIO) or dense (IO) kernel, got shape {tuple(kernel.shape)}")
+        raise ValueError(
+            f"kernel must be a conv (HWIO) or dense (IO) kernel, got shape {tuple(kernel.shape)}"
+        )
     eps = C.check_eps(eps)
     c_out = kernel.shape[-1]
-    vs = C.check_channel_vectors(c_out, f"to match kernel {tuple(kernel.shape)}", ("mean", "var"),
-                                bias=bias, scale=scale, shift=shift, mean=mean, var=var)
+    vs = C.check_channel_vectors(
+        c_out,
+        f"to match kernel {tuple(kernel.shape)}",
+        ("mean", "var"),
+        bias=bias,
+        scale=scale,
+        shift=shift,
+        mean=mean,
+        var=var,
+    )
     bias, scale, shift, mean, var = vs["bias"], vs["scale"], vs["shift"], vs["mean"], vs["var"]
     g = lax.rsqrt(var.astype(jnp.float32) + eps)
     if scale is not None:
@@ -576,21 +662,32 @@ def local_response_norm(
     # (and a fractional power of a negative base), alpha < 0 a negative base for large inputs.
     k = C.real(k, "k", traced_ok=True)
     if isinstance(k, float) and not k > 0:
-        raise ValueError(f"k must be > 0, got {k!r}; with k <= 0 a window of zeros gives 0 / 0 = NaN (the paper uses k = 2)")
+        raise ValueError(
+            f"k must be > 0, got {k!r}; with k <= 0 a window "
+            "of zeros gives 0 / 0 = NaN (the paper uses k = 2)"
+        )
     alpha = C.real(alpha, "alpha", traced_ok=True)
     if isinstance(alpha, float) and alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha!r}; a negative alpha makes k + alpha * sum(a^2) negative "
-                         "for large activations, and its power NaN (the paper uses 1e-4)")
+        raise ValueError(
+            f"alpha must be >= 0, got {alpha!r}; a negative alpha makes k + alpha * sum(a^2) "
+            "negative for large activations, and its power NaN (the paper uses 1e-4)"
+        )
     beta = C.real(beta, "beta", traced_ok=True)
     a = alpha / size if alpha_over_n else alpha
     sq = jnp.square(x.astype(jnp.float32))
     half = size // 2
-    window_sum = lax.reduce_window(sq, 0.0, lax.add, (1, 1, 1, size), (1, 1, 1, 1),
-                                   ((0, 0), (0, 0), (0, 0), (half, size - 1 - half)))
+    window_sum = lax.reduce_window(
+        sq,
+        0.0,
+        lax.add,
+        (1, 1, 1, size),
+        (1, 1, 1, 1),
+        ((0, 0), (0, 0), (0, 0), (half, size - 1 - half)),
+    )
     return (x.astype(jnp.float32) / jnp.power(k + a * window_sum, beta)).astype(x.dtype)
 
 
-# --------------------------------------------------------------------------- regularisation and activations
+# ------------------------------------------------------------------- regularisation and activations
 
 
 def dropout(x: Array, rate: float, rng: Array | None, *, deterministic: bool) -> Array:
@@ -624,8 +721,14 @@ softmax = jax.nn.softmax
 log_softmax = jax.nn.log_softmax
 
 ACTIVATIONS = {
-    "relu": relu, "relu6": relu6, "leaky_relu": leaky_relu, "elu": elu, "gelu": gelu,
-    "sigmoid": sigmoid, "tanh": tanh, "identity": lambda x: x,
+    "relu": relu,
+    "relu6": relu6,
+    "leaky_relu": leaky_relu,
+    "elu": elu,
+    "gelu": gelu,
+    "sigmoid": sigmoid,
+    "tanh": tanh,
+    "identity": lambda x: x,
 }
 
 
@@ -634,30 +737,45 @@ def get_activation(name: str):
     try:
         return ACTIVATIONS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+        raise ValueError(
+            f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}"
+        ) from None
 
 
-def conv_output_shape(input_shape: Sequence[int], kernel_size: IntPair, features: int, *, stride: IntPair = 1,
-                      padding: Padding = 0, dilation: IntPair = 1) -> tuple[int, int, int, int]:
+def conv_output_shape(
+    input_shape: Sequence[int],
+    kernel_size: IntPair,
+    features: int,
+    *,
+    stride: IntPair = 1,
+    padding: Padding = 0,
+    dilation: IntPair = 1,
+) -> tuple[int, int, int, int]:
     """Static output shape of conv2d for an NHWC input shape; raises where conv2d would."""
     dims = C.ints(input_shape, 4)
     if dims is None or min(dims) < 0:
         raise ValueError(
-            f"input_shape must be an NHWC shape (N, H, W, C) of 4 non-negative ints, got {input_shape!r}; "
-            "add the batch dimension, e.g. (1, *shape)"
+            "input_shape must be an NHWC shape (N, H, W, C) of 4 non-negative ints, got "
+            f"{input_shape!r}; add the batch dimension, e.g. (1, *shape)"
         )
     if dims[3] == 0:
-        raise ValueError(f"input_shape has 0 channels ({input_shape!r}); a convolution needs at least one input channel")
+        raise ValueError(
+            f"input_shape has 0 channels ({input_shape!r}); "
+            "a convolution needs at least one input channel"
+        )
     features = C.positive_int(features, "features")
-    k, s, d = C.pair(kernel_size, "kernel_size"), C.pair(stride, "stride"), C.pair(dilation, "dilation")
+    k, s, d = (
+        C.pair(kernel_size, "kernel_size"),
+        C.pair(stride, "stride"),
+        C.pair(dilation, "dilation"),
+    )
     spatial = (dims[1], dims[2])
     pads = resolve_padding(padding, spatial, k, s, d)
     C.check_window_fits(spatial, k, d, pads, "kernel", "kernel_size")
     return (dims[0], *_conv_spatial(spatial, k, s, pads, d), features)
 
 
-
-# --------------------------------------------------------------------------- defaults (cnnjax.settings)
+# ----------------------------------------------------------------------- defaults (cnnjax.settings)
 
 
 def conv2d_backend(mode: str) -> settings.using:

@@ -49,7 +49,9 @@ def get_initializer(init: str | Initializer) -> Initializer:
     try:
         return INITIALIZERS[init]
     except KeyError:
-        raise ValueError(f"unknown initializer {init!r}; choose one of {sorted(INITIALIZERS)} or pass a callable") from None
+        raise ValueError(
+            f"unknown initializer {init!r}; choose one of {sorted(INITIALIZERS)} or pass a callable"
+        ) from None
 
 
 class Conv(nn.Module):
@@ -86,7 +88,9 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         if x.ndim != 4:
-            raise ValueError(f"{self.name or 'Conv'}: x must be NHWC (rank 4), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{self.name or 'Conv'}: x must be NHWC (rank 4), got shape {tuple(x.shape)}"
+            )
         where = self.name or "Conv"
         features = C.positive_int(self.features, f"{where}: features")
         groups = C.positive_int(self.groups, f"{where}: groups")
@@ -97,13 +101,28 @@ class Conv(nn.Module):
                 f"{c_in} and features={features}"
             )
         kh, kw = C.pair(self.kernel_size, "kernel_size")
-        kernel = self.param("kernel", get_initializer(self.kernel_init),
-                            (kh, kw, c_in // groups, features), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (features,), self.param_dtype) if self.use_bias else None
+        kernel = self.param(
+            "kernel",
+            get_initializer(self.kernel_init),
+            (kh, kw, c_in // groups, features),
+            self.param_dtype,
+        )
+        bias = (
+            self.param("bias", self.bias_init, (features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
         dtype = F.compute_dtype(x, self.dtype)
-        return F.conv2d(x.astype(dtype), kernel.astype(dtype), None if bias is None else bias.astype(dtype),
-                        stride=self.strides, padding=self.padding, dilation=self.dilation,
-                        groups=groups, precision=self.precision)
+        return F.conv2d(
+            x.astype(dtype),
+            kernel.astype(dtype),
+            None if bias is None else bias.astype(dtype),
+            stride=self.strides,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=groups,
+            precision=self.precision,
+        )
 
 
 class Dense(nn.Module):
@@ -131,11 +150,21 @@ class Dense(nn.Module):
         if x.ndim < 1:
             raise ValueError(f"{self.name or 'Dense'}: x must have a feature axis, got a scalar")
         features = C.positive_int(self.features, f"{self.name or 'Dense'}: features")
-        kernel = self.param("kernel", get_initializer(self.kernel_init), (x.shape[-1], features), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (features,), self.param_dtype) if self.use_bias else None
+        kernel = self.param(
+            "kernel", get_initializer(self.kernel_init), (x.shape[-1], features), self.param_dtype
+        )
+        bias = (
+            self.param("bias", self.bias_init, (features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
         dtype = F.compute_dtype(x, self.dtype)
-        return F.dense(x.astype(dtype), kernel.astype(dtype), None if bias is None else bias.astype(dtype),
-                       precision=self.precision)
+        return F.dense(
+            x.astype(dtype),
+            kernel.astype(dtype),
+            None if bias is None else bias.astype(dtype),
+            precision=self.precision,
+        )
 
 
 class BatchNorm(nn.Module):
@@ -166,9 +195,17 @@ class BatchNorm(nn.Module):
     dtype: Dtype | None = None
 
     @nn.compact
-    def __call__(self, x: Array, use_running_average: bool | None = None, *, residual: Array | None = None,
-                 activation=None) -> Array:
-        use_running_average = merge_param("use_running_average", self.use_running_average, use_running_average)
+    def __call__(
+        self,
+        x: Array,
+        use_running_average: bool | None = None,
+        *,
+        residual: Array | None = None,
+        activation=None,
+    ) -> Array:
+        use_running_average = merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
         where = self.name or "BatchNorm"
         C.check_bn_rank(x, f"{where}: ")  # before the statistics' shapes are taken from x
         C.check_eps(self.epsilon, f"{where}: epsilon")
@@ -180,11 +217,18 @@ class BatchNorm(nn.Module):
         initializing = self.is_initializing()
         dtype = F.compute_dtype(x, self.dtype)
         y, (mean, var) = F.batch_norm(
-            x.astype(dtype), scale, bias, ra_mean.value, ra_var.value,
-            train=not use_running_average, momentum=self.momentum, eps=self.epsilon,
+            x.astype(dtype),
+            scale,
+            bias,
+            ra_mean.value,
+            ra_var.value,
+            train=not use_running_average,
+            momentum=self.momentum,
+            eps=self.epsilon,
             # No mapped axis exists while initialising outside pmap/shard_map.
             axis_name=None if initializing else self.axis_name,
-            residual=None if residual is None else residual.astype(dtype), activation=activation,
+            residual=None if residual is None else residual.astype(dtype),
+            activation=activation,
         )
         if not use_running_average and not initializing:
             ra_mean.value, ra_var.value = mean, var
@@ -195,8 +239,12 @@ def batch_norm_for(model: nn.Module, train: bool) -> Callable[..., BatchNorm]:
     """`BatchNorm` configured from a network's fields: running averages unless `train`, and the
     network's `bn_momentum`, `bn_epsilon` (where it has one), `bn_axis_name` and `dtype`. The
     networks build every BatchNorm layer through it: `norm = batch_norm_for(self, train)`."""
-    kwargs = dict(use_running_average=not train, momentum=model.bn_momentum, axis_name=model.bn_axis_name,
-                  dtype=model.dtype)
+    kwargs = dict(
+        use_running_average=not train,
+        momentum=model.bn_momentum,
+        axis_name=model.bn_axis_name,
+        dtype=model.dtype,
+    )
     if hasattr(model, "bn_epsilon"):
         kwargs["epsilon"] = model.bn_epsilon
     return functools.partial(BatchNorm, **kwargs)
@@ -218,7 +266,9 @@ class LocalResponseNorm(nn.Module):
     alpha_over_n: bool = False
 
     def __call__(self, x: Array) -> Array:
-        return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k, alpha_over_n=self.alpha_over_n)
+        return F.local_response_norm(
+            x, self.size, self.alpha, self.beta, self.k, alpha_over_n=self.alpha_over_n
+        )
 
 
 class Dropout(nn.Module):
@@ -257,8 +307,14 @@ class AvgPool(nn.Module):
     count_include_pad: bool = True
 
     def __call__(self, x: Array) -> Array:
-        return F.avg_pool(x, self.window, self.strides, self.padding, ceil_mode=self.ceil_mode,
-                          count_include_pad=self.count_include_pad)
+        return F.avg_pool(
+            x,
+            self.window,
+            self.strides,
+            self.padding,
+            ceil_mode=self.ceil_mode,
+            count_include_pad=self.count_include_pad,
+        )
 
 
 class GlobalAvgPool(nn.Module):

@@ -39,8 +39,14 @@ ONEDNN_THREADS = ("xla", "omp")
 BN_BACKENDS = ("auto", "native", "xla")
 BN_VJP_MODES = ("auto", "fused", "autodiff")
 
-_MODES = {"conv_backend": CONV_BACKENDS, "conv_vjp": CONV_VJP_MODES, "conv_weights": CONV_WEIGHTS,
-          "onednn_threads": ONEDNN_THREADS, "bn_backend": BN_BACKENDS, "bn_vjp": BN_VJP_MODES}
+_MODES = {
+    "conv_backend": CONV_BACKENDS,
+    "conv_vjp": CONV_VJP_MODES,
+    "conv_weights": CONV_WEIGHTS,
+    "onednn_threads": ONEDNN_THREADS,
+    "bn_backend": BN_BACKENDS,
+    "bn_vjp": BN_VJP_MODES,
+}
 
 
 @dataclasses.dataclass(frozen=True)

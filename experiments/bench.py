@@ -38,8 +38,9 @@ def register_twins() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     register_twins()
-    return bench.main(argv, prog="python -m experiments.bench",
-                      description=__doc__.split("\n\n")[0])
+    return bench.main(
+        argv, prog="python -m experiments.bench", description=__doc__.split("\n\n")[0]
+    )
 
 
 if __name__ == "__main__":

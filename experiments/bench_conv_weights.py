@@ -14,7 +14,6 @@ PERFORMANCE.md section 12 has what this measured.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -22,7 +21,11 @@ import time
 
 from cnnjax.cli import ArgumentParser
 
-LAYERS = ((16, 16, 32, 1), (32, 32, 16, 1), (64, 64, 8, 1))  # (in, out channels, input side, stride)
+LAYERS = (
+    (16, 16, 32, 1),
+    (32, 32, 16, 1),
+    (64, 64, 8, 1),
+)  # (in, out channels, input side, stride)
 MODES = ("direct", "onednn")
 
 
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or args.rounds < 1 or args.threads < 0:
         p.error("--batch_size and --rounds must be >= 1, --threads >= 0")
     if args.threads:
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
 
     from cnnjax import xla_flags
 
@@ -50,11 +53,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the native kernels are unavailable: {native.unavailable_reason()}", file=sys.stderr)
         return 1
     if not native.direct_conv_weights():
-        print("this library was built without AVX2/FMA: oneDNN computes every filter gradient", file=sys.stderr)
+        print(
+            "this library was built without AVX2/FMA: oneDNN computes every filter gradient",
+            file=sys.stderr,
+        )
         return 1
     rng = np.random.default_rng(0)
-    print(f"batch {args.batch_size}, {len(os.sched_getaffinity(0))} cores, oneDNN {native.dnnl_version()}")
-    print(f"{'layer':>22} {'kernel ms':>10} {'GFLOP/s':>8} {'oneDNN ms':>10} {'GFLOP/s':>8}  oneDNN/kernel [min-max]")
+    print(
+        f"batch {args.batch_size}, {len(os.sched_getaffinity(0))} cores, "
+        f"oneDNN {native.dnnl_version()}"
+    )
+    print(
+        f"{'layer':>22} {'kernel ms':>10} {'GFLOP/s':>8} "
+        f"{'oneDNN ms':>10} {'GFLOP/s':>8}  oneDNN/kernel [min-max]"
+    )
     for cin, cout, side, stride in LAYERS:
         out = (side - 1) // stride + 1
         geometry = ((stride, stride), ((1, 1), (1, 1)), (1, 1))
@@ -63,8 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         fns = {}
         for mode in MODES:
             with settings.using(conv_weights=mode):  # compiled under it: no retrace outside
-                fns[mode] = jax.jit(lambda x, dy, g=geometry, c=cin, o=cout: onednn.conv_backward_weights(
-                    x, dy, g, (3, 3, c, o))).lower(x, dy).compile()
+                fns[mode] = (
+                    jax.jit(
+                        lambda x, dy, g=geometry, c=cin, o=cout: onednn.conv_backward_weights(
+                            x, dy, g, (3, 3, c, o)
+                        )
+                    )
+                    .lower(x, dy)
+                    .compile()
+                )
             fns[mode](x, dy).block_until_ready()
         times = {mode: [] for mode in MODES}
         for _ in range(args.rounds):
@@ -75,9 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         flop = 2 * args.batch_size * out * out * 9 * cin * cout
         ratios = [b / a for a, b in zip(times["direct"], times["onednn"])]
         best = {mode: min(t) for mode, t in times.items()}
-        print(f"{f'{cin} -> {cout}, {side}x{side}/{stride}':>22} {best['direct'] * 1e3:10.2f} {flop / best['direct'] / 1e9:8.1f} "
-              f"{best['onednn'] * 1e3:10.2f} {flop / best['onednn'] / 1e9:8.1f}  {statistics.median(ratios):.2f} "
-              f"[{min(ratios):.2f}-{max(ratios):.2f}]")
+        print(
+            f"{f'{cin} -> {cout}, {side}x{side}/{stride}':>22} {best['direct'] * 1e3:10.2f} "
+            f"{flop / best['direct'] / 1e9:8.1f} {best['onednn'] * 1e3:10.2f} "
+            f"{flop / best['onednn'] / 1e9:8.1f}  {statistics.median(ratios):.2f} "
+            f"[{min(ratios):.2f}-{max(ratios):.2f}]"
+        )
     return 0
 
 

@@ -14,7 +14,6 @@ pipeline / train is well above 1 and fed / train is close to 1. The train column
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -22,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cnnjax.cli import ArgumentParser
 from cnnjax import data
+from cnnjax.cli import ArgumentParser
 
 
 def pipeline_rate(pipe: data.Pipeline, steps: int, warmup: int = 2) -> float:
@@ -99,7 +98,8 @@ def train_rates(model_name: str, pipe: data.Pipeline, steps: int):
 def main(argv=None) -> None:
     from cnnjax import xla_flags
 
-    xla_flags.configure_cpu()  # the measured CPU fast path, before JAX starts (CNNJAX_CPU_FAST=0: off)
+    # the measured CPU fast path, before JAX starts (CNNJAX_CPU_FAST=0: off)
+    xla_flags.configure_cpu()
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=50, help="timed steps per measurement")
     parser.add_argument("--batch_size", type=int, default=128)

@@ -24,7 +24,6 @@ Data: CIFAR-10 from --data_dir (`cifar10.npz` or a tfds directory), else the emb
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -34,8 +33,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: the repository root on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cnnjax.cli import ArgumentParser
 from cnnjax import xla_flags  # noqa: E402
+from cnnjax.cli import ArgumentParser
 
 
 def variants(
@@ -93,8 +92,13 @@ def bench(model: str, dtype: str, args) -> dict[str, Any]:
 
     # The engine is driven directly: nothing is logged, evaluated or saved.
     base = train.get_preset("cifar_resnet").replace(
-        model=model, dtype=dtype, progress_bar=False, parallel=args.parallel,
-        log_every=args.steps_per_dispatch, eval_every=0, checkpoint_every=0,
+        model=model,
+        dtype=dtype,
+        progress_bar=False,
+        parallel=args.parallel,
+        log_every=args.steps_per_dispatch,
+        eval_every=0,
+        checkpoint_every=0,
         global_batch_size=args.batch_size,
     )
     base = (
@@ -157,9 +161,13 @@ def bench(model: str, dtype: str, args) -> dict[str, Any]:
 def provenance() -> dict[str, Any]:
     from cnnjax.reporting import device, machine, software
 
-    return {"device": device(), "machine": machine(), "versions": software(),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    return {
+        "device": device(),
+        "machine": machine(),
+        "versions": software(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def main(argv=None) -> int:
@@ -192,16 +200,20 @@ def main(argv=None) -> int:
     }
     for run in results["runs"]:
         device = results["provenance"]["device"]
-        print(f"\n{run['model']} {run['dtype']}, batch {run['batch_size']}, "
-              f"{run['steps_per_round']} steps x {run['rounds']} rounds, {device}")
+        print(
+            f"\n{run['model']} {run['dtype']}, batch {run['batch_size']}, "
+            f"{run['steps_per_round']} steps x {run['rounds']} rounds, {device}"
+        )
         head = ("variant", "members", "img/s", "/member", "ms/step", "x host", "range", "compile")
         print("{:12s} {:>7s} {:>9s} {:>9s} {:>8s} {:>7s} {:>13s} {:>8s}".format(*head))
         for name, v in run["variants"].items():
             lo, hi = v["ratio_range"]
-            print(f"{name:12s} {v['members']:7d} {v['images_per_s']:9.0f} "
-                  f"{v['images_per_s_per_member']:9.0f} {v['ms_per_step']:8.1f} "
-                  f"{v['ratio_to_host']:7.3f} {f'[{lo:.3f}-{hi:.3f}]':>13s} "
-                  f"{v['first_call_s']:7.1f}s")
+            print(
+                f"{name:12s} {v['members']:7d} {v['images_per_s']:9.0f} "
+                f"{v['images_per_s_per_member']:9.0f} {v['ms_per_step']:8.1f} "
+                f"{v['ratio_to_host']:7.3f} {f'[{lo:.3f}-{hi:.3f}]':>13s} "
+                f"{v['first_call_s']:7.1f}s"
+            )
     if args.json:
         from cnnjax.train.metrics import write_json_atomic
 

@@ -36,17 +36,18 @@ def cifar_depth(model: str) -> tuple[bool, int]:
     m = _CIFAR.match(model)
     if not m or int(m.group(2)) not in CIFAR_PARAMS:
         names = ", ".join(f"resnet{d}" for d in CIFAR_PARAMS)
-        raise ValueError(f"model={model!r}: the flax and torch twins cover the registered CIFAR "
-                         f"nets ({names} and their plain<depth> twins); use impl='cnnjax' alone "
-                         "for other models")
+        raise ValueError(
+            f"model={model!r}: the flax and torch twins cover the registered CIFAR "
+            f"nets ({names} and their plain<depth> twins); use impl='cnnjax' alone "
+            "for other models"
+        )
     return m.group(1) == "plain", int(m.group(2))
 
 
 # --------------------------------------------------------------------------- the Flax nn.Conv twin
 
 
-def flax_cifar_resnet(depth: int, plain: bool = False, num_classes: int = 10,
-                      dtype: Any = None):
+def flax_cifar_resnet(depth: int, plain: bool = False, num_classes: int = 10, dtype: Any = None):
     """The CIFAR ResNet of cnnjax.models (option A, 16/32/64 widths) built from flax.linen layers.
 
     Same layers, parameter count and initialisers as `cnnjax.models.create('resnet<depth>')`, but
@@ -64,12 +65,20 @@ def flax_cifar_resnet(depth: int, plain: bool = False, num_classes: int = 10,
 
         @nn.compact
         def __call__(self, x, train: bool):
-            conv = partial(nn.Conv, kernel_size=(3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                           kernel_init=he, dtype=dtype)
-            norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                           epsilon=1e-5, dtype=dtype)
-            y = nn.relu(norm(name="bn1")(conv(self.features, strides=self.strides,
-                                              name="conv1")(x)))
+            conv = partial(
+                nn.Conv,
+                kernel_size=(3, 3),
+                padding=((1, 1), (1, 1)),
+                use_bias=False,
+                kernel_init=he,
+                dtype=dtype,
+            )
+            norm = partial(
+                nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype
+            )
+            y = nn.relu(
+                norm(name="bn1")(conv(self.features, strides=self.strides, name="conv1")(x))
+            )
             y = norm(name="bn2")(conv(self.features, name="conv2")(y))
             if plain:
                 return nn.relu(y)
@@ -79,14 +88,29 @@ def flax_cifar_resnet(depth: int, plain: bool = False, num_classes: int = 10,
         @nn.compact
         def __call__(self, x, train: bool):
             n = (depth - 2) // 6
-            x = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=he,
-                        dtype=dtype, name="stem_conv")(x)
-            x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                     dtype=dtype, name="stem_bn")(x))
+            x = nn.Conv(
+                16,
+                (3, 3),
+                padding=((1, 1), (1, 1)),
+                use_bias=False,
+                kernel_init=he,
+                dtype=dtype,
+                name="stem_conv",
+            )(x)
+            x = nn.relu(
+                nn.BatchNorm(
+                    use_running_average=not train,
+                    momentum=0.9,
+                    epsilon=1e-5,
+                    dtype=dtype,
+                    name="stem_bn",
+                )(x)
+            )
             for s, width in enumerate((16, 32, 64), start=1):
                 for b in range(1, n + 1):
-                    x = Block(width, 2 if s > 1 and b == 1 else 1,
-                              name=f"stage{s}_block{b}")(x, train)
+                    x = Block(width, 2 if s > 1 and b == 1 else 1, name=f"stage{s}_block{b}")(
+                        x, train
+                    )
             x = x.mean(axis=(1, 2))
             return nn.Dense(num_classes, dtype=dtype, name="fc")(x).astype("float32")
 
@@ -129,14 +153,13 @@ def torch_cifar_resnet(depth: int, plain: bool = False, num_classes: int = 10):
             y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
             if plain:
                 return torch.relu(y)
-            sc = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
+            sc = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
             if self.pad:
                 sc = tf.pad(sc, (0, 0, 0, 0, 0, self.pad))
             return torch.relu(sc + y)
 
     n = (depth - 2) // 6
-    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16),
-                               nn.ReLU()]
+    layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
     cin = 16
     for s, width in enumerate((16, 32, 64), start=1):
         for b in range(n):
@@ -185,10 +208,15 @@ class TorchRunner(bench.Runner):
         self.step("eval", 1)
         cuda = self.device == "cuda"
         kind = torch.cuda.get_device_name() if cuda else platform.processor()
-        self.info = {"compile_train_s": t1 - t0, "compile_eval_s": time.perf_counter() - t1,
-                     "torch": torch.__version__, "threads": torch.get_num_threads(),
-                     "device": kind, "platform": "gpu" if cuda else "cpu",
-                     "peak_tflops": bench.peak_tflops(kind, spec.dtype) if cuda else None}
+        self.info = {
+            "compile_train_s": t1 - t0,
+            "compile_eval_s": time.perf_counter() - t1,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": kind,
+            "platform": "gpu" if cuda else "cpu",
+            "peak_tflops": bench.peak_tflops(kind, spec.dtype) if cuda else None,
+        }
 
     def step(self, mode: str, n: int) -> None:
         torch = self.torch

@@ -2,19 +2,18 @@
 
     python experiments/torch_twin.py --data_dir DIR --model resnet56 --steps 2000 --json OUT.json
 
-The same network as cnnjax's (`experiments.bench_twins.torch_cifar_resnet`: option A, bias-free convs, BN
-momentum 0.1 = Flax's 0.9, He fan-out init) trained with the same recipe (SGD momentum 0.9,
-weight decay 1e-4 on every weight, lr 0.1, batch 128, 4-pixel pad + random crop + flip,
+The same network as cnnjax's (`experiments.bench_twins.torch_cifar_resnet`: option A, bias-free
+convs, BN momentum 0.1 = Flax's 0.9, He fan-out init) trained with the same recipe (SGD momentum
+0.9, weight decay 1e-4 on every weight, lr 0.1, batch 128, 4-pixel pad + random crop + flip,
 per-pixel mean) on the same design as cnnjax's engine: the uint8 training set resident on the
 device, each batch gathered and augmented there. Each mode, eager and `torch.compile`, warms up
-(compiling) and then runs --steps iterations, timed from a synchronised start to a synchronised
-end; it reports ms per step, images/s and the final training loss. Without CIFAR-10 the
-embedded digits at 32x32x3 stand in. torch is not a cnnjax dependency: install it to run this.
+(compiling) and then runs --steps iterations, timed from a synchronised start to a synchronised end;
+it reports ms per step, images/s and the final training loss. Without CIFAR-10 the embedded digits
+at 32x32x3 stand in. torch is not a cnnjax dependency: install it to run this.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import re
@@ -148,9 +147,11 @@ def main(argv=None) -> int:
         },
     }
     for r in runs:
-        print(f"{r['model']} {r['mode']:8s} {r['ms_per_step']:8.2f} ms/step "
-              f"{r['images_per_s']:9.0f} img/s (warm-up {r['warmup_s']:.1f} s, "
-              f"final loss {r['final_loss']:.3f})")
+        print(
+            f"{r['model']} {r['mode']:8s} {r['ms_per_step']:8.2f} ms/step "
+            f"{r['images_per_s']:9.0f} img/s (warm-up {r['warmup_s']:.1f} s, "
+            f"final loss {r['final_loss']:.3f})"
+        )
     if args.json:
         from cnnjax.train.metrics import write_json_atomic
 

@@ -19,8 +19,11 @@ def pytest_configure(config):
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return  # the user's, or the controller's inherited by an xdist worker
     path = tempfile.mkdtemp(prefix="cnnjax_test_xla_cache_")
-    os.environ.update(JAX_COMPILATION_CACHE_DIR=path, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    os.environ.update(
+        JAX_COMPILATION_CACHE_DIR=path,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     setattr(config, _OWN, path)
 
 

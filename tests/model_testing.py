@@ -26,7 +26,9 @@ def abstract_apply(model, shape, batch=2, train=False, **kwargs):
     """Shapes of model.apply's outputs (and intermediates with capture_intermediates=True)."""
     x = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
     variables = jax.eval_shape(partial(model.init, train=False), KEY, x)
-    return jax.eval_shape(partial(model.apply, train=train, rngs={"dropout": KEY}, **kwargs), variables, x)
+    return jax.eval_shape(
+        partial(model.apply, train=train, rngs={"dropout": KEY}, **kwargs), variables, x
+    )
 
 
 def normal(seed, shape):
@@ -57,15 +59,22 @@ def numpy_variables(model, x_shape, seed=0, *, random_bn=False, init_args=None):
         if random_bn:
             if "var" in name:
                 return jnp.asarray(rng.uniform(0.5, 2.0, a.shape), jnp.float32)
-            return jnp.asarray(rng.normal(1.0 if "scale" in name else 0.0, 0.3, a.shape), jnp.float32)
-        return jnp.ones(a.shape, jnp.float32) if ("scale" in name or "var" in name) else jnp.zeros(a.shape, jnp.float32)
+            return jnp.asarray(
+                rng.normal(1.0 if "scale" in name else 0.0, 0.3, a.shape), jnp.float32
+            )
+        return (
+            jnp.ones(a.shape, jnp.float32)
+            if ("scale" in name or "var" in name)
+            else jnp.zeros(a.shape, jnp.float32)
+        )
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def fan_in_variables(model, x, seed=0, **init_kwargs):
     """Variables of `model` filled from NumPy (He fan-in kernels, zero biases, unit BN scale and
-    variance), skipping the slow-to-compile PRNG of `model.init`; structure and shapes are init's."""
+    variance), skipping the slow-to-compile PRNG of `model.init`; structure
+    and shapes are init's."""
     rng = np.random.default_rng(seed)
     shapes = jax.eval_shape(partial(model.init, **init_kwargs), KEY, x)
 
@@ -74,7 +83,11 @@ def fan_in_variables(model, x, seed=0, **init_kwargs):
         if name == "kernel":
             fan_in = int(np.prod(leaf.shape[:-1]))
             return jnp.asarray(rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape), leaf.dtype)
-        return jnp.ones(leaf.shape, leaf.dtype) if name in ("scale", "var") else jnp.zeros(leaf.shape, leaf.dtype)
+        return (
+            jnp.ones(leaf.shape, leaf.dtype)
+            if name in ("scale", "var")
+            else jnp.zeros(leaf.shape, leaf.dtype)
+        )
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
@@ -82,7 +95,8 @@ def fan_in_variables(model, x, seed=0, **init_kwargs):
 def jittered_variables(model, *args, seed=0, **kwargs):
     """Variables of the model's structure filled from NumPy with every parameter non-trivial: He
     fan-in kernels, biases and BN betas ~ N(0, 0.1^2), BN gammas ~ 1 + N(0, 0.1^2); BN statistics
-    mean 0, variance 1 (the initialisers are not under test; compiling them costs seconds per shape)."""
+    mean 0, variance 1 (the initialisers are not under test; compiling them
+    costs seconds per shape)."""
     abstract = jax.eval_shape(lambda *a: model.init(KEY, *a, **kwargs), *args)
     rng = np.random.default_rng(seed)
 

@@ -1,5 +1,6 @@
 """cnnjax.analysis: the layer table against the lecture and published MAC counts, receptive fields
-against Araujo et al. 2019 and a gradient measurement, BatchNorm folding against the unfolded net."""
+against Araujo et al. 2019 and a gradient measurement, BatchNorm folding
+against the unfolded net."""
 
 from __future__ import annotations
 
@@ -71,16 +72,27 @@ def test_lenet_summary_reproduces_the_lecture_table(which):
     assert s.total_params == 1_256_080 == sum(r.params for r in s.rows)
     # MACs from the definitions: Hout*Wout*KH*KW*Cin*Cout for a conv, in*out for a dense layer.
     expected = [28 * 28 * 5 * 5 * 1 * 20, 0, 14 * 14 * 5 * 5 * 20 * 50, 0, 0, 2450 * 500, 500 * 10]
-    assert [r.macs for r in s.rows] == expected and s.total_macs == sum(expected) == s.total_flops // 2
+    assert [r.macs for r in s.rows] == expected and s.total_macs == sum(
+        expected
+    ) == s.total_flops // 2
     table = format_summary(s)
-    assert str(s) == table and "1,256,080" in table and "5x5x20x50" in table and "FLOPs = 2 x MACs" in table
+    assert (
+        str(s) == table
+        and "1,256,080" in table
+        and "5x5x20x50" in table
+        and "FLOPs = 2 x MACs" in table
+    )
 
 
 def test_summary_by_registered_name_and_json():
     s = summary("lenet5")
     assert s.input_shape == (28, 28, 1) and s.output_shape == (10,)
     d = json.loads(s.to_json())
-    assert d["total_params"] == 1_256_080 and d["total_macs"] == s.total_macs and d["total_flops"] == 2 * s.total_macs
+    assert (
+        d["total_params"] == 1_256_080
+        and d["total_macs"] == s.total_macs
+        and d["total_flops"] == 2 * s.total_macs
+    )
     assert [r["output_shape"] for r in d["rows"]] == [list(r.output_shape) for r in s.rows]
     assert d["rows"][0]["weight_shape"] == [5, 5, 1, 20]
 
@@ -105,7 +117,10 @@ def test_summary_counts_from_definitions_shared_and_own_params():
     rows = {(r.path, r.shared): r for r in s.rows}
     assert rows[("stem", False)].macs == 10 * 10 * 3 * 3 * 3 * 8
     assert rows[("grouped", False)].macs == 10 * 10 * 3 * 3 * (8 // 4) * 16
-    assert rows[("grouped", False)].params == 3 * 3 * 2 * 16 and rows[("grouped", False)].bias_shape is None
+    assert (
+        rows[("grouped", False)].params == 3 * 3 * 2 * 16
+        and rows[("grouped", False)].bias_shape is None
+    )
     assert rows[("shared", False)].params == 16 * 16 + 16 and rows[("shared", True)].params == 0
     assert rows[("shared", True)].macs == rows[("shared", False)].macs == 10 * 10 * 16 * 16
     assert rows[("fc", False)].macs == 10 * 10 * 16 * 6
@@ -151,26 +166,49 @@ def test_summary_validates_its_arguments():
 # truncated consistently, so the tolerance is 0.07 G.
 PAPER_GMACS = {18: 1.8, 34: 3.6, 50: 3.8, 101: 7.6, 152: 11.3}
 # torchvision's metadata ("GFLOPS" there are MACs), V1.5 striding, 224x224, conv + fc only.
-TORCHVISION_GMACS = {"resnet18": 1.814, "resnet34": 3.664, "resnet50": 4.089, "resnet101": 7.801,
-                     "resnet152": 11.514, "vgg16": 15.470, "vgg19": 19.632, "alexnet_torchvision": 0.714,
-                     "googlenet_torchvision": 1.498, "densenet121": 2.834, "resnext50_32x4d": 4.230}
+TORCHVISION_GMACS = {
+    "resnet18": 1.814,
+    "resnet34": 3.664,
+    "resnet50": 4.089,
+    "resnet101": 7.801,
+    "resnet152": 11.514,
+    "vgg16": 15.470,
+    "vgg19": 19.632,
+    "alexnet_torchvision": 0.714,
+    "googlenet_torchvision": 1.498,
+    "densenet121": 2.834,
+    "resnext50_32x4d": 4.230,
+}
 
 
 @needs("resnet50")
 @pytest.mark.parametrize("depth", sorted(PAPER_GMACS))
 def test_resnet_macs_paper_v1_and_torchvision_v1_5(depth):
     # Deep nets in the scanned layout (same layers; summary multiplies the scanned rows).
-    v1 = summary(models.create(f"resnet{depth}", version="v1", scan_blocks=depth > 50), (224, 224, 3))
+    v1 = summary(
+        models.create(f"resnet{depth}", version="v1", scan_blocks=depth > 50), (224, 224, 3)
+    )
     assert abs(v1.total_macs / 1e9 - PAPER_GMACS[depth]) <= 0.07
-    v15 = summary(models.create(f"resnet{depth}", version="v1.5", scan_blocks=depth > 50), (224, 224, 3))
+    v15 = summary(
+        models.create(f"resnet{depth}", version="v1.5", scan_blocks=depth > 50), (224, 224, 3)
+    )
     assert round(v15.total_macs / 1e9, 3) == TORCHVISION_GMACS[f"resnet{depth}"]
     assert v1.total_params == v15.total_params == models.get_spec(f"resnet{depth}").reference_params
     if depth < 50:
         assert v1.total_macs == v15.total_macs  # basic blocks have no 1x1 conv to stride
 
 
-@pytest.mark.parametrize("name", ["vgg16", "vgg19", "alexnet_torchvision", "googlenet_torchvision",
-                                  "densenet121", "resnext50_32x4d"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "vgg16",
+        "vgg19",
+        "alexnet_torchvision",
+        "googlenet_torchvision",
+        "densenet121",
+        "resnext50_32x4d",
+    ],
+)
 def test_macs_match_torchvision(name):
     if not has_model(name):
         pytest.skip(f"{name} not registered yet")
@@ -190,23 +228,37 @@ def test_scan_invariant_pass_is_found_on_the_call_stack():
 
     def interceptor(next_fun, args, kwargs, ctx):
         if ctx.method_name == "__call__" and tracing.is_layer(ctx.module):
-            marks.append((tracing.module_path(ctx.module), tracing.in_scan_invariant_pass(),
-                          tracing.is_discarded_trace(args[0])))
+            marks.append(
+                (
+                    tracing.module_path(ctx.module),
+                    tracing.in_scan_invariant_pass(),
+                    tracing.is_discarded_trace(args[0]),
+                )
+            )
         return next_fun(*args, **kwargs)
 
     model = models.create("resnet20", scan_blocks=True)
     with nn.intercept_methods(interceptor):
-        jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), jnp.zeros((1, 32, 32, 3)))
+        jax.eval_shape(
+            lambda x: model.init(jax.random.key(0), x, train=False), jnp.zeros((1, 32, 32, 3))
+        )
     scanned = [m for m in marks if m[0].split("/")[0].endswith("_blocks")]
-    assert len(scanned) == 3 * 2 * 4  # 3 stages, 2 traces of the body, 4 layers (conv, BN, conv, BN)
+    assert (
+        len(scanned) == 3 * 2 * 4
+    )  # 3 stages, 2 traces of the body, 4 layers (conv, BN, conv, BN)
     assert [m[1] for m in scanned] == [m[2] for m in scanned] and sum(m[1] for m in scanned) == 12
     assert not any(m[1] or m[2] for m in marks if m not in scanned)
 
 
 @needs("resnet20")
 def test_scanned_rows_count_every_iteration():
-    plain, scanned = summary("resnet20"), summary(models.create("resnet20", scan_blocks=True), (32, 32, 3))
-    assert scanned.total_params == plain.total_params == sum(r.params for r in scanned.rows) == 269_722
+    plain, scanned = (
+        summary("resnet20"),
+        summary(models.create("resnet20", scan_blocks=True), (32, 32, 3)),
+    )
+    assert (
+        scanned.total_params == plain.total_params == sum(r.params for r in scanned.rows) == 269_722
+    )
     assert scanned.total_macs == plain.total_macs
     assert len(scanned.rows) < len(plain.rows) and any(r.repeats == 2 for r in scanned.rows)
 
@@ -257,9 +309,15 @@ def test_receptive_fields_equal_gradient_support_multipath():
     assert by["b2"].size == (27, 27) and by["b1"].size == (11, 11) and by["pool"].stride == (4, 4)
     assert by["b3"].padding == (5, 9) and by["s"].size == (35, 35)
     spatial = [r for r in rows if not r.collapsed]
-    assert [r.path for r in rows if r.collapsed] == ["flat", "fc"] and all(r.stride is None for r in rows[-2:])
-    expected = [r.interval(((r.output_shape[0] - 1) // 2, (r.output_shape[1] - 1) // 2)) for r in spatial]
-    assert all(lo >= 0 and hi < n for e in expected for lo, hi in e)  # every field fits: an unclipped check
+    assert [r.path for r in rows if r.collapsed] == ["flat", "fc"] and all(
+        r.stride is None for r in rows[-2:]
+    )
+    expected = [
+        r.interval(((r.output_shape[0] - 1) // 2, (r.output_shape[1] - 1) // 2)) for r in spatial
+    ]
+    assert all(
+        lo >= 0 and hi < n for e in expected for lo, hi in e
+    )  # every field fits: an unclipped check
     assert empirical_receptive_field(MultiPath(), (n, n, 3), [r.path for r in spatial]) == expected
     assert by["fc"].collapsed and by["fc"].size[0] > by["dil"].size[0]
     assert "receptive field" in format_receptive_field(rows)
@@ -269,18 +327,25 @@ def test_receptive_fields_equal_gradient_support_multipath():
 def test_vgg16_receptive_field_araujo():
     by = {r.path: r for r in receptive_field(models.create("vgg16"), (224, 224, 3))}
     assert by["conv5_3"].size == (196, 196) and by["pool5"].size == (212, 212)
-    assert by["pool5"].stride == (32, 32) and by["conv1_2"].size == (5, 5) and by["conv3_3"].size == (40, 40)
+    assert (
+        by["pool5"].stride == (32, 32)
+        and by["conv1_2"].size == (5, 5)
+        and by["conv3_3"].size == (40, 40)
+    )
 
 
 def final_feature_rf(name, **overrides):
     rows = receptive_field(models.create(name, **overrides), models.get_spec(name).input_shape)
-    pool = [r for r in rows if r.input_size is not None and r.type in ("GlobalAvgPool", "Flatten")][-1]
+    pool = [r for r in rows if r.input_size is not None and r.type in ("GlobalAvgPool", "Flatten")][
+        -1
+    ]
     return pool.input_size[0], pool.input_stride[0]
 
 
 @needs("resnet50")
 def test_resnet_receptive_fields_araujo():
-    # Araujo et al. 2019: resnet_v1_50 483, torchvision (V1.5) 427; resnet_v1_101 1027. Effective stride 32.
+    # Araujo et al. 2019: resnet_v1_50 483, torchvision (V1.5) 427; resnet_v1_101 1027.
+    # Effective stride 32.
     assert final_feature_rf("resnet50", version="v1") == (483, 32)
     assert final_feature_rf("resnet50", version="v1.5") == (427, 32)
     assert final_feature_rf("resnet101", version="v1", scan_blocks=True) == (1027, 32)
@@ -306,8 +371,15 @@ def test_alexnet_and_cifar_resnet_rf_and_gradient():
     model = models.create("resnet20")
     rows = {r.path: r for r in receptive_field(model, (96, 96, 3))}
     assert rows["stage3_block3/bn2"].size == (81, 81) and rows["stage3_block3/bn2"].stride == (4, 4)
-    layers = ["stem_conv", "stage2_block1/conv1", "stage2_block3/bn2", "stage3_block3/bn2"]  # option-A shortcuts
-    expected = [clipped(rows[k].interval(((rows[k].output_shape[0] - 1) // 2,) * 2), 96) for k in layers]
+    layers = [
+        "stem_conv",
+        "stage2_block1/conv1",
+        "stage2_block3/bn2",
+        "stage3_block3/bn2",
+    ]  # option-A shortcuts
+    expected = [
+        clipped(rows[k].interval(((rows[k].output_shape[0] - 1) // 2,) * 2), 96) for k in layers
+    ]
     assert empirical_receptive_field(model, (96, 96, 3), layers) == expected
     assert expected[-1] == ((4, 84), (4, 84))  # centre unit 11 of 24: 11 * 4 - 40 = 4, + 81 - 1
     scanned = receptive_field(models.create("resnet20", scan_blocks=True), (96, 96, 3))
@@ -354,7 +426,9 @@ class ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        norm = lambda name: cnn.BatchNorm(use_running_average=not train, epsilon=1e-3, name=name)  # noqa: E731
+        def norm(name):
+            return cnn.BatchNorm(use_running_average=not train, epsilon=1e-3, name=name)
+
         y = jax.nn.relu(norm("bn1")(cnn.Conv(6, 3, padding=1, name="conv1")(x)))
         y = norm("bn2")(cnn.Conv(6, 3, strides=2, use_bias=False, name="conv2")(y))
         z = cnn.Conv(6, 1, name="conv3")(y)
@@ -375,9 +449,15 @@ def test_fold_batchnorm_small_net_exact_pairs_and_values():
     # The folded kernel from the definition: W * gamma / sqrt(var + eps), bias (0 - mean) g + beta.
     p, s = variables["params"], variables["batch_stats"]
     g = np.asarray(p["bn2"]["scale"]) / np.sqrt(np.asarray(s["bn2"]["var"]) + 1e-3)
-    np.testing.assert_allclose(fv["params"]["conv2"]["kernel"], np.asarray(p["conv2"]["kernel"]) * g, rtol=1e-6)
-    np.testing.assert_allclose(fv["params"]["conv2"]["bias"],
-                               -np.asarray(s["bn2"]["mean"]) * g + np.asarray(p["bn2"]["bias"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        fv["params"]["conv2"]["kernel"], np.asarray(p["conv2"]["kernel"]) * g, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        fv["params"]["conv2"]["bias"],
+        -np.asarray(s["bn2"]["mean"]) * g + np.asarray(p["bn2"]["bias"]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     want = jax.jit(lambda v, x: ConvBN().apply(v, x, train=False))(variables, x)
     got = jax.jit(folded.apply)(fv, x)
     assert float(jnp.max(jnp.abs(want))) > 0.1
@@ -401,7 +481,9 @@ def test_fold_batchnorm_cifar_resnet20(scan):
     variables = random_stats(jax.eval_shape(lambda: model.init(KEY, x, train=False)))
     folded, fv = fold_batchnorm(model, variables, (32, 32, 3))
     assert not folded.unfolded and len(folded.pairs) == (19 if not scan else 13)
-    assert "batch_stats" not in fv  # the folded network has no BatchNorm left (and apply reads none)
+    assert (
+        "batch_stats" not in fv
+    )  # the folded network has no BatchNorm left (and apply reads none)
     # Each pair trades BN's scale and shift (2C) for a conv bias (C): the convs had none.
     added = sum(subtree(fv["params"], conv)["bias"].size for conv, _ in folded.pairs)
     assert all(subtree(variables["params"], conv).get("bias") is None for conv, _ in folded.pairs)

@@ -129,7 +129,9 @@ def test_missing_tfds_is_one_clear_error(tmp_path, monkeypatch):
     # tensorflow-datasets is a dependency, but an image may lack it (the GPU machines' did): with
     # no local .npz the user is told both ways out, not shown an ImportError from deep inside.
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import now raises ImportError
-    with pytest.raises(ValueError, match=r"'mnist'.*mnist\.npz.*tensorflow-datasets.*not installed.*pip install"):
+    with pytest.raises(
+        ValueError, match=r"'mnist'.*mnist\.npz.*tensorflow-datasets.*not installed.*pip install"
+    ):
         data.load_dataset("mnist", data_dir=str(tmp_path))
     write_npz(tmp_path, "mnist", 10, 4)
     assert data.load_dataset("mnist", data_dir=str(tmp_path)).origin == str(tmp_path / "mnist.npz")
@@ -575,7 +577,8 @@ def test_prefetch_to_device(tmp_path):
     it = data.prefetch_to_device(endless(), size=1)
     next(it)
     it.close()  # leaving early must not hang, and must not leave the producer running: a daemon
-    # thread still inside device_put at interpreter exit aborts the process (seen in the resume tests)
+    # thread still inside device_put at interpreter exit aborts the process (seen
+    # in the resume tests)
     assert not [t for t in threading.enumerate() if t.name == "prefetch_to_device"]
 
     def failing():

@@ -9,9 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from cnnjax import models
-from cnnjax import degradation
-
+from cnnjax import degradation, models
 
 # He et al. 2016, section 4.2, field by field (TrainConfig's names).
 PAPER_RECIPE = dict(
@@ -83,7 +81,8 @@ def test_presets_are_valid_and_follow_the_paper():
     assert [b / cpu.num_steps for b in cpu.boundaries] == [0.5, 0.75]
     nets = {n.name: n.config for n in degradation.networks(degradation.PRESETS["tiny"])}
     assert nets["plain14"].model_kwargs == {"depth": 14} and nets["plain14"].model == "plain20"
-    # The short presets zero-initialise the ResNets' residual branches (NOTES.md); the paper's does not.
+    # The short presets zero-initialise the ResNets' residual branches (NOTES.md);
+    # the paper's does not.
     for name in ("quick", "cpu"):
         preset = degradation.PRESETS[name]
         nets = {n.name: n.config for n in degradation.networks(preset)}
@@ -174,7 +173,8 @@ def _row(kind, depth, iteration, train_error, epoch):
 
 def test_degradation_check_counts_the_points_after_the_first_epoch():
     rows = [
-        # plain: the deeper net is worse at iterations 20 and 40, better at 30; iteration 10 is epoch 0.5.
+        # plain: the deeper net is worse at iterations 20 and 40, better at 30;
+        # iteration 10 is epoch 0.5.
         _row("plain", 20, 10, 0.9, 0.5),
         _row("plain", 56, 10, 0.1, 0.5),
         _row("plain", 20, 20, 0.5, 1.0),
@@ -219,7 +219,8 @@ def test_cli_rejects_unknown_override(capsys, tmp_path):
         degradation.main(["--preset", "tiny", "--set", "num_step=3"])
     assert info.value.code == 2
     assert "num_step=3" in capsys.readouterr().err
-    # A value that does not parse, and an --out that is a file, exit 2 too (the first was a traceback).
+    # A value that does not parse, and an --out that is a file, exit 2 too (the
+    # first was a traceback).
     (tmp := tmp_path / "a_file").write_text("")
     for argv, message in (
         (["--set", "num_steps=abc"], "num_steps=abc"),
@@ -304,6 +305,9 @@ def test_the_library_never_imports_the_experiments():
     import re
 
     root = pathlib.Path(degradation.__file__).parent
-    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
-                 if re.search(r"^\s*(from|import) experiments\b", p.read_text(), re.M)]
+    offenders = [
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if re.search(r"^\s*(from|import) experiments\b", p.read_text(), re.M)
+    ]
     assert offenders == []

@@ -12,8 +12,15 @@ import math
 
 import pytest
 
-from experiments import (batchnorm_study, bn_folding, cost_arguments, cost_vs_accuracy, filters, lenet_mnist,
-                         receptive_fields)
+from experiments import (
+    batchnorm_study,
+    bn_folding,
+    cost_arguments,
+    cost_vs_accuracy,
+    filters,
+    lenet_mnist,
+    receptive_fields,
+)
 
 
 def read_csv(path):
@@ -39,7 +46,10 @@ def test_cost_arguments(tmp_path):
 def test_cost_vs_accuracy(tmp_path):
     assert cost_vs_accuracy.main(["--out", str(tmp_path), "--models", "resnet18", "alexnet"]) == 0
     rows = {r["model"]: r for r in read_csv(tmp_path / "cost_vs_accuracy.csv")}
-    assert rows["resnet18"]["params"] == "11689512" and round(int(rows["resnet18"]["macs"]) / 1e9, 3) == 1.814
+    assert (
+        rows["resnet18"]["params"] == "11689512"
+        and round(int(rows["resnet18"]["macs"]) / 1e9, 3) == 1.814
+    )
     assert float(rows["resnet18"]["top1"]) == 69.758 and rows["alexnet"]["top1"] == ""
     text = (tmp_path / "cost_vs_accuracy.md").read_text()
     assert "| resnet18 | 224x224x3 | 11,689,512 | 1.814 | 1.814 | 69.76 |" in text
@@ -49,10 +59,15 @@ def test_cost_vs_accuracy(tmp_path):
 
 
 def test_receptive_fields(tmp_path):
-    assert receptive_fields.main(["--out", str(tmp_path), "--models", "alexnet", "vgg16", "--measure"]) == 0
+    assert (
+        receptive_fields.main(["--out", str(tmp_path), "--models", "alexnet", "vgg16", "--measure"])
+        == 0
+    )
     text = (tmp_path / "receptive_fields.md").read_text()
     assert "| 3 stacked 3x3 convs see 7x7 | 7 | 7 | 7 | 1 |" in text
-    assert "| 3x3 conv, 2x2/2 max pool, 3x3 conv: the pool doubles the step | 8 | 8 | 8 | 2 |" in text
+    assert (
+        "| 3x3 conv, 2x2/2 max pool, 3x3 conv: the pool doubles the step | 8 | 8 | 8 | 2 |" in text
+    )
     rows = {r["network"]: r for r in read_csv(tmp_path / "receptive_fields.csv")}
     assert (rows["alexnet"]["receptive_field"], rows["vgg16"]["receptive_field"]) == ("195", "212")
     assert rows["vgg16"]["stride"] == "32" and rows["vgg16"]["match"] == "True"
@@ -60,8 +75,20 @@ def test_receptive_fields(tmp_path):
 
 def test_bn_folding(tmp_path):
     # Batch 2 as the equality check's: the timing reuses its two compiled networks.
-    argv = ["--out", str(tmp_path), "--models", "resnet20", "--time", "resnet20", "--batch_size", "2",
-            "--repeats", "2", "--calls", "1"]
+    argv = [
+        "--out",
+        str(tmp_path),
+        "--models",
+        "resnet20",
+        "--time",
+        "resnet20",
+        "--batch_size",
+        "2",
+        "--repeats",
+        "2",
+        "--calls",
+        "1",
+    ]
     assert bn_folding.main(argv) == 0
     (row,) = read_csv(tmp_path / "bn_folding.csv")
     assert (row["batchnorms"], row["folded"], row["unfolded"]) == ("19", "19", "0")
@@ -73,7 +100,14 @@ def test_bn_folding(tmp_path):
 
 
 def test_lenet_mnist_tiny(tmp_path):
-    argv = ["--presets", "tiny", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "runs")]
+    argv = [
+        "--presets",
+        "tiny",
+        "--out",
+        str(tmp_path / "out"),
+        "--workdir",
+        str(tmp_path / "runs"),
+    ]
     assert lenet_mnist.main(argv) == 0
     text = (tmp_path / "out" / "lenet_mnist.md").read_text()
     assert "| digits |" in text and "total params: 1,256,080" in text
@@ -90,12 +124,20 @@ def test_batchnorm_study_tiny(tmp_path):
     text = (tmp_path / "batchnorm_study.md").read_text()
     # lr 1e12 without BN overflows within the 4 steps; with BN (scale-invariant) it does not.
     final_table = text.split("### Final test error")[1].split("###")[0]
-    row = {line.split(" | ")[1]: line for line in final_table.splitlines() if line.startswith("| He N(0, 2/fan_in)")}
+    row = {
+        line.split(" | ")[1]: line
+        for line in final_table.splitlines()
+        if line.startswith("| He N(0, 2/fan_in)")
+    }
     assert "diverged (step" in row["no"] and "diverged" not in row["yes"]
     # The diverging step is the run's last row, its loss not finite (also when no log came before).
     last = [r for r in rows if r["run"] == "nobn_he_lr1e+12"][-1]
-    assert f"diverged (step {last['step']})" in row["no"] and not math.isfinite(float(last["train_loss"]))
-    assert (tmp_path / "batchnorm_study.png").exists() and (tmp_path / "batchnorm_final.png").exists()
+    assert f"diverged (step {last['step']})" in row["no"] and not math.isfinite(
+        float(last["train_loss"])
+    )
+    assert (tmp_path / "batchnorm_study.png").exists() and (
+        tmp_path / "batchnorm_final.png"
+    ).exists()
 
 
 def test_batchnorm_study_network():
@@ -105,7 +147,9 @@ def test_batchnorm_study_network():
     from cnnjax.analysis import summary
 
     s = summary(batchnorm_study.StudyCNN(10, batch_norm=True), (16, 16, 1))
-    assert [r.type for r in s.rows].count("BatchNorm") == 6 and [r.type for r in s.rows].count("Conv") == 6
+    assert [r.type for r in s.rows].count("BatchNorm") == 6 and [r.type for r in s.rows].count(
+        "Conv"
+    ) == 6
     plain = summary(batchnorm_study.StudyCNN(10, batch_norm=False), (16, 16, 1))
     # Without BN every conv has a bias; with BN a scale and a shift instead.
     assert s.total_params - plain.total_params == 16 * 2 + 32 * 2 + 64 * 2
@@ -131,9 +175,13 @@ def test_filter_grid_and_statistics():
     kernel[:, :, 0, 0] = np.arange(9).reshape(3, 3)  # a red ramp
     grid = filters.filter_grid(kernel, columns=4, zoom=2, gap=1)
     assert grid.shape == (2 * 7 + 1, 4 * 7 + 1, 3)
-    np.testing.assert_allclose(grid[1:3, 1:3, 0], 0.0)  # the ramp's first weight (zoom 2): its minimum
+    np.testing.assert_allclose(
+        grid[1:3, 1:3, 0], 0.0
+    )  # the ramp's first weight (zoom 2): its minimum
     np.testing.assert_allclose(grid[5:7, 5:7, 0], 1.0)  # its last weight: the maximum
-    np.testing.assert_allclose(grid[1:7, 1:7, 1:], 0.0)  # green and blue are 0, the filter's minimum
+    np.testing.assert_allclose(
+        grid[1:7, 1:7, 1:], 0.0
+    )  # green and blue are 0, the filter's minimum
     noise = np.random.default_rng(0).normal(size=(7, 7, 3, 64))
     smooth = np.broadcast_to(np.linspace(-1, 1, 7)[None, :, None, None], (7, 7, 3, 64))
     assert abs(filters.filter_statistics(noise)["neighbour_correlation"]) < 0.1
@@ -147,9 +195,19 @@ def test_scripts_refuse_bad_arguments_before_any_work(tmp_path, capsys):
     from experiments import bench_data
 
     (a_file := tmp_path / "a_file").write_text("")
-    cases = ((cost_vs_accuracy.main, ["--models"], "at least one name"),  # was an IndexError after measuring
-             (receptive_fields.main, ["--out", str(a_file)], "is a file"),
-             (bench_data.main, ["--batch_size", "5000", "--steps", "1", "--no_train"], "no full global batch"))
+    cases = (
+        (
+            cost_vs_accuracy.main,
+            ["--models"],
+            "at least one name",
+        ),  # was an IndexError after measuring
+        (receptive_fields.main, ["--out", str(a_file)], "is a file"),
+        (
+            bench_data.main,
+            ["--batch_size", "5000", "--steps", "1", "--no_train"],
+            "no full global batch",
+        ),
+    )
     for main, argv, message in cases:
         with pytest.raises(SystemExit) as info:
             main(argv)

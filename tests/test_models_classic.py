@@ -1,4 +1,5 @@
-"""Classic architectures: linear classifier and MLP, LeNet-5, AlexNet (paper and torchvision), ZFNet, VGG.
+"""Classic architectures: linear classifier and MLP, LeNet-5, AlexNet (paper and
+torchvision), ZFNet, VGG.
 
 Parameter counts and shapes come from `jax.eval_shape` (no compilation); only the small models
 run a real forward and backward pass (VGG-11 at 32x32 is marked slow).
@@ -16,8 +17,15 @@ import pytest
 from cnnjax.models import create, get_spec, list_models
 from cnnjax.models.alexnet import ALEXNET_CONFIGS, feature_map_sizes
 from cnnjax.models.vgg import VGG_CONFIGS
-from model_testing import KEY, abstract_apply, abstract_variables, fan_in_variables, n_params, normal
 
+from model_testing import (
+    KEY,
+    abstract_apply,
+    abstract_variables,
+    fan_in_variables,
+    n_params,
+    normal,
+)
 
 # Published / reference-implementation counts (1000 classes for ImageNet nets), exact:
 EXACT_PARAMS = {
@@ -28,10 +36,14 @@ EXACT_PARAMS = {
     "alexnet_torchvision": 61_100_840,  # torchvision alexnet
     "zfnet": 62_357_608,  # Zeiler & Fergus 2014, dense convs with biases
     # torchvision vgg*/vgg*_bn (conv bias kept in front of BatchNorm).
-    "vgg11": 132_863_336, "vgg11_bn": 132_868_840,
-    "vgg13": 133_047_848, "vgg13_bn": 133_053_736,
-    "vgg16": 138_357_544, "vgg16_bn": 138_365_992,
-    "vgg19": 143_667_240, "vgg19_bn": 143_678_248,
+    "vgg11": 132_863_336,
+    "vgg11_bn": 132_868_840,
+    "vgg13": 133_047_848,
+    "vgg13_bn": 133_053_736,
+    "vgg16": 138_357_544,
+    "vgg16_bn": 138_365_992,
+    "vgg19": 143_667_240,
+    "vgg19_bn": 143_678_248,
 }
 
 
@@ -72,7 +84,12 @@ def test_mlp_hidden_widths_are_a_field():
 
 def test_lenet5_layers_match_the_lecture_table():
     p = abstract_variables(create("lenet5"), (28, 28, 1))["params"]
-    assert p["conv1"]["kernel"].shape == (5, 5, 1, 20) and p["conv2"]["kernel"].shape == (5, 5, 20, 50)
+    assert p["conv1"]["kernel"].shape == (5, 5, 1, 20) and p["conv2"]["kernel"].shape == (
+        5,
+        5,
+        20,
+        50,
+    )
     assert p["fc1"]["kernel"].shape == (2450, 500) and p["fc2"]["kernel"].shape == (500, 10)
 
 
@@ -86,7 +103,9 @@ def test_alexnet_paper_groups_and_conv1_map():
     assert p["conv4"]["kernel"].shape == (3, 3, 192, 384)
     assert p["conv5"]["kernel"].shape == (3, 3, 192, 256)
     assert p["fc6"]["kernel"].shape == (6 * 6 * 256, 4096)
-    _, state = abstract_apply(model, (227, 227, 3), capture_intermediates=True, mutable=["intermediates"])
+    _, state = abstract_apply(
+        model, (227, 227, 3), capture_intermediates=True, mutable=["intermediates"]
+    )
     maps = {k: v["__call__"][0].shape for k, v in state["intermediates"].items() if k != "__call__"}
     assert maps["conv1"] == (2, 55, 55, 96)  # the paper's 55x55 (from 227, not 224)
     assert maps["norm1"] == maps["conv1"] and maps["pool1"] == (2, 27, 27, 96)
@@ -99,7 +118,9 @@ def test_alexnet_torchvision_is_single_tower_without_lrn():
     widths = [p[f"conv{i}"]["kernel"].shape[-1] for i in range(1, 6)]
     assert widths == [64, 192, 384, 256, 256]
     assert p["conv2"]["kernel"].shape == (5, 5, 64, 192)  # no groups
-    _, state = abstract_apply(model, (224, 224, 3), capture_intermediates=True, mutable=["intermediates"])
+    _, state = abstract_apply(
+        model, (224, 224, 3), capture_intermediates=True, mutable=["intermediates"]
+    )
     maps = {k: v["__call__"][0].shape for k, v in state["intermediates"].items() if k != "__call__"}
     assert not any(k.startswith("norm") for k in maps)
     # At 224 the map before the classifier already is torchvision's adaptive-pool size 6x6.
@@ -109,28 +130,46 @@ def test_alexnet_torchvision_is_single_tower_without_lrn():
 def test_zfnet_feature_maps_are_110_55_26_13_6():
     model = create("zfnet")
     p = abstract_variables(model, (224, 224, 3))["params"]
-    assert p["conv1"]["kernel"].shape == (7, 7, 3, 96) and p["conv2"]["kernel"].shape == (5, 5, 96, 256)
+    assert p["conv1"]["kernel"].shape == (7, 7, 3, 96) and p["conv2"]["kernel"].shape == (
+        5,
+        5,
+        96,
+        256,
+    )
     assert p["conv4"]["kernel"].shape == (3, 3, 384, 384)  # dense, no groups
-    _, state = abstract_apply(model, (224, 224, 3), capture_intermediates=True, mutable=["intermediates"])
-    side = {k: v["__call__"][0].shape[1] for k, v in state["intermediates"].items() if k != "__call__"}
-    assert [side[k] for k in ("conv1", "pool1", "conv2", "pool2", "conv5", "pool5")] == [110, 55, 26, 13, 13, 6]
+    _, state = abstract_apply(
+        model, (224, 224, 3), capture_intermediates=True, mutable=["intermediates"]
+    )
+    side = {
+        k: v["__call__"][0].shape[1] for k, v in state["intermediates"].items() if k != "__call__"
+    }
+    assert [side[k] for k in ("conv1", "pool1", "conv2", "pool2", "conv5", "pool5")] == [
+        110,
+        55,
+        26,
+        13,
+        13,
+        6,
+    ]
     # ZFNet normalises after pooling.
     assert side["norm1"] == 55 and side["norm2"] == 13
     # The static size walk used for input validation agrees with the traced model.
     assert dict(feature_map_sizes(ALEXNET_CONFIGS["zfnet"], 224, ceil_mode=True)) == {
-        k: side[k] for k in ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5")}
+        k: side[k] for k in ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5")
+    }
     # Floor-mode pooling would not give the paper's sizes.
     assert dict(feature_map_sizes(ALEXNET_CONFIGS["zfnet"], 224, ceil_mode=False))["pool1"] == 54
 
 
 def _lrn_reference(a, size, alpha, beta, k):
-    """b_c = a_c / (k + alpha * sum over the `size` channels around c of a^2) ** beta (NumPy, by loops)."""
+    """b_c = a_c / (k + alpha * sum over the `size` channels around c of a^2) **
+    beta (NumPy, by loops)."""
     a = np.asarray(a, np.float64)
     out = np.empty_like(a)
     channels = a.shape[-1]
     for c in range(channels):
         lo, hi = max(0, c - size // 2), min(channels - 1, c + size // 2)
-        out[..., c] = a[..., c] / (k + alpha * np.sum(a[..., lo:hi + 1] ** 2, axis=-1)) ** beta
+        out[..., c] = a[..., c] / (k + alpha * np.sum(a[..., lo : hi + 1] ** 2, axis=-1)) ** beta
     return out
 
 
@@ -139,8 +178,9 @@ def test_alexnet_lrn_is_the_paper_formula():
     model = create("alexnet", hidden=8, num_classes=3)
     x = 30.0 * normal(1, (1, 67, 67, 3))  # large inputs so alpha matters
     variables = fan_in_variables(model, x, train=False)
-    _, state = jax.jit(partial(model.apply, train=False, capture_intermediates=True, mutable=["intermediates"]))(
-        variables, x)
+    _, state = jax.jit(
+        partial(model.apply, train=False, capture_intermediates=True, mutable=["intermediates"])
+    )(variables, x)
     a = np.maximum(np.asarray(state["intermediates"]["conv1"]["__call__"][0]), 0.0)
     got = np.asarray(state["intermediates"]["norm1"]["__call__"][0])
     assert np.mean(1e-4 * a**2) > 1e-2  # the squares really do change the denominator
@@ -155,7 +195,9 @@ def test_alexnet_dropout_only_in_training():
     variables = fan_in_variables(model, x, train=False)
     apply = jax.jit(model.apply, static_argnames="train")
     eval_out = apply(variables, x, train=False)
-    np.testing.assert_array_equal(np.asarray(eval_out), np.asarray(apply(variables, x, train=False)))
+    np.testing.assert_array_equal(
+        np.asarray(eval_out), np.asarray(apply(variables, x, train=False))
+    )
     t1 = apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
     t2 = apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
     assert not np.allclose(np.asarray(t1), np.asarray(t2))
@@ -172,8 +214,9 @@ def test_vgg_configurations_of_table_1(depth, convs):
     assert set(variables["batch_stats"]["bn1_1"]) == {"mean", "var"}
 
 
-@pytest.mark.parametrize("name,side,pooled", [("vgg11", 32, 7), ("vgg19_bn", 100, 7),
-                                              ("alexnet_torchvision", 63, 6)])
+@pytest.mark.parametrize(
+    "name,side,pooled", [("vgg11", 32, 7), ("vgg19_bn", 100, 7), ("alexnet_torchvision", 63, 6)]
+)
 def test_torchvision_adaptive_pool_keeps_the_classifier_at_every_size(name, side, pooled):
     # torchvision's AdaptiveAvgPool2d before FC6: same parameters (and weights) at any input size.
     variables = abstract_variables(create(name), (side, side, 3))
@@ -199,8 +242,17 @@ def test_adaptive_pool_averages_torchvisions_overlapping_bins():
     assert adaptive_avg_pool(got, 7) is got  # nothing is added at the native size
 
 
-@pytest.mark.parametrize("name,min_size", [
-    ("lenet5", 4), ("alexnet", 67), ("alexnet_torchvision", 63), ("zfnet", 63), ("vgg11", 32), ("vgg19_bn", 32)])
+@pytest.mark.parametrize(
+    "name,min_size",
+    [
+        ("lenet5", 4),
+        ("alexnet", 67),
+        ("alexnet_torchvision", 63),
+        ("zfnet", 63),
+        ("vgg11", 32),
+        ("vgg19_bn", 32),
+    ],
+)
 def test_smallest_input_works_and_one_less_raises(name, min_size):
     spec = get_spec(name)
     model = create(name, num_classes=4)
@@ -219,11 +271,22 @@ def test_wrong_channels_or_rank_raise(name):
     with pytest.raises(ValueError, match=f"expects {c} input channel"):
         abstract_apply(model, (h, w, c + 2))
     with pytest.raises(ValueError, match=r"rank 4.*add a batch axis with x\[None\]"):
-        jax.eval_shape(partial(model.init, train=False), KEY, jax.ShapeDtypeStruct((h, w, c), jnp.float32))
-    with pytest.raises(ValueError, match=r"rank 4.*give one batch of images"):  # not "add a batch axis"
-        jax.eval_shape(partial(model.init, train=False), KEY, jax.ShapeDtypeStruct((1, 2, h, w, c), jnp.float32))
+        jax.eval_shape(
+            partial(model.init, train=False), KEY, jax.ShapeDtypeStruct((h, w, c), jnp.float32)
+        )
+    with pytest.raises(
+        ValueError, match=r"rank 4.*give one batch of images"
+    ):  # not "add a batch axis"
+        jax.eval_shape(
+            partial(model.init, train=False),
+            KEY,
+            jax.ShapeDtypeStruct((1, 2, h, w, c), jnp.float32),
+        )
     # The documented override accepts other channel counts.
-    assert abstract_apply(create(name, in_channels=c + 2), (h, w, c + 2)).shape == (2, spec.num_classes)
+    assert abstract_apply(create(name, in_channels=c + 2), (h, w, c + 2)).shape == (
+        2,
+        spec.num_classes,
+    )
 
 
 def _train_step_check(model, x, labels):
@@ -231,18 +294,27 @@ def _train_step_check(model, x, labels):
     params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
     def loss_fn(p):
-        logits, updates = model.apply({"params": p, **state}, x, train=True, mutable=["batch_stats"],
-                                      rngs={"dropout": jax.random.key(7)})
+        logits, updates = model.apply(
+            {"params": p, **state},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(7)},
+        )
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
 
     (loss, updates), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
     assert np.isfinite(float(loss))
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
-        assert np.all(np.isfinite(g)) and np.abs(np.asarray(g)).sum() > 0, f"zero or non-finite gradient at {path}"
+        assert np.all(np.isfinite(g)) and np.abs(np.asarray(g)).sum() > 0, (
+            f"zero or non-finite gradient at {path}"
+        )
     return state, updates
 
 
-@pytest.mark.parametrize("name,shape", [("lenet5", (28, 28, 1)), ("mlp", (32, 32, 3)), ("linear", (32, 32, 3))])
+@pytest.mark.parametrize(
+    "name,shape", [("lenet5", (28, 28, 1)), ("mlp", (32, 32, 3)), ("linear", (32, 32, 3))]
+)
 def test_forward_backward_small_models(name, shape):
     x = normal(1, (2, *shape))
     _train_step_check(create(name), x, jnp.array([3, 7]))
@@ -256,20 +328,47 @@ def test_forward_backward_vgg11_bn_at_32():
     assert not np.allclose(np.asarray(before), np.asarray(after))
 
 
-@pytest.mark.parametrize("name, options, message", [
-    ("lenet5", dict(features=20), "LeNet5: features must be a sequence"),  # was: len() of an int
-    ("lenet5", dict(hidden=0), "LeNet5: hidden must be a positive int"),  # was: ZeroDivisionError in the init
-    ("mlp", dict(hidden_sizes=100), "MLP: hidden_sizes must be a possibly empty sequence"),
-    ("mlp", dict(hidden_sizes=(100, 0)), "MLP: hidden_sizes must be"),
-    ("vgg11", dict(config=(64, "X", 128)), "VGG: config must be a sequence of positive ints or 'M'"),
-    ("vgg11", dict(hidden=0), "VGG: hidden must be a positive int"),
-    ("rir18_wide", dict(layers_per_block=0), "RiR: layers_per_block must be a positive int"),  # was: a shape error
-    ("alexnet", dict(hidden=0), "AlexNet: hidden must be a positive int"),
-    ("densenet_bc_100_12", dict(growth_rate="12"), "DenseNet: growth_rate must be a positive int"),
-    ("densenet_bc_100_12", dict(block_sizes=(16, 0, 16)), "DenseNet: block_sizes must be a sequence"),
-    ("dpn92", dict(k_r=0), "DPN: k_r must be a positive int"),
-    ("dpn92", dict(increments=16), "DPN: increments must be a sequence"),
-])
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        (
+            "lenet5",
+            dict(features=20),
+            "LeNet5: features must be a sequence",
+        ),  # was: len() of an int
+        (
+            "lenet5",
+            dict(hidden=0),
+            "LeNet5: hidden must be a positive int",
+        ),  # was: ZeroDivisionError in the init
+        ("mlp", dict(hidden_sizes=100), "MLP: hidden_sizes must be a possibly empty sequence"),
+        ("mlp", dict(hidden_sizes=(100, 0)), "MLP: hidden_sizes must be"),
+        (
+            "vgg11",
+            dict(config=(64, "X", 128)),
+            "VGG: config must be a sequence of positive ints or 'M'",
+        ),
+        ("vgg11", dict(hidden=0), "VGG: hidden must be a positive int"),
+        (
+            "rir18_wide",
+            dict(layers_per_block=0),
+            "RiR: layers_per_block must be a positive int",
+        ),  # was: a shape error
+        ("alexnet", dict(hidden=0), "AlexNet: hidden must be a positive int"),
+        (
+            "densenet_bc_100_12",
+            dict(growth_rate="12"),
+            "DenseNet: growth_rate must be a positive int",
+        ),
+        (
+            "densenet_bc_100_12",
+            dict(block_sizes=(16, 0, 16)),
+            "DenseNet: block_sizes must be a sequence",
+        ),
+        ("dpn92", dict(k_r=0), "DPN: k_r must be a positive int"),
+        ("dpn92", dict(increments=16), "DPN: increments must be a sequence"),
+    ],
+)
 def test_bad_model_options_are_named(name, options, message):
     model = create(name, **options)
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -18,20 +18,33 @@ from cnnjax.nn import BatchNorm, Conv
 # torchvision 0.29 densenet.py (REFERENCE.md): bias-free convs, BatchNorm with scale and bias,
 # final Linear with bias, 1000 classes. Exact. DenseNet-264 (Table 1; torchvision has no builder
 # for it) is counted from torchvision's DenseNet(32, (6, 12, 64, 48), 64).
-TORCHVISION_COUNTS = {"densenet121": 7_978_856, "densenet169": 14_149_480,
-                      "densenet201": 20_013_928, "densenet161": 28_681_000,
-                      "densenet264": 33_337_704}
+TORCHVISION_COUNTS = {
+    "densenet121": 7_978_856,
+    "densenet169": 14_149_480,
+    "densenet201": 20_013_928,
+    "densenet161": 28_681_000,
+    "densenet264": 33_337_704,
+}
 # Huang et al. 2017, Table 2 (C10). 100-12 exact for the common PyTorch implementation (3x3 stem
 # of 2k channels without BN, FC with bias); the others as printed, to the paper's 0.05M rounding.
-CIFAR_BC_COUNTS = {"densenet_bc_100_12": (769_162, 0), "densenet_bc_250_24": (15_300_000, 50_000),
-                   "densenet_bc_190_40": (25_600_000, 50_000)}
+CIFAR_BC_COUNTS = {
+    "densenet_bc_100_12": (769_162, 0),
+    "densenet_bc_250_24": (15_300_000, 50_000),
+    "densenet_bc_190_40": (25_600_000, 50_000),
+}
 # torchvision's metadata at 224x224 ("GFLOPS" there are multiply-accumulates); densenet121's 2.834
 # is checked in test_analysis.py.
 TORCHVISION_GMACS = {"densenet169": 3.360, "densenet201": 4.291, "densenet161": 7.728}
 # Width of the final feature map, torchvision's `classifier.in_features`; 342 for BC-100-12.
 # DenseNet-264: (64 + 6k) / 2 = 128, (128 + 12k) / 2 = 256, (256 + 64k) / 2 = 1152, 1152 + 48k.
-FINAL_CHANNELS = {"densenet121": 1024, "densenet169": 1664, "densenet201": 1920, "densenet161": 2208,
-                  "densenet264": 2688, "densenet_bc_100_12": 342}
+FINAL_CHANNELS = {
+    "densenet121": 1024,
+    "densenet169": 1664,
+    "densenet201": 1920,
+    "densenet161": 2208,
+    "densenet264": 2688,
+    "densenet_bc_100_12": 342,
+}
 
 
 @lru_cache(maxsize=None)
@@ -94,7 +107,8 @@ def test_cifar_bc_param_count_and_shape_match_paper(name):
 
 
 def test_densenet121_channel_bookkeeping():
-    """Block widths of torchvision's DenseNet-121: 64 + 6*32 = 256 -> 128, 128 + 12*32 = 512 -> 256, ..."""
+    """Block widths of torchvision's DenseNet-121: 64 + 6*32 = 256 -> 128, 128 +
+    12*32 = 512 -> 256, ..."""
     _, variables = _abstract("densenet121")
     p = flatten_dict(variables["params"], sep="/")
     assert p["stem_conv/kernel"].shape == (7, 7, 3, 64)
@@ -138,9 +152,15 @@ def test_cifar_bc_layout():
 
 
 def test_dense_block_concatenates_its_input_unchanged():
-    block = DenseBlock(num_layers=3, growth_rate=2, bn_size=2, drop_rate=0.0,
-                       conv=partial(Conv, use_bias=False), norm=partial(BatchNorm, use_running_average=True),
-                       act=jax.nn.relu)
+    block = DenseBlock(
+        num_layers=3,
+        growth_rate=2,
+        bn_size=2,
+        drop_rate=0.0,
+        conv=partial(Conv, use_bias=False),
+        norm=partial(BatchNorm, use_running_average=True),
+        act=jax.nn.relu,
+    )
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 5, 4)), jnp.float32)
     variables = _random_variables(block, x, train=False)
     y = jax.jit(partial(block.apply, train=False))(variables, x)
@@ -151,12 +171,14 @@ def test_dense_block_concatenates_its_input_unchanged():
 def test_minimum_input_size_and_bad_inputs():
     model = models.create("densenet121")
     assert model.min_input_size() == 29
-    # The minimum depends only on the stem and the number of transitions: trace a narrow twin at 29x29.
+    # The minimum depends only on the stem and the number of transitions: trace a
+    # narrow twin at 29x29.
     narrow = DenseNet(num_classes=5, block_sizes=(1, 1, 1, 1), growth_rate=4)
     assert narrow.min_input_size() == 29
     smallest = jax.ShapeDtypeStruct((1, 29, 29, 3), jnp.float32)
-    assert jax.eval_shape(lambda x: narrow.init_with_output(jax.random.key(0), x, train=False)[0],
-                          smallest).shape == (1, 5)
+    assert jax.eval_shape(
+        lambda x: narrow.init_with_output(jax.random.key(0), x, train=False)[0], smallest
+    ).shape == (1, 5)
     with pytest.raises(ValueError, match="at least 29x29"):
         model.init(jax.random.key(0), jnp.zeros((1, 28, 40, 3)), train=False)
     with pytest.raises(ValueError, match="rank 4"):
@@ -166,7 +188,9 @@ def test_minimum_input_size_and_bad_inputs():
     with pytest.raises(ValueError, match="at least 4x4"):
         cifar.init(jax.random.key(0), jnp.zeros((1, 3, 3, 3)), train=False)
     with pytest.raises(ValueError, match="stem"):
-        DenseNet(num_classes=2, stem="resnet").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+        DenseNet(num_classes=2, stem="resnet").init(
+            jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False
+        )
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
@@ -176,22 +200,37 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 
 
 def _tiny(**kw):
-    # DenseNet-BC with L = 16 (two bottleneck layers per block), k = 4: the same code as the named models.
-    return DenseNet(num_classes=3, block_sizes=cifar_bc_block_sizes(16), growth_rate=4, stem="cifar", **kw)
+    # DenseNet-BC with L = 16 (two bottleneck layers per block), k = 4: the same code
+    # as the named models.
+    return DenseNet(
+        num_classes=3, block_sizes=cifar_bc_block_sizes(16), growth_rate=4, stem="cifar", **kw
+    )
 
 
 def test_tiny_densenet_bc_trains_one_step_and_memory_efficient_matches():
     plain, remat = _tiny(), _tiny(memory_efficient=True)
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 4, 4, 3)), jnp.float32)  # smallest valid size
+    x = jnp.asarray(
+        np.random.default_rng(1).standard_normal((2, 4, 4, 3)), jnp.float32
+    )  # smallest valid size
     y = jnp.array([0, 2])
     variables = _random_variables(plain, x, train=False)
-    assert jax.tree.structure(variables) == jax.tree.structure(_random_variables(remat, x, train=False))
+    assert jax.tree.structure(variables) == jax.tree.structure(
+        _random_variables(remat, x, train=False)
+    )
 
     def loss_and_grads(model, params):
         def loss_fn(p):
-            logits, updates = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                          mutable=["batch_stats"])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (logits, updates)
+            logits, updates = model.apply(
+                {"params": p, "batch_stats": variables["batch_stats"]},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (
+                logits,
+                updates,
+            )
+
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
     @jax.jit
@@ -202,7 +241,10 @@ def test_tiny_densenet_bc_trains_one_step_and_memory_efficient_matches():
     assert np.isfinite(float(loss)) and logits.shape == (2, 3) and logits.dtype == jnp.float32
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         assert np.all(np.isfinite(g)) and np.any(np.asarray(g) != 0), jax.tree_util.keystr(path)
-    old, new = flatten_dict(variables["batch_stats"], sep="/"), flatten_dict(updates["batch_stats"], sep="/")
+    old, new = (
+        flatten_dict(variables["batch_stats"], sep="/"),
+        flatten_dict(updates["batch_stats"], sep="/"),
+    )
     assert old.keys() == new.keys()
     for k in old:
         assert not np.allclose(old[k], new[k]), k
@@ -213,10 +255,20 @@ def test_tiny_densenet_bc_trains_one_step_and_memory_efficient_matches():
 
 
 def test_dense_layer_dropout():
-    """Training mode zeroes outputs with the 'dropout' rng and scales survivors by 1 / (1 - rate)."""
-    layer = DenseLayer(growth_rate=16, bn_size=2, drop_rate=0.5, conv=partial(Conv, use_bias=False),
-                       norm=partial(BatchNorm, use_running_average=True), act=jax.nn.relu)
-    inputs = [jnp.asarray(np.random.default_rng(3).standard_normal((2, 3, 3, c)), jnp.float32) for c in (4, 2)]
+    """Training mode zeroes outputs with the 'dropout' rng and scales
+    survivors by 1 / (1 - rate)."""
+    layer = DenseLayer(
+        growth_rate=16,
+        bn_size=2,
+        drop_rate=0.5,
+        conv=partial(Conv, use_bias=False),
+        norm=partial(BatchNorm, use_running_average=True),
+        act=jax.nn.relu,
+    )
+    inputs = [
+        jnp.asarray(np.random.default_rng(3).standard_normal((2, 3, 3, c)), jnp.float32)
+        for c in (4, 2)
+    ]
     variables = _random_variables(layer, inputs, train=False)
     run = jax.jit(lambda key: layer.apply(variables, inputs, train=True, rngs={"dropout": key}))
     clean = np.asarray(layer.apply(variables, inputs, train=False))  # no rng needed in evaluation

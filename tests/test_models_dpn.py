@@ -11,17 +11,23 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from cnnjax import models
-from model_testing import jittered_variables, n_params
 from cnnjax.analysis import summary
 from cnnjax.models.dpn import DPN, DPN_CONFIGS, DualPathBlock
 from cnnjax.nn import BatchNorm, Conv
 
-# REFERENCE.md (Chen et al. 2017, 1000 classes), exact for the common port (Cadene pretrainedmodels /
-# timm dpn.py): bias-free convs, BN scale+bias, BN-ReLU-conv units, final BN-ReLU on the
-# concatenated paths, 1x1-conv classifier with bias.
+from model_testing import jittered_variables, n_params
+
+# REFERENCE.md (Chen et al. 2017, 1000 classes), exact for the common port (Cadene
+# pretrainedmodels / timm dpn.py): bias-free convs, BN scale+bias, BN-ReLU-conv units, final
+# BN-ReLU on the concatenated paths, 1x1-conv classifier with bias.
 # timm's model cards round them to 12.61M, 37.67M, 61.57M, 86.92M and 79.25M.
-COUNTS = {"dpn68": 12_611_602, "dpn92": 37_668_392, "dpn98": 61_570_728, "dpn107": 86_917_800,
-          "dpn131": 79_254_504}
+COUNTS = {
+    "dpn68": 12_611_602,
+    "dpn92": 37_668_392,
+    "dpn98": 61_570_728,
+    "dpn107": 86_917_800,
+    "dpn131": 79_254_504,
+}
 # Table 2 of Chen et al. 2017 at 224x224: "FLOPs" 6.5, 11.7 and 16.0 x 10^9, which are
 # multiply-adds; DPN-107's 18.3 is the authors' (github.com/cypw/DPNs), not in the paper.
 PAPER_GMACS = {"dpn92": 6.5, "dpn98": 11.7, "dpn131": 16.0, "dpn107": 18.3}
@@ -48,7 +54,10 @@ def test_every_dpn_is_tested():
 def test_param_count_and_output_shape(name):
     spec = models.get_spec(name)
     logits, variables = _abstract(name)
-    assert n_params(variables["params"]) == COUNTS[name] == spec.reference_params and spec.params_rtol == 0.0
+    assert (
+        n_params(variables["params"]) == COUNTS[name] == spec.reference_params
+        and spec.params_rtol == 0.0
+    )
     assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
     p = flatten_dict(variables["params"], sep="/")
     c = FINAL_CHANNELS[name]  # the port's `in_chs`
@@ -63,7 +72,8 @@ def test_multiply_adds_match_the_paper(name):
 
 
 def test_dpn92_stage_layout():
-    """Widths of Table 1: bottleneck 96 * 2**s, 32 groups, residual 256 * 2**s, dense +16/+32/+24/+128."""
+    """Widths of Table 1: bottleneck 96 * 2**s, 32 groups, residual 256 * 2**s,
+    dense +16/+32/+24/+128."""
     _, variables = _abstract("dpn92")
     p = flatten_dict(variables["params"], sep="/")
     assert p["stem_conv/kernel"].shape == (7, 7, 3, 64)
@@ -97,14 +107,23 @@ def test_dpn68_small_layout():
     assert p["stage5_block3/conv3/conv/kernel"].shape == (1, 1, 1024, 512 + 64)
     assert "stage4_block12/conv1/bn/scale" in p and "stage4_block13/conv1/bn/scale" not in p
     with pytest.raises(ValueError, match="stem_kernel must be odd"):
-        DPN(num_classes=2, stem_kernel=4).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)),
-                                               train=False)
+        DPN(num_classes=2, stem_kernel=4).init(
+            jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False
+        )
 
 
 def test_dual_path_block_adds_the_residual_path_and_extends_the_dense_path():
-    """Non-projecting block: residual_out = residual_in + y[:, :C], dense_out = [dense_in, y[:, C:]]."""
-    block = DualPathBlock(bottleneck=8, out_features=6, inc=3, groups=2, conv=partial(Conv, use_bias=False),
-                          norm=partial(BatchNorm, use_running_average=True), act=jax.nn.relu)
+    """Non-projecting block: residual_out = residual_in + y[:, :C], dense_out =
+    [dense_in, y[:, C:]]."""
+    block = DualPathBlock(
+        bottleneck=8,
+        out_features=6,
+        inc=3,
+        groups=2,
+        conv=partial(Conv, use_bias=False),
+        norm=partial(BatchNorm, use_running_average=True),
+        act=jax.nn.relu,
+    )
     rng = np.random.default_rng(0)
     resid = jnp.asarray(rng.standard_normal((2, 5, 5, 6)), jnp.float32)
     dense = jnp.asarray(rng.standard_normal((2, 5, 5, 4)), jnp.float32)
@@ -115,8 +134,11 @@ def test_dual_path_block_adds_the_residual_path_and_extends_the_dense_path():
     np.testing.assert_array_equal(np.asarray(d_out[..., :4]), np.asarray(dense))
     # With the last conv zeroed, the residual path is the identity and the new dense channels are 0.
     zeroed = jax.tree_util.tree_map_with_path(
-        lambda path, a: jnp.zeros_like(a) if [k.key for k in path][-3:] == ["conv3", "conv", "kernel"] else a,
-        variables)
+        lambda path, a: (
+            jnp.zeros_like(a) if [k.key for k in path][-3:] == ["conv3", "conv", "kernel"] else a
+        ),
+        variables,
+    )
     r0, d0 = apply(zeroed, (resid, dense))
     np.testing.assert_array_equal(np.asarray(r0), np.asarray(resid))
     np.testing.assert_array_equal(np.asarray(d0[..., 4:]), 0.0)
@@ -125,8 +147,16 @@ def test_dual_path_block_adds_the_residual_path_and_extends_the_dense_path():
 
 def _tiny():
     # The large-DPN layout with small widths: 8-channel stem, k_r 8 in 2 groups, residual 8 * 2**s.
-    return DPN(num_classes=3, num_init_features=8, k_r=8, groups=2, block_sizes=(1, 2, 1, 1),
-               increments=(2, 2, 2, 2), base_width=8, drop_rate=0.0)
+    return DPN(
+        num_classes=3,
+        num_init_features=8,
+        k_r=8,
+        groups=2,
+        block_sizes=(1, 2, 1, 1),
+        increments=(2, 2, 2, 2),
+        base_width=8,
+        drop_rate=0.0,
+    )
 
 
 def test_tiny_dpn_trains_one_step():
@@ -138,16 +168,27 @@ def test_tiny_dpn_trains_one_step():
     @jax.jit
     def step(params):
         def loss_fn(p):
-            logits, updates = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                          mutable=["batch_stats"])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (logits, updates)
+            logits, updates = model.apply(
+                {"params": p, "batch_stats": variables["batch_stats"]},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (
+                logits,
+                updates,
+            )
+
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
     (loss, (logits, updates)), grads = step(variables["params"])
     assert np.isfinite(float(loss)) and logits.shape == (2, 3) and logits.dtype == jnp.float32
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         assert np.all(np.isfinite(g)) and np.any(np.asarray(g) != 0), jax.tree_util.keystr(path)
-    old, new = flatten_dict(variables["batch_stats"], sep="/"), flatten_dict(updates["batch_stats"], sep="/")
+    old, new = (
+        flatten_dict(variables["batch_stats"], sep="/"),
+        flatten_dict(updates["batch_stats"], sep="/"),
+    )
     assert old.keys() == new.keys() and all(not np.allclose(old[k], new[k]) for k in old)
 
 
@@ -159,7 +200,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="rank 4"):
         model.init(jax.random.key(0), jnp.zeros((224, 224, 3)), train=False)
     with pytest.raises(ValueError, match="4 entries"):
-        DPN(num_classes=2, block_sizes=(1, 1, 1)).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+        DPN(num_classes=2, block_sizes=(1, 1, 1)).init(
+            jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False
+        )
 
 
 def test_tiny_resolution_and_bfloat16():
@@ -178,9 +221,14 @@ def test_dpn92_forward_backward_at_32():
     @jax.jit
     def grads(params):
         def loss_fn(p):
-            logits, _ = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                    mutable=["batch_stats"])
+            logits, _ = model.apply(
+                {"params": p, "batch_stats": variables["batch_stats"]},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
             return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 3])).mean()
+
         return jax.value_and_grad(loss_fn)(params)
 
     loss, g = grads(variables["params"])

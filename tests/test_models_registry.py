@@ -16,7 +16,8 @@ from cnnjax import models
 
 KEY = jax.random.key(0, impl="rbg")
 NAMES = models.list_models()
-# Nets of 150 layers and more (the depth is in the name) take 3 to 30 s each to trace on a shared CPU.
+# Nets of 150 layers and more (the depth is in the name) take 3 to 30 s each to
+# trace on a shared CPU.
 SLOW = {n for n in NAMES if any(int(d) >= 150 for d in re.findall(r"\d+", n))}
 
 
@@ -27,7 +28,9 @@ def param(name):
 def abstract(model, input_shape, batch=2):
     """(output, variables) of model.init_with_output as ShapeDtypeStructs."""
     x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
-    return jax.eval_shape(lambda x: model.init_with_output({"params": KEY, "dropout": KEY}, x, train=False), x)
+    return jax.eval_shape(
+        lambda x: model.init_with_output({"params": KEY, "dropout": KEY}, x, train=False), x
+    )
 
 
 @functools.cache
@@ -49,7 +52,9 @@ def test_the_registry_is_populated():
 def test_spec_params_and_output_shape(name):
     spec = models.get_spec(name)
     assert spec.name == name and spec.source and spec.family
-    assert len(spec.input_shape) == 3 and all(isinstance(d, int) and d > 0 for d in spec.input_shape)
+    assert len(spec.input_shape) == 3 and all(
+        isinstance(d, int) and d > 0 for d in spec.input_shape
+    )
     assert spec.num_classes >= 2 and 0.0 <= spec.params_rtol < 0.1
     assert spec.params_rtol == 0.0 or spec.reference_params is not None
     out, variables = default_abstract(name)
@@ -57,8 +62,9 @@ def test_spec_params_and_output_shape(name):
     if spec.reference_params is not None:
         count = n_params(variables)
         assert abs(count - spec.reference_params) <= spec.params_rtol * spec.reference_params, (
-            f"{name}: {count:,} parameters, reference {spec.reference_params:,} (rtol {spec.params_rtol}; "
-            f"{spec.params_note})")
+            f"{name}: {count:,} parameters, reference {spec.reference_params:,} (rtol "
+            f"{spec.params_rtol}; {spec.params_note})"
+        )
 
 
 def _one_per_family():
@@ -78,8 +84,14 @@ def test_num_classes_changes_the_head(name):
     assert out.shape == (2, default)
     _, reference = default_abstract(name)
     # Only the classifier changes: some parameter leaves differ in their last axis, nothing else.
-    a = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(variables["params"])}
-    b = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(reference["params"])}
+    a = {
+        jax.tree_util.keystr(k): v.shape
+        for k, v in jax.tree_util.tree_leaves_with_path(variables["params"])
+    }
+    b = {
+        jax.tree_util.keystr(k): v.shape
+        for k, v in jax.tree_util.tree_leaves_with_path(reference["params"])
+    }
     assert a.keys() == b.keys()
     changed = [k for k in a if a[k] != b[k]]
     assert changed and all(a[k][-1] == default and b[k][-1] == spec.num_classes for k in changed)
@@ -89,7 +101,10 @@ def test_unknown_names_raise_with_close_matches():
     name = NAMES[0]
     typo = name[:-1] + ("x" if name[-1] != "x" else "y")
     for call in (models.create, models.get_spec):
-        with pytest.raises(ValueError, match=rf"unknown model '{re.escape(typo)}'.*did you mean .*{re.escape(name)}"):
+        with pytest.raises(
+            ValueError,
+            match=rf"unknown model '{re.escape(typo)}'.*did you mean .*{re.escape(name)}",
+        ):
             call(typo)
     with pytest.raises(ValueError, match="unknown model 'qqqqqqqq'") as info:
         models.create("qqqqqqqq")
@@ -114,6 +129,8 @@ def test_list_models_pattern():
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "10", True, None])
 def test_create_rejects_a_bad_num_classes(bad):
     # Before: ZeroDivisionError (0) or a JAX shape TypeError (-3, '10') deep inside init.
-    with pytest.raises(ValueError, match=r"num_classes must be a positive int .* got " + re.escape(repr(bad))):
+    with pytest.raises(
+        ValueError, match=r"num_classes must be a positive int .* got " + re.escape(repr(bad))
+    ):
         models.create("lenet5", num_classes=bad)
     assert models.create("resnet20", num_classes=np.int64(7)).num_classes == 7

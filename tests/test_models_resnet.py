@@ -12,19 +12,28 @@ import optax
 import pytest
 
 from cnnjax.models import create, get_spec
-from cnnjax.models.resnet import (CIFAR_PARAMS, TORCHVISION_PARAMS, BasicBlock, CifarResNet, ResNet,
-                                  cifar_resnet, scan_variables, unscan_variables, zero_pad_shortcut)
+from cnnjax.models.resnet import (
+    CIFAR_PARAMS,
+    TORCHVISION_PARAMS,
+    BasicBlock,
+    CifarResNet,
+    ResNet,
+    cifar_resnet,
+    scan_variables,
+    unscan_variables,
+    zero_pad_shortcut,
+)
 from cnnjax.nn import BatchNorm, Conv
 
 from model_testing import KEY, abstract, n_params, normal, numpy_variables
 
-
-# --------------------------------------------------------------------------- parameter counts and shapes
+# ---------------------------------------------------------------------- parameter counts and shapes
 
 
 @pytest.mark.parametrize("depth", sorted(TORCHVISION_PARAMS))
 def test_imagenet_counts_match_torchvision(depth):
-    # Exact torchvision counts: bias-free convs + BN, option B (1x1 conv + BN) projections, FC with bias.
+    # Exact torchvision counts: bias-free convs + BN, option B (1x1 conv + BN)
+    # projections, FC with bias.
     spec = get_spec(f"resnet{depth}")
     scan = depth > 50  # traced in the scanned layout (same parameters), much faster
     logits, v = abstract(create(f"resnet{depth}", scan_blocks=scan), spec.input_shape)
@@ -44,8 +53,9 @@ def test_imagenet_counts_match_torchvision(depth):
 
 @pytest.mark.parametrize("depth", sorted(CIFAR_PARAMS))
 def test_cifar_counts_table6(depth):
-    # REFERENCE.md Table 6. Deep nets are traced in the scanned layout (the same parameters, stacked:
-    # test_scanned_and_unscanned_counts_agree checks ResNet-110 unscanned), which traces much faster.
+    # REFERENCE.md Table 6. Deep nets are traced in the scanned layout (the same
+    # parameters, stacked: test_scanned_and_unscanned_counts_agree checks ResNet-110
+    # unscanned), which traces much faster.
     count_a, count_b = CIFAR_PARAMS[depth]
     scan = depth > 50
     residual = abstract(create(f"resnet{depth}", scan_blocks=scan), (32, 32, 3))
@@ -77,7 +87,8 @@ def test_small_depths_and_width_are_fields():
     for depth, n in ((8, 1), (14, 2)):
         _, v = abstract(CifarResNet(depth=depth), (32, 32, 3))
         assert {k for k in v["params"] if k.startswith("stage")} == {
-            f"stage{s}_block{b}" for s in (1, 2, 3) for b in range(1, n + 1)}
+            f"stage{s}_block{b}" for s in (1, 2, 3) for b in range(1, n + 1)
+        }
     _, v = abstract(CifarResNet(depth=8, width=2), (16, 16, 3))
     assert v["params"]["stage3_block1"]["conv2"]["kernel"].shape == (3, 3, 128, 128)
     assert v["params"]["stem_conv"]["kernel"].shape == (3, 3, 3, 16)
@@ -114,8 +125,13 @@ def test_bfloat16_compute_keeps_float32_params_stats_and_logits():
 
     def run(x):
         v = model.init(KEY, x, train=False)
-        inter = model.apply(v, x, train=True, mutable=["batch_stats", "intermediates"],
-                            capture_intermediates=lambda m, _: isinstance(m, Conv))
+        inter = model.apply(
+            v,
+            x,
+            train=True,
+            mutable=["batch_stats", "intermediates"],
+            capture_intermediates=lambda m, _: isinstance(m, Conv),
+        )
         return v, inter
 
     v, (logits, state) = jax.eval_shape(run, x)
@@ -132,7 +148,7 @@ def test_registry_overrides_num_classes():
     assert spec.input_shape == (32, 32, 3) and spec.num_classes == 10 and spec.dataset == "cifar10"
 
 
-# --------------------------------------------------------------------------- shortcuts, striding, init
+# ------------------------------------------------------------------------ shortcuts, striding, init
 
 
 def test_zero_pad_shortcut_matches_numpy():
@@ -145,17 +161,24 @@ def test_zero_pad_shortcut_matches_numpy():
 
 
 def _block(**kw):
-    return BasicBlock(conv=partial(Conv, use_bias=False), norm=partial(BatchNorm, use_running_average=True), **kw)
+    return BasicBlock(
+        conv=partial(Conv, use_bias=False), norm=partial(BatchNorm, use_running_average=True), **kw
+    )
 
 
 def test_option_a_block_wiring_numpy():
-    # With conv2 = 0 the branch is BN(0) = 0, so the block is relu(option A shortcut) (odd input size 5).
+    # With conv2 = 0 the branch is BN(0) = 0, so the block is relu(option A
+    # shortcut) (odd input size 5).
     x = np.random.default_rng(1).normal(size=(2, 5, 5, 4)).astype(np.float32)
     block = _block(features=8, strides=2, shortcut="A")
     v = block.init(KEY, jnp.asarray(x), train=False)
-    v = jax.tree_util.tree_map_with_path(lambda p, a: jnp.zeros_like(a) if "conv2" in str(p) else a, v)
+    v = jax.tree_util.tree_map_with_path(
+        lambda p, a: jnp.zeros_like(a) if "conv2" in str(p) else a, v
+    )
     expected = np.maximum(np.pad(x[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (0, 4))), 0)
-    np.testing.assert_allclose(np.asarray(block.apply(v, jnp.asarray(x), train=False)), expected, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(block.apply(v, jnp.asarray(x), train=False)), expected, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("shortcut", ["A", "B"])
@@ -163,11 +186,21 @@ def test_residual_minus_plain_is_the_shortcut(shortcut):
     # Pre-activation blocks have no ReLU after the addition: residual - plain = shortcut exactly.
     rng = np.random.default_rng(2)
     x = rng.normal(size=(2, 6, 6, 4)).astype(np.float32)
-    res, plain = (_block(features=8, strides=2, shortcut=shortcut, preact=True, plain=p) for p in (False, True))
+    res, plain = (
+        _block(features=8, strides=2, shortcut=shortcut, preact=True, plain=p)
+        for p in (False, True)
+    )
     v = res.init(KEY, jnp.asarray(x), train=False)
     diff = np.asarray(res.apply(v, jnp.asarray(x), train=False)) - np.asarray(
-        plain.apply({"params": {k: a for k, a in v["params"].items() if k != "proj_conv"},
-                     "batch_stats": v["batch_stats"]}, jnp.asarray(x), train=False))
+        plain.apply(
+            {
+                "params": {k: a for k, a in v["params"].items() if k != "proj_conv"},
+                "batch_stats": v["batch_stats"],
+            },
+            jnp.asarray(x),
+            train=False,
+        )
+    )
     # A strided unit starts a stage: both shortcuts take the activated input relu(bn1(x)).
     pre = np.maximum(x / np.sqrt(1 + 1e-5), 0)  # bn1 at init: gamma 1, beta 0, mean 0, var 1
     if shortcut == "A":
@@ -203,11 +236,18 @@ def test_v1_and_v1_5_same_params_different_strided_conv():
     shapes = {}
     for version in ("v1", "v1.5"):
         model = create("resnet50", version=version)
-        _, state = jax.eval_shape(lambda x: model.init_with_output(
-            KEY, x, train=False, capture_intermediates=lambda m, _: isinstance(m, Conv)), x)
+        _, state = jax.eval_shape(
+            lambda x: model.init_with_output(
+                KEY, x, train=False, capture_intermediates=lambda m, _: isinstance(m, Conv)
+            ),
+            x,
+        )
         inter = state["intermediates"]["stage2_block1"]
-        shapes[version] = (inter["conv1"]["__call__"][0].shape, inter["conv2"]["__call__"][0].shape,
-                           jax.tree.map(lambda a: a.shape, state["params"]))
+        shapes[version] = (
+            inter["conv1"]["__call__"][0].shape,
+            inter["conv2"]["__call__"][0].shape,
+            jax.tree.map(lambda a: a.shape, state["params"]),
+        )
     # stage 2 input is 16x16 (64 / 4): V1 halves it in conv1 (1x1), V1.5 in conv2 (3x3).
     assert shapes["v1"][0][1:3] == (8, 8) and shapes["v1"][1][1:3] == (8, 8)
     assert shapes["v1.5"][0][1:3] == (16, 16) and shapes["v1.5"][1][1:3] == (8, 8)
@@ -216,13 +256,17 @@ def test_v1_and_v1_5_same_params_different_strided_conv():
 
 def test_zero_init_residual_and_he_fan_out_init():
     x = jnp.zeros((1, 8, 8, 3))
-    v = jax.jit(partial(CifarResNet(depth=8, zero_init_residual=True).init, train=False))(KEY, x)["params"]
+    v = jax.jit(partial(CifarResNet(depth=8, zero_init_residual=True).init, train=False))(KEY, x)[
+        "params"
+    ]
     for s in (1, 2, 3):
         np.testing.assert_array_equal(v[f"stage{s}_block1"]["bn2"]["scale"], 0.0)
         np.testing.assert_array_equal(v[f"stage{s}_block1"]["bn1"]["scale"], 1.0)
     np.testing.assert_array_equal(v["stem_bn"]["scale"], 1.0)
     # He et al. 2015 fan-out: std sqrt(2 / (9 * 64)) for the 3x3 64->64 conv.
-    assert np.std(np.asarray(v["stage3_block1"]["conv2"]["kernel"])) == pytest.approx(np.sqrt(2 / 576), rel=0.05)
+    assert np.std(np.asarray(v["stage3_block1"]["conv2"]["kernel"])) == pytest.approx(
+        np.sqrt(2 / 576), rel=0.05
+    )
     with pytest.raises(ValueError, match="zero_init_residual"):
         abstract(CifarResNet(depth=8, zero_init_residual=True, preact=True), (32, 32, 3))
 
@@ -233,7 +277,14 @@ def test_zero_init_residual_and_he_fan_out_init():
 def test_scan_layout_conversion_gives_identical_logits():
     # Stages of 2 and 3 blocks: 1 and 2 scanned blocks (CIFAR stem, option A; a small compile).
     x = normal(1, (2, 8, 8, 3))
-    kw = dict(stem="cifar", stage_sizes=(2, 3), stage_widths=(8, 16), stem_width=8, shortcut="A", num_classes=4)
+    kw = dict(
+        stem="cifar",
+        stage_sizes=(2, 3),
+        stage_widths=(8, 16),
+        stem_width=8,
+        shortcut="A",
+        num_classes=4,
+    )
     model, scanned = ResNet(**kw), ResNet(scan_blocks=True, **kw)
     v = numpy_variables(model, x.shape, random_bn=True)
     vs = scan_variables(v)
@@ -254,15 +305,22 @@ def test_scan_layout_conversion_gives_identical_logits():
     jax.tree.map(partial(np.testing.assert_allclose, atol=1e-5), unscan_variables(upd_s), upd_u)
 
 
-@pytest.mark.parametrize("kw", [dict(depth=20, shortcut="C"),
-                                dict(depth=29, block="bottleneck", preact=True, shortcut="B")], ids=["C", "preact_bottleneck"])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(depth=20, shortcut="C"), dict(depth=29, block="bottleneck", preact=True, shortcut="B")],
+    ids=["C", "preact_bottleneck"],
+)
 def test_scan_layout_conversion_tree_matches_scanned_init(kw):
     # The converted tree is exactly the tree that the scanned model initialises.
     x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
     v = jax.eval_shape(lambda x: CifarResNet(**kw).init(KEY, x, train=False), x)
     vs = jax.eval_shape(lambda x: CifarResNet(scan_blocks=True, **kw).init(KEY, x, train=False), x)
-    assert jax.tree.map(lambda a: a.shape, jax.eval_shape(scan_variables, v)) == jax.tree.map(lambda a: a.shape, vs)
-    assert jax.tree.map(lambda a: a.shape, jax.eval_shape(unscan_variables, vs)) == jax.tree.map(lambda a: a.shape, v)
+    assert jax.tree.map(lambda a: a.shape, jax.eval_shape(scan_variables, v)) == jax.tree.map(
+        lambda a: a.shape, vs
+    )
+    assert jax.tree.map(lambda a: a.shape, jax.eval_shape(unscan_variables, vs)) == jax.tree.map(
+        lambda a: a.shape, v
+    )
 
 
 # --------------------------------------------------------------------------- forward + backward
@@ -271,26 +329,44 @@ def test_scan_layout_conversion_tree_matches_scanned_init(kw):
 def _train_step_checks(model, input_shape, real_init=False):
     x = normal(1, (2, *input_shape))
     y = jnp.array([0, 1])
-    # model.init compiles every initialiser (slow on CPU): done once, the other nets get NumPy values.
-    v = jax.jit(partial(model.init, train=False))(KEY, x) if real_init else numpy_variables(model, x.shape)
+    # model.init compiles every initialiser (slow on CPU): done once, the other
+    # nets get NumPy values.
+    v = (
+        jax.jit(partial(model.init, train=False))(KEY, x)
+        if real_init
+        else numpy_variables(model, x.shape)
+    )
 
     def loss_fn(params):
-        logits, upd = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
-                                  mutable=["batch_stats"], rngs={"dropout": jax.random.key(2, impl="rbg")})
+        logits, upd = model.apply(
+            {"params": params, "batch_stats": v["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(2, impl="rbg")},
+        )
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
 
     (loss, upd), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(v["params"])
     assert np.isfinite(float(loss))
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
-        assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0, f"zero or non-finite gradient at {path}"
-    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
-                           upd["batch_stats"], v["batch_stats"])
+        assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0, (
+            f"zero or non-finite gradient at {path}"
+        )
+    changed = jax.tree.map(
+        lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+        upd["batch_stats"],
+        v["batch_stats"],
+    )
     assert all(jax.tree.leaves(changed))
     return loss
 
 
-@pytest.mark.parametrize("model", [CifarResNet(depth=8), CifarResNet(depth=8, plain=True, shortcut="B")],
-                         ids=["resnet8_A", "plain8_B"])
+@pytest.mark.parametrize(
+    "model",
+    [CifarResNet(depth=8), CifarResNet(depth=8, plain=True, shortcut="B")],
+    ids=["resnet8_A", "plain8_B"],
+)
 def test_cifar_depth8_forward_backward(model):
     _train_step_checks(model, (32, 32, 3), real_init=not model.plain)
 

@@ -12,9 +12,16 @@ import pytest
 
 from cnnjax import functional as F
 from cnnjax.models import create, get_spec, list_models
-from cnnjax.models.resnet import STAGE_SIZES, BasicBlock, BottleneckBlock, CifarResNet, ResNet, scan_variables
+from cnnjax.models.resnet import (
+    STAGE_SIZES,
+    BasicBlock,
+    BottleneckBlock,
+    CifarResNet,
+    ResNet,
+    scan_variables,
+)
 from cnnjax.models.resnet_variants import WideResNet
-from cnnjax.models.rir import RiR, GeneralizedResidualLayer, RiRBlock
+from cnnjax.models.rir import GeneralizedResidualLayer, RiR, RiRBlock
 from cnnjax.nn import BatchNorm, Conv
 
 from model_testing import abstract, n_params, normal, numpy_variables
@@ -27,7 +34,7 @@ def _is_resnet_family(name):
     return get_spec(name).family == "resnet"
 
 
-# --------------------------------------------------------------------------- counts from the definitions
+# ---------------------------------------------------------------------- counts from the definitions
 
 
 def preact_count(sizes, block, widths, stem, num_classes, stem_width, stride_first=True):
@@ -51,16 +58,23 @@ def test_preact_imagenet_counts_from_definition():
     for depth in (18, 34, 50, 101, 152, 200):
         block = "basic" if depth < 50 else "bottleneck"
         expected = preact_count(STAGE_SIZES[depth], block, (64, 128, 256, 512), 7, 1000, 64)
-        _, v = abstract(create(f"preact_resnet{depth}", scan_blocks=depth > 50), (64, 64, 3), batch=1)
+        _, v = abstract(
+            create(f"preact_resnet{depth}", scan_blocks=depth > 50), (64, 64, 3), batch=1
+        )
         assert n_params(v["params"]) == expected, depth
-    assert preact_count(STAGE_SIZES[50], "bottleneck", (64, 128, 256, 512), 7, 1000, 64) == 25_549_352
+    assert (
+        preact_count(STAGE_SIZES[50], "bottleneck", (64, 128, 256, 512), 7, 1000, 64) == 25_549_352
+    )
 
 
 def test_preact_cifar_counts():
-    # He et al. 2016b Table 2: ResNet-164 1.7M, ResNet-1001 10.2M (the authors' layout gives 10.33M).
+    # He et al. 2016b Table 2: ResNet-164 1.7M, ResNet-1001 10.2M (the authors'
+    # layout gives 10.33M).
     for name, depth, n in (("preact_resnet164", 164, 18), ("preact_resnet1001", 1001, 111)):
         _, v = abstract(create(name, scan_blocks=True), (32, 32, 3))
-        assert n_params(v["params"]) == preact_count((n,) * 3, "bottleneck", (16, 32, 64), 3, 10, 16)
+        assert n_params(v["params"]) == preact_count(
+            (n,) * 3, "bottleneck", (16, 32, 64), 3, 10, 16
+        )
     assert preact_count((18,) * 3, "bottleneck", (16, 32, 64), 3, 10, 16) == 1_703_258
     assert preact_count((111,) * 3, "bottleneck", (16, 32, 64), 3, 10, 16) == 10_327_706
     # ResNet-110 with option A: BN moves (bn1 sees the block input; no stem BN, a final BN), the
@@ -88,18 +102,27 @@ def test_every_registered_resnet_family_model(name):
     logits, v = abstract(model, spec.input_shape)
     assert logits.shape == (2, spec.num_classes) and logits.dtype == jnp.float32
     if spec.reference_params is not None:
-        assert n_params(v["params"]) == pytest.approx(spec.reference_params, rel=spec.params_rtol, abs=0), spec.params_note
+        assert n_params(v["params"]) == pytest.approx(
+            spec.reference_params, rel=spec.params_rtol, abs=0
+        ), spec.params_note
     if name == "rir18_wide":
         assert n_params(v["params"]) == rir_count() == 9_469_930
 
 
 def test_exact_counts_of_the_later_family():
     # REFERENCE.md: WRN (C10) and CIFAR ResNeXt-29 exact counts; torchvision for the ImageNet ones.
-    expected = {"wrn28_10": 36_479_194, "wrn40_4": 8_949_210, "wrn16_8": 10_961_370,
-                "resnext29_8x64d": 34_426_698, "resnext29_16x64d": 68_155_210,
-                "resnext50_32x4d": 25_028_904, "resnext101_32x8d": 88_791_336,
-                "resnext101_64x4d": 83_455_272,
-                "wide_resnet50_2": 68_883_240, "wide_resnet101_2": 126_886_696}
+    expected = {
+        "wrn28_10": 36_479_194,
+        "wrn40_4": 8_949_210,
+        "wrn16_8": 10_961_370,
+        "resnext29_8x64d": 34_426_698,
+        "resnext29_16x64d": 68_155_210,
+        "resnext50_32x4d": 25_028_904,
+        "resnext101_32x8d": 88_791_336,
+        "resnext101_64x4d": 83_455_272,
+        "wide_resnet50_2": 68_883_240,
+        "wide_resnet101_2": 126_886_696,
+    }
     for name, count in expected.items():
         assert get_spec(name).reference_params == count and get_spec(name).params_rtol == 0
     # Unscanned layout for a few of them (the registry sweep uses the scanned one).
@@ -110,14 +133,17 @@ def test_exact_counts_of_the_later_family():
 
 def test_wrn_depth_rule_and_widths():
     _, v = abstract(WideResNet(depth=16, width=8), (32, 32, 3))
-    assert sorted(k for k in v["params"] if k.startswith("stage3")) == ["stage3_block1", "stage3_block2"]
+    assert sorted(k for k in v["params"] if k.startswith("stage3")) == [
+        "stage3_block1",
+        "stage3_block2",
+    ]
     assert v["params"]["stage1_block1"]["conv1"]["kernel"].shape == (3, 3, 16, 128)
     assert v["params"]["stage1_block1"]["proj_conv"]["kernel"].shape == (1, 1, 16, 128)
     with pytest.raises(ValueError, match="6n\\+4"):
         abstract(WideResNet(depth=28 + 2, width=2), (32, 32, 3))
 
 
-# --------------------------------------------------------------------------- blocks against references
+# ------------------------------------------------------------------------ blocks against references
 
 
 def _compare(block, x, reference, seed):
@@ -152,8 +178,15 @@ def test_preact_basic_block_matches_reference():
 def test_preact_bottleneck_v1_projection_matches_reference():
     relu = jax.nn.relu
     x = normal(4, (2, 7, 7, 8))
-    block = BottleneckBlock(features=4, conv=CONV, norm=EVAL_NORM, preact=True, strides=2, shortcut="B",
-                            stride_on_3x3=False)
+    block = BottleneckBlock(
+        features=4,
+        conv=CONV,
+        norm=EVAL_NORM,
+        preact=True,
+        strides=2,
+        shortcut="B",
+        stride_on_3x3=False,
+    )
 
     def reference(v):
         pre = relu(_bn(x, v, "bn1"))
@@ -181,14 +214,18 @@ def _preact_basic(v, x, features, strides, shortcut_input):
     return sc + y
 
 
-@pytest.mark.parametrize("kw, shortcut_input", [
-    (dict(first=True), "pre"),                      # identity of a stage's first unit
-    (dict(), "x"),                                  # identity of any other unit
-    (dict(strides=2, shortcut="A"), "pre"),         # option A: a shape change starts a stage
-    (dict(strides=2, shortcut="B"), "pre"),         # option B projection
-    (dict(shortcut="C"), "x"),                      # option C projection of a later unit
-    (dict(first=True, shortcut="C"), "pre"),
-], ids=["identity_first", "identity", "A", "B", "C", "C_first"])
+@pytest.mark.parametrize(
+    "kw, shortcut_input",
+    [
+        (dict(first=True), "pre"),  # identity of a stage's first unit
+        (dict(), "x"),  # identity of any other unit
+        (dict(strides=2, shortcut="A"), "pre"),  # option A: a shape change starts a stage
+        (dict(strides=2, shortcut="B"), "pre"),  # option B projection
+        (dict(shortcut="C"), "x"),  # option C projection of a later unit
+        (dict(first=True, shortcut="C"), "pre"),
+    ],
+    ids=["identity_first", "identity", "A", "B", "C", "C_first"],
+)
 def test_preact_shortcut_input_matches_fb_resnet_torch(kw, shortcut_input):
     x = normal(7, (2, 6, 6, 4))
     features = 8 if kw.get("strides") else 4
@@ -204,8 +241,15 @@ def test_preact_network_first_units_share_bn_relu_with_the_shortcut(scan):
     # 2016b; fb.resnet.torch preresnet.lua, CIFAR), later units x, final BN-ReLU, pool, FC.
     relu = jax.nn.relu
     x = normal(9, (2, 8, 8, 3))
-    kw = dict(stem="cifar", stage_sizes=(2, 2), stage_widths=(8, 16), stem_width=8, shortcut="A",
-              preact=True, num_classes=4)
+    kw = dict(
+        stem="cifar",
+        stage_sizes=(2, 2),
+        stage_widths=(8, 16),
+        stem_width=8,
+        shortcut="A",
+        preact=True,
+        num_classes=4,
+    )
     model = ResNet(**kw)
     v = numpy_variables(model, x.shape, 10, random_bn=True)
 
@@ -219,24 +263,33 @@ def test_preact_network_first_units_share_bn_relu_with_the_shortcut(scan):
         return h @ v["params"]["fc"]["kernel"] + v["params"]["fc"]["bias"]
 
     run = ResNet(scan_blocks=True, **kw) if scan else model
-    got, want = jax.jit(lambda v: (run.apply(scan_variables(v) if scan else v, x, train=False),
-                                   reference(v)))(v)
+    got, want = jax.jit(
+        lambda v: (run.apply(scan_variables(v) if scan else v, x, train=False), reference(v))
+    )(v)
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_resnext_grouped_bottleneck_matches_reference():
     relu = jax.nn.relu
     x = normal(5, (2, 6, 6, 8))
-    block = BottleneckBlock(features=16, conv=CONV, norm=EVAL_NORM, strides=2, shortcut="B", groups=4, base_width=8)
+    block = BottleneckBlock(
+        features=16, conv=CONV, norm=EVAL_NORM, strides=2, shortcut="B", groups=4, base_width=8
+    )
 
     def reference(v):
         y = relu(_bn(_conv(x, v, "conv1"), v, "bn1"))
         y = relu(_bn(_conv(y, v, "conv2", stride=2, pad=1, groups=4), v, "bn2"))
-        return relu(_bn(_conv(y, v, "conv3"), v, "bn3") + _bn(_conv(x, v, "proj_conv", stride=2), v, "proj_bn"))
+        return relu(
+            _bn(_conv(y, v, "conv3"), v, "bn3")
+            + _bn(_conv(x, v, "proj_conv", stride=2), v, "proj_bn")
+        )
 
     v = _compare(block, x, reference, 3)
     # Inner width int(16 * 8 / 64) * 4 = 8 in 4 groups of 2; output 4 * 16.
-    assert v["params"]["conv2"]["kernel"].shape == (3, 3, 2, 8) and v["params"]["conv3"]["kernel"].shape[-1] == 64
+    assert (
+        v["params"]["conv2"]["kernel"].shape == (3, 3, 2, 8)
+        and v["params"]["conv3"]["kernel"].shape[-1] == 64
+    )
 
 
 # --------------------------------------------------------------------------- stochastic depth
@@ -251,12 +304,17 @@ def test_drop_path_block_expectation_equals_test_time_scaling(mode):
 
     @jax.jit
     def outs(keys):
-        train = jax.vmap(lambda k: block.apply(v, x, train=True, drop_rate=rate, rngs={"dropout": k}))(keys)
+        train = jax.vmap(
+            lambda k: block.apply(v, x, train=True, drop_rate=rate, rngs={"dropout": k})
+        )(keys)
         full = block.apply(v, x, train=True, drop_rate=None)  # no drop path: x + the whole branch
         return train, full - x, block.apply(v, x, train=False, drop_rate=rate)
 
-    y, branch, test_time = (np.asarray(a) for a in outs(jax.random.split(jax.random.key(7, impl="rbg"), n_keys)))
-    # Every training output keeps or drops the whole branch of a sample (of the batch in 'batch' mode).
+    y, branch, test_time = (
+        np.asarray(a) for a in outs(jax.random.split(jax.random.key(7, impl="rbg"), n_keys))
+    )
+    # Every training output keeps or drops the whole branch of a sample (of the
+    # batch in 'batch' mode).
     kept = np.all(np.isclose(y, x + branch, atol=1e-5), axis=(2, 3, 4))
     dropped = np.all(np.isclose(y, x, atol=1e-6), axis=(2, 3, 4))
     assert np.all(kept ^ dropped)
@@ -265,8 +323,11 @@ def test_drop_path_block_expectation_equals_test_time_scaling(mode):
     else:
         assert 0 < kept[0].sum() < 8 or 0 < kept[1].sum() < 8
     p_hat = kept.mean()
-    assert abs(p_hat - (1 - rate)) < 4 * np.sqrt(rate * (1 - rate) / (n_keys if mode == "batch" else 8 * n_keys))
-    # The mean over keys is x + p_hat * branch; the paper's test-time output is x + (1 - rate) * branch.
+    assert abs(p_hat - (1 - rate)) < 4 * np.sqrt(
+        rate * (1 - rate) / (n_keys if mode == "batch" else 8 * n_keys)
+    )
+    # The mean over keys is x + p_hat * branch; the paper's test-time output is
+    # x + (1 - rate) * branch.
     np.testing.assert_allclose(test_time, x + (1 - rate) * branch, atol=1e-5)
     np.testing.assert_allclose(y.mean(0), x + kept.mean(0)[:, None, None, None] * branch, atol=1e-4)
 
@@ -279,10 +340,18 @@ def test_stochastic_depth_network_survival_and_active_blocks():
     @jax.jit
     def keep_masks(keys):
         def one(k):
-            _, state = model.apply(v, x, train=True, mutable=["batch_stats", "intermediates"], rngs={"dropout": k})
+            _, state = model.apply(
+                v, x, train=True, mutable=["batch_stats", "intermediates"], rngs={"dropout": k}
+            )
             inter = state["intermediates"]
-            return jnp.stack([inter[f"stage{s}_block{b}"]["drop_path_keep"][0][0]
-                              for s in (1, 2, 3) for b in (1, 2)])
+            return jnp.stack(
+                [
+                    inter[f"stage{s}_block{b}"]["drop_path_keep"][0][0]
+                    for s in (1, 2, 3)
+                    for b in (1, 2)
+                ]
+            )
+
         return jax.vmap(one)(keys)
 
     n_keys = 256
@@ -290,7 +359,9 @@ def test_stochastic_depth_network_survival_and_active_blocks():
     active = keep.sum(1)
     assert len(set(active.tolist())) >= 3  # the number of active blocks varies with the key
     survival = 1 - 0.5 * np.arange(1, 7) / 6
-    assert abs(active.mean() - survival.sum()) < 4 * np.sqrt((survival * (1 - survival)).sum() / n_keys)
+    assert abs(active.mean() - survival.sum()) < 4 * np.sqrt(
+        (survival * (1 - survival)).sum() / n_keys
+    )
     assert np.all(np.abs(keep.mean(0) - survival) < 4 * np.sqrt(0.25 / n_keys))
     with pytest.raises(Exception, match="dropout"):
         model.apply(v, x, train=True, mutable=["batch_stats"])
@@ -301,13 +372,19 @@ def test_stochastic_depth_scanned_rates_align():
     # stage 2 scans two blocks whose rates start at index 2 of 4.
     x = normal(10, (2, 4, 4, 3))
     kw = dict(stem="cifar", stage_sizes=(1, 3), stage_widths=(4, 8), stem_width=4, num_classes=3)
-    model, scanned = ResNet(drop_path_rate=0.5, **kw), ResNet(drop_path_rate=0.5, scan_blocks=True, **kw)
+    model, scanned = (
+        ResNet(drop_path_rate=0.5, **kw),
+        ResNet(drop_path_rate=0.5, scan_blocks=True, **kw),
+    )
     v = numpy_variables(model, x.shape, random_bn=True)
 
     @jax.jit
     def run(v, vs):
-        return (model.apply(v, x, train=False), scanned.apply(vs, x, train=False),
-                ResNet(**kw).apply(v, x, train=False))
+        return (
+            model.apply(v, x, train=False),
+            scanned.apply(vs, x, train=False),
+            ResNet(**kw).apply(v, x, train=False),
+        )
 
     plain_scaling, scanned_scaling, no_drop = run(v, scan_variables(v))
     np.testing.assert_allclose(scanned_scaling, plain_scaling, atol=1e-5)
@@ -315,15 +392,25 @@ def test_stochastic_depth_scanned_rates_align():
 
 
 def test_dropped_blocks_get_no_gradient():
-    # Pre-activation bottlenecks (depth 11: one per stage); block l is dropped with probability l / 6.
-    model = CifarResNet(depth=11, block="bottleneck", preact=True, shortcut="B", version="v1", drop_path_rate=0.5)
+    # Pre-activation bottlenecks (depth 11: one per stage); block l is dropped
+    # with probability l / 6.
+    model = CifarResNet(
+        depth=11, block="bottleneck", preact=True, shortcut="B", version="v1", drop_path_rate=0.5
+    )
     x = normal(10, (2, 8, 8, 3))
     v = numpy_variables(model, x.shape)
 
     def loss_fn(params, key):
-        logits, state = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
-                                    mutable=["batch_stats", "intermediates"], rngs={"dropout": key})
-        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 1])).mean(), state
+        logits, state = model.apply(
+            {"params": params, "batch_stats": v["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats", "intermediates"],
+            rngs={"dropout": key},
+        )
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits, jnp.array([0, 1])
+        ).mean(), state
 
     grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     seen = set()
@@ -332,11 +419,15 @@ def test_dropped_blocks_get_no_gradient():
         assert np.isfinite(float(loss))
         for name, inter in state["intermediates"].items():
             kept = bool(inter["drop_path_keep"][0][0])
-            # The branch of a dropped block gets no gradient; the shortcut's projection and bn1 (which
-            # pre-activates the projection's input too) always do.
+            # The branch of a dropped block gets no gradient; the shortcut's projection and bn1
+            # (which pre-activates the projection's input too) always do.
             shared = {"proj_conv", "bn1"} if "proj_conv" in grads[name] else set()
-            g = sum(float(jnp.abs(a).sum()) for k, sub in grads[name].items() if k not in shared
-                    for a in jax.tree.leaves(sub))
+            g = sum(
+                float(jnp.abs(a).sum())
+                for k, sub in grads[name].items()
+                if k not in shared
+                for a in jax.tree.leaves(sub)
+            )
             assert (g > 0) == kept, (seed, name, kept, g)
             seen.add(kept)
         assert float(jnp.abs(grads["stem_conv"]["kernel"]).sum()) > 0
@@ -355,8 +446,20 @@ def test_generalized_residual_layer_is_four_convolutions():
     w_rr, w_tr, w_rt, w_tt = k[:, :, :3, :5], k[:, :, 3:, :5], k[:, :, :3, 5:], k[:, :, 3:, 5:]
     conv = partial(F.conv2d, stride=2, padding=1)
     s, p = v["batch_stats"]["bn"], v["params"]["bn"]
-    bn_r = partial(F.batch_norm_apply, mean=s["mean"][:5], var=s["var"][:5], scale=p["scale"][:5], bias=p["bias"][:5])
-    bn_t = partial(F.batch_norm_apply, mean=s["mean"][5:], var=s["var"][5:], scale=p["scale"][5:], bias=p["bias"][5:])
+    bn_r = partial(
+        F.batch_norm_apply,
+        mean=s["mean"][:5],
+        var=s["var"][:5],
+        scale=p["scale"][:5],
+        bias=p["bias"][:5],
+    )
+    bn_t = partial(
+        F.batch_norm_apply,
+        mean=s["mean"][5:],
+        var=s["var"][5:],
+        scale=p["scale"][5:],
+        bias=p["bias"][5:],
+    )
     shortcut = jnp.pad(r[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (0, 2)))
     r_expected = relu(bn_r(conv(r, w_rr) + conv(t, w_tr) + shortcut))
     t_expected = relu(bn_t(conv(r, w_rt) + conv(t, w_tt)))
@@ -371,7 +474,9 @@ def test_rir_block_outer_shortcut():
     without = RiRBlock(features=4, conv=CONV, norm=EVAL_NORM, strides=2, outer_shortcut=False)
     v = numpy_variables(with_outer, None, init_args=(r, t))
     (r1, t1), (r0, t0) = jax.jit(lambda v: (with_outer.apply(v, r, t), without.apply(v, r, t)))(v)
-    np.testing.assert_allclose(r1 - r0, jnp.pad(r[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (0, 1))), atol=1e-6)
+    np.testing.assert_allclose(
+        r1 - r0, jnp.pad(r[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (0, 1))), atol=1e-6
+    )
     np.testing.assert_array_equal(t1, t0)
 
 
@@ -392,23 +497,46 @@ def _train_step_checks(model, input_shape):
     v = numpy_variables(model, x.shape)
 
     def loss_fn(params):
-        logits, upd = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
-                                  mutable=["batch_stats"], rngs={"dropout": jax.random.key(2, impl="rbg")})
-        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 1])).mean(), upd
+        logits, upd = model.apply(
+            {"params": params, "batch_stats": v["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(2, impl="rbg")},
+        )
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits, jnp.array([0, 1])
+        ).mean(), upd
 
     (loss, upd), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(v["params"])
     assert np.isfinite(float(loss))
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
-        assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0, f"zero or non-finite gradient at {path}"
-    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
-                                            upd["batch_stats"], v["batch_stats"])))
+        assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0, (
+            f"zero or non-finite gradient at {path}"
+        )
+    assert all(
+        jax.tree.leaves(
+            jax.tree.map(
+                lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                upd["batch_stats"],
+                v["batch_stats"],
+            )
+        )
+    )
 
 
-@pytest.mark.parametrize("model,shape", [
-    (WideResNet(depth=10, width=2, dropout_rate=0.3), (16, 16, 3)),
-    (CifarResNet(depth=11, block="bottleneck", groups=4, base_width=4, shortcut="B"), (16, 16, 3)),
-    (RiR(stage_sizes=(1, 1, 1), stage_widths=(8, 16, 32), stem_width=8), (8, 8, 3)),
-], ids=["wrn10_2_dropout", "resnext11_4x4d", "rir_small"])
+@pytest.mark.parametrize(
+    "model,shape",
+    [
+        (WideResNet(depth=10, width=2, dropout_rate=0.3), (16, 16, 3)),
+        (
+            CifarResNet(depth=11, block="bottleneck", groups=4, base_width=4, shortcut="B"),
+            (16, 16, 3),
+        ),
+        (RiR(stage_sizes=(1, 1, 1), stage_widths=(8, 16, 32), stem_width=8), (8, 8, 3)),
+    ],
+    ids=["wrn10_2_dropout", "resnext11_4x4d", "rir_small"],
+)
 def test_small_variants_forward_backward(model, shape):
     _train_step_checks(model, shape)
 
@@ -421,17 +549,28 @@ def test_wrn_dropout_is_random_in_training_only():
 
     @jax.jit
     def run(k1, k2):
-        train = lambda k: block.apply(v, x, train=True, rngs={"dropout": k})
-        return (train(k1), train(k2), train(k1), block.apply(v, x, train=False),
-                no_dropout.apply(v, x, train=False))
+        def train(k):
+            return block.apply(v, x, train=True, rngs={"dropout": k})
 
-    a, b, a_again, test_time, reference = run(jax.random.key(1, impl="rbg"), jax.random.key(2, impl="rbg"))
+        return (
+            train(k1),
+            train(k2),
+            train(k1),
+            block.apply(v, x, train=False),
+            no_dropout.apply(v, x, train=False),
+        )
+
+    a, b, a_again, test_time, reference = run(
+        jax.random.key(1, impl="rbg"), jax.random.key(2, impl="rbg")
+    )
     assert not np.allclose(a, b)
     np.testing.assert_array_equal(a, a_again)
     np.testing.assert_array_equal(test_time, reference)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnext50_32x4d", "wide_resnet50_2", "preact_resnet18", "rir18_wide"])
+@pytest.mark.parametrize(
+    "name", ["resnext50_32x4d", "wide_resnet50_2", "preact_resnet18", "rir18_wide"]
+)
 def test_full_size_variants_forward_backward(name):
     _train_step_checks(create(name, num_classes=10), (32, 32, 3))

@@ -7,13 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_functional import _random_conv_case, np_conv2d, np_conv2d_grads
 
 from cnnjax import functional as F
 from cnnjax import native, settings
-from test_functional import _random_conv_case, np_conv2d, np_conv2d_grads
 
 ONEDNN = native.available()
-needs_onednn = pytest.mark.skipif(not ONEDNN, reason=f"oneDNN kernels unavailable: {native.unavailable_reason()}")
+needs_onednn = pytest.mark.skipif(
+    not ONEDNN, reason=f"oneDNN kernels unavailable: {native.unavailable_reason()}"
+)
 
 
 def _installed(dist: str) -> bool:
@@ -27,7 +29,9 @@ def _installed(dist: str) -> bool:
 def test_onednn_is_available_where_installed():
     # cnnjax depends on oneDNN's pip packages on Linux x86-64; with them and a compiler the kernels
     # must build, so the tests below cannot quietly skip where CI installs cnnjax.
-    if not (_installed("onednn-cpu-gomp") and _installed("onednn-devel-cpu-gomp") and native._compiler()):
+    if not (
+        _installed("onednn-cpu-gomp") and _installed("onednn-devel-cpu-gomp") and native._compiler()
+    ):
         pytest.skip("oneDNN's pip packages or a C++ compiler are missing here")
     assert ONEDNN, native.unavailable_reason()
     assert native.dnnl_version().startswith("3.")
@@ -51,10 +55,16 @@ def test_onednn_conv_and_gradients_match_loops(seed):
     kw = dict(stride=c["stride"], padding=padding, dilation=c["dilation"])
     pads = F.resolve_padding(padding, c["hw"], c["k"], c["stride"], c["dilation"])
     y = jax.jit(lambda x, w: F.conv2d(x, w, backend="onednn", **kw))(x, w)
-    np.testing.assert_allclose(np.asarray(y), np_conv2d(x, w, None, c["stride"], pads, c["dilation"], 1),
-                               atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(y),
+        np_conv2d(x, w, None, c["stride"], pads, c["dilation"], 1),
+        atol=1e-4,
+        rtol=1e-4,
+    )
     g = rng.standard_normal(y.shape).astype(np.float32)
-    dx, dw = jax.jit(jax.grad(lambda x, w: jnp.sum(F.conv2d(x, w, backend="onednn", **kw) * g), (0, 1)))(x, w)
+    dx, dw = jax.jit(
+        jax.grad(lambda x, w: jnp.sum(F.conv2d(x, w, backend="onednn", **kw) * g), (0, 1))
+    )(x, w)
     want_dx, want_dw = np_conv2d_grads(x, w, g, c["stride"], pads, c["dilation"])
     np.testing.assert_allclose(np.asarray(dx), want_dx, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(dw), want_dw, atol=1e-4, rtol=1e-4)
@@ -66,7 +76,7 @@ def _second_order(backend, x, w, kw):
 
     def penalty(x, w):  # a gradient penalty: differentiates the convolution's own gradients
         gx, gw = jax.grad(loss, (0, 1))(x, w)
-        return jnp.sum(gx ** 2) + jnp.sum(jnp.sin(gw))
+        return jnp.sum(gx**2) + jnp.sum(jnp.sin(gw))
 
     return jax.jit(jax.grad(penalty, (0, 1)))(x, w)
 
@@ -87,15 +97,23 @@ def test_onednn_under_vmap_matches_xla():
     w = rng.standard_normal((3, 3, 3, 4, 5)).astype(np.float32)
 
     def per_example(backend):  # one kernel per mapped element, with its gradient
-        f = lambda x, w: jnp.sum(F.conv2d(x, w, stride=2, padding=1, backend=backend) ** 2)
+        def f(x, w):
+            return jnp.sum(F.conv2d(x, w, stride=2, padding=1, backend=backend) ** 2)
+
         return jax.vmap(jax.value_and_grad(f, (0, 1)))(x, w)
 
-    for got, want in zip(jax.tree.leaves(per_example("onednn")), jax.tree.leaves(per_example("xla"))):
+    for got, want in zip(
+        jax.tree.leaves(per_example("onednn")), jax.tree.leaves(per_example("xla"))
+    ):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
 def _conv_jaxpr(x, w, **kw) -> str:
-    return str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(F.conv2d(x, w, padding=1, **kw)), (0, 1)))(x, w))
+    return str(
+        jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(F.conv2d(x, w, padding=1, **kw)), (0, 1)))(
+            x, w
+        )
+    )
 
 
 @needs_onednn
@@ -104,7 +122,9 @@ def test_auto_backend_runs_float32_convolutions_on_onednn_and_falls_back_elsewhe
     assert settings.current().conv_backend == "auto" and jax.default_backend() == "cpu"
     auto = _conv_jaxpr(x, w)
     assert "cnnjax_dnnl_conv_fwd" in auto and "conv_general_dilated" not in auto
-    assert auto.count("cnnjax_dnnl_conv_bwd_data") == auto.count("cnnjax_dnnl_conv_bwd_weights") == 1
+    assert (
+        auto.count("cnnjax_dnnl_conv_bwd_data") == auto.count("cnnjax_dnnl_conv_bwd_weights") == 1
+    )
     with F.conv2d_backend("xla"):
         assert "cnnjax_dnnl" not in _conv_jaxpr(x, w)
     assert "cnnjax_dnnl" not in _conv_jaxpr(x, w, backend="xla")
@@ -154,8 +174,13 @@ def test_failed_build_is_reported_with_the_compiler_output(fresh_native, tmp_pat
     fresh_native.setenv("CXX", str(fake))
     with pytest.warns(RuntimeWarning, match="(?s)XLA's run instead.*fake-cxx: no such luck"):
         assert not native.available()
-    assert "failed" in native.unavailable_reason() and "fake-cxx: no such luck" in native.unavailable_reason()
-    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # nothing half-written left
+    assert (
+        "failed" in native.unavailable_reason()
+        and "fake-cxx: no such luck" in native.unavailable_reason()
+    )
+    assert not [
+        p for p in (tmp_path / "cache").rglob("*") if p.is_file()
+    ]  # nothing half-written left
 
 
 @needs_onednn
@@ -170,19 +195,31 @@ def test_build_is_cached_and_written_atomically(fresh_native, tmp_path):
 
 
 @needs_onednn
-@pytest.mark.parametrize("shape,stride,padding", [((2, 8, 8, 3), (1, 2), 0), ((2, 8, 8, 3), (2, 2), 0),
-                                                  ((2, 6, 7, 3), (2, 1), 0), ((1, 7, 9, 3), (3, 2), 1)])
+@pytest.mark.parametrize(
+    "shape,stride,padding",
+    [
+        ((2, 8, 8, 3), (1, 2), 0),
+        ((2, 8, 8, 3), (2, 2), 0),
+        ((2, 6, 7, 3), (2, 1), 0),
+        ((1, 7, 9, 3), (3, 2), 1),
+    ],
+)
 def test_onednn_strided_1x1_matches_loops(shape, stride, padding):
     # oneDNN 3.2 computes these filter gradients wrongly when asked for a strided 1x1 convolution;
     # `onednn.convolve` hands it the strided pixels instead.
     rng = np.random.default_rng(7)
     x = rng.standard_normal(shape).astype(np.float32)
     w = rng.standard_normal((1, 1, shape[-1], 4)).astype(np.float32)
-    f = lambda x, w: F.conv2d(x, w, stride=stride, padding=padding, backend="onednn")
+
+    def f(x, w):
+        return F.conv2d(x, w, stride=stride, padding=padding, backend="onednn")
+
     g = rng.standard_normal(f(x, w).shape).astype(np.float32)
     dx, dw = jax.grad(lambda x, w: jnp.sum(f(x, w) * g), (0, 1))(x, w)
     pads = ((padding, padding),) * 2
-    np.testing.assert_allclose(np.asarray(f(x, w)), np_conv2d(x, w, None, stride, pads, (1, 1), 1), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(f(x, w)), np_conv2d(x, w, None, stride, pads, (1, 1), 1), atol=1e-5
+    )
     want_dx, want_dw = np_conv2d_grads(x, w, g, stride, pads, (1, 1))
     np.testing.assert_allclose(np.asarray(dx), want_dx, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(dw), want_dw, atol=1e-4, rtol=1e-4)
@@ -202,8 +239,12 @@ def test_batch_split_over_xla_threads_matches_one_openmp_call(monkeypatch, batch
     x = rng.standard_normal((batch, 9, 9, 6)).astype(np.float32)
     w = rng.standard_normal((3, 3, 6, 8)).astype(np.float32)
 
-    f = jax.jit(jax.value_and_grad(
-        lambda x, w: jnp.sum(jnp.sin(F.conv2d(x, w, stride=2, padding=1, backend="onednn"))), (0, 1)))
+    f = jax.jit(
+        jax.value_and_grad(
+            lambda x, w: jnp.sum(jnp.sin(F.conv2d(x, w, stride=2, padding=1, backend="onednn"))),
+            (0, 1),
+        )
+    )
 
     def run(mode):
         with settings.using(onednn_threads=mode):
@@ -225,18 +266,90 @@ def test_direct_filter_gradient_is_built_where_the_cpu_has_avx2_and_fma():
 # two take the direct filter gradient (output channels a multiple of 8, at least 8 input
 # channels, column stride 1).
 DIRECT_CASES = [
-    (5, (9, 9), 9, 8, (3, 3), (1, 1), 1, (1, 1)),  # one 8-wide tile, blocks of 5 and 4; 5 images in two unequal parts
-    (3, (8, 8), 13, 40, (3, 3), (1, 1), 1, (1, 1)),  # input channels in blocks of 5, 4, 4; outputs 16 + 16 + 8
-    (2, (11, 10), 14, 24, (3, 3), (2, 1), ((2, 0), (3, 1)), (1, 1)),  # asymmetric padding, rows left unread
+    (
+        5,
+        (9, 9),
+        9,
+        8,
+        (3, 3),
+        (1, 1),
+        1,
+        (1, 1),
+    ),  # one 8-wide tile, blocks of 5 and 4; 5 images in two unequal parts
+    (
+        3,
+        (8, 8),
+        13,
+        40,
+        (3, 3),
+        (1, 1),
+        1,
+        (1, 1),
+    ),  # input channels in blocks of 5, 4, 4; outputs 16 + 16 + 8
+    (
+        2,
+        (11, 10),
+        14,
+        24,
+        (3, 3),
+        (2, 1),
+        ((2, 0), (3, 1)),
+        (1, 1),
+    ),  # asymmetric padding, rows left unread
     (2, (12, 10), 8, 16, (3, 3), (1, 1), 2, (2, 2)),  # dilation
     (2, (3, 3), 8, 8, (3, 3), (1, 1), 2, (3, 3)),  # taps that read only padding
-    (2, (3, 3), 10, 8, (3, 3), (2, 1), 1, (2, 2)),  # a tap whose one row is the one past the image (row stride 2)
+    (
+        2,
+        (3, 3),
+        10,
+        8,
+        (3, 3),
+        (2, 1),
+        1,
+        (2, 2),
+    ),  # a tap whose one row is the one past the image (row stride 2)
     (1, (7, 7), 11, 16, (5, 5), (2, 1), 6, (1, 1)),  # padding wider than the kernel
-    (3, (10, 10), 8, 8, (7, 3), (3, 1), ((3, 3), (1, 1)), (1, 1)),  # unequal kernel sides and strides
+    (
+        3,
+        (10, 10),
+        8,
+        8,
+        (7, 3),
+        (3, 1),
+        ((3, 3), (1, 1)),
+        (1, 1),
+    ),  # unequal kernel sides and strides
     (2, (9, 9), 12, 32, (1, 1), (1, 1), 0, (1, 1)),  # 1x1
-    (4, (6, 6), 64, 64, (3, 3), (1, 1), 1, (1, 1)),  # a ResNet-56 stage-3 layer's channels (11 blocks)
-    (3, (8, 8), 3, 16, (3, 3), (1, 1), 1, (1, 1)),  # 3 input channels (a first layer): oneDNN's, with direct=1
-    (3, (8, 8), 16, 32, (3, 3), (2, 2), 1, (1, 1)),  # column stride 2 (a ResNet's downsampling): oneDNN's
+    (
+        4,
+        (6, 6),
+        64,
+        64,
+        (3, 3),
+        (1, 1),
+        1,
+        (1, 1),
+    ),  # a ResNet-56 stage-3 layer's channels (11 blocks)
+    (
+        3,
+        (8, 8),
+        3,
+        16,
+        (3, 3),
+        (1, 1),
+        1,
+        (1, 1),
+    ),  # 3 input channels (a first layer): oneDNN's, with direct=1
+    (
+        3,
+        (8, 8),
+        16,
+        32,
+        (3, 3),
+        (2, 2),
+        1,
+        (1, 1),
+    ),  # column stride 2 (a ResNet's downsampling): oneDNN's
 ]
 
 
@@ -250,14 +363,18 @@ def test_direct_filter_gradient_matches_loops_and_onednn(monkeypatch, case):
     x = rng.standard_normal((n, *hw, cin)).astype(np.float32)
     w = rng.standard_normal((*k, cin, cout)).astype(np.float32)
     kw = dict(stride=stride, padding=padding, dilation=dilation, backend="onednn")
-    g = rng.standard_normal(jax.eval_shape(lambda x, w: F.conv2d(x, w, **kw), x, w).shape).astype(np.float32)
+    g = rng.standard_normal(jax.eval_shape(lambda x, w: F.conv2d(x, w, **kw), x, w).shape).astype(
+        np.float32
+    )
 
     f = jax.jit(jax.grad(lambda x, w: jnp.sum(F.conv2d(x, w, **kw) * g), (0, 1)))
 
     def grads(mode):
         with settings.using(conv_weights=mode):  # part of jit's cache key: each mode traces anew
             assert f"direct = {int(mode != 'onednn')} : i64" in f.lower(x, w).as_text()
-            return jax.block_until_ready(f(x, w))  # ran (dispatch is asynchronous) before the count is read
+            return jax.block_until_ready(
+                f(x, w)
+            )  # ran (dispatch is asynchronous) before the count is read
 
     calls = native.direct_conv_weights_calls()
     dx, dw = grads("direct")
@@ -270,9 +387,13 @@ def test_direct_filter_gradient_matches_loops_and_onednn(monkeypatch, case):
     calls = native.direct_conv_weights_calls()
     onednn_dx, onednn_dw = grads("onednn")
     assert native.direct_conv_weights_calls() == calls
-    np.testing.assert_array_equal(np.asarray(dx), np.asarray(onednn_dx))  # the input gradient is oneDNN's in both
+    np.testing.assert_array_equal(
+        np.asarray(dx), np.asarray(onednn_dx)
+    )  # the input gradient is oneDNN's in both
     # Sums in another order: float32 rounding of the largest entries, not of each entry.
-    np.testing.assert_allclose(np.asarray(dw), np.asarray(onednn_dw), atol=2e-6 * np.abs(want_dw).max(), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(dw), np.asarray(onednn_dw), atol=2e-6 * np.abs(want_dw).max(), rtol=1e-5
+    )
     for got, want in zip(grads("auto"), (dx, dw)):  # 'auto', the default, is 'direct'
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     with pytest.raises(ValueError, match="conv_weights: mode must be one of"):
@@ -284,7 +405,11 @@ def test_install_hint_names_the_packages_pyproject_pins():
     import tomllib
 
     pyproject = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
-    pinned = [dep.split(";")[0].strip() for dep in pyproject["project"]["dependencies"] if dep.startswith("onednn")]
+    pinned = [
+        dep.split(";")[0].strip()
+        for dep in pyproject["project"]["dependencies"]
+        if dep.startswith("onednn")
+    ]
     assert pinned == list(native.DNNL_PACKAGES)
 
 
@@ -314,8 +439,13 @@ def test_tracing_builds_nothing_and_the_first_lowering_builds(tmp_path):
 
     cache = tmp_path / "cache"
     env = dict(os.environ, CNNJAX_CACHE_DIR=str(cache), JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", _LAZY_BUILD, str(cache)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _LAZY_BUILD, str(cache)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
     assert "traced: True" in proc.stdout  # 'auto' chose oneDNN from cheap facts, unbuilt
 

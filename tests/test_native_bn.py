@@ -12,8 +12,9 @@ from cnnjax import functional as F
 from cnnjax import native, settings
 from cnnjax.native import batch_norm as B
 
-needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: "
-                                                                 f"{native.unavailable_reason()}")
+needs_native = pytest.mark.skipif(
+    not native.available(), reason=f"native kernels unavailable: {native.unavailable_reason()}"
+)
 
 # Shapes: channel counts off the kernels' 8- and 4-wide paths, row counts off their 8- and 64-row
 # blocks, one tensor large enough to be split over threads, and an empty batch.
@@ -29,7 +30,12 @@ def loops(name, *args):
     if name == "sums":
         (x,) = args
         r = _rows(x)
-        return np.stack([[sum(r[:, j]) for j in range(r.shape[1])], [sum(r[:, j] ** 2) for j in range(r.shape[1])]])
+        return np.stack(
+            [
+                [sum(r[:, j]) for j in range(r.shape[1])],
+                [sum(r[:, j] ** 2) for j in range(r.shape[1])],
+            ]
+        )
     if name == "apply":
         relu, x, coef, res = args
         r, out = _rows(x), np.empty(_rows(x).shape)
@@ -42,8 +48,15 @@ def loops(name, *args):
         relu, gy, x, coef = args
         g, r = _rows(gy), _rows(x)
         keep = (r * coef[0] + coef[1] > 0) if relu else np.ones_like(r, bool)
-        return np.stack([[sum(g[i, j] for i in range(r.shape[0]) if keep[i, j]) for j in range(r.shape[1])],
-                         [sum(g[i, j] * r[i, j] for i in range(r.shape[0]) if keep[i, j]) for j in range(r.shape[1])]])
+        return np.stack(
+            [
+                [sum(g[i, j] for i in range(r.shape[0]) if keep[i, j]) for j in range(r.shape[1])],
+                [
+                    sum(g[i, j] * r[i, j] for i in range(r.shape[0]) if keep[i, j])
+                    for j in range(r.shape[1])
+                ],
+            ]
+        )
     if name == "grad_sums_masked":
         gy, y, x = args
         g = np.where(_rows(y) > 0, _rows(gy), 0.0)
@@ -91,17 +104,23 @@ def test_kernels_match_their_definitions(shape):
 
 @needs_native
 def test_kernels_on_a_tensor_split_over_threads_match_numpy():
-    # 64 x 32 x 32 x 16: split over XLA's threads and summed in blocks (NumPy, not the loops: 1M values).
+    # 64 x 32 x 32 x 16: split over XLA's threads and summed in blocks (NumPy, not
+    # the loops: 1M values).
     x, gy, r, coef = _data(SHAPES[3], seed=1)
     xr, gr = _rows(x), _rows(gy)
-    _close(B.sums(x), np.stack([xr.sum(0), (xr ** 2).sum(0)]), scale=float((xr ** 2).sum(0).max()))
+    _close(B.sums(x), np.stack([xr.sum(0), (xr**2).sum(0)]), scale=float((xr**2).sum(0).max()))
     keep = xr * coef[0] + coef[1] > 0
     g = np.where(keep, gr, 0.0)
-    _close(B.grad_sums(gy, x, coef[:2], relu=True), np.stack([g.sum(0), (g * xr).sum(0)]), scale=1e4)
+    _close(
+        B.grad_sums(gy, x, coef[:2], relu=True), np.stack([g.sum(0), (g * xr).sum(0)]), scale=1e4
+    )
     z = xr * coef[0] + coef[1] + _rows(r)
     _close(B.apply(x, coef[:2], r, relu=True), np.maximum(z, 0).reshape(x.shape))
     g = np.where(xr * coef[3] + coef[4] > 0, gr, 0.0)  # grad_apply's mask has its own coefficients
-    _close(B.grad_apply(gy, x, coef, relu=True), (g * coef[0] + xr * coef[1] + coef[2]).reshape(x.shape))
+    _close(
+        B.grad_apply(gy, x, coef, relu=True),
+        (g * coef[0] + xr * coef[1] + coef[2]).reshape(x.shape),
+    )
 
 
 @needs_native
@@ -131,19 +150,39 @@ def test_kernel_arguments_are_checked():
 
 
 def _bn(backend, x, scale, bias, residual, activation, train, vjp=None, axis_name=None):
-    y, stats = F.batch_norm(x, scale, bias, jnp.full(x.shape[-1], 0.1), jnp.full(x.shape[-1], 2.0), train=train,
-                            momentum=0.8, residual=residual, activation=activation, backend=backend, vjp=vjp,
-                            axis_name=axis_name)
+    y, stats = F.batch_norm(
+        x,
+        scale,
+        bias,
+        jnp.full(x.shape[-1], 0.1),
+        jnp.full(x.shape[-1], 2.0),
+        train=train,
+        momentum=0.8,
+        residual=residual,
+        activation=activation,
+        backend=backend,
+        vjp=vjp,
+        axis_name=axis_name,
+    )
     return y, stats
 
 
 def _loss(backend, activation, train, vjp=None, has_residual=True, affine=True):
     def loss(x, scale, bias, residual):
-        y, (m, v) = _bn(backend, x, scale if affine else None, bias if affine else None,
-                        residual if has_residual else None, activation, train, vjp)
+        y, (m, v) = _bn(
+            backend,
+            x,
+            scale if affine else None,
+            bias if affine else None,
+            residual if has_residual else None,
+            activation,
+            train,
+            vjp,
+        )
         w = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
         # Through the output and the running statistics (nonzero mean and variance cotangents).
-        return jnp.sum(y * w) + jnp.sum(m * jnp.arange(m.size)) + jnp.sum(v ** 2)
+        return jnp.sum(y * w) + jnp.sum(m * jnp.arange(m.size)) + jnp.sum(v**2)
+
     return loss
 
 
@@ -156,10 +195,14 @@ def test_native_batch_norm_matches_xla(activation, has_residual, vjp):
     scale, bias = coef[0], coef[1]
     for train in (True, False):
         args = (x, scale, bias, r)
-        want = jax.jit(jax.value_and_grad(_loss("xla", activation, train, vjp, has_residual), (0, 1, 2, 3)))(*args)
+        want = jax.jit(
+            jax.value_and_grad(_loss("xla", activation, train, vjp, has_residual), (0, 1, 2, 3))
+        )(*args)
         jaxpr = str(jax.make_jaxpr(_loss("native", activation, train, vjp, has_residual))(*args))
         assert "cnnjax_bn_apply" in jaxpr  # the native path ran
-        got = jax.jit(jax.value_and_grad(_loss("native", activation, train, vjp, has_residual), (0, 1, 2, 3)))(*args)
+        got = jax.jit(
+            jax.value_and_grad(_loss("native", activation, train, vjp, has_residual), (0, 1, 2, 3))
+        )(*args)
         np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
         for g, w in zip(got[1], want[1]):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
@@ -180,21 +223,42 @@ def test_native_batch_norm_without_scale_and_bias_matches_xla():
 def test_native_batch_norm_gradients_of_gradients_and_vmap_match_xla():
     x, r, _, coef = _data((2, 3, 3, 4), seed=5)
 
-    def penalty(backend):  # differentiates the BatchNorm's own gradient (the kernels' reference JVPs)
+    def penalty(
+        backend,
+    ):  # differentiates the BatchNorm's own gradient (the kernels' reference JVPs)
         loss = _loss(backend, "relu", True, "fused")
         return lambda x, s, b, r: jnp.sum(jax.grad(loss)(x, s, b, r) ** 2)
 
-    for backend_result in zip(jax.grad(penalty("native"), (0, 1))(x, coef[0], coef[1], r),
-                              jax.grad(penalty("xla"), (0, 1))(x, coef[0], coef[1], r)):
+    for backend_result in zip(
+        jax.grad(penalty("native"), (0, 1))(x, coef[0], coef[1], r),
+        jax.grad(penalty("xla"), (0, 1))(x, coef[0], coef[1], r),
+    ):
         np.testing.assert_allclose(*map(np.asarray, backend_result), rtol=1e-3, atol=1e-3)
     xs = np.stack([x, 2 * x + 1])
-    per = {b: jax.vmap(lambda x: _bn(b, x, coef[0], coef[1], None, "relu", True)[0])(xs) for b in ("native", "xla")}
-    np.testing.assert_allclose(np.asarray(per["native"]), np.asarray(per["xla"]), rtol=1e-5, atol=1e-5)
+    per = {
+        b: jax.vmap(lambda x: _bn(b, x, coef[0], coef[1], None, "relu", True)[0])(xs)
+        for b in ("native", "xla")
+    }
+    np.testing.assert_allclose(
+        np.asarray(per["native"]), np.asarray(per["xla"]), rtol=1e-5, atol=1e-5
+    )
 
 
 def _bn_jaxpr(x, **kw):
-    f = lambda x: jnp.sum(F.batch_norm(x, None, None, jnp.zeros(x.shape[-1]), jnp.ones(x.shape[-1]), train=True,
-                                       activation="relu", **kw)[0])
+    def f(x):
+        return jnp.sum(
+            F.batch_norm(
+                x,
+                None,
+                None,
+                jnp.zeros(x.shape[-1]),
+                jnp.ones(x.shape[-1]),
+                train=True,
+                activation="relu",
+                **kw,
+            )[0]
+        )
+
     return str(jax.make_jaxpr(jax.grad(f))(x))
 
 
@@ -203,7 +267,12 @@ def test_auto_backend_picks_native_for_float32_on_the_cpu_with_switches_back():
     x = jnp.ones((2, 3, 3, 4))
     assert settings.current().bn_backend == "auto" and jax.default_backend() == "cpu"
     auto = _bn_jaxpr(x)
-    for target in ("cnnjax_bn_sums", "cnnjax_bn_apply", "cnnjax_bn_grad_sums", "cnnjax_bn_grad_apply"):
+    for target in (
+        "cnnjax_bn_sums",
+        "cnnjax_bn_apply",
+        "cnnjax_bn_grad_sums",
+        "cnnjax_bn_grad_apply",
+    ):
         assert re.search(target + r"\b", auto), target  # \b: not the _masked or _residual variants
     assert "cnnjax_bn" not in _bn_jaxpr(x, backend="xla")
     with F.batch_norm_backend("xla"):
@@ -219,7 +288,9 @@ def test_auto_backend_picks_native_for_float32_on_the_cpu_with_switches_back():
 def test_residual_and_activation_are_validated():
     x = jnp.ones((2, 3, 3, 4))
     with pytest.raises(ValueError, match=r"residual must have x's shape \(2, 3, 3, 4\)"):
-        F.batch_norm(x, None, None, jnp.zeros(4), jnp.ones(4), train=True, residual=jnp.ones((2, 3, 3, 3)))
+        F.batch_norm(
+            x, None, None, jnp.zeros(4), jnp.ones(4), train=True, residual=jnp.ones((2, 3, 3, 3))
+        )
     with pytest.raises(ValueError, match="unknown activation 'swishy'"):
         F.batch_norm(x, None, None, jnp.zeros(4), jnp.ones(4), train=True, activation="swishy")
     with pytest.raises(TypeError, match="activation must be None, a name"):
@@ -240,15 +311,28 @@ def test_networks_train_alike_on_either_backend(name):
 
     def grads(backend, dtype):
         def loss(p, x):
-            with F.batch_norm_backend(backend), F.conv2d_backend("auto" if dtype == jnp.float32 else "xla"):
-                out, st = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
-                                      mutable=["batch_stats"])
+            with (
+                F.batch_norm_backend(backend),
+                F.conv2d_backend("auto" if dtype == jnp.float32 else "xla"),
+            ):
+                out, st = model.apply(
+                    {"params": p, "batch_stats": v["batch_stats"]},
+                    x,
+                    train=True,
+                    mutable=["batch_stats"],
+                )
             return jnp.sum(out.astype(jnp.float32) ** 2), st
+
         p = jax.tree.map(lambda a: a.astype(dtype), v["params"])
         return jax.jit(jax.grad(loss, has_aux=True))(p, x.astype(dtype))
 
     got, want = grads("auto", jnp.float32), grads("xla", jnp.float32)
-    rel = lambda a, b: float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max() / np.abs(b).max())
+
+    def rel(a, b):
+        return float(
+            np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max() / np.abs(b).max()
+        )
+
     assert max(rel(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))) < 1e-3
     with jax.enable_x64(True):
         exact = grads("xla", jnp.float64)

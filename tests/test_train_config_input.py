@@ -1,5 +1,6 @@
-"""Bad input to TrainConfig, `train_and_evaluate` and `evaluate_checkpoint`: one clear ValueError naming
-the field or argument, raised before anything is written (a failed run never blocks the corrected rerun)."""
+"""Bad input to TrainConfig, `train_and_evaluate` and `evaluate_checkpoint`: one clear
+ValueError naming the field or argument, raised before anything is written (a failed run
+never blocks the corrected rerun)."""
 
 import json
 import os
@@ -9,26 +10,43 @@ import pytest
 
 from cnnjax import train
 from cnnjax.train.config import TrainConfig
+
 from helpers_train.tiny import TinyCNN
 
 
 def tiny_config(**changes):
     return TrainConfig(
-        model="tiny", dataset="digits", image_size=8, channels=1, global_batch_size=32, num_steps=2,
-        normalize="per_channel", parallel="none", log_every=1, checkpoint_every=2, rng_impl="rbg",
-        progress_bar=False).replace(**changes)
+        model="tiny",
+        dataset="digits",
+        image_size=8,
+        channels=1,
+        global_batch_size=32,
+        num_steps=2,
+        normalize="per_channel",
+        parallel="none",
+        log_every=1,
+        checkpoint_every=2,
+        rng_impl="rbg",
+        progress_bar=False,
+    ).replace(**changes)
 
 
-@pytest.mark.parametrize("d,needle", [
-    ({"learning_rate": "0.1", "num_steps": 1}, "TrainConfig.learning_rate must be a number, got '0.1' (string)"),
-    ({"num_steps": 1.0}, "TrainConfig.num_steps must be an int or null"),
-    ({"boundaries": 5}, "TrainConfig.boundaries must be a list of ints, got 5"),
-    ({"boundaries": [100.5]}, "TrainConfig.boundaries must be a list of ints"),
-    ({"boundary_epochs": "30,60"}, "TrainConfig.boundary_epochs must be a list of numbers"),
-    ({"nesterov": "yes"}, "TrainConfig.nesterov must be true or false"),
-    ({"model_kwargs": []}, "TrainConfig.model_kwargs must be a JSON object"),
-    ({"seed": True}, "TrainConfig.seed must be an int"),
-])
+@pytest.mark.parametrize(
+    "d,needle",
+    [
+        (
+            {"learning_rate": "0.1", "num_steps": 1},
+            "TrainConfig.learning_rate must be a number, got '0.1' (string)",
+        ),
+        ({"num_steps": 1.0}, "TrainConfig.num_steps must be an int or null"),
+        ({"boundaries": 5}, "TrainConfig.boundaries must be a list of ints, got 5"),
+        ({"boundaries": [100.5]}, "TrainConfig.boundaries must be a list of ints"),
+        ({"boundary_epochs": "30,60"}, "TrainConfig.boundary_epochs must be a list of numbers"),
+        ({"nesterov": "yes"}, "TrainConfig.nesterov must be true or false"),
+        ({"model_kwargs": []}, "TrainConfig.model_kwargs must be a JSON object"),
+        ({"seed": True}, "TrainConfig.seed must be an int"),
+    ],
+)
 def test_from_dict_names_the_field_and_the_expected_type(d, needle):
     with pytest.raises(ValueError) as info:
         TrainConfig.from_dict(d)
@@ -42,34 +60,45 @@ def test_from_dict_names_the_field_and_the_expected_type(d, needle):
 def test_from_dict_wants_an_object():
     with pytest.raises(ValueError, match="JSON object.*got a list"):
         TrainConfig.from_dict([1, 2])
-    assert TrainConfig.from_dict({"boundaries": [100.0, 200], "num_epochs": 3}).boundaries == (100, 200)
+    assert TrainConfig.from_dict({"boundaries": [100.0, 200], "num_epochs": 3}).boundaries == (
+        100,
+        200,
+    )
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("num_epochs", float("inf"), "num_epochs must be a finite number > 0"),
-    ("decay_factor", -0.1, "decay_factor must be > 0"),
-    ("decay_factor", 0.0, "decay_factor must be > 0"),
-    ("weight_decay", float("nan"), "weight_decay must be a number, got nan"),
-    ("warmup_lr", float("nan"), "warmup_lr must be a number, got nan"),
-    ("aux_weight", float("nan"), "aux_weight must be a number, got nan"),
-    ("seed", -1, "seed must be an int in [0, 2**32)"),
-    ("seed", 2**32, "seed must be an int in [0, 2**32)"),
-    ("image_size", 0, "image_size must be a positive int"),
-    ("channels", 2, "channels must be 1 or 3"),
-    ("model_kwargs", {1: 2}, "model_kwargs must have string keys"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("num_epochs", float("inf"), "num_epochs must be a finite number > 0"),
+        ("decay_factor", -0.1, "decay_factor must be > 0"),
+        ("decay_factor", 0.0, "decay_factor must be > 0"),
+        ("weight_decay", float("nan"), "weight_decay must be a number, got nan"),
+        ("warmup_lr", float("nan"), "warmup_lr must be a number, got nan"),
+        ("aux_weight", float("nan"), "aux_weight must be a number, got nan"),
+        ("seed", -1, "seed must be an int in [0, 2**32)"),
+        ("seed", 2**32, "seed must be an int in [0, 2**32)"),
+        ("image_size", 0, "image_size must be a positive int"),
+        ("channels", 2, "channels must be 1 or 3"),
+        ("model_kwargs", {1: 2}, "model_kwargs must have string keys"),
+    ],
+)
 def test_validate_rejects_values_the_run_cannot_use(field, value, needle):
     length = {"num_steps": None} if field == "num_epochs" else {}
     with pytest.raises(ValueError) as info:
-        TrainConfig(num_steps=1).replace(**length, **{field: value}).validate(check_registries=False)
+        TrainConfig(num_steps=1).replace(**length, **{field: value}).validate(
+            check_registries=False
+        )
     assert needle in str(info.value)
 
 
 def test_from_json_file_names_the_file(tmp_path):
     with pytest.raises(ValueError, match="cannot read config file .*missing.json.*No such file"):
         TrainConfig.from_json_file(str(tmp_path / "missing.json"))
-    for text, needle in (("{oops", "is not valid JSON"), ("[1, 2]", "must hold a JSON object"),
-                         ('{"learning_rate": "0.1"}', "learning_rate must be a number")):
+    for text, needle in (
+        ("{oops", "is not valid JSON"),
+        ("[1, 2]", "must hold a JSON object"),
+        ('{"learning_rate": "0.1"}', "learning_rate must be a number"),
+    ):
         (tmp_path / "c.json").write_text(text)
         with pytest.raises(ValueError, match="c.json") as info:
             TrainConfig.from_json_file(str(tmp_path / "c.json"))
@@ -89,12 +118,23 @@ def takes_nothing():
     return TinyCNN()
 
 
-@pytest.mark.parametrize("model_fn,needle", [
-    (DividesByZero, r"model 'tiny' cannot take 8x8x1 inputs: ZeroDivisionError: integer division or modulo by "
-                    r"zero \(check --model, --model_kwargs, --image_size and --channels\)"),
-    (takes_nothing, r"cannot build model 'tiny': TypeError: .*unexpected keyword.*--model_kwargs"),
-])
-def test_a_model_that_fails_to_build_raises_before_the_workdir_is_created(tmp_path, model_fn, needle):
+@pytest.mark.parametrize(
+    "model_fn,needle",
+    [
+        (
+            DividesByZero,
+            r"model 'tiny' cannot take 8x8x1 inputs: ZeroDivisionError: integer division or "
+            r"modulo by zero \(check --model, --model_kwargs, --image_size and --channels\)",
+        ),
+        (
+            takes_nothing,
+            r"cannot build model 'tiny': TypeError: .*unexpected keyword.*--model_kwargs",
+        ),
+    ],
+)
+def test_a_model_that_fails_to_build_raises_before_the_workdir_is_created(
+    tmp_path, model_fn, needle
+):
     workdir = str(tmp_path / "run")
     with pytest.raises(ValueError, match=needle):
         train.train_and_evaluate(tiny_config(), workdir, model_fn=model_fn)
@@ -109,7 +149,10 @@ def test_a_workdir_that_is_a_file_is_rejected_before_the_data_is_loaded(tmp_path
         raise AssertionError("the data was loaded")
 
     monkeypatch.setattr(train.loop.data, "load_dataset", no_data)
-    for workdir, needle in ((path, "is an existing file, not a directory"), (path / "run", "cannot be created")):
+    for workdir, needle in (
+        (path, "is an existing file, not a directory"),
+        (path / "run", "cannot be created"),
+    ):
         with pytest.raises(ValueError, match=f"workdir .*{needle}"):
             train.train_and_evaluate(tiny_config(), str(workdir), model_fn=TinyCNN)
 
@@ -142,5 +185,7 @@ def test_evaluate_checkpoint_creates_nothing_and_checks_its_arguments(tmp_path):
     with pytest.raises(ValueError, match="split must be"):
         train.evaluate_checkpoint(str(tmp_path), split="train", model_fn=TinyCNN)
     (tmp_path / "config.json").write_text('{"learning_rate": "0.1", "num_steps": 1}')
-    with pytest.raises(ValueError, match=r"config file .*config.json.*learning_rate must be a number"):
+    with pytest.raises(
+        ValueError, match=r"config file .*config.json.*learning_rate must be a number"
+    ):
         train.evaluate_checkpoint(str(tmp_path), model_fn=TinyCNN)

@@ -17,6 +17,7 @@ import pytest
 from cnnjax import train
 from cnnjax.data import device as device_data
 from cnnjax.train.config import TrainConfig
+
 from helpers_train.tiny import TinyCNN
 
 TIMING = ("wall_time", "images_per_sec")

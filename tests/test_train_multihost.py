@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cnnjax import train
+
 from helpers_train import launch
 
 
@@ -23,10 +24,24 @@ def free_port():
 def start_workers(tmp, workdir, *sigterm_step, env=None):
     port = free_port()
     # Process 0 is set up by arguments, process 1 by the usual environment variables.
-    return [launch.start("multihost.py", "worker", 0, port, workdir, tmp / "params0.npz", env=env),
-            launch.start("multihost.py", "worker", 1, "env", workdir, tmp / "params1.npz", *sigterm_step,
-                         env={"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                              "JAX_PROCESS_ID": "1", **(env or {})})]
+    return [
+        launch.start("multihost.py", "worker", 0, port, workdir, tmp / "params0.npz", env=env),
+        launch.start(
+            "multihost.py",
+            "worker",
+            1,
+            "env",
+            workdir,
+            tmp / "params1.npz",
+            *sigterm_step,
+            env={
+                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": "1",
+                **(env or {}),
+            },
+        ),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +83,18 @@ def test_one_process_writes_metrics_and_checkpoints_are_complete(runs):
 
 def test_two_processes_with_data_on_the_devices_and_two_seeds_match_one_process(tmp_path):
     # The training split sharded over the two processes' devices, each batch gathered across them.
-    reference = launch.start("multihost.py", "reference", tmp_path / "reference",
-                             tmp_path / "reference.npz")
+    reference = launch.start(
+        "multihost.py", "reference", tmp_path / "reference", tmp_path / "reference.npz"
+    )
     workdir = str(tmp_path / "run")
     workers = start_workers(tmp_path, workdir, env={"CNNJAX_TEST_ENGINE": "1"})
     outputs = [launch.finish(p, timeout=400) for p in workers]
     launch.finish(reference)
     assert all(o["step"] == 6 and o["devices"] == 2 for o in outputs)
     # The final evaluation, of the test split resident on both processes' devices, is a global one.
-    assert outputs[0]["metrics"] == outputs[1]["metrics"] and outputs[0]["metrics"]["test_error"] < 1
+    assert (
+        outputs[0]["metrics"] == outputs[1]["metrics"] and outputs[0]["metrics"]["test_error"] < 1
+    )
     params, ref = dict(np.load(tmp_path / "params0.npz")), dict(np.load(tmp_path / "reference.npz"))
     for key in ref:
         assert params[key].shape == (2, *ref[key].shape)
@@ -94,17 +112,27 @@ def test_sigterm_to_one_process_checkpoints_both_and_the_resumed_run_matches(tmp
     # little so that the notice reaches process 0 before the run ends.
     steps = 30
     env = {"CNNJAX_TEST_NUM_STEPS": str(steps), "CNNJAX_TEST_STEP_SLEEP": "0.2"}
-    reference = launch.start("multihost.py", "reference", tmp_path / "reference", tmp_path / "reference.npz", env=env)
+    reference = launch.start(
+        "multihost.py", "reference", tmp_path / "reference", tmp_path / "reference.npz", env=env
+    )
     workdir = str(tmp_path / "run")
     outputs = [launch.finish(p, timeout=400) for p in start_workers(tmp_path, workdir, 2, env=env)]
     stopped = {o["step"] for o in outputs}
-    assert all(o["preempted"] for o in outputs) and len(stopped) == 1 and 2 < min(stopped) < steps, outputs
+    assert (
+        all(o["preempted"] for o in outputs) and len(stopped) == 1 and 2 < min(stopped) < steps
+    ), outputs
     with train.Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
         assert ckpt.latest_step() == min(stopped)
     env["CNNJAX_TEST_STEP_SLEEP"] = "0"
     outputs = [launch.finish(p, timeout=400) for p in start_workers(tmp_path, workdir, env=env)]
-    assert all(o["step"] == steps and not o["preempted"] and o["resumed_from"] == min(stopped) for o in outputs)
+    assert all(
+        o["step"] == steps and not o["preempted"] and o["resumed_from"] == min(stopped)
+        for o in outputs
+    )
     launch.finish(reference)
-    params, reference = dict(np.load(tmp_path / "params0.npz")), dict(np.load(tmp_path / "reference.npz"))
+    params, reference = (
+        dict(np.load(tmp_path / "params0.npz")),
+        dict(np.load(tmp_path / "reference.npz")),
+    )
     for key in reference:
         np.testing.assert_allclose(params[key], reference[key], rtol=0, atol=1e-5, err_msg=key)

@@ -49,8 +49,9 @@ def engine():
     return launch.run("engine_parallel.py")
 
 
-@pytest.mark.parametrize("variant",
-                         ["shard_map_host", "shard_map_device", "pmap_host", "pmap_device"])
+@pytest.mark.parametrize(
+    "variant", ["shard_map_host", "shard_map_device", "pmap_host", "pmap_device"]
+)
 def test_engine_members_on_four_devices_match_one_device(engine, variant):
     # Two seeds in one program, 4 steps per call, from the host or from data sharded over devices.
     d = engine[variant]

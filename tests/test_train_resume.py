@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cnnjax import train
+
 from helpers_train import launch
 
 STEPS = 40
@@ -21,8 +22,10 @@ STEPS = 40
 
 def records(workdir):
     # Timing fields are the only ones allowed to differ.
-    return [{k: v for k, v in r.items() if k not in ("wall_time", "images_per_sec")}
-            for r in train.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+    return [
+        {k: v for k, v in r.items() if k not in ("wall_time", "images_per_sec")}
+        for r in train.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    ]
 
 
 def checkpoint_steps(workdir):
@@ -42,8 +45,9 @@ def runs(request, tmp_path_factory):
     reference = launch.start("run_digits.py", ref, STEPS, "--save_params", tmp / "ref.npz", *extra)
     out = {"term_step": term_step, "per_step": per_step}
     # 1. SIGKILL at step 25: checkpoint 20 may still be in flight, checkpoint 10 is complete.
-    launch.run("run_digits.py", run, STEPS, "--kill", 25, "SIGKILL", *extra,
-               returncode=-signal.SIGKILL)
+    launch.run(
+        "run_digits.py", run, STEPS, "--kill", 25, "SIGKILL", *extra, returncode=-signal.SIGKILL
+    )
     out["after_kill"] = checkpoint_steps(run)
     out["records_after_kill"] = [r["step"] for r in records(run)]
     # 2. Resume; SIGTERM at step 33 (35) saves a checkpoint there and exits cleanly.
@@ -84,7 +88,11 @@ def test_resumed_run_equals_uninterrupted_run(runs):
     assert final["step"] == reference["step"] == STEPS
     assert final["metrics"] == reference["metrics"]
     got, want = runs["state"]
-    assert sorted(got) == sorted(want) and any("batch_stats" in k for k in got) and any("opt_state" in k for k in got)
+    assert (
+        sorted(got) == sorted(want)
+        and any("batch_stats" in k for k in got)
+        and any("opt_state" in k for k in got)
+    )
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     got_records, want_records = runs["records"]

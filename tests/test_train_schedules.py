@@ -33,8 +33,15 @@ def test_resnet110_warmup_then_the_unshifted_paper_schedule():
 
 
 def test_linear_warmup_and_cosine():
-    config = TrainConfig(model="x", num_steps=1100, learning_rate=0.4, schedule="cosine", warmup_steps=100,
-                         warmup="linear", warmup_lr=0.0)
+    config = TrainConfig(
+        model="x",
+        num_steps=1100,
+        learning_rate=0.4,
+        schedule="cosine",
+        warmup_steps=100,
+        warmup="linear",
+        warmup_lr=0.0,
+    )
     schedule = train.create_learning_rate_fn(config, 10)
     got = lrs(schedule, [0, 50, 100, 600, 1100])
     # Cosine over the 1000 steps after warm-up: 0.4 * (1 + cos(pi * t / 1000)) / 2.
@@ -50,11 +57,16 @@ def test_linear_scaling_rule_and_epoch_boundaries():
     schedule = train.create_learning_rate_fn(config, spe)
     assert train.num_train_steps(config, spe) == 90 * spe
     got = lrs(schedule, [0, 390, 780, 30 * spe - 1, 30 * spe, 60 * spe, 80 * spe])
-    np.testing.assert_allclose(got, [0.1, 0.1 + 3.1 * 390 / 780, 3.2, 3.2, 0.32, 0.032, 0.0032], rtol=1e-5)
+    np.testing.assert_allclose(
+        got, [0.1, 0.1 + 3.1 * 390 / 780, 3.2, 3.2, 0.32, 0.032, 0.0032], rtol=1e-5
+    )
     # The plain ImageNet recipe: /10 at epochs 30 and 60 of 5005 steps.
     config = train.get_preset("imagenet_resnet")
-    np.testing.assert_allclose(lrs(train.create_learning_rate_fn(config, 5005), [150_149, 150_150, 300_300]),
-                               [0.1, 0.01, 0.001], rtol=1e-6)
+    np.testing.assert_allclose(
+        lrs(train.create_learning_rate_fn(config, 5005), [150_149, 150_150, 300_300]),
+        [0.1, 0.01, 0.001],
+        rtol=1e-6,
+    )
 
 
 def test_googlenet_preset_follows_the_paper():
@@ -75,8 +87,9 @@ def test_googlenet_preset_follows_the_paper():
     x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
     rngs = {"dropout": jax.random.key(1)}
-    logits, aux = jax.eval_shape(lambda v, x: model.apply(v, x, train=True, rngs=rngs),
-                                 variables, x)
+    logits, aux = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=True, rngs=rngs), variables, x
+    )
     assert logits.shape == (2, 5) and [a.shape for a in aux] == [(2, 5), (2, 5)]
     assert jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x).shape == (2, 5)
 
@@ -97,24 +110,30 @@ def test_googlenet_preset_trainer_weighs_the_aux_losses_0_3():
     state = train.create_train_state(key, model, tx, (size, size, 3))
     images = np.random.RandomState(0).randn(2, size, size, 3).astype(np.float32)
     labels = np.array([1, 3], np.int32)
-    step = train.make_train_step(model, tx, schedule, aux_weight=config.aux_weight, axis_name=None,
-                                 rng_impl=config.rng_impl)
+    step = train.make_train_step(
+        model, tx, schedule, aux_weight=config.aux_weight, axis_name=None, rng_impl=config.rng_impl
+    )
     new, metrics = jax.jit(step)(state, {"image": images, "label": labels})
     # The step's dropout key: the state's, folded with the step number.
     key = jax.random.wrap_key_data(state.rng, impl=config.rng_impl)
     rngs = {"dropout": jax.random.fold_in(key, 0)}
     logits, aux = jax.jit(lambda p, x: model.apply({"params": p}, x, train=True, rngs=rngs))(
-        state.params, images)
+        state.params, images
+    )
     assert len(aux) == 2 and "aux_loss" in metrics
     onehot = np.eye(5)[labels]
-    for path, z, weight in ((("fc",), logits, 1.0), (("aux1", "fc2"), aux[0], 0.3),
-                            (("aux2", "fc2"), aux[1], 0.3)):
+    for path, z, weight in (
+        (("fc",), logits, 1.0),
+        (("aux1", "fc2"), aux[0], 0.3),
+        (("aux2", "fc2"), aux[1], 0.3),
+    ):
         before, after = state.params, new.params
         for k in path:
             before, after = before[k], after[k]
         want = -0.01 * weight * (np.asarray(jax.nn.softmax(z)) - onehot).mean(0)
-        np.testing.assert_allclose(after["bias"] - before["bias"], want, rtol=1e-4, atol=1e-9,
-                                   err_msg="/".join(path))
+        np.testing.assert_allclose(
+            after["bias"] - before["bias"], want, rtol=1e-4, atol=1e-9, err_msg="/".join(path)
+        )
 
 
 def _one_update(config, params, grads, steps=1):
@@ -127,13 +146,27 @@ def _one_update(config, params, grads, steps=1):
 
 
 def test_sgd_momentum_nesterov_and_weight_decay_mask_against_numpy():
-    params = {"conv": {"kernel": jnp.array([[1.0, -2.0]])}, "bn": {"scale": jnp.array([0.5]), "bias": jnp.array([3.0])}}
-    grads = {"conv": {"kernel": jnp.array([[0.1, 0.2]])}, "bn": {"scale": jnp.array([-0.3]), "bias": jnp.array([0.4])}}
+    params = {
+        "conv": {"kernel": jnp.array([[1.0, -2.0]])},
+        "bn": {"scale": jnp.array([0.5]), "bias": jnp.array([3.0])},
+    }
+    grads = {
+        "conv": {"kernel": jnp.array([[0.1, 0.2]])},
+        "bn": {"scale": jnp.array([-0.3]), "bias": jnp.array([0.4])},
+    }
     lr, m, wd = 0.1, 0.9, 0.01
     for nesterov in (False, True):
         for mask in ("all", "no_bn_bias"):
-            config = TrainConfig(model="x", num_steps=10, learning_rate=lr, momentum=m, nesterov=nesterov,
-                                 weight_decay=wd, wd_mask=mask, schedule="constant")
+            config = TrainConfig(
+                model="x",
+                num_steps=10,
+                learning_rate=lr,
+                momentum=m,
+                nesterov=nesterov,
+                weight_decay=wd,
+                wd_mask=mask,
+                schedule="constant",
+            )
             got = _one_update(config, params, grads, steps=2)
 
             def reference(p, g, decay):
@@ -144,42 +177,63 @@ def test_sgd_momentum_nesterov_and_weight_decay_mask_against_numpy():
                     p = p - lr * ((d + m * v) if nesterov else v)
                 return p
 
-            for (path, p), g in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(grads)):
+            for (path, p), g in zip(
+                jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(grads)
+            ):
                 decay = mask == "all" or p.ndim > 1
                 want = reference(p, g, decay)
                 leaf = got
                 for k in path:
                     leaf = leaf[k.key]
-                np.testing.assert_allclose(leaf, want, rtol=1e-6, err_msg=f"{path} nesterov={nesterov} mask={mask}")
+                np.testing.assert_allclose(
+                    leaf, want, rtol=1e-6, err_msg=f"{path} nesterov={nesterov} mask={mask}"
+                )
 
 
 def test_weight_decay_mask_skips_exactly_the_vectors():
-    params = {"conv1": {"kernel": jnp.zeros((3, 3, 1, 2))}, "bn1": {"scale": jnp.zeros(2), "bias": jnp.zeros(2)},
-              "fc": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)}}
+    params = {
+        "conv1": {"kernel": jnp.zeros((3, 3, 1, 2))},
+        "bn1": {"scale": jnp.zeros(2), "bias": jnp.zeros(2)},
+        "fc": {"kernel": jnp.zeros((2, 3)), "bias": jnp.zeros(3)},
+    }
     mask = train.weight_decay_mask(params, "no_bn_bias")
-    assert mask == {"conv1": {"kernel": True}, "bn1": {"scale": False, "bias": False},
-                    "fc": {"kernel": True, "bias": False}}
+    assert mask == {
+        "conv1": {"kernel": True},
+        "bn1": {"scale": False, "bias": False},
+        "fc": {"kernel": True, "bias": False},
+    }
     assert all(jax.tree.leaves(train.weight_decay_mask(params, "all")))
 
 
 def test_adamw_decays_decoupled_and_adam_runs():
     params, grads = {"w": jnp.array([[2.0]])}, {"w": jnp.array([[0.0]])}
-    config = TrainConfig(model="x", num_steps=1, optimizer="adamw", learning_rate=0.1, weight_decay=0.5,
-                         schedule="constant")
+    config = TrainConfig(
+        model="x",
+        num_steps=1,
+        optimizer="adamw",
+        learning_rate=0.1,
+        weight_decay=0.5,
+        schedule="constant",
+    )
     # Zero gradient: Adam's step is 0, the decoupled decay gives w - lr * wd * w.
-    np.testing.assert_allclose(_one_update(config, params, grads)["w"], [[2.0 - 0.1 * 0.5 * 2.0]], rtol=1e-6)
+    np.testing.assert_allclose(
+        _one_update(config, params, grads)["w"], [[2.0 - 0.1 * 0.5 * 2.0]], rtol=1e-6
+    )
     config = config.replace(optimizer="adam")
     assert np.isfinite(_one_update(config, params, {"w": jnp.array([[1.0]])})["w"]).all()
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("optimizer", "sgdd", "'sgd', 'adam', 'adamw'"),
-    ("schedule", "linear", "'step', 'cosine', 'constant'"),
-    ("wd_mask", "bn", "'all', 'no_bn_bias'"),
-    ("parallel", "dp", "'shard_map', 'pmap', 'none'"),
-    ("dtype", "float16", "'float32', 'bfloat16'"),
-    ("global_batch_size", 0, "positive int"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("optimizer", "sgdd", "'sgd', 'adam', 'adamw'"),
+        ("schedule", "linear", "'step', 'cosine', 'constant'"),
+        ("wd_mask", "bn", "'all', 'no_bn_bias'"),
+        ("parallel", "dp", "'shard_map', 'pmap', 'none'"),
+        ("dtype", "float16", "'float32', 'bfloat16'"),
+        ("global_batch_size", 0, "positive int"),
+    ],
+)
 def test_config_validation_names_the_field_and_choices(field, value, needle):
     with pytest.raises(ValueError, match=f"{field}") as info:
         TrainConfig(num_steps=1).replace(**{field: value}).validate(check_registries=False)
@@ -190,7 +244,9 @@ def test_config_validation_of_run_length_boundaries_and_registries():
     with pytest.raises(ValueError, match="exactly one of num_steps and num_epochs"):
         TrainConfig().validate(check_registries=False)
     with pytest.raises(ValueError, match="boundaries"):
-        TrainConfig(num_steps=10, schedule="step", boundaries=(5, 3)).validate(check_registries=False)
+        TrainConfig(num_steps=10, schedule="step", boundaries=(5, 3)).validate(
+            check_registries=False
+        )
     with pytest.raises(ValueError, match="model='resnet1001'.*valid choices.*resnet20"):
         TrainConfig(model="resnet1001", num_steps=10).validate()
     with pytest.raises(ValueError, match="dataset='cifar11'.*valid choices.*cifar10"):
@@ -225,7 +281,11 @@ def test_override_gives_way_to_the_exclusive_twin():
     assert base.num_steps and base.boundaries
     cfg = base.override(num_epochs=3, boundary_epochs=(1, 2))
     assert (cfg.num_steps, cfg.num_epochs, cfg.boundaries, cfg.boundary_epochs) == (
-        None, 3, (), (1, 2))
+        None,
+        3,
+        (),
+        (1, 2),
+    )
     both = base.override(num_steps=5, num_epochs=None)  # both given: taken as given
     assert (both.num_steps, both.num_epochs) == (5, None)
     with pytest.raises(ValueError, match="no field"):

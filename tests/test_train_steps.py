@@ -13,6 +13,7 @@ import pytest
 from cnnjax import train
 from cnnjax.train import metrics as metrics_lib
 from cnnjax.train.config import TrainConfig
+
 from helpers_train.tiny import TinyCNN
 
 SHAPE, CLASSES = (8, 8, 3), 10
@@ -30,7 +31,9 @@ def test_cross_entropy_with_label_smoothing_against_numpy():
     for eps in (0.0, 0.1):
         target = np.eye(5)[labels] * (1 - eps) + eps / 5
         want = -(target * np_log_softmax(logits)).sum(-1)
-        np.testing.assert_allclose(train.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), eps), want, rtol=1e-5)
+        np.testing.assert_allclose(
+            train.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), eps), want, rtol=1e-5
+        )
     with pytest.raises(ValueError, match="logits must be"):
         train.cross_entropy(jnp.zeros((2, 3)), jnp.zeros((3,), jnp.int32))
 
@@ -41,14 +44,26 @@ def test_top_k_error_against_numpy_sort():
     for k in (1, 5):
         top = np.argsort(-logits, axis=-1)[:, :k]
         want = np.array([lab not in row for lab, row in zip(labels, top)], np.float32)
-        np.testing.assert_array_equal(train.top_k_error(jnp.asarray(logits), jnp.asarray(labels), k), want)
+        np.testing.assert_array_equal(
+            train.top_k_error(jnp.asarray(logits), jnp.asarray(labels), k), want
+        )
     # Fewer than five classes: top-5 error is zero.
-    assert float(jnp.sum(train.top_k_error(jnp.asarray(logits[:, :3]), jnp.asarray(labels % 3), 5))) == 0
+    assert (
+        float(jnp.sum(train.top_k_error(jnp.asarray(logits[:, :3]), jnp.asarray(labels % 3), 5)))
+        == 0
+    )
 
 
 def make(model, lr=0.1, momentum=0.0, weight_decay=0.0, **kw):
-    config = TrainConfig(model="tiny", num_steps=10, learning_rate=lr, momentum=momentum,
-                         weight_decay=weight_decay, schedule="constant", **kw)
+    config = TrainConfig(
+        model="tiny",
+        num_steps=10,
+        learning_rate=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        schedule="constant",
+        **kw,
+    )
     lr_fn = train.create_learning_rate_fn(config, 1)
     tx = train.create_optimizer(config, lr_fn)
     state = train.create_train_state(jax.random.key(0, impl="rbg"), model, tx, SHAPE)
@@ -57,7 +72,10 @@ def make(model, lr=0.1, momentum=0.0, weight_decay=0.0, **kw):
 
 def batch(n=8, seed=0):
     rs = np.random.RandomState(seed)
-    return {"image": rs.randn(n, *SHAPE).astype(np.float32), "label": rs.randint(0, CLASSES, n).astype(np.int32)}
+    return {
+        "image": rs.randn(n, *SHAPE).astype(np.float32),
+        "label": rs.randint(0, CLASSES, n).astype(np.int32),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -78,17 +96,28 @@ def test_init_creates_aux_params_and_untouched_batch_stats(aux_setup):
 def test_train_step_is_sgd_on_the_main_plus_weighted_aux_loss(aux_setup):
     model, config, lr_fn, tx, state = aux_setup
     b = batch()
-    step = jax.jit(train.make_train_step(model, tx, lr_fn, aux_weight=0.3, axis_name=None, rng_impl="rbg"))
+    step = jax.jit(
+        train.make_train_step(model, tx, lr_fn, aux_weight=0.3, axis_name=None, rng_impl="rbg")
+    )
 
     def reference_loss(params):  # written from the definitions, with a NumPy-style log-softmax
-        (logits, (aux,)), _ = model.apply({"params": params, "batch_stats": state.batch_stats}, b["image"],
-                                          train=True, mutable=["batch_stats"])
-        nll = lambda z: -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), b["label"][:, None], 1))  # noqa: E731
+        (logits, (aux,)), _ = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            b["image"],
+            train=True,
+            mutable=["batch_stats"],
+        )
+
+        def nll(z):
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), b["label"][:, None], 1))
+
         return nll(logits) + 0.3 * nll(aux), nll(logits)
 
     grads, main_loss = jax.jit(jax.grad(reference_loss, has_aux=True))(state.params)
     new, metrics = step(state, b)
-    for p, g, q in zip(jax.tree.leaves(state.params), jax.tree.leaves(grads), jax.tree.leaves(new.params)):
+    for p, g, q in zip(
+        jax.tree.leaves(state.params), jax.tree.leaves(grads), jax.tree.leaves(new.params)
+    ):
         np.testing.assert_allclose(q, p - 0.1 * g, rtol=1e-5, atol=1e-7)
     assert float(jnp.max(jnp.abs(grads["aux_fc"]["kernel"]))) > 0  # the aux head trains
     np.testing.assert_allclose(metrics["loss"], main_loss, rtol=1e-6)
@@ -97,7 +126,9 @@ def test_train_step_is_sgd_on_the_main_plus_weighted_aux_loss(aux_setup):
     # BatchNorm statistics moved towards the batch's: 0.9 * 1 + 0.1 * var.
     assert not np.allclose(new.batch_stats["bn1"]["var"], 1.0)
     # Without the aux weight, the aux head receives no gradient.
-    step0 = jax.jit(train.make_train_step(model, tx, lr_fn, aux_weight=0.0, axis_name=None, rng_impl="rbg"))
+    step0 = jax.jit(
+        train.make_train_step(model, tx, lr_fn, aux_weight=0.0, axis_name=None, rng_impl="rbg")
+    )
     new0, _ = step0(state, b)
     np.testing.assert_array_equal(new0.params["aux_fc"]["kernel"], state.params["aux_fc"]["kernel"])
 
@@ -118,8 +149,12 @@ def test_bfloat16_compute_keeps_float32_params_and_statistics():
     model32, model16 = TinyCNN(CLASSES), TinyCNN(CLASSES, dtype=jnp.bfloat16)
     _, lr_fn, tx, state = make(model32)
     b = batch()
-    new32, m32 = jax.jit(train.make_train_step(model32, tx, lr_fn, axis_name=None, rng_impl="rbg"))(state, b)
-    new16, m16 = jax.jit(train.make_train_step(model16, tx, lr_fn, axis_name=None, rng_impl="rbg"))(state, b)
+    new32, m32 = jax.jit(train.make_train_step(model32, tx, lr_fn, axis_name=None, rng_impl="rbg"))(
+        state, b
+    )
+    new16, m16 = jax.jit(train.make_train_step(model16, tx, lr_fn, axis_name=None, rng_impl="rbg"))(
+        state, b
+    )
     for leaf in jax.tree.leaves((new16.params, new16.batch_stats)):
         assert leaf.dtype == jnp.float32
     assert m16["loss"].dtype == jnp.float32
@@ -162,9 +197,24 @@ def test_checkpoint_metadata_is_snapshotted_at_save(tmp_path):
 
 def test_digits_loss_falls_well_below_chance_and_metrics_are_recorded(tmp_path):
     config = TrainConfig(
-        model="tiny", dataset="digits", image_size=8, channels=1, global_batch_size=32, num_steps=300,
-        learning_rate=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine", normalize="per_channel",
-        parallel="none", log_every=50, eval_every=150, checkpoint_every=150, rng_impl="rbg", progress_bar=False)
+        model="tiny",
+        dataset="digits",
+        image_size=8,
+        channels=1,
+        global_batch_size=32,
+        num_steps=300,
+        learning_rate=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+        schedule="cosine",
+        normalize="per_channel",
+        parallel="none",
+        log_every=50,
+        eval_every=150,
+        checkpoint_every=150,
+        rng_impl="rbg",
+        progress_bar=False,
+    )
     result = train.train_and_evaluate(config, str(tmp_path), model_fn=TinyCNN)
     chance = math.log(10)
     assert result.step == 300 and not result.preempted and result.resumed_from == 0
@@ -174,9 +224,19 @@ def test_digits_loss_falls_well_below_chance_and_metrics_are_recorded(tmp_path):
     assert [r["step"] for r in records] == [50, 100, 150, 200, 250, 300]
     assert records[0]["train_loss"] > 0.5 * chance > records[-1]["train_loss"]
     for r in records:
-        assert {"step", "epoch", "lr", "train_loss", "train_error", "train_top5_error", "images_per_sec",
-                "wall_time"} <= set(r)
-    assert {"test_loss", "test_error", "test_top5_error"} <= set(records[2]) and records[-1]["final"]
+        assert {
+            "step",
+            "epoch",
+            "lr",
+            "train_loss",
+            "train_error",
+            "train_top5_error",
+            "images_per_sec",
+            "wall_time",
+        } <= set(r)
+    assert {"test_loss", "test_error", "test_top5_error"} <= set(records[2]) and records[-1][
+        "final"
+    ]
     assert records[-1]["test_loss"] == result.metrics["test_loss"]
     assert records[0]["epoch"] == pytest.approx(50 / 44)  # 1437 training digits // 32
     with open(os.path.join(tmp_path, "config.json")) as f:
@@ -194,12 +254,28 @@ def test_divergence_stops_before_a_bad_checkpoint(tmp_path):
     # so that some update passes float32's 3.4e38: step 6's update overflows (its loss, computed
     # before the update, is still finite), and only the parameter check can catch it.
     config = TrainConfig(
-        model="tiny", dataset="digits", image_size=8, channels=1, global_batch_size=32, num_steps=20,
-        learning_rate=3e38, weight_decay=10.0, warmup_steps=5, warmup="constant", warmup_lr=0.1,
+        model="tiny",
+        dataset="digits",
+        image_size=8,
+        channels=1,
+        global_batch_size=32,
+        num_steps=20,
+        learning_rate=3e38,
+        weight_decay=10.0,
+        warmup_steps=5,
+        warmup="constant",
+        warmup_lr=0.1,
         schedule="constant",
-        normalize="per_channel", parallel="none", log_every=1, checkpoint_every=3, rng_impl="rbg",
-        progress_bar=False)
-    with pytest.raises(train.NonFiniteLossError, match=r"non-finite at step 6.*last good checkpoint \(step 3\)"):
+        normalize="per_channel",
+        parallel="none",
+        log_every=1,
+        checkpoint_every=3,
+        rng_impl="rbg",
+        progress_bar=False,
+    )
+    with pytest.raises(
+        train.NonFiniteLossError, match=r"non-finite at step 6.*last good checkpoint \(step 3\)"
+    ):
         train.train_and_evaluate(config, str(tmp_path), model_fn=TinyCNN)
     with train.Checkpointer(os.path.join(tmp_path, "checkpoints")) as ckpt:
         assert ckpt.all_steps() == [3]

@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import pytest
 
-import torch_support as ts
 from cnnjax import models, weights
+
+import torch_support as ts
 
 # The smallest input both take: timm's unpadded convs/pools leave 1x1 maps after Reduction-B.
 SIZE = 75
 # One block of each: timm module -> cnnjax module (Inception-B of v4; the last residual A block
 # of Inception-ResNet-v2, scaled by 0.17, and its last C block, scale 1 and no ReLU).
-FEATURES = {"inception_v4": (("features.11", "inception_b1"),),
-            "inception_resnet_v2": (("repeat.9", "block_a10"), ("block8", "block_c10"))}
+FEATURES = {
+    "inception_v4": (("features.11", "inception_b1"),),
+    "inception_resnet_v2": (("repeat.9", "block_a10"), ("block8", "block_c10")),
+}
 
 
 def test_sources_bn_epsilon_and_residual_scales_are_timms():
     covered = {n for n, s in weights.SOURCES.items() if s.startswith("timm:inception")}
     assert covered == set(FEATURES)
     for name in FEATURES:
-        eps = {m.eps for m in ts.timm.create_model(name).modules()
-               if isinstance(m, ts.torch.nn.BatchNorm2d)}
+        eps = {
+            m.eps
+            for m in ts.timm.create_model(name).modules()
+            if isinstance(m, ts.torch.nn.BatchNorm2d)
+        }
         assert eps == {1e-3} == {models.create(name).bn_epsilon}, name
     model = ts.timm.create_model("inception_resnet_v2")
     scales = [m.scale for m in (*model.repeat, *model.repeat_1, *model.repeat_2, model.block8)]
@@ -44,5 +50,6 @@ def test_one_pixel_less_is_refused_by_both(name):
     with pytest.raises(RuntimeError, match="Kernel size can't be greater"), ts.torch.no_grad():
         model(ts.inputs(SIZE - 1, batch=1))
     with pytest.raises(ValueError, match="75"):
-        models.create(name).init(ts.jax.random.key(0), ts.jnp.zeros((1, SIZE - 1, SIZE - 1, 3)),
-                                 train=False)
+        models.create(name).init(
+            ts.jax.random.key(0), ts.jnp.zeros((1, SIZE - 1, SIZE - 1, 3)), train=False
+        )

@@ -26,7 +26,19 @@ from cnnjax.analysis.summary import (
 )
 
 __all__ = [
-    "MACS_NOTE", "FoldedModel", "Geometry", "LayerRow", "RFRow", "Summary", "count_params",
-    "empirical_receptive_field", "fold_batchnorm", "format_receptive_field", "format_summary",
-    "parameter_count", "receptive_field", "stacked_receptive_field", "summary",
+    "MACS_NOTE",
+    "FoldedModel",
+    "Geometry",
+    "LayerRow",
+    "RFRow",
+    "Summary",
+    "count_params",
+    "empirical_receptive_field",
+    "fold_batchnorm",
+    "format_receptive_field",
+    "format_summary",
+    "parameter_count",
+    "receptive_field",
+    "stacked_receptive_field",
+    "summary",
 ]

@@ -1,4 +1,5 @@
-"""Folding every evaluation-mode BatchNorm of a network into the convolution or dense layer before it.
+"""Folding every evaluation-mode BatchNorm of a network into the convolution or
+dense layer before it.
 
 In evaluation BN(W x + b) = (W g) x + (b - mean) g + beta with g = gamma / sqrt(var + eps)
 (`cnnjax.functional.fold_batch_norm`), so a conv followed directly by a BatchNorm is one conv
@@ -17,8 +18,8 @@ left in place, listed in `FoldedModel.unfolded` with the reason.
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -46,11 +47,15 @@ class FoldedModel:
     pairs: tuple[tuple[str, str], ...]
     unfolded: Mapping[str, str]
 
-    def apply(self, variables: Mapping[str, Any], x: jax.Array, *, train: bool = False, **kwargs: Any) -> Any:
+    def apply(
+        self, variables: Mapping[str, Any], x: jax.Array, *, train: bool = False, **kwargs: Any
+    ) -> Any:
         """Evaluation-mode forward pass with the folded variables (train must be False)."""
         if train:
-            raise ValueError("FoldedModel.apply: a folded network is for inference only (train=False); "
-                             "train the original model")
+            raise ValueError(
+                "FoldedModel.apply: a folded network is for inference only (train=False); "
+                "train the original model"
+            )
         layers = {p for p, _ in self.pairs}
         norms = {b for _, b in self.pairs}
 
@@ -65,8 +70,12 @@ class FoldedModel:
             return next_fun(*args, **kwargs_)
 
         with nn.intercept_methods(tracing.layer_interceptor(interceptor)):
-            return self.model.apply(variables, x, **tracing.call_kwargs(self.model, False, "FoldedModel.apply"),
-                                    **kwargs)
+            return self.model.apply(
+                variables,
+                x,
+                **tracing.call_kwargs(self.model, False, "FoldedModel.apply"),
+                **kwargs,
+            )
 
     __call__ = apply
 
@@ -77,8 +86,16 @@ def _folded_call(m: cnn.Conv | cnn.Dense, x: jax.Array) -> jax.Array:
     dtype = m.dtype or x.dtype
     kernel, bias = p["kernel"].astype(dtype), p["bias"].astype(dtype)
     if isinstance(m, cnn.Conv):
-        return F.conv2d(x.astype(dtype), kernel, bias, stride=m.strides, padding=m.padding, dilation=m.dilation,
-                        groups=m.groups, precision=m.precision)
+        return F.conv2d(
+            x.astype(dtype),
+            kernel,
+            bias,
+            stride=m.strides,
+            padding=m.padding,
+            dilation=m.dilation,
+            groups=m.groups,
+            precision=m.precision,
+        )
     return F.dense(x.astype(dtype), kernel, bias, precision=m.precision)
 
 
@@ -125,7 +142,9 @@ def _find_pairs(model: nn.Module, variables: Mapping[str, Any], shape: tuple[int
         path, src = call["path"], call["source"]
         reason = None
         if src is None:
-            reason = "its input is not the output of a Conv or Dense layer (e.g. BN before the conv)"
+            reason = (
+                "its input is not the output of a Conv or Dense layer (e.g. BN before the conv)"
+            )
         elif not call["eval"]:
             reason = "it uses batch statistics in evaluation mode (use_running_average=False)"
         elif counts[path] > 1 or counts[calls[src]["path"]] > 1:
@@ -195,8 +214,9 @@ def _fold(args: tuple, eps: float) -> tuple[jax.Array, jax.Array]:
     return fold(*args)
 
 
-def fold_batchnorm(model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]
-                   ) -> tuple[FoldedModel, dict[str, Any]]:
+def fold_batchnorm(
+    model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]
+) -> tuple[FoldedModel, dict[str, Any]]:
     """Folds every evaluation-mode BatchNorm that directly follows a Conv or Dense into that layer.
 
     Args:
@@ -213,9 +233,11 @@ def fold_batchnorm(model: nn.Module, variables: Mapping[str, Any], input_shape: 
     fn = "fold_batchnorm"
     tracing.check_model(model, fn)
     if not isinstance(variables, Mapping) or "params" not in variables:
-        raise ValueError(f"{fn}: variables must be the model's variables dict with a 'params' collection "
-                         f"(and 'batch_stats'), got {type(variables).__name__}"
-                         + (f" with keys {sorted(variables)}" if isinstance(variables, Mapping) else ""))
+        raise ValueError(
+            f"{fn}: variables must be the model's variables dict with a 'params' collection "
+            f"(and 'batch_stats'), got {type(variables).__name__}"
+            + (f" with keys {sorted(variables)}" if isinstance(variables, Mapping) else "")
+        )
     shape = tracing.check_input_shape(input_shape, fn)
     found, unfolded = _find_pairs(model, variables, shape, fn)
 
@@ -223,15 +245,39 @@ def fold_batchnorm(model: nn.Module, variables: Mapping[str, Any], input_shape: 
     params, stats = out["params"], out.get("batch_stats", {})
     jobs = []
     for layer, norm, bn in found:
-        lp, bp, bs = (tracing.subtree(params, layer), tracing.subtree(params, norm), tracing.subtree(stats, norm))
+        lp, bp, bs = (
+            tracing.subtree(params, layer),
+            tracing.subtree(params, norm),
+            tracing.subtree(stats, norm),
+        )
         if bs is None:
-            raise ValueError(f"{fn}: variables have no batch_stats for BatchNorm {norm!r}; pass the full variables")
-        jobs.append(((lp["kernel"], lp.get("bias"), bp.get("scale"), bp.get("bias"), bs["mean"], bs["var"]),
-                     bn.epsilon))
+            raise ValueError(
+                f"{fn}: variables have no batch_stats for BatchNorm {norm!r}; "
+                "pass the full variables"
+            )
+        jobs.append(
+            (
+                (
+                    lp["kernel"],
+                    lp.get("bias"),
+                    bp.get("scale"),
+                    bp.get("bias"),
+                    bs["mean"],
+                    bs["var"],
+                ),
+                bn.epsilon,
+            )
+        )
     # One compiled program for all pairs (eager ops would compile once per shape).
-    folded = jax.jit(lambda args: [_fold(a, eps) for a, (_, eps) in zip(args, jobs)])([a for a, _ in jobs])
+    folded = jax.jit(lambda args: [_fold(a, eps) for a, (_, eps) in zip(args, jobs)])(
+        [a for a, _ in jobs]
+    )
     for (layer, norm, _), (new_kernel, new_bias) in zip(found, folded):
-        _set(params, layer, {**tracing.subtree(params, layer), "kernel": new_kernel, "bias": new_bias})
+        _set(
+            params,
+            layer,
+            {**tracing.subtree(params, layer), "kernel": new_kernel, "bias": new_bias},
+        )
         _delete(params, norm)
         _delete(stats, norm)
     if "batch_stats" in out and not out["batch_stats"]:

@@ -71,11 +71,17 @@ class RFRow:
     input_padding: tuple[int, int] | None = None
 
     def interval(self, unit: tuple[int, int]) -> tuple[Extent, Extent]:
-        """((top, bottom), (left, right)) input coordinates seen by output unit (i, j), unclipped."""
+        """((top, bottom), (left, right)) input coordinates seen by output
+        unit (i, j), unclipped."""
         if self.size is None or self.stride is None or self.padding is None:
-            raise ValueError(f"interval: layer {self.path!r} has no spatial receptive field (collapsed={self.collapsed})")
-        return tuple((u * s - p, u * s - p + r - 1)  # type: ignore[return-value]
-                     for u, s, p, r in zip(unit, self.stride, self.padding, self.size))
+            raise ValueError(
+                f"interval: layer {self.path!r} has no spatial "
+                f"receptive field (collapsed={self.collapsed})"
+            )
+        return tuple(
+            (u * s - p, u * s - p + r - 1)  # type: ignore[return-value]
+            for u, s, p, r in zip(unit, self.stride, self.padding, self.size)
+        )
 
 
 def _row(path: str, kind: str, shape: tuple[int, ...], out_state: Any, in_state: Any) -> RFRow:
@@ -83,10 +89,14 @@ def _row(path: str, kind: str, shape: tuple[int, ...], out_state: Any, in_state:
     in_size, in_stride, in_padding, _, _ = geometry_of(in_state)
     if not isinstance(in_state, Spatial):
         in_size = in_stride = in_padding = None
-    return RFRow(path, kind, shape, size, stride, padding, collapsed, context, in_size, in_stride, in_padding)
+    return RFRow(
+        path, kind, shape, size, stride, padding, collapsed, context, in_size, in_stride, in_padding
+    )
 
 
-def receptive_field(model: nn.Module, input_shape: Sequence[int], *, train: bool = False) -> list[RFRow]:
+def receptive_field(
+    model: nn.Module, input_shape: Sequence[int], *, train: bool = False
+) -> list[RFRow]:
     """Receptive field, effective stride and padding of every layer call, in call order.
 
     Args:
@@ -111,7 +121,9 @@ def receptive_field(model: nn.Module, input_shape: Sequence[int], *, train: bool
         i = len(calls)
         # Even tags mark the layer's input, odd ones its output.
         y = next_fun(tracing.tag(args[0], 2 * i), *args[1:], **kwargs)
-        calls.append((tracing.module_path(ctx.module), type(ctx.module).__name__, tuple(y.shape[1:])))
+        calls.append(
+            (tracing.module_path(ctx.module), type(ctx.module).__name__, tuple(y.shape[1:]))
+        )
         return tracing.tag(y, 2 * i + 1)
 
     def forward(x):
@@ -124,12 +136,17 @@ def receptive_field(model: nn.Module, input_shape: Sequence[int], *, train: bool
     one = Geometry(1, 1, 0)
     tags: dict[int, Any] = {}
     interpret(closed.jaxpr, [Spatial((1, 2), (one, one))], tags)
-    return [_row(path, kind, out_shape, tags.get(2 * i + 1), tags.get(2 * i))
-            for i, (path, kind, out_shape) in enumerate(calls)]
+    return [
+        _row(path, kind, out_shape, tags.get(2 * i + 1), tags.get(2 * i))
+        for i, (path, kind, out_shape) in enumerate(calls)
+    ]
 
 
-def stacked_receptive_field(kernel_sizes: Sequence[int], strides: Sequence[int] | None = None,
-                            dilations: Sequence[int] | None = None) -> int:
+def stacked_receptive_field(
+    kernel_sizes: Sequence[int],
+    strides: Sequence[int] | None = None,
+    dilations: Sequence[int] | None = None,
+) -> int:
     """Receptive field of a chain of layers along one axis: two 3x3 convs see 5x5, three see 7x7.
 
     Args:
@@ -141,19 +158,27 @@ def stacked_receptive_field(kernel_sizes: Sequence[int], strides: Sequence[int] 
     ss = [1] * len(ks) if strides is None else list(strides)
     ds = [1] * len(ks) if dilations is None else list(dilations)
     if len(ss) != len(ks) or len(ds) != len(ks):
-        raise ValueError(f"stacked_receptive_field: kernel_sizes ({len(ks)}), strides ({len(ss)}) and "
-                         f"dilations ({len(ds)}) must have one entry per layer")
+        raise ValueError(
+            f"stacked_receptive_field: kernel_sizes ({len(ks)}), strides ({len(ss)}) and "
+            f"dilations ({len(ds)}) must have one entry per layer"
+        )
     if any(not isinstance(v, int) or v < 1 for v in ks + ss + ds):
-        raise ValueError(f"stacked_receptive_field: sizes, strides and dilations must be positive ints, "
-                         f"got {ks}, {ss}, {ds}")
+        raise ValueError(
+            f"stacked_receptive_field: sizes, strides and dilations must be positive ints, "
+            f"got {ks}, {ss}, {ds}"
+        )
     g = Geometry(1, 1, 0)
     for k, s, d in zip(ks, ss, ds):
         g = g.then(k, s, 0, d)
     return g.size
 
 
-def empirical_receptive_field(model: nn.Module, input_shape: Sequence[int], layers: str | Sequence[str],
-                              unit: tuple[int, int] | None = None) -> Any:
+def empirical_receptive_field(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    layers: str | Sequence[str],
+    unit: tuple[int, int] | None = None,
+) -> Any:
     """Measures the input interval seen by one output unit of a layer as the support of a gradient.
 
     The model runs with positive weights (each kernel 1/fan_in), zero biases, BatchNorm as the
@@ -176,12 +201,16 @@ def empirical_receptive_field(model: nn.Module, input_shape: Sequence[int], laye
     tracing.check_model(model, fn)
     shape = tracing.check_input_shape(input_shape, fn)
     wanted = [layers] if isinstance(layers, str) else list(layers)
-    _, abstract = jax.eval_shape(lambda x: tracing.init_with_output(model, x, False, fn), tracing.example_input(shape))
+    _, abstract = jax.eval_shape(
+        lambda x: tracing.init_with_output(model, x, False, fn), tracing.example_input(shape)
+    )
 
     def positive(path, leaf):
         name = str(getattr(path[-1], "key", path[-1]))
         if name == "kernel":
-            return jnp.full(leaf.shape, 1.0 / max(1, tracing.size_of(leaf) // leaf.shape[-1]), leaf.dtype)
+            return jnp.full(
+                leaf.shape, 1.0 / max(1, tracing.size_of(leaf) // leaf.shape[-1]), leaf.dtype
+            )
         return jnp.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, leaf.dtype)
 
     variables = jax.tree_util.tree_map_with_path(positive, abstract)
@@ -206,9 +235,14 @@ def empirical_receptive_field(model: nn.Module, input_shape: Sequence[int], laye
         for layer in wanted:
             y = captured.get(layer)
             if y is None:
-                raise ValueError(f"{fn}: no layer called {layer!r}; receptive_field(model, input_shape) lists the paths")
+                raise ValueError(
+                    f"{fn}: no layer called {layer!r}; "
+                    "receptive_field(model, input_shape) lists the paths"
+                )
             if y.ndim != 4:
-                raise ValueError(f"{fn}: layer {layer!r} output {tuple(y.shape)} has no spatial axes")
+                raise ValueError(
+                    f"{fn}: layer {layer!r} output {tuple(y.shape)} has no spatial axes"
+                )
             i, j = unit if unit is not None else ((y.shape[1] - 1) // 2, (y.shape[2] - 1) // 2)
             values.append(jnp.sum(y[0, i, j, :]))
         return jnp.stack(values)
@@ -219,29 +253,47 @@ def empirical_receptive_field(model: nn.Module, input_shape: Sequence[int], laye
         support = np.abs(grad[0]).sum(-1) > 0
         rows, cols = np.nonzero(support.any(1))[0], np.nonzero(support.any(0))[0]
         if rows.size == 0:
-            raise ValueError(f"{fn}: the gradient of layer {layer!r} is zero everywhere (a layer it passes "
-                             "through has no positive stand-in, e.g. a max pool not made with cnnjax.nn.MaxPool)")
+            raise ValueError(
+                f"{fn}: the gradient of layer {layer!r} is zero everywhere (a layer it passes "
+                "through has no positive stand-in, e.g. a max pool not made with cnnjax.nn.MaxPool)"
+            )
         results.append(((int(rows[0]), int(rows[-1])), (int(cols[0]), int(cols[-1]))))
     return results[0] if isinstance(layers, str) else results
 
 
 def _sum_pool(x: jax.Array, m: cnn.MaxPool | cnn.AvgPool) -> jax.Array:
     """Window sums with the pool's geometry: a positive stand-in for max and average pooling."""
-    window, strides, pads = F._pool_geometry(x, m.window, m.strides, m.padding, m.ceil_mode, "pooling")
+    window, strides, pads = F._pool_geometry(
+        x, m.window, m.strides, m.padding, m.ceil_mode, "pooling"
+    )
     # A NumPy init value keeps reduce_window differentiable under jit.
-    return lax.reduce_window(x, np.array(0, x.dtype), lax.add, (1, *window, 1), (1, *strides, 1),
-                             ((0, 0), *pads, (0, 0)))
+    return lax.reduce_window(
+        x, np.array(0, x.dtype), lax.add, (1, *window, 1), (1, *strides, 1), ((0, 0), *pads, (0, 0))
+    )
 
 
 def format_receptive_field(rows: Sequence[RFRow]) -> str:
     """A table: layer, type, output, receptive field, effective stride, effective padding."""
+
     def pair(v):
         return "" if v is None else (str(v[0]) if v[0] == v[1] else f"{v[0]}x{v[1]}")
 
-    body = [(r.path, r.type, "x".join(map(str, r.output_shape)),
-             pair(r.size) + (" (all)" if r.collapsed else "") + (" +global" if r.global_context else ""),
-             pair(r.stride), pair(r.padding)) for r in rows]
+    body = [
+        (
+            r.path,
+            r.type,
+            "x".join(map(str, r.output_shape)),
+            pair(r.size)
+            + (" (all)" if r.collapsed else "")
+            + (" +global" if r.global_context else ""),
+            pair(r.stride),
+            pair(r.padding),
+        )
+        for r in rows
+    ]
     header = ("layer", "type", "output", "receptive field", "eff. stride", "eff. padding")
     widths = [max([len(header[i])] + [len(b[i]) for b in body]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [header, *body]]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [header, *body]
+    ]
     return "\n".join(lines)

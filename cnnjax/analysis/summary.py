@@ -23,8 +23,10 @@ import jax
 
 from cnnjax.analysis import tracing
 
-MACS_NOTE = ("MACs: multiply-adds of Conv and Dense kernels per image; bias adds, BatchNorm, pooling, "
-             "LRN and activations are not counted. FLOPs = 2 x MACs.")
+MACS_NOTE = (
+    "MACs: multiply-adds of Conv and Dense kernels per image; bias adds, BatchNorm, pooling, "
+    "LRN and activations are not counted. FLOPs = 2 x MACs."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +39,8 @@ class LayerRow:
         a non-layer module creates itself.
       input_shape: shape of one example's input (no batch axis).
       output_shape: shape of one example's output (no batch axis).
-      weight_shape: kernel shape (conv HWIO, dense (in, out)) or BatchNorm scale shape; None if none.
+      weight_shape: kernel shape (conv HWIO, dense (in, out)) or BatchNorm scale
+          shape; None if none.
       bias_shape: bias (or BatchNorm shift) shape; None if none.
       params: parameters of this layer ('params' collection); 0 on repeated calls of a shared layer.
       macs: multiply-adds per image of this call (Conv and Dense only).
@@ -78,7 +81,8 @@ class Summary:
       total_params: size of the 'params' collection (equals the sum of the rows' params).
       total_macs: multiply-adds per image (Conv and Dense).
       total_state: size of the other collections (BatchNorm running statistics: 'batch_stats').
-      output_shape: the model output's shape for one example (a tuple of shapes for several outputs).
+      output_shape: the model output's shape for one example (a tuple of shapes
+          for several outputs).
     """
 
     model: str
@@ -96,9 +100,14 @@ class Summary:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model, "input_shape": list(self.input_shape), "output_shape": self.output_shape,
-            "total_params": self.total_params, "total_macs": self.total_macs, "total_flops": self.total_flops,
-            "total_state": self.total_state, "macs_convention": MACS_NOTE,
+            "model": self.model,
+            "input_shape": list(self.input_shape),
+            "output_shape": self.output_shape,
+            "total_params": self.total_params,
+            "total_macs": self.total_macs,
+            "total_flops": self.total_flops,
+            "total_state": self.total_state,
+            "macs_convention": MACS_NOTE,
             "rows": [dataclasses.asdict(r) for r in self.rows],
         }
 
@@ -133,8 +142,15 @@ def _trace(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, trai
         y = next_fun(*args, **kwargs)
         if not tracing.is_discarded_trace(args[0]):
             # The variables as this call sees them: one slice of the stacked ones inside nn.scan.
-            calls.append((tracing.module_path(ctx.module), type(ctx.module).__name__, args[0], y,
-                          dict(ctx.module.variables.get("params", {}))))
+            calls.append(
+                (
+                    tracing.module_path(ctx.module),
+                    type(ctx.module).__name__,
+                    args[0],
+                    y,
+                    dict(ctx.module.variables.get("params", {})),
+                )
+            )
         return y
 
     layer_icpt = tracing.layer_interceptor(on_layer)
@@ -150,13 +166,20 @@ def _trace(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, trai
 
     # Shapes only: the calls list holds tracers, of which only .shape is read.
     out, variables = jax.eval_shape(init, tracing.example_input(input_shape, batch_size))
-    calls = [(p, t, tuple(x.shape[1:]), tuple(y.shape[1:]), jax.tree.map(lambda a: a.shape, v))
-             for p, t, x, y, v in calls]
+    calls = [
+        (p, t, tuple(x.shape[1:]), tuple(y.shape[1:]), jax.tree.map(lambda a: a.shape, v))
+        for p, t, x, y, v in calls
+    ]
     return out, variables, calls, types
 
 
-def summary(model: nn.Module | str, input_shape: Sequence[int] | None = None, *, batch_size: int = 1,
-            train: bool = False) -> Summary:
+def summary(
+    model: nn.Module | str,
+    input_shape: Sequence[int] | None = None,
+    *,
+    batch_size: int = 1,
+    train: bool = False,
+) -> Summary:
     """The per-layer table of a model (see the module docstring for the MAC convention).
 
     Args:
@@ -170,10 +193,15 @@ def summary(model: nn.Module | str, input_shape: Sequence[int] | None = None, *,
     """
     fn = "summary"
     if isinstance(model, str):
-        from cnnjax import models  # analysis sits above models; imported lazily to keep import light
+        from cnnjax import (
+            models,
+        )  # analysis sits above models; imported lazily to keep import light
 
         spec = models.get_spec(model)
-        model, input_shape = models.create(model), spec.input_shape if input_shape is None else input_shape
+        model, input_shape = (
+            models.create(model),
+            spec.input_shape if input_shape is None else input_shape,
+        )
     tracing.check_model(model, fn)
     if input_shape is None:
         raise ValueError(f"{fn}: input_shape is required for a model object, e.g. (224, 224, 3)")
@@ -189,23 +217,46 @@ def summary(model: nn.Module | str, input_shape: Sequence[int] | None = None, *,
         seen.add(path)
         # Inside nn.scan a call sees one slice of parameters stacked over `repeats` iterations.
         per_call = _count_shapes(seen_params)
-        repeats = _count_shapes(jax.tree.map(lambda a: a.shape, stored)) // per_call if per_call else 1
+        repeats = (
+            _count_shapes(jax.tree.map(lambda a: a.shape, stored)) // per_call if per_call else 1
+        )
         kernel, bias = seen_params.get("kernel"), seen_params.get("bias")
         macs = 0
         if kernel is not None and len(kernel) in (2, 4):
             # Kernel product count times the positions it is applied at (Hout*Wout for a conv).
             macs = math.prod(kernel) * math.prod(y_shape[:-1]) * repeats
         weight = kernel if kernel is not None else seen_params.get("scale")
-        rows.append(LayerRow(path, kind, x_shape, y_shape, weight, bias,
-                             0 if shared else tracing.size_of(stored), macs, shared, repeats))
+        rows.append(
+            LayerRow(
+                path,
+                kind,
+                x_shape,
+                y_shape,
+                weight,
+                bias,
+                0 if shared else tracing.size_of(stored),
+                macs,
+                shared,
+                repeats,
+            )
+        )
 
     rows.extend(_unlisted_params(params, seen, types))
     state = {k: v for k, v in variables.items() if k != "params"}
-    return Summary(type(model).__name__, shape, rows, tracing.size_of(params), sum(r.macs for r in rows),
-                   tracing.size_of(state), _shape_of(out))
+    return Summary(
+        type(model).__name__,
+        shape,
+        rows,
+        tracing.size_of(params),
+        sum(r.macs for r in rows),
+        tracing.size_of(state),
+        _shape_of(out),
+    )
 
 
-def _unlisted_params(params: Mapping[str, Any], listed: set[str], types: Mapping[str, str]) -> list[LayerRow]:
+def _unlisted_params(
+    params: Mapping[str, Any], listed: set[str], types: Mapping[str, str]
+) -> list[LayerRow]:
     """Rows for parameters that no layer owns (a module calling self.param itself)."""
     owners: dict[str, int] = {}
     for name, leaf in tracing.leaves_with_paths(params):
@@ -214,8 +265,10 @@ def _unlisted_params(params: Mapping[str, Any], listed: set[str], types: Mapping
             continue
         owner = "/".join(parts[:-1])
         owners[owner] = owners.get(owner, 0) + tracing.size_of(leaf)
-    return [LayerRow(owner, f"{types.get(owner, 'Module')} (own params)", (), (), None, None, n, 0)
-            for owner, n in owners.items()]
+    return [
+        LayerRow(owner, f"{types.get(owner, 'Module')} (own params)", (), (), None, None, n, 0)
+        for owner, n in owners.items()
+    ]
 
 
 def count_params(variables_or_params: Mapping[str, Any]) -> int:
@@ -224,19 +277,23 @@ def count_params(variables_or_params: Mapping[str, Any]) -> int:
     Leaves may be arrays or jax.ShapeDtypeStruct (from jax.eval_shape).
     """
     if not isinstance(variables_or_params, Mapping):
-        raise ValueError("count_params: expected a variables dict ({'params': ..., 'batch_stats': ...}) "
-                         f"or a params tree, got {type(variables_or_params).__name__}")
+        raise ValueError(
+            "count_params: expected a variables dict ({'params': ..., 'batch_stats': ...}) "
+            f"or a params tree, got {type(variables_or_params).__name__}"
+        )
     tree = variables_or_params.get("params", variables_or_params)
     return tracing.size_of(tree)
 
 
 def parameter_count(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """Parameters of `model` for inputs of `input_shape` (H, W, C), via jax.eval_shape (no compile)."""
+    """Parameters of `model` for inputs of `input_shape` (H, W, C), via
+    jax.eval_shape (no compile)."""
     fn = "parameter_count"
     tracing.check_model(model, fn)
     shape = tracing.check_input_shape(input_shape, fn)
-    _, variables = jax.eval_shape(lambda x: tracing.init_with_output(model, x, False, fn),
-                                  tracing.example_input(shape))
+    _, variables = jax.eval_shape(
+        lambda x: tracing.init_with_output(model, x, False, fn), tracing.example_input(shape)
+    )
     return count_params(variables)
 
 
@@ -249,22 +306,50 @@ def _giga(n: int) -> str:
 
 
 def format_summary(s: Summary) -> str:
-    """The lecture-style table: layer, type, output size, weights, bias, params, MACs; totals and notes."""
+    """The lecture-style table: layer, type, output size, weights, bias, params,
+    MACs; totals and notes."""
     header = ("layer", "type", "output", "weights", "bias", "params", "MACs")
-    body = [(r.path or "(root)", r.type + (" (shared)" if r.shared else "") + (f" x{r.repeats}" if r.repeats > 1 else ""), r.output_size, r.weight_size,
-             "" if r.bias_shape is None else _dims(r.bias_shape), _num(r.params) if r.params else "",
-             _num(r.macs) if r.macs else "") for r in s.rows]
-    widths = [max(len(header[i]), *(len(row[i]) for row in body)) if body else len(header[i])
-              for i in range(len(header))]
+    body = [
+        (
+            r.path or "(root)",
+            r.type
+            + (" (shared)" if r.shared else "")
+            + (f" x{r.repeats}" if r.repeats > 1 else ""),
+            r.output_size,
+            r.weight_size,
+            "" if r.bias_shape is None else _dims(r.bias_shape),
+            _num(r.params) if r.params else "",
+            _num(r.macs) if r.macs else "",
+        )
+        for r in s.rows
+    ]
+    widths = [
+        max(len(header[i]), *(len(row[i]) for row in body)) if body else len(header[i])
+        for i in range(len(header))
+    ]
     right = {5, 6}
 
     def line(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
 
     rule = "-" * len(line(["x" * w for w in widths]))
-    out = [f"{s.model}, input {_dims(s.input_shape)}", rule, line(header), rule, *(line(b) for b in body), rule]
-    out.append(f"total params: {_num(s.total_params)}    non-trainable state (batch_stats): {_num(s.total_state)}")
-    out.append(f"total MACs per image: {_num(s.total_macs)} ({_giga(s.total_macs)})    "
-               f"FLOPs = 2 x MACs: {_num(s.total_flops)} ({_giga(s.total_flops)})")
+    out = [
+        f"{s.model}, input {_dims(s.input_shape)}",
+        rule,
+        line(header),
+        rule,
+        *(line(b) for b in body),
+        rule,
+    ]
+    out.append(
+        f"total params: {_num(s.total_params)}    non-trainable state (batch_stats): "
+        f"{_num(s.total_state)}"
+    )
+    out.append(
+        f"total MACs per image: {_num(s.total_macs)} ({_giga(s.total_macs)})    "
+        f"FLOPs = 2 x MACs: {_num(s.total_flops)} ({_giga(s.total_flops)})"
+    )
     out.append(MACS_NOTE)
     return "\n".join(out)

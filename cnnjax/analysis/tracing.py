@@ -24,11 +24,23 @@ from cnnjax import nn as cnn
 
 # The leaves of every cnnjax architecture: one summary row per call of one of these.
 LAYER_TYPES: tuple[type, ...] = (
-    cnn.Conv, cnn.Dense, cnn.BatchNorm, cnn.LocalResponseNorm, cnn.Dropout, cnn.MaxPool, cnn.AvgPool,
-    cnn.GlobalAvgPool, cnn.Flatten,
+    cnn.Conv,
+    cnn.Dense,
+    cnn.BatchNorm,
+    cnn.LocalResponseNorm,
+    cnn.Dropout,
+    cnn.MaxPool,
+    cnn.AvgPool,
+    cnn.GlobalAvgPool,
+    cnn.Flatten,
 )
 # flax.linen's own layers, should a model use them, are leaves too (nn.Sequential is not).
-_FLAX_LAYER_MODULES = ("flax.linen.linear", "flax.linen.normalization", "flax.linen.stochastic", "flax.linen.pooling")
+_FLAX_LAYER_MODULES = (
+    "flax.linen.linear",
+    "flax.linen.normalization",
+    "flax.linen.stochastic",
+    "flax.linen.pooling",
+)
 
 
 def is_layer(module: nn.Module) -> bool:
@@ -51,18 +63,25 @@ def check_model(model: Any, fn: str) -> None:
 
 
 def check_input_shape(input_shape: Any, fn: str) -> tuple[int, ...]:
-    """Validates one example's shape, e.g. (H, W, C) without the batch axis; returns it as a tuple."""
+    """Validates one example's shape, e.g. (H, W, C) without the batch axis;
+    returns it as a tuple."""
     try:
         shape = tuple(input_shape)
     except TypeError:
-        raise ValueError(f"{fn}: input_shape must be a sequence of positive ints such as (224, 224, 3), "
-                         f"got {input_shape!r}") from None
+        raise ValueError(
+            f"{fn}: input_shape must be a sequence of positive ints such as (224, 224, 3), "
+            f"got {input_shape!r}"
+        ) from None
     if not shape or not all(C.is_int(d) and d > 0 for d in shape):
-        raise ValueError(f"{fn}: input_shape must be positive ints without the batch axis, e.g. (224, 224, 3), "
-                         f"got {input_shape!r}")
+        raise ValueError(
+            f"{fn}: input_shape must be positive ints without the batch axis, e.g. (224, 224, 3), "
+            f"got {input_shape!r}"
+        )
     if len(shape) == 4:  # every network here takes NHWC batches: this one has a batch axis already
-        raise ValueError(f"{fn}: input_shape is one example's shape without the batch axis, e.g. (224, 224, 3); "
-                         f"got {input_shape!r}: drop the leading {shape[0]} (the batch size is its own argument)")
+        raise ValueError(
+            f"{fn}: input_shape is one example's shape without the batch axis, e.g. (224, 224, 3); "
+            f"got {input_shape!r}: drop the leading {shape[0]} (the batch size is its own argument)"
+        )
     return shape
 
 
@@ -78,14 +97,19 @@ def call_kwargs(model: nn.Module, train: bool, fn: str) -> dict[str, Any]:
     if "train" in params:
         return {"train": train}
     if train:
-        raise ValueError(f"{fn}: train=True was asked but {type(model).__name__}.__call__ has no `train` argument")
+        raise ValueError(
+            f"{fn}: train=True was asked but "
+            f"{type(model).__name__}.__call__ has no `train` argument"
+        )
     return {}
 
 
 def init_with_output(model: nn.Module, x: jax.Array, train: bool, fn: str) -> tuple[Any, Any]:
     """model.init_with_output with fixed rngs; meant to run under eval_shape or make_jaxpr."""
     key = jax.random.key(0)
-    return model.init_with_output({"params": key, "dropout": key}, x, **call_kwargs(model, train, fn))
+    return model.init_with_output(
+        {"params": key, "dropout": key}, x, **call_kwargs(model, train, fn)
+    )
 
 
 def example_input(input_shape: Sequence[int], batch_size: int = 1) -> jax.ShapeDtypeStruct:
@@ -93,7 +117,8 @@ def example_input(input_shape: Sequence[int], batch_size: int = 1) -> jax.ShapeD
 
 
 def subtree(tree: Mapping[str, Any], path: str) -> Any:
-    """The part of a variables collection at a module path ('' is the whole tree); None if absent."""
+    """The part of a variables collection at a module path ('' is the whole
+    tree); None if absent."""
     node: Any = tree
     for name in filter(None, path.split("/")):
         if not isinstance(node, Mapping) or name not in node:
@@ -132,18 +157,23 @@ def is_discarded_trace(x: Any) -> bool:
 
 
 def in_scan_invariant_pass() -> bool:
-    """Whether the caller runs inside flax nn.scan's first trace (`axes_scan` body, init_mode=True)."""
+    """Whether the caller runs inside flax nn.scan's first trace (`axes_scan`
+    body, init_mode=True)."""
     frame = sys._getframe(1)
     while frame is not None:
-        if (frame.f_code.co_name == "body_fn" and frame.f_globals.get("__name__") == "flax.core.axes_scan"
-                and frame.f_locals.get("init_mode") is True):
+        if (
+            frame.f_code.co_name == "body_fn"
+            and frame.f_globals.get("__name__") == "flax.core.axes_scan"
+            and frame.f_locals.get("init_mode") is True
+        ):
             return True
         frame = frame.f_back
     return False
 
 
 def layer_interceptor(on_layer: Callable[[Callable[..., Any], tuple, dict, Any], Any]):
-    """An interceptor that hands every outermost layer __call__ to `on_layer(next_fun, args, kwargs, ctx)`.
+    """An interceptor that hands every outermost layer __call__ to `on_layer(next_fun,
+    args, kwargs, ctx)`.
 
     Calls nested inside a layer (none in cnnjax.nn) are passed through untouched.
     """
@@ -194,7 +224,8 @@ def scan_counts(eqn: Any) -> tuple[int, int]:
 
 
 def sub_jaxprs(eqn: Any) -> list[Any]:
-    """The jaxprs nested in an equation's parameters (jit, custom_jvp_call, remat, cond, scan...)."""
+    """The jaxprs nested in an equation's parameters (jit, custom_jvp_call,
+    remat, cond, scan...)."""
     found = []
     for value in eqn.params.values():
         for v in value if isinstance(value, (tuple, list)) else (value,):

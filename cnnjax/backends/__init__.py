@@ -33,8 +33,10 @@ def on_native(mode: str, modes: tuple[str, ...], supported: bool) -> bool:
     if mode == "auto":
         return on_cpu and native.usable()
     if not on_cpu:
-        raise ValueError(f"backend={mode!r} runs on the CPU backend only (JAX's default backend is "
-                         f"{jax.default_backend()!r}); use backend='xla' or 'auto'")
+        raise ValueError(
+            f"backend={mode!r} runs on the CPU backend only (JAX's default backend is "
+            f"{jax.default_backend()!r}); use backend='xla' or 'auto'"
+        )
     reason = native.usable_reason()
     if reason:
         raise native.NativeUnavailable(reason)  # why, and how to install oneDNN

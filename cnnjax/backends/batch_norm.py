@@ -47,13 +47,18 @@ def train(choice: Choice, x, scale, bias, residual, eps, axis_name, *, relu: boo
     """Training BatchNorm as `choice` says: (y, batch mean, batch variance), y with the residual
     and ReLU where native (`relu`); None where it is functional's own code."""
     if choice.fused_vjp and C.is_traced(eps):
-        raise ValueError("eps must be a concrete number for the fused BatchNorm gradient, got a "
-                         "traced value; pass a Python float or vjp='autodiff'")
+        raise ValueError(
+            "eps must be a concrete number for the fused BatchNorm gradient, got a "
+            "traced value; pass a Python float or vjp='autodiff'"
+        )
     if not (choice.native or choice.fused_vjp):
         return None
     c = x.shape[-1]
-    operands = (x, jnp.ones((c,), jnp.float32) if scale is None else scale,
-                jnp.zeros((c,), jnp.float32) if bias is None else bias)
+    operands = (
+        x,
+        jnp.ones((c,), jnp.float32) if scale is None else scale,
+        jnp.zeros((c,), jnp.float32) if bias is None else bias,
+    )
     if not choice.native:
         return _batch_norm_train(*vary_alike(*operands), float(eps), axis_name)
     operands = vary_alike(*operands, *(() if residual is None else (residual,)))
@@ -116,9 +121,17 @@ def _batch_norm_train_bwd(eps, axis_name, residuals, cotangents):
     # Not the forward's multiplier itself: XLA would share one broadcast of it between the forward
     # and this pass and write that broadcast out in full (the reason this VJP exists).
     mul = lax.optimization_barrier(inv * scale.astype(jnp.float32))
-    d_scale, d_bias, a, b = _bn_grad_coefficients(jnp.sum(g32, axes), jnp.sum(g32 * x32, axes),
-                                                   x.size // x.shape[-1], mean, inv, mul, g_mean,
-                                                   g_var, axis_name)
+    d_scale, d_bias, a, b = _bn_grad_coefficients(
+        jnp.sum(g32, axes),
+        jnp.sum(g32 * x32, axes),
+        x.size // x.shape[-1],
+        mean,
+        inv,
+        mul,
+        g_mean,
+        g_var,
+        axis_name,
+    )
     dx = g32 * mul + x32 * a + b
     return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
 
@@ -151,8 +164,9 @@ def _batch_norm_native_bwd(eps, axis_name, relu, has_residual, residuals, cotang
         mask = False
     else:  # ReLU (if any) masks where x * mul + add <= 0, recomputed in both passes
         sums, g, mask = native_bn.grad_sums(gy, x, jnp.stack([mul, add]), relu=relu), gy, relu
-    d_scale, d_bias, a, b = _bn_grad_coefficients(sums[0], sums[1], x.size // x.shape[-1], mean,
-                                                  inv, mul, g_mean, g_var, axis_name)
+    d_scale, d_bias, a, b = _bn_grad_coefficients(
+        sums[0], sums[1], x.size // x.shape[-1], mean, inv, mul, g_mean, g_var, axis_name
+    )
     dx = native_bn.grad_apply(g, x, jnp.stack([mul, a, b, mul, add]), relu=mask)
     return dx, d_scale, d_bias, (g if has_residual else None)
 

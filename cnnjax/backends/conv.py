@@ -43,17 +43,24 @@ def select(x, kernel, groups: int, *, vjp: str | None, backend: str | None):
 
 def _onednn(x, kernel, strides, pads, dilation, precision):
     del precision  # oneDNN computes float32 convolutions in float32
-    spatial = tuple((n + lo + hi - (k - 1) * d - 1) // s + 1 for n, k, s, d, (lo, hi)
-                    in zip(x.shape[1:3], kernel.shape[:2], strides, dilation, pads))
+    spatial = tuple(
+        (n + lo + hi - (k - 1) * d - 1) // s + 1
+        for n, k, s, d, (lo, hi) in zip(x.shape[1:3], kernel.shape[:2], strides, dilation, pads)
+    )
     y_shape = (x.shape[0], *spatial, kernel.shape[3])
     return onednn.convolve(*vary_alike(x, kernel), (tuple(strides), pads, tuple(dilation)), y_shape)
 
 
 def _conv_nhwc(lhs, rhs, strides, pads, dilation, precision, lhs_dilation=(1, 1)):
     return lax.conv_general_dilated(
-        lhs, rhs, window_strides=strides, padding=pads, lhs_dilation=lhs_dilation,
+        lhs,
+        rhs,
+        window_strides=strides,
+        padding=pads,
+        lhs_dilation=lhs_dilation,
         rhs_dilation=dilation,
-        dimension_numbers=DIMENSION_NUMBERS, precision=precision,
+        dimension_numbers=DIMENSION_NUMBERS,
+        precision=precision,
     )
 
 
@@ -93,10 +100,10 @@ def _conv_canonical_bwd(strides, pads, dilation, precision, residuals, dy):
         dw_pads.append((lo, hi - r))
     flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)  # (KH, KW, C_out, C_in)
     dx = _conv_nhwc(dy, flipped, (1, 1), dx_pads, dilation, precision, lhs_dilation=strides)
-    dw = _conv_nhwc(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), dilation, dw_pads, strides,
-                    precision)
+    dw = _conv_nhwc(
+        x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), dilation, dw_pads, strides, precision
+    )
     return dx.astype(x.dtype), dw.transpose(1, 2, 0, 3).astype(kernel.dtype)
 
 
 _conv_canonical_impl.defvjp(_conv_canonical_fwd, _conv_canonical_bwd)
-

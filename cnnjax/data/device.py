@@ -44,6 +44,7 @@ def pad_crop_flip(
     if offsets is not None:
         _, h, w, c = images.shape
         padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
         def crop(image, corner):
             return lax.dynamic_slice(image, (corner[0], corner[1], 0), (h, w, c))
 

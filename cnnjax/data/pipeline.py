@@ -20,9 +20,9 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
+from cnnjax._checks import is_int
 from cnnjax.data import augment as aug
 from cnnjax.data.sources import check_num_threads
-from cnnjax._checks import is_int
 
 AUGMENTATIONS = ("none", "flip", "cifar", "imagenet")
 # The fixed (mean, std) per channel, in [0, 1] units, that published weights were trained with:
@@ -78,8 +78,10 @@ def training_statistics(source, mode: str, max_examples: int | None = None, chun
     if mode in FIXED_NORMALIZATIONS:
         mean, std = (np.asarray(v, np.float32) for v in FIXED_NORMALIZATIONS[mode])
         if c != 3:
-            raise ValueError(f"normalize={mode!r} has constants for 3 channels (RGB); the images "
-                             f"have {c}: give channels=3 or another normalize")
+            raise ValueError(
+                f"normalize={mode!r} has constants for 3 channels (RGB); the images "
+                f"have {c}: give channels=3 or another normalize"
+            )
         return mean, std
     n = len(source)
     if n == 0:
@@ -115,9 +117,9 @@ class Pipeline:
       normalize: 'per_pixel_mean' (subtract the training set's mean image, He et al. 2016),
         'per_channel' (subtract the mean and divide by the std of each channel), 'scale'
         (pixels / 255 only), or a FIXED_NORMALIZATIONS name ('imagenet': the constants that
-        torchvision's weights expect; 'inception'; 'dpn'). Statistics come from the training split only (after any validation
-        carve-out) and apply to every split. Zero padding happens after normalising, so in
-        pixel space it pads with the mean.
+        torchvision's weights expect; 'inception'; 'dpn'). Statistics come from the training split
+        only (after any validation carve-out) and apply to every split. Zero padding happens after
+        normalising, so in pixel space it pads with the mean.
       seed: seed of shuffling and augmentation.
       process_index, process_count: this process and how many there are (default: JAX's).
       eval_split: the split `eval_batches()` reads by default.
@@ -305,8 +307,10 @@ class Pipeline:
         same batches on the devices.
         """
         if self.augment == "imagenet":
-            raise ValueError("augment='imagenet' resizes each image on the host: its draws are not "
-                             "per-example offsets and flips (use the host pipeline)")
+            raise ValueError(
+                "augment='imagenet' resizes each image on the host: its draws are not "
+                "per-example offsets and flips (use the host pipeline)"
+            )
         return self._epoch_draws(epoch, start_step)
 
     def _epoch_draws(self, epoch: int, start_step: int) -> Iterator[dict]:
@@ -389,8 +393,8 @@ class Pipeline:
     def eval_batches(self, split: str | None = None) -> Iterator[dict]:
         """This process's evaluation batches of `split` (default `eval_split`), in order, padded.
 
-        Yields dicts: image float32 [local_eval_batch_size, H, W, C], label int32, mask bool; padding
-        rows are zeros with mask False, so every example counts once over all processes.
+        Yields dicts: image float32 [local_eval_batch_size, H, W, C], label int32, mask bool;
+        padding rows are zeros with mask False, so every example counts once over all processes.
         """
         split = self._check_split(split or self.eval_split)
         source = self.ds.splits[split]
@@ -412,14 +416,16 @@ class Pipeline:
         source = self.ds.splits[split]
         shard = shard_indices(len(source), self.process_index, self.process_count)
         b = self.local_eval_batch_size
-        batches = [self._raw_eval_batch(source, shard[s * b : (s + 1) * b])
-                   for s in range(self.num_eval_steps(split))]
+        batches = [
+            self._raw_eval_batch(source, shard[s * b : (s + 1) * b])
+            for s in range(self.num_eval_steps(split))
+        ]
         return {k: np.stack([batch[k] for batch in batches]) for k in ("image", "label", "mask")}
 
     def _eval_batch(self, source, idx: np.ndarray) -> dict:
         batch = self._raw_eval_batch(source, idx)
         batch["image"] = self._normalize(batch["image"])
-        batch["image"][len(idx):] = 0  # padding rows are zeros after normalising too
+        batch["image"][len(idx) :] = 0  # padding rows are zeros after normalising too
         return batch
 
     def _raw_eval_batch(self, source, idx: np.ndarray) -> dict:

@@ -19,8 +19,8 @@ from typing import Protocol
 
 import numpy as np
 
-from cnnjax.data import augment
 from cnnjax._checks import is_int
+from cnnjax.data import augment
 
 # name -> (num_classes, tfds name of our 'test' split); 'digits' is embedded (scikit-learn).
 _DATASETS = {
@@ -166,10 +166,13 @@ class Dataset:
         images, labels = train.get(idx)
         digest = hashlib.sha256(np.ascontiguousarray(images).tobytes())
         digest.update(np.asarray(labels, np.int64).tobytes())
-        return {"name": self.name, "num_classes": int(self.num_classes),
-                "image_shape": [int(s) for s in self.image_shape],
-                "sizes": {k: len(v) for k, v in sorted(self.splits.items())},
-                "fingerprint": digest.hexdigest()[:16]}
+        return {
+            "name": self.name,
+            "num_classes": int(self.num_classes),
+            "image_shape": [int(s) for s in self.image_shape],
+            "sizes": {k: len(v) for k, v in sorted(self.splits.items())},
+            "fingerprint": digest.hexdigest()[:16],
+        }
 
 
 def list_datasets() -> list[str]:
@@ -332,12 +335,15 @@ def _tfds_splits(name: str, data_dir, shape: tuple, download: bool, num_threads:
     """Splits from `tfds.data_source`; `shape` is ((h, w) or None, channels or None)."""
     try:
         import tensorflow_datasets as tfds  # only the tfds path pays for its import
-    except ImportError as e:  # a declared dependency, but an image may lack it (seen on a GPU machine)
+    except (
+        ImportError
+    ) as e:  # a declared dependency, but an image may lack it (seen on a GPU machine)
         npz = _npz_path(name, data_dir)
         raise ValueError(
-            f"Data set {name!r}: no local file {npz}, and tensorflow-datasets, which reads the "
-            f"prepared tfds copies, is not installed ({e}). Install it (pip install tensorflow-datasets) "
-            f"or provide DIR/{name}.npz ({_NPZ_CONTENT}) and pass data_dir=DIR."
+            f"Data set {name!r}: no local file {npz}, and tensorflow-datasets, "
+            f"which reads the prepared tfds copies, is not installed ({e}). "
+            "Install it (pip install tensorflow-datasets) or provide "
+            f"DIR/{name}.npz ({_NPZ_CONTENT}) and pass data_dir=DIR."
         ) from e
 
     builder = tfds.builder(name, data_dir=data_dir)
@@ -409,8 +415,9 @@ def _inferred_num_classes(splits: dict, origin) -> int:
     """1 + the largest label of a set that declares no class count; ValueError when that count is
     implausible: more than twice the distinct labels plus 10 (one stray label, say 1000000, would
     ask for a classifier of a million classes)."""
-    labels = {k: s.labels for k, s in splits.items()
-              if isinstance(s, ArraySource) and s.labels.size}
+    labels = {
+        k: s.labels for k, s in splits.items() if isinstance(s, ArraySource) and s.labels.size
+    }
     num_classes = 1 + max((int(v.max()) for v in labels.values()), default=0)
     distinct = np.unique(np.concatenate(list(labels.values()))) if labels else np.zeros(0)
     if num_classes > 2 * len(distinct) + 10:

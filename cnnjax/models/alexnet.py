@@ -1,4 +1,5 @@
-"""AlexNet (Krizhevsky et al. 2012), the single-tower AlexNet of torchvision, and ZFNet (Zeiler & Fergus 2014).
+"""AlexNet (Krizhevsky et al. 2012), the single-tower AlexNet of torchvision, and ZFNet
+(Zeiler & Fergus 2014).
 
 All three are five convolutions with max pooling and three fully connected layers, so they are one
 class driven by a per-layer table:
@@ -41,7 +42,8 @@ Array = jax.Array
 
 
 class ConvLayer(NamedTuple):
-    """One convolution stage: conv -> ReLU, then optionally LRN and a 3x3/2 max pool in `lrn` order."""
+    """One convolution stage: conv -> ReLU, then optionally LRN and a 3x3/2 max
+    pool in `lrn` order."""
 
     features: int
     kernel: int
@@ -79,21 +81,27 @@ ALEXNET_CONFIGS: dict[str, tuple[ConvLayer, ...]] = {
     ),
 }
 
+
 class LRNConfig(NamedTuple):
-    """Constants of LocalResponseNorm: b = a / (k + alpha' * sum of a^2 over `size` maps) ** beta."""
+    """Constants of LocalResponseNorm: b = a / (k + alpha' * sum of a^2 over
+    `size` maps) ** beta."""
 
     size: int = 5
     alpha: float = 1e-4
     beta: float = 0.75
     k: float = 2.0
-    alpha_over_n: bool = False  # alpha' = alpha / size (Caffe, PyTorch) instead of alpha (the paper)
+    alpha_over_n: bool = (
+        False  # alpha' = alpha / size (Caffe, PyTorch) instead of alpha (the paper)
+    )
 
 
 # Section 3.3 of the AlexNet paper (alpha is not divided by n).
 PAPER_LRN = LRNConfig()
 
 
-def feature_map_sizes(layers: Sequence[ConvLayer], size: int, ceil_mode: bool) -> list[tuple[str, int]]:
+def feature_map_sizes(
+    layers: Sequence[ConvLayer], size: int, ceil_mode: bool
+) -> list[tuple[str, int]]:
     """(layer name, output side) for every conv and pool of `layers` on a size x size input."""
     out = []
     for i, layer in enumerate(layers, start=1):
@@ -106,7 +114,8 @@ def feature_map_sizes(layers: Sequence[ConvLayer], size: int, ceil_mode: bool) -
 
 
 class AlexNet(nn.Module):
-    """Five convolutions with ReLU, optional LRN and 3x3/2 max pooling, then FC-ReLU-dropout x2 and FC.
+    """Five convolutions with ReLU, optional LRN and 3x3/2 max pooling, then
+    FC-ReLU-dropout x2 and FC.
 
     Args:
       num_classes: outputs of the last FC layer.
@@ -153,16 +162,27 @@ class AlexNet(nn.Module):
         check_positive_int(type(self).__name__, "hidden", self.hidden)
         if self.adaptive_pool is not None:
             check_positive_int(type(self).__name__, "adaptive_pool", self.adaptive_pool)
-        check_image_input(x, type(self).__name__, min_size=self.min_input_size(), in_channels=self.in_channels,
-                          fix="resize or pad the images (227 or 224 natively)")
+        check_image_input(
+            x,
+            type(self).__name__,
+            min_size=self.min_input_size(),
+            in_channels=self.in_channels,
+            fix="resize or pad the images (227 or 224 natively)",
+        )
         lrn = LRNConfig(*self.lrn)._asdict()
         conv = partial(Conv, kernel_init=self.kernel_init, dtype=self.dtype)
         if self.dtype is not None:
             x = x.astype(self.dtype)
 
         for i, layer in enumerate(self.layers, start=1):
-            x = conv(layer.features, kernel_size=layer.kernel, strides=layer.stride, padding=layer.padding,
-                     groups=layer.groups, name=f"conv{i}")(x)
+            x = conv(
+                layer.features,
+                kernel_size=layer.kernel,
+                strides=layer.stride,
+                padding=layer.padding,
+                groups=layer.groups,
+                name=f"conv{i}",
+            )(x)
             x = jax.nn.relu(x)
             if layer.lrn == "before_pool":
                 x = LocalResponseNorm(**lrn, name=f"norm{i}")(x)
@@ -184,17 +204,37 @@ class AlexNet(nn.Module):
         return x.astype(jnp.float32)
 
 
-register("alexnet", partial(AlexNet, layers=ALEXNET_CONFIGS["alexnet"]), input_shape=(227, 227, 3),
-         num_classes=1000, source="Krizhevsky et al. 2012, section 3 and Figure 2", family="alexnet",
-         reference_params=60_965_224,
-         params_note="two-GPU paper net as one model: groups=2 on conv2/4/5, biases everywhere; exact")
-register("alexnet_torchvision",
-         partial(AlexNet, layers=ALEXNET_CONFIGS["alexnet_torchvision"], dropout_first=True,
-                 adaptive_pool=6),
-         input_shape=(224, 224, 3), num_classes=1000, source="torchvision alexnet (Krizhevsky 2014, one weird trick)",
-         family="alexnet", reference_params=61_100_840,
-         params_note="torchvision definition (64/192/384/256/256, no LRN, no groups); exact")
-register("zfnet", partial(AlexNet, layers=ALEXNET_CONFIGS["zfnet"], ceil_mode=True),
-         input_shape=(224, 224, 3), num_classes=1000, source="Zeiler & Fergus 2014, Figure 3", family="alexnet",
-         reference_params=62_357_608,
-         params_note="dense convs (no groups), biases everywhere, FC 9216 -> 4096 -> 4096 -> 1000; exact")
+register(
+    "alexnet",
+    partial(AlexNet, layers=ALEXNET_CONFIGS["alexnet"]),
+    input_shape=(227, 227, 3),
+    num_classes=1000,
+    source="Krizhevsky et al. 2012, section 3 and Figure 2",
+    family="alexnet",
+    reference_params=60_965_224,
+    params_note="two-GPU paper net as one model: groups=2 on conv2/4/5, biases everywhere; exact",
+)
+register(
+    "alexnet_torchvision",
+    partial(
+        AlexNet, layers=ALEXNET_CONFIGS["alexnet_torchvision"], dropout_first=True, adaptive_pool=6
+    ),
+    input_shape=(224, 224, 3),
+    num_classes=1000,
+    source="torchvision alexnet (Krizhevsky 2014, one weird trick)",
+    family="alexnet",
+    reference_params=61_100_840,
+    params_note="torchvision definition (64/192/384/256/256, no LRN, no groups); exact",
+)
+register(
+    "zfnet",
+    partial(AlexNet, layers=ALEXNET_CONFIGS["zfnet"], ceil_mode=True),
+    input_shape=(224, 224, 3),
+    num_classes=1000,
+    source="Zeiler & Fergus 2014, Figure 3",
+    family="alexnet",
+    reference_params=62_357_608,
+    params_note=(
+        "dense convs (no groups), biases everywhere, FC 9216 -> 4096 -> 4096 -> 1000; exact"
+    ),
+)

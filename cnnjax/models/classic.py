@@ -51,7 +51,9 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        check_image_input(x, "MLP", min_size=1, in_channels=self.in_channels)  # images, also for flat vectors
+        check_image_input(
+            x, "MLP", min_size=1, in_channels=self.in_channels
+        )  # images, also for flat vectors
         check_widths("MLP", "hidden_sizes", self.hidden_sizes, empty_ok=True)
         act = F.get_activation(self.act)
         if self.dtype is not None:
@@ -63,11 +65,25 @@ class MLP(nn.Module):
         return x.astype(jnp.float32)
 
 
-register("linear", partial(MLP, hidden_sizes=MLP_CONFIGS["linear"]), input_shape=(32, 32, 3), num_classes=10,
-         source="lecture recap: linear classifier f = Wx + b on 3072-d CIFAR-10 vectors", family="classic",
-         dataset="cifar10", reference_params=30_730,
-         params_note="3072 x 10 weights + 10 biases")
-register("mlp", partial(MLP, hidden_sizes=MLP_CONFIGS["mlp"]), input_shape=(32, 32, 3), num_classes=10,
-         source="lecture recap: two-layer net 3072 -> 100 -> 10 (CS231n slide)", family="classic",
-         dataset="cifar10", reference_params=308_310,
-         params_note="3072 x 100 + 100, 100 x 10 + 10 (weights and biases)")
+register(
+    "linear",
+    partial(MLP, hidden_sizes=MLP_CONFIGS["linear"]),
+    input_shape=(32, 32, 3),
+    num_classes=10,
+    source="lecture recap: linear classifier f = Wx + b on 3072-d CIFAR-10 vectors",
+    family="classic",
+    dataset="cifar10",
+    reference_params=30_730,
+    params_note="3072 x 10 weights + 10 biases",
+)
+register(
+    "mlp",
+    partial(MLP, hidden_sizes=MLP_CONFIGS["mlp"]),
+    input_shape=(32, 32, 3),
+    num_classes=10,
+    source="lecture recap: two-layer net 3072 -> 100 -> 10 (CS231n slide)",
+    family="classic",
+    dataset="cifar10",
+    reference_params=308_310,
+    params_note="3072 x 100 + 100, 100 x 10 + 10 (weights and biases)",
+)

@@ -43,20 +43,24 @@ IMAGENET_CONFIGS = {
     161: ((6, 12, 36, 24), 48),
 }
 
-# CIFAR DenseNet-BC (Table 2, Huang et al. 2017): depth L -> growth rate k; (L - 4) / 6 layers per block.
+# CIFAR DenseNet-BC (Table 2, Huang et al. 2017): depth L -> growth rate k;
+# (L - 4) / 6 layers per block.
 CIFAR_BC_CONFIGS = {100: 12, 250: 24, 190: 40}
 
 
 def cifar_bc_block_sizes(depth: int) -> tuple[int, int, int]:
     """Three dense blocks of (depth - 4) / 6 bottleneck layers each (DenseNet-BC on CIFAR)."""
     if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
-        raise ValueError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (e.g. 100, 190, 250), got {depth!r}")
+        raise ValueError(
+            f"DenseNet-BC depth must be 6n + 4 with n >= 1 (e.g. 100, 190, 250), got {depth!r}"
+        )
     n = (depth - 4) // 6
     return (n, n, n)
 
 
 class DenseLayer(nn.Module):
-    """One bottleneck layer: concat(inputs) -> BN-ReLU-conv1x1(bn_size*k) -> BN-ReLU-conv3x3(k) -> dropout."""
+    """One bottleneck layer: concat(inputs) -> BN-ReLU-conv1x1(bn_size*k) ->
+    BN-ReLU-conv3x3(k) -> dropout."""
 
     growth_rate: int
     bn_size: int
@@ -90,11 +94,20 @@ class DenseBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         # static_argnums counts the module: (self, inputs, train).
-        layer_cls = nn.remat(DenseLayer, static_argnums=(2,)) if self.memory_efficient else DenseLayer
+        layer_cls = (
+            nn.remat(DenseLayer, static_argnums=(2,)) if self.memory_efficient else DenseLayer
+        )
         features = [x]
         for i in range(self.num_layers):
-            layer = layer_cls(self.growth_rate, self.bn_size, self.drop_rate, self.conv, self.norm, self.act,
-                              name=f"layer{i + 1}")
+            layer = layer_cls(
+                self.growth_rate,
+                self.bn_size,
+                self.drop_rate,
+                self.conv,
+                self.norm,
+                self.act,
+                name=f"layer{i + 1}",
+            )
             features.append(layer(features, train))
         return jnp.concatenate(features, axis=-1)
 
@@ -109,7 +122,9 @@ class Transition(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x = self.conv(self.features, kernel_size=1, name="conv")(self.norm(name="bn")(x, activation=self.act))
+        x = self.conv(self.features, kernel_size=1, name="conv")(
+            self.norm(name="bn")(x, activation=self.act)
+        )
         return AvgPool(2, 2, name="pool")(x)
 
 
@@ -174,8 +189,11 @@ class DenseNet(nn.Module):
             check_positive_int("DenseNet", "num_init_features", self.num_init_features)
         if not 0.0 < self.compression <= 1.0:
             raise ValueError(f"compression must be in (0, 1], got {self.compression}")
-        check_image_input(x, f"DenseNet ({self.stem} stem, {len(self.block_sizes)} blocks)",
-                          min_size=self.min_input_size())
+        check_image_input(
+            x,
+            f"DenseNet ({self.stem} stem, {len(self.block_sizes)} blocks)",
+            min_size=self.min_input_size(),
+        )
         conv = partial(Conv, use_bias=False, kernel_init=self.kernel_init, dtype=self.dtype)
         norm = batch_norm_for(self, train)
         act = jax.nn.relu
@@ -190,8 +208,17 @@ class DenseNet(nn.Module):
             x = conv(channels, kernel_size=3, padding=1, name="stem_conv")(x)
 
         for i, num_layers in enumerate(self.block_sizes):
-            x = DenseBlock(int(num_layers), self.growth_rate, self.bn_size, self.drop_rate, conv, norm, act,
-                           memory_efficient=self.memory_efficient, name=f"block{i + 1}")(x, train)
+            x = DenseBlock(
+                int(num_layers),
+                self.growth_rate,
+                self.bn_size,
+                self.drop_rate,
+                conv,
+                norm,
+                act,
+                memory_efficient=self.memory_efficient,
+                name=f"block{i + 1}",
+            )(x, train)
             channels += int(num_layers) * self.growth_rate
             if i != len(self.block_sizes) - 1:
                 channels = int(channels * self.compression)
@@ -204,30 +231,60 @@ class DenseNet(nn.Module):
 
 def _register_imagenet(depth: int, params: int, source: str, note: str) -> None:
     sizes, k = IMAGENET_CONFIGS[depth]
-    register(f"densenet{depth}", partial(DenseNet, block_sizes=sizes, growth_rate=k),
-             input_shape=(224, 224, 3), num_classes=1000, family="densenet", dataset="imagenet",
-             source=source, reference_params=params, params_rtol=0.0, params_note=note)
+    register(
+        f"densenet{depth}",
+        partial(DenseNet, block_sizes=sizes, growth_rate=k),
+        input_shape=(224, 224, 3),
+        num_classes=1000,
+        family="densenet",
+        dataset="imagenet",
+        source=source,
+        reference_params=params,
+        params_rtol=0.0,
+        params_note=note,
+    )
 
 
 for _depth, _params in ((121, 7_978_856), (169, 14_149_480), (201, 20_013_928), (161, 28_681_000)):
-    _register_imagenet(_depth, _params, "Huang et al. 2017, Table 1; torchvision densenet.py",
-                       "exact torchvision count: bias-free convs, BN scale+bias, FC with bias")
+    _register_imagenet(
+        _depth,
+        _params,
+        "Huang et al. 2017, Table 1; torchvision densenet.py",
+        "exact torchvision count: bias-free convs, BN scale+bias, FC with bias",
+    )
 # The paper prints no count for DenseNet-264; torchvision has the class but no builder for it.
-_register_imagenet(264, 33_337_704,
-                   "Huang et al. 2017, Table 1 (DenseNet-264); torchvision densenet.py",
-                   "exact count of torchvision's DenseNet(32, (6, 12, 64, 48), 64) (its "
-                   "densenet121 layout with the paper's blocks): bias-free convs, BN scale+bias, "
-                   "FC with bias")
+_register_imagenet(
+    264,
+    33_337_704,
+    "Huang et al. 2017, Table 1 (DenseNet-264); torchvision densenet.py",
+    "exact count of torchvision's DenseNet(32, (6, 12, 64, 48), 64) (its "
+    "densenet121 layout with the paper's blocks): bias-free convs, BN scale+bias, "
+    "FC with bias",
+)
 
 # Paper-rounded counts (Table 2); 100-12 is exact for the common implementation (C10, FC with bias).
-_CIFAR_BC_PARAMS = {100: (769_162, 0.0), 250: (15_300_000, 0.05 / 15.3), 190: (25_600_000, 0.05 / 25.6)}
+_CIFAR_BC_PARAMS = {
+    100: (769_162, 0.0),
+    250: (15_300_000, 0.05 / 15.3),
+    190: (25_600_000, 0.05 / 25.6),
+}
 
 for _depth, _k in CIFAR_BC_CONFIGS.items():
     _ref, _rtol = _CIFAR_BC_PARAMS[_depth]
-    register(f"densenet_bc_{_depth}_{_k}",
-             partial(DenseNet, block_sizes=cifar_bc_block_sizes(_depth), growth_rate=_k, stem="cifar"),
-             input_shape=(32, 32, 3), num_classes=10, family="densenet", dataset="cifar10",
-             source="Huang et al. 2017, Table 2 (DenseNet-BC)", reference_params=_ref, params_rtol=_rtol,
-             params_note=("exact count of the common PyTorch implementation (3x3 stem of 2k channels, no stem BN, "
-                          "FC with bias, 10 classes)" if _rtol == 0.0 else
-                          "paper's rounded count (Table 2), within its rounding of 0.05M"))
+    register(
+        f"densenet_bc_{_depth}_{_k}",
+        partial(DenseNet, block_sizes=cifar_bc_block_sizes(_depth), growth_rate=_k, stem="cifar"),
+        input_shape=(32, 32, 3),
+        num_classes=10,
+        family="densenet",
+        dataset="cifar10",
+        source="Huang et al. 2017, Table 2 (DenseNet-BC)",
+        reference_params=_ref,
+        params_rtol=_rtol,
+        params_note=(
+            "exact count of the common PyTorch implementation (3x3 stem of 2k channels, "
+            "no stem BN, FC with bias, 10 classes)"
+            if _rtol == 0.0
+            else "paper's rounded count (Table 2), within its rounding of 0.05M"
+        ),
+    )

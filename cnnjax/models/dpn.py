@@ -38,16 +38,43 @@ ModuleDef = Any
 # bottleneck width k_r of stage 2 (doubling per stage), groups G of the 3x3 conv, blocks per stage,
 # dense increment per stage; DPN-68 is the small layout (3x3 stem, residual width 64 in stage 2).
 DPN_CONFIGS = {
-    68: dict(num_init_features=10, k_r=128, groups=32, block_sizes=(3, 4, 12, 3),
-             increments=(16, 32, 32, 64), base_width=64, stem_kernel=3),
-    92: dict(num_init_features=64, k_r=96, groups=32, block_sizes=(3, 4, 20, 3),
-             increments=(16, 32, 24, 128)),
-    98: dict(num_init_features=96, k_r=160, groups=40, block_sizes=(3, 6, 20, 3),
-             increments=(16, 32, 32, 128)),
-    107: dict(num_init_features=128, k_r=200, groups=50, block_sizes=(4, 8, 20, 3),
-              increments=(20, 64, 64, 128)),
-    131: dict(num_init_features=128, k_r=160, groups=40, block_sizes=(4, 8, 28, 3),
-              increments=(16, 32, 32, 128)),
+    68: dict(
+        num_init_features=10,
+        k_r=128,
+        groups=32,
+        block_sizes=(3, 4, 12, 3),
+        increments=(16, 32, 32, 64),
+        base_width=64,
+        stem_kernel=3,
+    ),
+    92: dict(
+        num_init_features=64,
+        k_r=96,
+        groups=32,
+        block_sizes=(3, 4, 20, 3),
+        increments=(16, 32, 24, 128),
+    ),
+    98: dict(
+        num_init_features=96,
+        k_r=160,
+        groups=40,
+        block_sizes=(3, 6, 20, 3),
+        increments=(16, 32, 32, 128),
+    ),
+    107: dict(
+        num_init_features=128,
+        k_r=200,
+        groups=50,
+        block_sizes=(4, 8, 20, 3),
+        increments=(20, 64, 64, 128),
+    ),
+    131: dict(
+        num_init_features=128,
+        k_r=160,
+        groups=40,
+        block_sizes=(4, 8, 28, 3),
+        increments=(16, 32, 32, 128),
+    ),
 }
 
 
@@ -65,8 +92,14 @@ class BNActConv(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         x = self.norm(name="bn")(x, activation=self.act)
-        return self.conv(self.features, kernel_size=self.kernel_size, strides=self.strides,
-                         padding=self.kernel_size // 2, groups=self.groups, name="conv")(x)
+        return self.conv(
+            self.features,
+            kernel_size=self.kernel_size,
+            strides=self.strides,
+            padding=self.kernel_size // 2,
+            groups=self.groups,
+            name="conv",
+        )(x)
 
 
 class DualPathBlock(nn.Module):
@@ -92,15 +125,20 @@ class DualPathBlock(nn.Module):
         x = jnp.concatenate(paths, axis=-1) if isinstance(paths, tuple) else paths
         if self.project:
             s = unit(self.out_features + 2 * self.inc, 1, strides=self.strides, name="proj")(x)
-            resid, dense = s[..., :self.out_features], s[..., self.out_features:]
+            resid, dense = s[..., : self.out_features], s[..., self.out_features :]
         else:
             if not isinstance(paths, tuple) or self.strides != 1:
-                raise ValueError(f"{self.name}: a block without projection needs (residual, dense) inputs and stride 1")
+                raise ValueError(
+                    f"{self.name}: a block without projection needs (residual, "
+                    "dense) inputs and stride 1"
+                )
             resid, dense = paths
         y = unit(self.bottleneck, 1, name="conv1")(x)
         y = unit(self.bottleneck, 3, strides=self.strides, groups=self.groups, name="conv2")(y)
         y = unit(self.out_features + self.inc, 1, name="conv3")(y)
-        return resid + y[..., :self.out_features], jnp.concatenate([dense, y[..., self.out_features:]], axis=-1)
+        return resid + y[..., : self.out_features], jnp.concatenate(
+            [dense, y[..., self.out_features :]], axis=-1
+        )
 
 
 class DPN(nn.Module):
@@ -150,8 +188,10 @@ class DPN(nn.Module):
         if self.stem_kernel % 2 == 0:
             raise ValueError(f"stem_kernel must be odd, got {self.stem_kernel}")
         if len(self.block_sizes) != 4 or len(self.increments) != 4:
-            raise ValueError(f"block_sizes and increments need 4 entries (stages 2-5) with at least one block each, "
-                             f"got {self.block_sizes!r} and {self.increments!r}")
+            raise ValueError(
+                "block_sizes and increments need 4 entries (stages 2-5) with at least one block "
+                f"each, got {self.block_sizes!r} and {self.increments!r}"
+            )
         check_image_input(x, "DPN", min_size=self.min_input_size())
         conv = partial(Conv, use_bias=False, dtype=self.dtype)
         norm = batch_norm_for(self, train)
@@ -159,33 +199,60 @@ class DPN(nn.Module):
         if self.dtype is not None:
             x = x.astype(self.dtype)
 
-        x = conv(self.num_init_features, kernel_size=self.stem_kernel, strides=2,
-                 padding=self.stem_kernel // 2, name="stem_conv")(x)
+        x = conv(
+            self.num_init_features,
+            kernel_size=self.stem_kernel,
+            strides=2,
+            padding=self.stem_kernel // 2,
+            name="stem_conv",
+        )(x)
         x = MaxPool(3, 2, padding=1, name="stem_pool")(norm(name="stem_bn")(x, activation=act))
 
         paths: tuple[Array, Array] | Array = x
         for s, (num_blocks, inc) in enumerate(zip(self.block_sizes, self.increments)):
             width, bottleneck = self.base_width << s, self.k_r << s
             for b in range(int(num_blocks)):
-                paths = DualPathBlock(bottleneck, width, int(inc), self.groups, conv, norm, act,
-                                      project=b == 0, strides=2 if (b == 0 and s > 0) else 1,
-                                      name=f"stage{s + 2}_block{b + 1}")(paths)
+                paths = DualPathBlock(
+                    bottleneck,
+                    width,
+                    int(inc),
+                    self.groups,
+                    conv,
+                    norm,
+                    act,
+                    project=b == 0,
+                    strides=2 if (b == 0 and s > 0) else 1,
+                    name=f"stage{s + 2}_block{b + 1}",
+                )(paths)
 
         x = norm(name="final_bn")(jnp.concatenate(paths, axis=-1), activation=act)
         x = GlobalAvgPool(keepdims=True, name="global_pool")(x)
         x = Dropout(self.drop_rate, name="dropout")(x, deterministic=not train)
-        x = Conv(self.num_classes, kernel_size=1, use_bias=True, dtype=self.dtype, name="classifier")(x)
+        x = Conv(
+            self.num_classes, kernel_size=1, use_bias=True, dtype=self.dtype, name="classifier"
+        )(x)
         return F.flatten(x).astype(jnp.float32)
 
 
 _SOURCE = "Chen et al. 2017, Table 1; authors' MXNet models; Cadene pretrainedmodels / timm dpn.py"
-_NOTE = ("exact count of the common port (bias-free convs, BN scale+bias, final BN on the concatenated "
-         "paths, 1x1-conv classifier with bias, 1000 classes); timm's model card gives it to 0.01M")
+_NOTE = (
+    "exact count of the common port (bias-free convs, BN scale+bias, final BN on the concatenated "
+    "paths, 1x1-conv classifier with bias, 1000 classes); timm's model card gives it to 0.01M"
+)
 
 # timm's counts of its dpn68/92/98/107/131 (model cards: 12.61M, 37.67M, 61.57M, 86.92M, 79.25M).
 _PARAMS = {68: 12_611_602, 92: 37_668_392, 98: 61_570_728, 107: 86_917_800, 131: 79_254_504}
 
 for _depth, _params in _PARAMS.items():
-    register(f"dpn{_depth}", partial(DPN, **DPN_CONFIGS[_depth]), input_shape=(224, 224, 3),
-             num_classes=1000, family="dpn", dataset="imagenet", source=_SOURCE,
-             reference_params=_params, params_rtol=0.0, params_note=_NOTE)
+    register(
+        f"dpn{_depth}",
+        partial(DPN, **DPN_CONFIGS[_depth]),
+        input_shape=(224, 224, 3),
+        num_classes=1000,
+        family="dpn",
+        dataset="imagenet",
+        source=_SOURCE,
+        reference_params=_params,
+        params_rtol=0.0,
+        params_note=_NOTE,
+    )

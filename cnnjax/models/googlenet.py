@@ -37,13 +37,21 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from cnnjax import functional as F
 from cnnjax.models._checks import check_image_input
 from cnnjax.models.registry import register
-from cnnjax.nn import (AvgPool, Conv, Dense, Dropout, Flatten, GlobalAvgPool, LocalResponseNorm, MaxPool,
-                       batch_norm_for)
+from cnnjax.nn import (
+    AvgPool,
+    Conv,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAvgPool,
+    LocalResponseNorm,
+    MaxPool,
+    batch_norm_for,
+)
 
 Array = jax.Array
 ModuleDef = Any
@@ -82,9 +90,18 @@ BN_INCEPTION_MODULES: dict[str, tuple[int, int, int, int, int, str, int, int]] =
 CAFFE_LRN = {"size": 5, "alpha": 1e-4, "beta": 0.75, "k": 1.0, "alpha_over_n": True}
 
 
-def _unit(conv: ModuleDef, norm: ModuleDef | None, act: Callable, x: Array, features: int, kernel: int,
-          name: str, stride: int = 1) -> Array:
-    """conv (padding kernel // 2) -> optional BatchNorm named `name`_bn -> act, in the calling module."""
+def _unit(
+    conv: ModuleDef,
+    norm: ModuleDef | None,
+    act: Callable,
+    x: Array,
+    features: int,
+    kernel: int,
+    name: str,
+    stride: int = 1,
+) -> Array:
+    """conv (padding kernel // 2) -> optional BatchNorm named `name`_bn -> act,
+    in the calling module."""
     x = conv(features, kernel_size=kernel, strides=stride, padding=kernel // 2, name=name)(x)
     if norm is not None:
         x = norm(name=f"{name}_bn")(x)
@@ -130,21 +147,41 @@ class InceptionModule(nn.Module):
         if self.block not in ("reduced", "naive"):
             raise ValueError(f"block must be 'reduced' or 'naive', got {self.block!r}")
         if self.b5x5_kernel < 1 or self.b5x5_kernel % 2 == 0:
-            raise ValueError(f"b5x5_kernel must be odd (padding k // 2 keeps the map size), got {self.b5x5_kernel}")
-        needed = ("b1x1", "b3x3", "b5x5") + (("b3x3_reduce", "b5x5_reduce", "pool_proj") if self.block == "reduced" else ())
-        bad = {k: getattr(self, k) for k in needed if not isinstance(getattr(self, k), int) or getattr(self, k) < 1}
+            raise ValueError(
+                "b5x5_kernel must be odd (padding k // 2 keeps the map size), "
+                f"got {self.b5x5_kernel}"
+            )
+        needed = ("b1x1", "b3x3", "b5x5") + (
+            ("b3x3_reduce", "b5x5_reduce", "pool_proj") if self.block == "reduced" else ()
+        )
+        bad = {
+            k: getattr(self, k)
+            for k in needed
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1
+        }
         if bad:
-            raise ValueError(f"the {self.block} Inception module needs positive filter counts, got {bad}")
+            raise ValueError(
+                f"the {self.block} Inception module needs positive filter counts, got {bad}"
+            )
         unit = partial(_unit, self.conv, self.norm, self.act)
         pooled = MaxPool(3, 1, padding=1, name="pool")(x)
         if self.block == "naive":
-            branches = [unit(x, self.b1x1, 1, "branch1x1"), unit(x, self.b3x3, 3, "branch3x3"),
-                        unit(x, self.b5x5, self.b5x5_kernel, "branch5x5"), pooled]
+            branches = [
+                unit(x, self.b1x1, 1, "branch1x1"),
+                unit(x, self.b3x3, 3, "branch3x3"),
+                unit(x, self.b5x5, self.b5x5_kernel, "branch5x5"),
+                pooled,
+            ]
         else:
             branches = [
                 unit(x, self.b1x1, 1, "branch1x1"),
                 unit(unit(x, self.b3x3_reduce, 1, "branch3x3_reduce"), self.b3x3, 3, "branch3x3"),
-                unit(unit(x, self.b5x5_reduce, 1, "branch5x5_reduce"), self.b5x5, self.b5x5_kernel, "branch5x5"),
+                unit(
+                    unit(x, self.b5x5_reduce, 1, "branch5x5_reduce"),
+                    self.b5x5,
+                    self.b5x5_kernel,
+                    "branch5x5",
+                ),
                 unit(pooled, self.pool_proj, 1, "pool_proj"),
             ]
         return jnp.concatenate(branches, axis=-1)
@@ -182,7 +219,8 @@ _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def googlenet_map_sizes(size: int, pool4_window: int = 3) -> dict[str, int]:
-    """Side of the stem's and the max pools' outputs (and 4a's, for the aux pool) on a size x size input."""
+    """Side of the stem's and the max pools' outputs (and 4a's, for the aux pool) on
+    a size x size input."""
     out = {"conv1": F.output_size(size, 7, 2, 3)}
     out["pool1"] = F.output_size(out["conv1"], 3, 2, 0, ceil_mode=True)
     out["pool2"] = F.output_size(out["pool1"], 3, 2, 0, ceil_mode=True)
@@ -255,16 +293,30 @@ class GoogLeNet(nn.Module):
         if self.aux_pool not in AUX_POOLS:
             raise ValueError(f"aux_pool must be one of {list(AUX_POOLS)}, got {self.aux_pool!r}")
         min_size = self.min_input_size(run_aux)
-        hint = (" with the auxiliary classifiers (aux_logits=False lowers it)"
-                if min_size > self.min_input_size() else "")
-        check_image_input(x, "GoogLeNet", min_size=min_size, in_channels=self.in_channels,
-                          size_note=hint, fix=_FIX_224)
+        hint = (
+            " with the auxiliary classifiers (aux_logits=False lowers it)"
+            if min_size > self.min_input_size()
+            else ""
+        )
+        check_image_input(
+            x,
+            "GoogLeNet",
+            min_size=min_size,
+            in_channels=self.in_channels,
+            size_note=hint,
+            fix=_FIX_224,
+        )
         if self.inception_block not in ("reduced", "naive"):
-            raise ValueError(f"inception_block must be 'reduced' or 'naive', got {self.inception_block!r}")
+            raise ValueError(
+                f"inception_block must be 'reduced' or 'naive', got {self.inception_block!r}"
+            )
         if self.transform_input and self.in_channels != 3:
-            raise ValueError(f"transform_input re-normalises RGB inputs; "
-                             f"in_channels={self.in_channels}")
-        conv = partial(Conv, use_bias=not self.batch_norm, kernel_init=self.kernel_init, dtype=self.dtype)
+            raise ValueError(
+                f"transform_input re-normalises RGB inputs; in_channels={self.in_channels}"
+            )
+        conv = partial(
+            Conv, use_bias=not self.batch_norm, kernel_init=self.kernel_init, dtype=self.dtype
+        )
         norm = None
         if self.batch_norm:
             norm = batch_norm_for(self, train)
@@ -288,11 +340,26 @@ class GoogLeNet(nn.Module):
 
         aux = []
         for key, widths in GOOGLENET_MODULES.items():
-            x = InceptionModule(*widths, block=self.inception_block, b5x5_kernel=self.b5x5_kernel, conv=conv,
-                                norm=norm, act=act, name=f"inception{key}")(x)
+            x = InceptionModule(
+                *widths,
+                block=self.inception_block,
+                b5x5_kernel=self.b5x5_kernel,
+                conv=conv,
+                norm=norm,
+                act=act,
+                name=f"inception{key}",
+            )(x)
             if run_aux and key in _AUX_AFTER:
-                head = InceptionAux(self.num_classes, self.aux_dropout_rate, conv, norm, act,
-                                    dtype=self.dtype, pool=self.aux_pool, name=_AUX_AFTER[key])
+                head = InceptionAux(
+                    self.num_classes,
+                    self.aux_dropout_rate,
+                    conv,
+                    norm,
+                    act,
+                    dtype=self.dtype,
+                    pool=self.aux_pool,
+                    name=_AUX_AFTER[key],
+                )
                 aux.append(head(x, train).astype(jnp.float32))
             if key in _POOL_AFTER:
                 window = self.pool4_window if key == "4e" else 3
@@ -332,15 +399,27 @@ class BNInceptionModule(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         if self.pool not in ("avg", "max") or self.stride not in (1, 2):
-            raise ValueError(f"pool must be 'avg' or 'max' and stride 1 or 2, got {self.pool!r} and {self.stride}")
+            raise ValueError(
+                "pool must be 'avg' or 'max' and stride 1 or 2, "
+                f"got {self.pool!r} and {self.stride}"
+            )
         unit = partial(_unit, self.conv, self.norm, self.act)
         s = self.stride
         branches = [unit(x, self.b1x1, 1, "branch1x1")] if self.b1x1 else []
-        branches.append(unit(unit(x, self.b3x3_reduce, 1, "branch3x3_reduce"), self.b3x3, 3, "branch3x3", stride=s))
+        branches.append(
+            unit(
+                unit(x, self.b3x3_reduce, 1, "branch3x3_reduce"),
+                self.b3x3,
+                3,
+                "branch3x3",
+                stride=s,
+            )
+        )
         y = unit(unit(x, self.d3x3_reduce, 1, "double3x3_reduce"), self.d3x3, 3, "double3x3_1")
         branches.append(unit(y, self.d3x3, 3, "double3x3_2", stride=s))
         if s == 2:
-            # 'SAME' is Caffe's ceil-mode 3x3/2 pool on even sides and keeps the branches' sizes equal on odd ones.
+            # 'SAME' is Caffe's ceil-mode 3x3/2 pool on even sides and keeps the branches'
+            # sizes equal on odd ones.
             pooled = MaxPool(3, 2, padding="SAME", name="pool")(x)
         elif self.pool == "avg":
             pooled = AvgPool(3, 1, padding=1, count_include_pad=True, name="pool")(x)
@@ -374,15 +453,26 @@ class BNInception(nn.Module):
     def min_input_size(self) -> int:
         """Smallest input side (11) for which both stem pools still have an output."""
         n = 1
-        while F.output_size(F.output_size(-(-n // 2), 3, 2, 0, ceil_mode=True), 3, 2, 0, ceil_mode=True) < 1:
+        while (
+            F.output_size(
+                F.output_size(-(-n // 2), 3, 2, 0, ceil_mode=True), 3, 2, 0, ceil_mode=True
+            )
+            < 1
+        ):
             n += 1
         return n
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        check_image_input(x, "BNInception", min_size=self.min_input_size(), in_channels=self.in_channels,
-                          fix=_FIX_224)
-        # The Caffe-derived port keeps the conv biases in front of BatchNorm (part of its 11,295,240).
+        check_image_input(
+            x,
+            "BNInception",
+            min_size=self.min_input_size(),
+            in_channels=self.in_channels,
+            fix=_FIX_224,
+        )
+        # The Caffe-derived port keeps the conv biases in front of BatchNorm
+        # (part of its 11,295,240).
         conv = partial(Conv, kernel_init=self.kernel_init, dtype=self.dtype)
         norm = batch_norm_for(self, train)
         act = jax.nn.relu
@@ -399,24 +489,60 @@ class BNInception(nn.Module):
         return Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)
 
 
-register("googlenet", GoogLeNet, input_shape=(224, 224, 3), num_classes=1000,
-         source="Szegedy et al. 2014, Table 1 (bvlc_googlenet for LRN constants and ceil-mode pools)",
-         family="googlenet", reference_params=6_960_845, params_rtol=0.01,
-         params_note="sum of Table 1's params column, 6797.7K (the '6.8M'), whose K is 1024 weights "
-                     "without biases: 6,960,845; this implementation (no aux heads) has 6,998,552 "
-                     "= 6,990,272 weights + 8,280 biases")
-register("googlenet_naive", partial(GoogLeNet, inception_block="naive"), input_shape=(224, 224, 3),
-         num_classes=1000, source="Szegedy et al. 2014, Figure 2a modules with Table 1 widths", family="googlenet",
-         params_note="no published count: naive modules pass the input through, so channels grow to 4944")
-register("googlenet_torchvision",
-         partial(GoogLeNet, lrn=False, batch_norm=True, b5x5_kernel=3, pool4_window=2, dropout_rate=0.2,
-                 bn_epsilon=1e-3, aux_pool="adaptive", transform_input=True),
-         input_shape=(224, 224, 3), num_classes=1000,
-         source="torchvision googlenet (3x3 kernels in the '5x5' branches, BatchNorm, no LRN, "
-                "adaptive aux pools, transform_input as with its weights)",
-         family="googlenet", reference_params=6_624_904,
-         params_note="torchvision's conventions, aux_logits=False (13,004,888 with them); exact")
-register("bn_inception", BNInception, input_shape=(224, 224, 3), num_classes=1000,
-         source="Ioffe & Szegedy 2015, Figure 5 (BN-Inception)", family="googlenet",
-         reference_params=11_295_240,
-         params_note="common Caffe-derived port (Cadene's bninception): conv biases kept before BN; exact")
+register(
+    "googlenet",
+    GoogLeNet,
+    input_shape=(224, 224, 3),
+    num_classes=1000,
+    source="Szegedy et al. 2014, Table 1 (bvlc_googlenet for LRN constants and ceil-mode pools)",
+    family="googlenet",
+    reference_params=6_960_845,
+    params_rtol=0.01,
+    params_note="sum of Table 1's params column, 6797.7K (the '6.8M'), whose K is 1024 weights "
+    "without biases: 6,960,845; this implementation (no aux heads) has 6,998,552 "
+    "= 6,990,272 weights + 8,280 biases",
+)
+register(
+    "googlenet_naive",
+    partial(GoogLeNet, inception_block="naive"),
+    input_shape=(224, 224, 3),
+    num_classes=1000,
+    source="Szegedy et al. 2014, Figure 2a modules with Table 1 widths",
+    family="googlenet",
+    params_note=(
+        "no published count: naive modules pass the input through, so channels grow to 4944"
+    ),
+)
+register(
+    "googlenet_torchvision",
+    partial(
+        GoogLeNet,
+        lrn=False,
+        batch_norm=True,
+        b5x5_kernel=3,
+        pool4_window=2,
+        dropout_rate=0.2,
+        bn_epsilon=1e-3,
+        aux_pool="adaptive",
+        transform_input=True,
+    ),
+    input_shape=(224, 224, 3),
+    num_classes=1000,
+    source="torchvision googlenet (3x3 kernels in the '5x5' branches, BatchNorm, no LRN, "
+    "adaptive aux pools, transform_input as with its weights)",
+    family="googlenet",
+    reference_params=6_624_904,
+    params_note="torchvision's conventions, aux_logits=False (13,004,888 with them); exact",
+)
+register(
+    "bn_inception",
+    BNInception,
+    input_shape=(224, 224, 3),
+    num_classes=1000,
+    source="Ioffe & Szegedy 2015, Figure 5 (BN-Inception)",
+    family="googlenet",
+    reference_params=11_295_240,
+    params_note=(
+        "common Caffe-derived port (Cadene's bninception): conv biases kept before BN; exact"
+    ),
+)

@@ -63,31 +63,56 @@ _1x3, _3x1 = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1
 # Inception-v4, Figures 3-8 (Szegedy et al. 2016); branch order as in the TF-slim checkpoints.
 INCEPTION_V4_BLOCKS = {
     "mixed_3a": ((MAX,), (C(96, 3, 2),)),
-    "mixed_4a": ((C(64, 1), C(96, 3)),
-                 (C(64, 1), C(64, **_1x7), C(64, **_7x1), C(96, 3))),
+    "mixed_4a": ((C(64, 1), C(96, 3)), (C(64, 1), C(64, **_1x7), C(64, **_7x1), C(96, 3))),
     "mixed_5a": ((C(192, 3, 2),), (MAX,)),
-    "inception_a": ((C(96, 1),), (C(64, 1), C(96, 3, 1, 1)), (C(64, 1), C(96, 3, 1, 1), C(96, 3, 1, 1)),
-                    (AVG, C(96, 1))),
+    "inception_a": (
+        (C(96, 1),),
+        (C(64, 1), C(96, 3, 1, 1)),
+        (C(64, 1), C(96, 3, 1, 1), C(96, 3, 1, 1)),
+        (AVG, C(96, 1)),
+    ),
     "reduction_a": ((C(384, 3, 2),), (C(192, 1), C(224, 3, 1, 1), C(256, 3, 2)), (MAX,)),
-    "inception_b": ((C(384, 1),), (C(192, 1), C(224, **_1x7), C(256, **_7x1)),
-                    (C(192, 1), C(192, **_7x1), C(224, **_1x7), C(224, **_7x1), C(256, **_1x7)),
-                    (AVG, C(128, 1))),
-    "reduction_b": ((C(192, 1), C(192, 3, 2)), (C(256, 1), C(256, **_1x7), C(320, **_7x1), C(320, 3, 2)), (MAX,)),
-    "inception_c": ((C(256, 1),), (C(384, 1), Fork((C(256, **_1x3),), (C(256, **_3x1),))),
-                    (C(384, 1), C(448, **_3x1), C(512, **_1x3), Fork((C(256, **_1x3),), (C(256, **_3x1),))),
-                    (AVG, C(256, 1))),
+    "inception_b": (
+        (C(384, 1),),
+        (C(192, 1), C(224, **_1x7), C(256, **_7x1)),
+        (C(192, 1), C(192, **_7x1), C(224, **_1x7), C(224, **_7x1), C(256, **_1x7)),
+        (AVG, C(128, 1)),
+    ),
+    "reduction_b": (
+        (C(192, 1), C(192, 3, 2)),
+        (C(256, 1), C(256, **_1x7), C(320, **_7x1), C(320, 3, 2)),
+        (MAX,),
+    ),
+    "inception_c": (
+        (C(256, 1),),
+        (C(384, 1), Fork((C(256, **_1x3),), (C(256, **_3x1),))),
+        (C(384, 1), C(448, **_3x1), C(512, **_1x3), Fork((C(256, **_1x3),), (C(256, **_3x1),))),
+        (AVG, C(256, 1)),
+    ),
 }
 
 # Inception-ResNet-v2 as in TF-slim `inception_resnet_v2.py` (Figures 16-19 of the paper give the
 # A/B/C branch widths; the stem and Mixed_5b are TF-slim's).
 INCEPTION_RESNET_V2_BLOCKS = {
-    "mixed_5b": ((C(96, 1),), (C(48, 1), C(64, 5, 1, 2)), (C(64, 1), C(96, 3, 1, 1), C(96, 3, 1, 1)),
-                 (AVG, C(64, 1))),
-    "block_a": ((C(32, 1),), (C(32, 1), C(32, 3, 1, 1)), (C(32, 1), C(48, 3, 1, 1), C(64, 3, 1, 1))),
+    "mixed_5b": (
+        (C(96, 1),),
+        (C(48, 1), C(64, 5, 1, 2)),
+        (C(64, 1), C(96, 3, 1, 1), C(96, 3, 1, 1)),
+        (AVG, C(64, 1)),
+    ),
+    "block_a": (
+        (C(32, 1),),
+        (C(32, 1), C(32, 3, 1, 1)),
+        (C(32, 1), C(48, 3, 1, 1), C(64, 3, 1, 1)),
+    ),
     "reduction_a": ((C(384, 3, 2),), (C(256, 1), C(256, 3, 1, 1), C(384, 3, 2)), (MAX,)),
     "block_b": ((C(192, 1),), (C(128, 1), C(160, **_1x7), C(192, **_7x1))),
-    "reduction_b": ((C(256, 1), C(384, 3, 2)), (C(256, 1), C(288, 3, 2)), (C(256, 1), C(288, 3, 1, 1), C(320, 3, 2)),
-                    (MAX,)),
+    "reduction_b": (
+        (C(256, 1), C(384, 3, 2)),
+        (C(256, 1), C(288, 3, 2)),
+        (C(256, 1), C(288, 3, 1, 1), C(320, 3, 2)),
+        (MAX,),
+    ),
     "block_c": ((C(192, 1),), (C(192, 1), C(224, **_1x3), C(256, **_3x1))),
 }
 
@@ -105,7 +130,9 @@ class ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x = self.conv(self.features, self.kernel_size, strides=self.strides, padding=self.padding, name="conv")(x)
+        x = self.conv(
+            self.features, self.kernel_size, strides=self.strides, padding=self.padding, name="conv"
+        )(x)
         return self.norm(name="bn")(x, activation=self.act)
 
 
@@ -129,19 +156,27 @@ class InceptionBlock(nn.Module):
         if layer == AVG:
             return AvgPool(3, 1, padding=1, count_include_pad=False, name=name)(x)
         if isinstance(layer, Fork):
-            left, right = self._branch(layer.left, x, name + "a"), self._branch(layer.right, x, name + "b")
+            left, right = (
+                self._branch(layer.left, x, name + "a"),
+                self._branch(layer.right, x, name + "b"),
+            )
             return jnp.concatenate([left, right], axis=-1)
-        return self.conv_bn(layer.features, layer.kernel, strides=layer.stride, padding=layer.padding, name=name)(x)
+        return self.conv_bn(
+            layer.features, layer.kernel, strides=layer.stride, padding=layer.padding, name=name
+        )(x)
 
     def _branch(self, layers: Sequence, x: Array, prefix: str) -> Array:
-        # Layer j of branch i is 'branch{i}_{j}'; a fork's sub-branches are 'branch{i}_{j}a_{k}' and '..b_{k}'.
+        # Layer j of branch i is 'branch{i}_{j}'; a fork's sub-branches are
+        # 'branch{i}_{j}a_{k}' and '..b_{k}'.
         for j, layer in enumerate(layers):
             x = self._layer(layer, x, f"{prefix}_{j}")
         return x
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        y = jnp.concatenate([self._branch(b, x, f"branch{i}") for i, b in enumerate(self.branches)], axis=-1)
+        y = jnp.concatenate(
+            [self._branch(b, x, f"branch{i}") for i, b in enumerate(self.branches)], axis=-1
+        )
         if self.residual_scale is None:
             return y
         y = self.conv(x.shape[-1], kernel_size=1, use_bias=True, name="proj_conv")(y)
@@ -182,7 +217,9 @@ class _InceptionBase(nn.Module):
         return _min_input_size()
 
     def _check_input(self, x: Array, name: str) -> None:
-        check_image_input(x, name, min_size=self.min_input_size(), size_note=" (299x299 by default)")
+        check_image_input(
+            x, name, min_size=self.min_input_size(), size_note=" (299x299 by default)"
+        )
 
     def _layers(self, train: bool):
         conv = partial(Conv, use_bias=False, dtype=self.dtype)
@@ -193,7 +230,9 @@ class _InceptionBase(nn.Module):
         return conv_bn, block
 
     def _head(self, x: Array, train: bool) -> Array:
-        x = Dropout(self.drop_rate, name="dropout")(GlobalAvgPool(name="global_pool")(x), deterministic=not train)
+        x = Dropout(self.drop_rate, name="dropout")(
+            GlobalAvgPool(name="global_pool")(x), deterministic=not train
+        )
         return Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)
 
 
@@ -216,7 +255,9 @@ class InceptionV4(_InceptionBase):
     def __call__(self, x: Array, train: bool) -> Array:
         self._check_input(x, "InceptionV4")
         if len(self.num_blocks) != 3 or min(self.num_blocks) < 0:
-            raise ValueError(f"num_blocks must give the (A, B, C) repeat counts, got {self.num_blocks!r}")
+            raise ValueError(
+                f"num_blocks must give the (A, B, C) repeat counts, got {self.num_blocks!r}"
+            )
         conv_bn, block = self._layers(train)
         t = INCEPTION_V4_BLOCKS
         if self.dtype is not None:
@@ -226,9 +267,11 @@ class InceptionV4(_InceptionBase):
         x = conv_bn(64, 3, padding=1, name="stem_conv3")(x)
         for name in ("mixed_3a", "mixed_4a", "mixed_5a"):
             x = block(t[name], name=f"stem_{name}")(x)
-        for kind, reduction, repeats in (("a", "reduction_a", self.num_blocks[0]),
-                                         ("b", "reduction_b", self.num_blocks[1]),
-                                         ("c", None, self.num_blocks[2])):
+        for kind, reduction, repeats in (
+            ("a", "reduction_a", self.num_blocks[0]),
+            ("b", "reduction_b", self.num_blocks[1]),
+            ("c", None, self.num_blocks[2]),
+        ):
             for i in range(repeats):
                 x = block(t[f"inception_{kind}"], name=f"inception_{kind}{i + 1}")(x)
             if reduction:
@@ -258,8 +301,10 @@ class InceptionResNetV2(_InceptionBase):
     def __call__(self, x: Array, train: bool) -> Array:
         self._check_input(x, "InceptionResNetV2")
         if len(self.num_blocks) != 3 or min(self.num_blocks) < 0 or self.num_blocks[2] < 1:
-            raise ValueError(f"num_blocks must give the (A, B, C) repeat counts with at least one C block, "
-                             f"got {self.num_blocks!r}")
+            raise ValueError(
+                f"num_blocks must give the (A, B, C) repeat counts with at least one C block, "
+                f"got {self.num_blocks!r}"
+            )
         conv_bn, block = self._layers(train)
         t = INCEPTION_RESNET_V2_BLOCKS
         if self.dtype is not None:
@@ -272,12 +317,17 @@ class InceptionResNetV2(_InceptionBase):
         x = conv_bn(192, 3, name="stem_conv5")(x)
         x = MaxPool(3, 2, name="stem_pool2")(x)
         x = block(t["mixed_5b"], name="stem_mixed_5b")(x)
-        for kind, reduction, repeats, scale in zip("abc", ("reduction_a", "reduction_b", None),
-                                                   self.num_blocks, self.residual_scales):
+        for kind, reduction, repeats, scale in zip(
+            "abc", ("reduction_a", "reduction_b", None), self.num_blocks, self.residual_scales
+        ):
             for i in range(repeats):
                 last = kind == "c" and i == repeats - 1
-                x = block(t[f"block_{kind}"], residual_scale=1.0 if last else scale, activate=not last,
-                          name=f"block_{kind}{i + 1}")(x)
+                x = block(
+                    t[f"block_{kind}"],
+                    residual_scale=1.0 if last else scale,
+                    activate=not last,
+                    name=f"block_{kind}{i + 1}",
+                )(x)
             if reduction:
                 x = block(t[reduction], name=reduction)(x)
         x = conv_bn(1536, 1, name="final_conv")(x)
@@ -285,11 +335,32 @@ class InceptionResNetV2(_InceptionBase):
 
 
 _SOURCE = "Szegedy et al. 2016; TF-slim layout as ported by Cadene pretrainedmodels / timm"
-_NOTE = ("exact count of the common port with 1000 classes (bias-free convs, BN scale+bias, residual 1x1 "
-         "projections with bias, FC with bias, no auxiliary head); the TF-slim checkpoints have 1001 classes")
-register("inception_v4", InceptionV4, input_shape=(299, 299, 3), num_classes=1000, family="inception_v4",
-         dataset="imagenet", source=_SOURCE + " (Figure 9)", reference_params=42_679_816, params_rtol=0.0,
-         params_note=_NOTE)
-register("inception_resnet_v2", InceptionResNetV2, input_shape=(299, 299, 3), num_classes=1000,
-         family="inception_v4", dataset="imagenet", source=_SOURCE + " (Figure 15)",
-         reference_params=55_843_464, params_rtol=0.0, params_note=_NOTE)
+_NOTE = (
+    "exact count of the common port with 1000 classes (bias-free convs, "
+    "BN scale+bias, residual 1x1 projections with bias, FC with bias, "
+    "no auxiliary head); the TF-slim checkpoints have 1001 classes"
+)
+register(
+    "inception_v4",
+    InceptionV4,
+    input_shape=(299, 299, 3),
+    num_classes=1000,
+    family="inception_v4",
+    dataset="imagenet",
+    source=_SOURCE + " (Figure 9)",
+    reference_params=42_679_816,
+    params_rtol=0.0,
+    params_note=_NOTE,
+)
+register(
+    "inception_resnet_v2",
+    InceptionResNetV2,
+    input_shape=(299, 299, 3),
+    num_classes=1000,
+    family="inception_v4",
+    dataset="imagenet",
+    source=_SOURCE + " (Figure 15)",
+    reference_params=55_843_464,
+    params_rtol=0.0,
+    params_note=_NOTE,
+)

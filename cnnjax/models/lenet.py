@@ -58,13 +58,20 @@ class LeNet5(nn.Module):
     def __call__(self, x: Array, train: bool) -> Array:
         check_widths("LeNet5", "features", self.features)
         check_positive_int("LeNet5", "hidden", self.hidden)
-        check_image_input(x, "LeNet5", min_size=self.min_input_size(), in_channels=self.in_channels,
-                          size_note=" (28x28 in the lecture)")
+        check_image_input(
+            x,
+            "LeNet5",
+            min_size=self.min_input_size(),
+            in_channels=self.in_channels,
+            size_note=" (28x28 in the lecture)",
+        )
         act = F.get_activation(self.act)
         if self.dtype is not None:
             x = x.astype(self.dtype)
         for i, feats in enumerate(self.features):
-            x = act(Conv(int(feats), kernel_size=5, padding=2, dtype=self.dtype, name=f"conv{i + 1}")(x))
+            x = act(
+                Conv(int(feats), kernel_size=5, padding=2, dtype=self.dtype, name=f"conv{i + 1}")(x)
+            )
             x = MaxPool(2, 2, name=f"pool{i + 1}")(x)
         x = Flatten(name="flatten")(x)
         x = act(Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
@@ -72,7 +79,14 @@ class LeNet5(nn.Module):
         return x.astype(jnp.float32)
 
 
-register("lenet5", LeNet5, input_shape=(28, 28, 1), num_classes=10,
-         source="lecture's LeNet-5 table (after LeCun et al. 1998; Caffe LeNet widths 20/50/500)",
-         family="lenet", dataset="mnist", reference_params=1_256_080,
-         params_note="conv 20 and 50 (5x5, pad 2, bias), FC 2450 -> 500 -> 10 (bias); exact")
+register(
+    "lenet5",
+    LeNet5,
+    input_shape=(28, 28, 1),
+    num_classes=10,
+    source="lecture's LeNet-5 table (after LeCun et al. 1998; Caffe LeNet widths 20/50/500)",
+    family="lenet",
+    dataset="mnist",
+    reference_params=1_256_080,
+    params_note="conv 20 and 50 (5x5, pad 2, bias), FC 2450 -> 500 -> 10 (bias); exact",
+)

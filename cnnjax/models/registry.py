@@ -52,10 +52,14 @@ _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register(name: str, builder: Callable[..., nn.Module], **spec: Any) -> Callable[..., nn.Module]:
-    """Registers `builder` under `name` (see ModelSpec for the keyword arguments); returns builder."""
+    """Registers `builder` under `name` (see ModelSpec for the keyword
+    arguments); returns builder."""
     key = name.lower()
     if key in _REGISTRY:
-        raise ValueError(f"model {name!r} is registered twice (by {_REGISTRY[key].family} and {spec.get('family')})")
+        raise ValueError(
+            f"model {name!r} is registered twice (by "
+            f"{_REGISTRY[key].family} and {spec.get('family')})"
+        )
     _REGISTRY[key] = ModelSpec(name=key, builder=builder, **spec)
     return builder
 
@@ -63,7 +67,9 @@ def register(name: str, builder: Callable[..., nn.Module], **spec: Any) -> Calla
 def _unknown(name: str) -> ValueError:
     close = difflib.get_close_matches(str(name).lower(), list(_REGISTRY), n=5, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ValueError(f"unknown model {name!r}{hint} (list_models() gives all {len(_REGISTRY)} names)")
+    return ValueError(
+        f"unknown model {name!r}{hint} (list_models() gives all {len(_REGISTRY)} names)"
+    )
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -83,17 +89,22 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 
 def create(name: str, **overrides: Any) -> nn.Module:
-    """Builds the named model; `overrides` replace fields of its module (num_classes, dtype, ...)."""
+    """Builds the named model; `overrides` replace fields of its module
+    (num_classes, dtype, ...)."""
     spec = get_spec(name)
     kwargs = {"num_classes": spec.num_classes, **overrides}
-    kwargs["num_classes"] = C.positive_int(kwargs["num_classes"], "num_classes", what=" (the classifier's outputs)")
+    kwargs["num_classes"] = C.positive_int(
+        kwargs["num_classes"], "num_classes", what=" (the classifier's outputs)"
+    )
     try:
         return spec.builder(**kwargs)
     except TypeError:
         fields = _fields_of(spec.builder)
         bad = sorted(set(kwargs) - fields) if fields else []
         if bad:
-            raise ValueError(f"model {spec.name!r} has no option(s) {bad}; its options are {sorted(fields)}") from None
+            raise ValueError(
+                f"model {spec.name!r} has no option(s) {bad}; its options are {sorted(fields)}"
+            ) from None
         raise
 
 

@@ -30,22 +30,47 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnjax.nn import Conv, Dense, Dropout, GlobalAvgPool, MaxPool, batch_norm_for
 from cnnjax.models._checks import check_image_input
 from cnnjax.models.registry import register
+from cnnjax.nn import Conv, Dense, Dropout, GlobalAvgPool, MaxPool, batch_norm_for
 
 ModuleDef = Any
 
 # Table 1, He et al. 2016; 200 from He et al. 2016b (Identity Mappings), section 5.
-STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
-               152: (3, 8, 36, 3), 200: (3, 24, 36, 3)}
-IMAGENET_BLOCK = {18: "basic", 34: "basic", 50: "bottleneck", 101: "bottleneck", 152: "bottleneck",
-                  200: "bottleneck"}
+STAGE_SIZES = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3),
+}
+IMAGENET_BLOCK = {
+    18: "basic",
+    34: "basic",
+    50: "bottleneck",
+    101: "bottleneck",
+    152: "bottleneck",
+    200: "bottleneck",
+}
 # torchvision parameter counts (REFERENCE.md), option B projections at stage transitions.
-TORCHVISION_PARAMS = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032, 101: 44_549_160, 152: 60_192_808}
-# CIFAR-10, Table 6 (depth 6n+2): exact counts for option A (zero padding) and option B (projection).
-CIFAR_PARAMS = {20: (269_722, 272_474), 32: (464_154, 466_906), 44: (658_586, 661_338),
-                56: (853_018, 855_770), 110: (1_727_962, 1_730_714), 1202: (19_421_274, 19_424_026)}
+TORCHVISION_PARAMS = {
+    18: 11_689_512,
+    34: 21_797_672,
+    50: 25_557_032,
+    101: 44_549_160,
+    152: 60_192_808,
+}
+# CIFAR-10, Table 6 (depth 6n+2): exact counts for option A (zero padding) and
+# option B (projection).
+CIFAR_PARAMS = {
+    20: (269_722, 272_474),
+    32: (464_154, 466_906),
+    44: (658_586, 661_338),
+    56: (853_018, 855_770),
+    110: (1_727_962, 1_730_714),
+    1202: (19_421_274, 19_424_026),
+}
 
 SHORTCUTS = ("A", "B", "C")
 BLOCKS = ("basic", "bottleneck")
@@ -59,8 +84,10 @@ def zero_pad_shortcut(x: jax.Array, features: int, strides: int = 1) -> jax.Arra
     The new channels are appended after the old ones (fb.resnet.torch's 'A' shortcut).
     """
     if x.shape[-1] > features:
-        raise ValueError(f"option A shortcut cannot reduce channels: input has {x.shape[-1]}, output {features}; "
-                         "use shortcut='B' (projection)")
+        raise ValueError(
+            f"option A shortcut cannot reduce channels: input has {x.shape[-1]}, output "
+            f"{features}; use shortcut='B' (projection)"
+        )
     if strides > 1:
         x = x[:, ::strides, ::strides, :]
     pad = features - x.shape[-1]
@@ -101,16 +128,18 @@ class _Block(nn.Module):
     dropout_rate: float = 0.0
     drop_path_mode: str = "batch"
 
-    def _finish(self, x, pre, branch, out_features, train, drop_rate, last_norm: str,
-                shortcut_scale=None):
+    def _finish(
+        self, x, pre, branch, out_features, train, drop_rate, last_norm: str, shortcut_scale=None
+    ):
         """Ends the block: the branch's last BatchNorm (`last_norm`, post-activation blocks only;
         `branch` is the last convolution's output), the shortcut (identity, option A padding or
         projection, times `shortcut_scale` if given) and the activation. Where nothing stands
         between that BatchNorm and the sum, BatchNorm, sum and activation are one call (fused on
         the CPU, `F.batch_norm`)."""
         if self.plain and shortcut_scale is not None:
-            raise ValueError("shortcut_scale scales the shortcuts of a ResNet; a plain net "
-                             "(plain=True) has none")
+            raise ValueError(
+                "shortcut_scale scales the shortcuts of a ResNet; a plain net (plain=True) has none"
+            )
         if self.preact:  # the branch ends with its convolution
             if self.plain:
                 return branch
@@ -129,7 +158,8 @@ class _Block(nn.Module):
         if self.first or changes:
             # Pre-activation: a stage's first unit applies BN-ReLU before splitting into branch
             # and shortcut (fb.resnet.torch preresnet.lua 'both_preact', KaimingHe/resnet-1k-layers
-            # resnet-pre-act.lua); later units' shortcuts see the raw sum. Post-activation: pre is x.
+            # resnet-pre-act.lua); later units' shortcuts see the raw sum.
+            # Post-activation: pre is x.
             x = pre
         if self.shortcut == "C" or (self.shortcut == "B" and changes):
             sc = self.conv(out_features, 1, self.strides, 0, name="proj_conv")(x)
@@ -141,7 +171,11 @@ class _Block(nn.Module):
         return sc if scale is None else sc * jnp.asarray(scale, sc.dtype)
 
     def _last_norm(self, name):
-        return self.norm(name=name, scale_init=nn.initializers.zeros) if self.zero_init_residual else self.norm(name=name)
+        return (
+            self.norm(name=name, scale_init=nn.initializers.zeros)
+            if self.zero_init_residual
+            else self.norm(name=name)
+        )
 
     def scan_step(self, x, drop_rate, train, shortcut_scale=None):
         """The block as an `nn.scan` body: (carry, per-block input) -> (carry, None)."""
@@ -155,7 +189,8 @@ class BasicBlock(_Block):
       features: output channels.
       conv, norm, act: layer constructors (bias-free Conv, configured BatchNorm, activation).
       strides: stride of the first convolution (and of the shortcut).
-      shortcut: 'A' zero-padded identity, 'B' projection when the shape changes, 'C' projection always.
+      shortcut: 'A' zero-padded identity, 'B' projection when the shape changes,
+          'C' projection always.
       plain: no shortcut (the plain twin).
       preact: BN-ReLU-conv ordering (He et al. 2016b), no activation after the addition.
       first: the first block of its stage (set by ResNet): with preact, its shortcut takes the
@@ -218,7 +253,8 @@ class ResNet(nn.Module):
       num_classes: classifier outputs.
       stage_sizes: blocks per stage, e.g. (3, 4, 6, 3); the first block of stage s > 1 strides 2.
       block: 'basic' or 'bottleneck'.
-      stage_widths: width of each stage (output channels of a basic block, "planes" of a bottleneck).
+      stage_widths: width of each stage (output channels of a basic block,
+          "planes" of a bottleneck).
       stem: 'imagenet' (7x7/2 conv, 3x3/2 max pool) or 'cifar' (3x3/1 conv).
       stem_width: stem output channels.
       shortcut: 'A' zero-padded identity, 'B' projection where the shape changes, 'C' projection
@@ -274,35 +310,56 @@ class ResNet(nn.Module):
     def blocks_per_stage(self) -> tuple[int, ...]:
         """The number of blocks of each stage."""
         if self.stage_sizes is None:
-            raise ValueError("ResNet needs stage_sizes, e.g. (2, 2, 2, 2); or use create('resnet18') / CifarResNet(depth=...)")
+            raise ValueError(
+                "ResNet needs stage_sizes, e.g. (2, 2, 2, 2); or use create('resnet18') "
+                "/ CifarResNet(depth=...)"
+            )
         return tuple(int(n) for n in self.stage_sizes)
 
     def _check_config(self, sizes):
-        for field, value, allowed in (("shortcut", self.shortcut, SHORTCUTS), ("block", self.block, BLOCKS),
-                                      ("version", self.version, VERSIONS), ("stem", self.stem, ("imagenet", "cifar")),
-                                      ("drop_path_mode", self.drop_path_mode, DROP_PATH_MODES)):
+        for field, value, allowed in (
+            ("shortcut", self.shortcut, SHORTCUTS),
+            ("block", self.block, BLOCKS),
+            ("version", self.version, VERSIONS),
+            ("stem", self.stem, ("imagenet", "cifar")),
+            ("drop_path_mode", self.drop_path_mode, DROP_PATH_MODES),
+        ):
             if value not in allowed:
-                raise ValueError(f"{type(self).__name__}: {field}={value!r}; choose one of {allowed}")
+                raise ValueError(
+                    f"{type(self).__name__}: {field}={value!r}; choose one of {allowed}"
+                )
         if len(sizes) != len(self.stage_widths) or min(sizes, default=0) < 1:
-            raise ValueError(f"{type(self).__name__}: stage_sizes {sizes} must be positive and match "
-                             f"stage_widths {tuple(self.stage_widths)} in length")
+            raise ValueError(
+                f"{type(self).__name__}: stage_sizes {sizes} must be positive and match "
+                f"stage_widths {tuple(self.stage_widths)} in length"
+            )
         if not 0.0 <= self.drop_path_rate < 1.0 or not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"{type(self).__name__}: drop_path_rate={self.drop_path_rate} and "
-                             f"dropout_rate={self.dropout_rate} must be in [0, 1)")
+            raise ValueError(
+                f"{type(self).__name__}: drop_path_rate={self.drop_path_rate} and "
+                f"dropout_rate={self.dropout_rate} must be in [0, 1)"
+            )
         if self.plain and self.drop_path_rate:
-            raise ValueError("stochastic depth drops residual branches; a plain net (plain=True) has none: "
-                             "set drop_path_rate=0")
+            raise ValueError(
+                "stochastic depth drops residual branches; a plain net (plain=True) has none: "
+                "set drop_path_rate=0"
+            )
         if self.zero_init_residual and (self.plain or self.preact):
-            raise ValueError("zero_init_residual zeroes the last BN of a residual branch: it needs "
-                             "plain=False and preact=False (pre-activation branches end with a conv)")
+            raise ValueError(
+                "zero_init_residual zeroes the last BN of a residual branch: it needs "
+                "plain=False and preact=False (pre-activation branches end with a conv)"
+            )
         if self.width <= 0 or self.groups < 1:
             raise ValueError(f"width={self.width} must be > 0 and groups={self.groups} >= 1")
 
     def _check_input(self, x, sizes):
         stride = (4 if self.stem == "imagenet" else 1) * 2 ** (len(sizes) - 1)
-        check_image_input(x, type(self).__name__, min_size=stride,
-                          size_note=f" (the total stride of the {self.stem} stem and {len(sizes)} stages)",
-                          fix="resize the images or use a CIFAR-style stem")
+        check_image_input(
+            x,
+            type(self).__name__,
+            min_size=stride,
+            size_note=f" (the total stride of the {self.stem} stem and {len(sizes)} stages)",
+            fix="resize the images or use a CIFAR-style stem",
+        )
 
     @nn.compact
     def __call__(self, x, train: bool, shortcut_scale=None):
@@ -323,35 +380,66 @@ class ResNet(nn.Module):
         if self.stem == "imagenet":
             x = MaxPool(3, 2, 1, name="stem_pool")(x)
 
-        common = dict(conv=conv, norm=norm, act=act, shortcut=self.shortcut, plain=self.plain, preact=self.preact,
-                      zero_init_residual=self.zero_init_residual, dropout_rate=self.dropout_rate,
-                      drop_path_mode=self.drop_path_mode)
+        common = dict(
+            conv=conv,
+            norm=norm,
+            act=act,
+            shortcut=self.shortcut,
+            plain=self.plain,
+            preact=self.preact,
+            zero_init_residual=self.zero_init_residual,
+            dropout_rate=self.dropout_rate,
+            drop_path_mode=self.drop_path_mode,
+        )
         if self.block == "basic":
             block = partial(BasicBlock, **common)
         else:
-            block = partial(BottleneckBlock, expansion=self.expansion, groups=self.groups,
-                            base_width=self.base_width, stride_on_3x3=self.version == "v1.5", **common)
+            block = partial(
+                BottleneckBlock,
+                expansion=self.expansion,
+                groups=self.groups,
+                base_width=self.base_width,
+                stride_on_3x3=self.version == "v1.5",
+                **common,
+            )
         total = sum(sizes)
-        rates = [self.drop_path_rate * (i + 1) / total for i in range(total)] if self.drop_path_rate else None
+        rates = (
+            [self.drop_path_rate * (i + 1) / total for i in range(total)]
+            if self.drop_path_rate
+            else None
+        )
         index = 0
         for s, (n, w) in enumerate(zip(sizes, self.stage_widths), start=1):
             features = max(1, int(round(w * self.width)))
-            x = block(features=features, strides=1 if s == 1 else 2, first=True,
-                      name=f"stage{s}_block1")(
-                x, train, None if rates is None else rates[index], shortcut_scale)
+            x = block(
+                features=features, strides=1 if s == 1 else 2, first=True, name=f"stage{s}_block1"
+            )(x, train, None if rates is None else rates[index], shortcut_scale)
             if self.scan_blocks and n > 1:
-                stage_rates = None if rates is None else jnp.asarray(rates[index + 1:index + n], jnp.float32)
-                stack = nn.scan(block.func, variable_axes={"params": 0, "batch_stats": 0, "intermediates": 0},
-                                split_rngs={"params": True, "dropout": True},
-                                in_axes=(nn.broadcast if stage_rates is None else 0, nn.broadcast,
-                                         nn.broadcast),
-                                length=n - 1, methods=["scan_step"])
-                x, _ = stack(**block.keywords, features=features, name=f"stage{s}_blocks").scan_step(
-                    x, stage_rates, train, shortcut_scale)
+                stage_rates = (
+                    None
+                    if rates is None
+                    else jnp.asarray(rates[index + 1 : index + n], jnp.float32)
+                )
+                stack = nn.scan(
+                    block.func,
+                    variable_axes={"params": 0, "batch_stats": 0, "intermediates": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=(
+                        nn.broadcast if stage_rates is None else 0,
+                        nn.broadcast,
+                        nn.broadcast,
+                    ),
+                    length=n - 1,
+                    methods=["scan_step"],
+                )
+                x, _ = stack(
+                    **block.keywords, features=features, name=f"stage{s}_blocks"
+                ).scan_step(x, stage_rates, train, shortcut_scale)
             else:
                 for b in range(2, n + 1):
                     x = block(features=features, name=f"stage{s}_block{b}")(
-                        x, train, None if rates is None else rates[index + b - 1], shortcut_scale)
+                        x, train, None if rates is None else rates[index + b - 1], shortcut_scale
+                    )
             index += n
         if self.preact:
             x = norm(name="final_bn")(x, activation=act)
@@ -388,18 +476,30 @@ class CifarResNet(ResNet):
 
     def blocks_per_stage(self) -> tuple[int, ...]:
         if self.stage_sizes is not None:
-            raise ValueError(f"{type(self).__name__} derives stage_sizes from depth={self.depth}; leave stage_sizes "
-                             "None, or use ResNet(stem='cifar', stage_sizes=...) for arbitrary stages")
+            raise ValueError(
+                f"{type(self).__name__} derives stage_sizes from depth={self.depth}; "
+                "leave stage_sizes None, or use ResNet(stem='cifar', "
+                "stage_sizes=...) for arbitrary stages"
+            )
         const, unit = self._depth_rule()
-        if not isinstance(self.depth, int) or self.depth < const + unit or (self.depth - const) % unit:
-            raise ValueError(f"{type(self).__name__}: depth={self.depth!r} must be {unit}n+{const} with n >= 1 for "
-                             f"{self.block} blocks and {len(self.stage_widths)} stages (e.g. {const + unit}, "
-                             f"{const + 3 * unit}, {const + 9 * unit})")
+        if (
+            not isinstance(self.depth, int)
+            or self.depth < const + unit
+            or (self.depth - const) % unit
+        ):
+            raise ValueError(
+                f"{type(self).__name__}: depth={self.depth!r} must be {unit}n+{const} with n >= 1 "
+                f"for {self.block} blocks and {len(self.stage_widths)} stages (e.g. "
+                f"{const + unit}, {const + 3 * unit}, {const + 9 * unit})"
+            )
         return ((self.depth - const) // unit,) * len(self.stage_widths)
 
 
-def cifar_resnet(depth: int, *, plain: bool = False, shortcut: str = "A", **kwargs: Any) -> CifarResNet:
-    """A CIFAR ResNet (or plain net with plain=True) of any depth 6n+2; kwargs are CifarResNet fields.
+def cifar_resnet(
+    depth: int, *, plain: bool = False, shortcut: str = "A", **kwargs: Any
+) -> CifarResNet:
+    """A CIFAR ResNet (or plain net with plain=True) of any depth 6n+2; kwargs
+    are CifarResNet fields.
 
     The depth is checked here (ValueError), not only when the module is first called.
     """
@@ -408,14 +508,15 @@ def cifar_resnet(depth: int, *, plain: bool = False, shortcut: str = "A", **kwar
     return model
 
 
-# --------------------------------------------------------------------------- scanned parameter layout
+# ------------------------------------------------------------------------- scanned parameter layout
 
 _SCANNED = re.compile(r"^stage(\d+)_blocks$")
 _UNSCANNED = re.compile(r"^stage(\d+)_block(\d+)$")
 
 
 def unscan_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
-    """Scanned layout (`stage{s}_blocks`, leading axis over blocks 2..n) -> `stage{s}_block{k}` names.
+    """Scanned layout (`stage{s}_blocks`, leading axis over blocks 2..n) ->
+    `stage{s}_block{k}` names.
 
     Works on every collection (params, batch_stats, ...); other entries are kept as they are.
     """
@@ -429,7 +530,9 @@ def unscan_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
                 continue
             n = {leaf.shape[0] for leaf in jax.tree.leaves(sub)}
             if len(n) != 1:
-                raise ValueError(f"{col}/{key}: scanned leaves disagree on the number of blocks: {sorted(n)}")
+                raise ValueError(
+                    f"{col}/{key}: scanned leaves disagree on the number of blocks: {sorted(n)}"
+                )
             for i in range(n.pop()):
                 new[f"stage{m.group(1)}_block{i + 2}"] = jax.tree.map(lambda a, i=i: a[i], sub)
         out[col] = new
@@ -449,33 +552,63 @@ def scan_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
                 stages.setdefault(int(m.group(1)), {})[int(m.group(2))] = sub
         for s, blocks in sorted(stages.items()):
             if sorted(blocks) != list(range(2, len(blocks) + 2)):
-                raise ValueError(f"{col}: stage{s} has blocks {sorted(blocks)}; expected 2..{len(blocks) + 1}")
-            new[f"stage{s}_blocks"] = jax.tree.map(lambda *a: jnp.stack(a), *(blocks[b] for b in sorted(blocks)))
+                raise ValueError(
+                    f"{col}: stage{s} has blocks {sorted(blocks)}; expected 2..{len(blocks) + 1}"
+                )
+            new[f"stage{s}_blocks"] = jax.tree.map(
+                lambda *a: jnp.stack(a), *(blocks[b] for b in sorted(blocks))
+            )
         out[col] = new
     return out
 
 
 # --------------------------------------------------------------------------- registered variants
 
-_TV_NOTE = ("torchvision convention: bias-free convs each followed by BN, option B projection (1x1 conv + BN) "
-            "at stage transitions, FC with bias; V1 and V1.5 striding have the same count")
+_TV_NOTE = (
+    "torchvision convention: bias-free convs each followed by BN, option B projection (1x1 conv + "
+    "BN) at stage transitions, FC with bias; V1 and V1.5 striding have the same count"
+)
 for _d, _sizes in STAGE_SIZES.items():
     if _d not in TORCHVISION_PARAMS:
         continue
     _kw = dict(input_shape=(224, 224, 3), num_classes=1000, family="resnet", dataset="imagenet")
-    register(f"resnet{_d}", partial(ResNet, stage_sizes=_sizes, block=IMAGENET_BLOCK[_d]),
-             source="He et al. 2016, Table 1; torchvision resnet (V1.5 striding)",
-             reference_params=TORCHVISION_PARAMS[_d], params_note=_TV_NOTE, **_kw)
-    register(f"plain{_d}", partial(ResNet, stage_sizes=_sizes, block=IMAGENET_BLOCK[_d], plain=True),
-             source="He et al. 2016, Table 1 and section 4.1 (plain network: the ResNet without shortcuts)",
-             params_note="the ResNet's layers without the option B projections", **_kw)
+    register(
+        f"resnet{_d}",
+        partial(ResNet, stage_sizes=_sizes, block=IMAGENET_BLOCK[_d]),
+        source="He et al. 2016, Table 1; torchvision resnet (V1.5 striding)",
+        reference_params=TORCHVISION_PARAMS[_d],
+        params_note=_TV_NOTE,
+        **_kw,
+    )
+    register(
+        f"plain{_d}",
+        partial(ResNet, stage_sizes=_sizes, block=IMAGENET_BLOCK[_d], plain=True),
+        source=(
+            "He et al. 2016, Table 1 and section 4.1 (plain network: the ResNet without shortcuts)"
+        ),
+        params_note="the ResNet's layers without the option B projections",
+        **_kw,
+    )
 
-_CIFAR_NOTE = ("option A (parameter-free zero-padding shortcut), bias-free convs + BN, FC with bias; "
-               "REFERENCE.md Table 6 (option B: {b:,})")
+_CIFAR_NOTE = (
+    "option A (parameter-free zero-padding shortcut), bias-free convs + BN, FC with bias; "
+    "REFERENCE.md Table 6 (option B: {b:,})"
+)
 for _d, (_a, _b) in CIFAR_PARAMS.items():
     _kw = dict(input_shape=(32, 32, 3), num_classes=10, family="resnet", dataset="cifar10")
-    register(f"resnet{_d}", partial(CifarResNet, depth=_d), source="He et al. 2016, section 4.2 and Table 6",
-             reference_params=_a, params_note=_CIFAR_NOTE.format(b=_b), **_kw)
-    register(f"plain{_d}", partial(CifarResNet, depth=_d, plain=True),
-             source="He et al. 2016, section 4.2 (plain net of Figure 6)", reference_params=_a,
-             params_note="identical to the ResNet under option A: its shortcuts have no parameters", **_kw)
+    register(
+        f"resnet{_d}",
+        partial(CifarResNet, depth=_d),
+        source="He et al. 2016, section 4.2 and Table 6",
+        reference_params=_a,
+        params_note=_CIFAR_NOTE.format(b=_b),
+        **_kw,
+    )
+    register(
+        f"plain{_d}",
+        partial(CifarResNet, depth=_d, plain=True),
+        source="He et al. 2016, section 4.2 (plain net of Figure 6)",
+        reference_params=_a,
+        params_note="identical to the ResNet under option A: its shortcuts have no parameters",
+        **_kw,
+    )

@@ -1,4 +1,5 @@
-"""ResNet in ResNet (Targ, Almeida & Lyman 2016, "Resnet in Resnet: Generalizing Residual Architectures").
+"""ResNet in ResNet (Targ, Almeida & Lyman 2016, "Resnet in Resnet: Generalizing
+Residual Architectures").
 
 A generalized residual layer keeps two streams, a residual stream r (with an identity shortcut)
 and a transient stream t (without), and mixes them with four convolutions (eq. 1):
@@ -95,9 +96,15 @@ class RiRBlock(nn.Module):
     def __call__(self, r: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
         r_in = r
         for i in range(self.layers):
-            r, t = GeneralizedResidualLayer(self.features, self.conv, self.norm, self.act,
-                                            strides=self.strides if i == 0 else 1, shortcut=self.inner_shortcut,
-                                            name=f"layer{i + 1}")(r, t)
+            r, t = GeneralizedResidualLayer(
+                self.features,
+                self.conv,
+                self.norm,
+                self.act,
+                strides=self.strides if i == 0 else 1,
+                shortcut=self.inner_shortcut,
+                name=f"layer{i + 1}",
+            )(r, t)
         if self.outer_shortcut:
             r = r + zero_pad_shortcut(r_in, self.features, self.strides).astype(r.dtype)
         return r, t
@@ -135,25 +142,47 @@ class RiR(nn.Module):
         check_positive_int("RiR", "layers_per_block", self.layers_per_block)
         widths = (self.stem_width, *self.stage_widths)
         if any(w % 2 for w in widths) or len(self.stage_sizes) != len(self.stage_widths):
-            raise ValueError(f"RiR: stem_width and stage_widths {widths} must be even (split into two equal "
-                             f"streams) and stage_widths must match stage_sizes {tuple(self.stage_sizes)} in length")
+            raise ValueError(
+                f"RiR: stem_width and stage_widths {widths} must be even "
+                "(split into two equal streams) and stage_widths must "
+                f"match stage_sizes {tuple(self.stage_sizes)} in length"
+            )
         min_size = 2 ** (len(self.stage_sizes) - 1)
         if x.ndim != 4 or min(x.shape[1:3]) < min_size:
-            raise ValueError(f"RiR: x must be NHWC with height and width >= {min_size}, got shape {tuple(x.shape)}; "
-                             "the CIFAR model expects input_shape (32, 32, 3)")
+            raise ValueError(
+                f"RiR: x must be NHWC with height and width >= {min_size}, got shape "
+                f"{tuple(x.shape)}; the CIFAR model expects input_shape (32, 32, 3)"
+            )
         conv = partial(Conv, use_bias=False, dtype=self.dtype)
         norm = batch_norm_for(self, train)
         x = nn.relu(norm(name="stem_bn")(conv(self.stem_width, 3, 1, 1, name="stem_conv")(x)))
-        r, t = x[..., : self.stem_width // 2], x[..., self.stem_width // 2:]
+        r, t = x[..., : self.stem_width // 2], x[..., self.stem_width // 2 :]
         for s, (n, w) in enumerate(zip(self.stage_sizes, self.stage_widths), start=1):
             for b in range(1, n + 1):
-                r, t = RiRBlock(w // 2, conv, norm, nn.relu, strides=2 if (s > 1 and b == 1) else 1,
-                                layers=self.layers_per_block, inner_shortcut=self.inner_shortcut,
-                                outer_shortcut=self.outer_shortcut, name=f"stage{s}_block{b}")(r, t)
+                r, t = RiRBlock(
+                    w // 2,
+                    conv,
+                    norm,
+                    nn.relu,
+                    strides=2 if (s > 1 and b == 1) else 1,
+                    layers=self.layers_per_block,
+                    inner_shortcut=self.inner_shortcut,
+                    outer_shortcut=self.outer_shortcut,
+                    name=f"stage{s}_block{b}",
+                )(r, t)
         x = GlobalAvgPool(name="pool")(jnp.concatenate([r, t], axis=-1))
         return Dense(self.num_classes, dtype=self.dtype, name="fc")(x).astype(jnp.float32)
 
 
-register("rir18_wide", RiR, input_shape=(32, 32, 3), num_classes=10, family="resnet", dataset="cifar10",
-         source="Targ et al. 2016, Table 1 ('18-layer + wide RiR', 5.01% C10 / 22.90% C100 error)",
-         params_note="our reading of the 18-layer + wide layout (see rir.py); no published count checked")
+register(
+    "rir18_wide",
+    RiR,
+    input_shape=(32, 32, 3),
+    num_classes=10,
+    family="resnet",
+    dataset="cifar10",
+    source="Targ et al. 2016, Table 1 ('18-layer + wide RiR', 5.01% C10 / 22.90% C100 error)",
+    params_note=(
+        "our reading of the 18-layer + wide layout (see rir.py); no published count checked"
+    ),
+)

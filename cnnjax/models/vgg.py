@@ -32,9 +32,49 @@ Array = jax.Array
 VGG_CONFIGS: dict[int, tuple[int | str, ...]] = {
     11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),  # A
     13: (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),  # B
-    16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),  # D
-    19: (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-         512, 512, 512, 512, "M"),  # E
+    16: (
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        "M",
+    ),  # D
+    19: (
+        64,
+        64,
+        "M",
+        128,
+        128,
+        "M",
+        256,
+        256,
+        256,
+        256,
+        "M",
+        512,
+        512,
+        512,
+        512,
+        "M",
+        512,
+        512,
+        512,
+        512,
+        "M",
+    ),  # E
 }
 
 # torchvision's parameter counts (1000 classes), plain / with BatchNorm.
@@ -47,7 +87,8 @@ TORCHVISION_PARAMS = {
 
 
 class VGG(nn.Module):
-    """VGG: stages of 3x3 conv (+ BatchNorm) + ReLU separated by 2x2 max pools, then three FC layers.
+    """VGG: stages of 3x3 conv (+ BatchNorm) + ReLU separated by 2x2 max pools,
+    then three FC layers.
 
     Args:
       num_classes: outputs of the last FC layer.
@@ -79,7 +120,8 @@ class VGG(nn.Module):
     adaptive_pool: int | None = None
 
     def min_input_size(self) -> int:
-        """Smallest input side that survives every 2x2 pool (32 for the five-pool configurations)."""
+        """Smallest input side that survives every 2x2 pool (32 for the
+        five-pool configurations)."""
         return 2 ** sum(1 for v in self.config if v == "M")
 
     @nn.compact
@@ -88,9 +130,17 @@ class VGG(nn.Module):
         check_positive_int("VGG", "hidden", self.hidden)
         if self.adaptive_pool is not None:
             check_positive_int("VGG", "adaptive_pool", self.adaptive_pool)
-        check_image_input(x, "VGG", min_size=self.min_input_size(), in_channels=self.in_channels,
-                          size_note=" (one per 2x2 pool)", fix="resize or pad the images (224 natively)")
-        conv = partial(Conv, kernel_size=3, padding=1, kernel_init=self.kernel_init, dtype=self.dtype)
+        check_image_input(
+            x,
+            "VGG",
+            min_size=self.min_input_size(),
+            in_channels=self.in_channels,
+            size_note=" (one per 2x2 pool)",
+            fix="resize or pad the images (224 natively)",
+        )
+        conv = partial(
+            Conv, kernel_size=3, padding=1, kernel_init=self.kernel_init, dtype=self.dtype
+        )
         norm = batch_norm_for(self, train)
         if self.dtype is not None:
             x = x.astype(self.dtype)
@@ -120,10 +170,17 @@ class VGG(nn.Module):
 _LETTER = {11: "A", 13: "B", 16: "D", 19: "E"}
 for _depth, _cfg in VGG_CONFIGS.items():
     for _bn, _params in zip((False, True), TORCHVISION_PARAMS[_depth]):
-        register(f"vgg{_depth}{'_bn' if _bn else ''}",
-                 partial(VGG, config=_cfg, batch_norm=_bn, adaptive_pool=7),
-                 input_shape=(224, 224, 3), num_classes=1000,
-                 source=f"Simonyan & Zisserman 2015, Table 1 configuration {_LETTER[_depth]}"
-                        + (" + BatchNorm (torchvision)" if _bn else ""),
-                 family="vgg", reference_params=_params,
-                 params_note="torchvision definition (conv bias kept with BatchNorm; scale and bias per BN); exact")
+        register(
+            f"vgg{_depth}{'_bn' if _bn else ''}",
+            partial(VGG, config=_cfg, batch_norm=_bn, adaptive_pool=7),
+            input_shape=(224, 224, 3),
+            num_classes=1000,
+            source=f"Simonyan & Zisserman 2015, Table 1 configuration {_LETTER[_depth]}"
+            + (" + BatchNorm (torchvision)" if _bn else ""),
+            family="vgg",
+            reference_params=_params,
+            params_note=(
+                "torchvision definition (conv bias kept with BatchNorm; "
+                "scale and bias per BN); exact"
+            ),
+        )

@@ -18,8 +18,9 @@ and XLA's convolutions run without them. The first lowering compiles
 the sources with the system's C++ compiler (a few seconds, once) into a cache directory:
 `$CNNJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/cnnjax`, else `~/.cache/cnnjax`. The library is named
 by a hash of its sources, the jaxlib version, the oneDNN location, the compiler and its flags
-(with -mavx2 -mfma where the CPU has them), so a change to any of them rebuilds it. `CNNJAX_DNNL_ROOT` points at another oneDNN 3.x installation (a
-directory with include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so); `CXX` names the compiler.
+(with -mavx2 -mfma where the CPU has them), so a change to any of them rebuilds it.
+`CNNJAX_DNNL_ROOT` points at another oneDNN 3.x installation (a directory with
+include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so); `CXX` names the compiler.
 
 The layers decide at trace time from cheap facts (`usable()`: Linux, oneDNN found, a C++
 compiler, no failed build), and the library is built and its FFI targets registered when a
@@ -50,11 +51,22 @@ _HERE = Path(__file__).parent
 SOURCES = (_HERE / "dnnl_conv.cc", _HERE / "batch_norm.cc")  # compiled together into one library
 HEADERS = (_HERE / "parallel.h", _HERE / "conv_weights.h")
 CONV_TARGETS = ("cnnjax_dnnl_conv_fwd", "cnnjax_dnnl_conv_bwd_data", "cnnjax_dnnl_conv_bwd_weights")
-BN_TARGETS = ("cnnjax_bn_sums", "cnnjax_bn_apply", "cnnjax_bn_apply_residual", "cnnjax_bn_grad_sums",
-              "cnnjax_bn_grad_sums_masked", "cnnjax_bn_grad_apply")
+BN_TARGETS = (
+    "cnnjax_bn_sums",
+    "cnnjax_bn_apply",
+    "cnnjax_bn_apply_residual",
+    "cnnjax_bn_grad_sums",
+    "cnnjax_bn_grad_sums_masked",
+    "cnnjax_bn_grad_apply",
+)
 TARGETS = CONV_TARGETS + BN_TARGETS
-DNNL_PACKAGES = ("onednn-cpu-gomp==2023.2.0", "onednn-devel-cpu-gomp==2023.2.0")  # as pyproject.toml pins them
-INSTALL_HINT = f"pip install {' '.join(DNNL_PACKAGES)} (oneDNN's CPU build and headers, Linux x86-64)"
+DNNL_PACKAGES = (
+    "onednn-cpu-gomp==2023.2.0",
+    "onednn-devel-cpu-gomp==2023.2.0",
+)  # as pyproject.toml pins them
+INSTALL_HINT = (
+    f"pip install {' '.join(DNNL_PACKAGES)} (oneDNN's CPU build and headers, Linux x86-64)"
+)
 # -O3 vectorises the BatchNorm loops over channels; no contraction into FMAs, so that the ReLU mask
 # recomputed in a backward pass is the forward's, bit for bit.
 _CXXFLAGS = ("-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC")
@@ -67,7 +79,10 @@ def _isa_flags() -> tuple[str, ...]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return ()
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
+        [],
+    )
     return ("-mavx2", "-mfma") if {"avx2", "fma"} <= set(flags) else ()
 
 
@@ -106,15 +121,30 @@ def cache_dir() -> Path:
 
 
 def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+    return (
+        shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+    )
 
 
 def _command(cxx: str, root: Path, output: Path) -> list[str]:
     import jax.ffi
 
     libdir = _libdnnl(root)
-    return [cxx, *_cxxflags(), "-o", str(output), *map(str, SOURCES), "-isystem", str(root / "include"),
-            "-isystem", jax.ffi.include_dir(), f"-L{libdir}", "-ldnnl", "-lgomp", f"-Wl,-rpath,{libdir}"]
+    return [
+        cxx,
+        *_cxxflags(),
+        "-o",
+        str(output),
+        *map(str, SOURCES),
+        "-isystem",
+        str(root / "include"),
+        "-isystem",
+        jax.ffi.include_dir(),
+        f"-L{libdir}",
+        "-ldnnl",
+        "-lgomp",
+        f"-Wl,-rpath,{libdir}",
+    ]
 
 
 def library_path(root: Path, cxx: str) -> Path:
@@ -122,8 +152,13 @@ def library_path(root: Path, cxx: str) -> Path:
     import jaxlib
 
     digest = hashlib.sha256()
-    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), jaxlib.__version__.encode(), str(root.resolve()).encode(),
-                 str(Path(cxx).resolve()).encode(), " ".join(_cxxflags()).encode()):
+    for part in (
+        *(f.read_bytes() for f in SOURCES + HEADERS),
+        jaxlib.__version__.encode(),
+        str(root.resolve()).encode(),
+        str(Path(cxx).resolve()).encode(),
+        " ".join(_cxxflags()).encode(),
+    ):
         digest.update(part + b"\0")
     return cache_dir() / "native" / f"libcnnjax_dnnl-{digest.hexdigest()[:16]}.so"
 
@@ -142,7 +177,8 @@ def build(root: Path, cxx: str) -> Path:
         proc = subprocess.run(_command(cxx, root, Path(tmp)), capture_output=True, text=True)
         if proc.returncode != 0:
             raise NativeUnavailable(
-                f"compiling {', '.join(f.name for f in SOURCES)} with {cxx} against oneDNN in {root} failed:\n{proc.stderr[-4000:]}"
+                f"compiling {', '.join(f.name for f in SOURCES)} with {cxx} against oneDNN in "
+                f"{root} failed:\n{proc.stderr[-4000:]}"
             )
         os.replace(tmp, target)
     finally:
@@ -157,16 +193,25 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"the oneDNN kernels are built for Linux only (this is {sys.platform})"
     root = dnnl_root()
     if root is None:
-        return None, f"oneDNN 3.x was not found in {_candidate_root()}; {INSTALL_HINT}, or set CNNJAX_DNNL_ROOT"
+        return (
+            None,
+            f"oneDNN 3.x was not found in {_candidate_root()}; "
+            f"{INSTALL_HINT}, or set CNNJAX_DNNL_ROOT",
+        )
     try:
         cxx = _compiler()
         if cxx is None:
-            raise NativeUnavailable("no C++ compiler found (set CXX, or install g++) to build the oneDNN kernels")
+            raise NativeUnavailable(
+                "no C++ compiler found (set CXX, or install g++) to build the oneDNN kernels"
+            )
         lib = ctypes.CDLL(str(build(root, cxx)))
     except (NativeUnavailable, OSError) as e:
         # oneDNN is installed, so its kernels were expected: say once why XLA's convolutions run.
-        warnings.warn(f"cnnjax: oneDNN's convolutions are unavailable, XLA's run instead: {e}", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"cnnjax: oneDNN's convolutions are unavailable, XLA's run instead: {e}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None, str(e)
     lib.cnnjax_dnnl_version.restype = ctypes.c_char_p
     lib.cnnjax_conv_weights_calls.restype = ctypes.c_int64
@@ -200,7 +245,10 @@ def _facts() -> str:
     if not sys.platform.startswith("linux"):
         return f"the oneDNN kernels are built for Linux only (this is {sys.platform})"
     if dnnl_root() is None:
-        return f"oneDNN 3.x was not found in {_candidate_root()}; {INSTALL_HINT}, or set CNNJAX_DNNL_ROOT"
+        return (
+            f"oneDNN 3.x was not found in {_candidate_root()}; "
+            f"{INSTALL_HINT}, or set CNNJAX_DNNL_ROOT"
+        )
     if _compiler() is None:
         return "no C++ compiler found (set CXX, or install g++) to build the oneDNN kernels"
     return ""

@@ -4,7 +4,8 @@ Activations are float32, channels last; `coef` stacks per-channel vectors into a
 
     sums(x)                      (2, C)   [sum x, sum x^2] over every axis but the last
     apply(x, coef, r, relu)      y        act(x coef[0] + coef[1] (+ r)), act = ReLU or identity
-    grad_sums(gy, x, coef, relu) (2, C)   [sum g, sum g x], g = gy masked where x coef[0] + coef[1] <= 0
+    grad_sums(gy, x, coef, relu) (2, C)   [sum g, sum g x], g = gy masked where
+                                          x coef[0] + coef[1] <= 0
     grad_sums_masked(gy, y, x)   ((2, C), g)   the same sums with g = gy masked where y <= 0, and g
     grad_apply(g, x, coef, relu) dx       g' coef[0] + x coef[1] + coef[2], g' = g masked where
                                           x coef[3] + coef[4] <= 0 (relu), else g
@@ -100,24 +101,36 @@ def _channel_sums(a):
 
 _sums = _native_op("cnnjax_bn_sums", reference_sums, _channel_sums, relu_attr=False)
 _apply = _native_op("cnnjax_bn_apply", reference_apply, lambda x, coef: _like(x), relu_attr=True)
-_apply_residual = _native_op("cnnjax_bn_apply_residual", reference_apply, lambda x, coef, r: _like(x),
-                             relu_attr=True)
-_grad_sums = _native_op("cnnjax_bn_grad_sums", reference_grad_sums, lambda gy, x, coef: _channel_sums(x),
-                        relu_attr=True)
-_grad_sums_masked = _native_op("cnnjax_bn_grad_sums_masked", reference_grad_sums_masked,
-                               lambda gy, y, x: (_channel_sums(x), _like(x)), relu_attr=False)
-_grad_apply = _native_op("cnnjax_bn_grad_apply", reference_grad_apply, lambda g, x, coef: _like(x),
-                         relu_attr=True)
+_apply_residual = _native_op(
+    "cnnjax_bn_apply_residual", reference_apply, lambda x, coef, r: _like(x), relu_attr=True
+)
+_grad_sums = _native_op(
+    "cnnjax_bn_grad_sums", reference_grad_sums, lambda gy, x, coef: _channel_sums(x), relu_attr=True
+)
+_grad_sums_masked = _native_op(
+    "cnnjax_bn_grad_sums_masked",
+    reference_grad_sums_masked,
+    lambda gy, y, x: (_channel_sums(x), _like(x)),
+    relu_attr=False,
+)
+_grad_apply = _native_op(
+    "cnnjax_bn_grad_apply", reference_grad_apply, lambda g, x, coef: _like(x), relu_attr=True
+)
 
 
 def _check(x, coef=None, k: int = 0, **same):
     if x.dtype != jnp.float32 or x.ndim < 1:
-        raise ValueError(f"the native BatchNorm kernels take float32 activations with a channel axis, got "
-                         f"{x.dtype}{tuple(x.shape)}; use cnnjax.functional.batch_norm, which picks XLA otherwise")
+        raise ValueError(
+            "the native BatchNorm kernels take float32 activations with a channel "
+            f"axis, got {x.dtype}{tuple(x.shape)}; use cnnjax.functional.batch_norm, "
+            "which picks XLA otherwise"
+        )
     for name, a in same.items():
         if a.shape != x.shape or a.dtype != jnp.float32:
-            raise ValueError(f"{name} must be float32 of the activations' shape {tuple(x.shape)}, "
-                             f"got {a.dtype}{tuple(a.shape)}")
+            raise ValueError(
+                f"{name} must be float32 of the activations' shape {tuple(x.shape)}, "
+                f"got {a.dtype}{tuple(a.shape)}"
+            )
     if coef is not None and coef.shape != (k, x.shape[-1]):
         raise ValueError(f"coef must have shape ({k}, {x.shape[-1]}), got {tuple(coef.shape)}")
 
@@ -152,8 +165,8 @@ def grad_sums_masked(gy, y, x):
 
 
 def grad_apply(g, x, coef, *, relu: bool = False):
-    """g' coef[0] + x coef[1] + coef[2], coef (5, C); g' = g masked where x coef[3] + coef[4] <= 0 (relu)."""
+    """g' coef[0] + x coef[1] + coef[2], coef (5, C); g' = g masked where x coef[3] +
+    coef[4] <= 0 (relu)."""
     coef = jnp.asarray(coef, jnp.float32)
     _check(x, coef, 5, g=g)
     return _grad_apply(bool(relu), g, x, coef)
-

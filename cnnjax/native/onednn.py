@@ -49,9 +49,14 @@ def _call(target: str, shape: Shape, a, b, geometry: Geometry, **attrs):
     split = settings.current().onednn_threads == "xla"
     out = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
     y = jax.ffi.ffi_call(target, out, vmap_method="sequential")(
-        a, b, strides=np.asarray(strides, np.int64),
+        a,
+        b,
+        strides=np.asarray(strides, np.int64),
         padding=np.asarray([top, bottom, left, right], np.int64),
-        dilation=np.asarray(dilation, np.int64), split_batch=np.int64(split), **attrs)
+        dilation=np.asarray(dilation, np.int64),
+        split_batch=np.int64(split),
+        **attrs,
+    )
     return vary_as(y, a, b)
 
 
@@ -67,8 +72,14 @@ def conv_backward_data(dy, w, geometry: Geometry, x_shape: Shape):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_backward_weights(x, dy, geometry: Geometry, w_shape: Shape):
-    return _call("cnnjax_dnnl_conv_bwd_weights", w_shape, x, dy, geometry,
-                 direct=np.int64(settings.current().conv_weights != "onednn"))
+    return _call(
+        "cnnjax_dnnl_conv_bwd_weights",
+        w_shape,
+        x,
+        dy,
+        geometry,
+        direct=np.int64(settings.current().conv_weights != "onednn"),
+    )
 
 
 def _conv_fwd(x, w, geometry, y_shape):
@@ -77,7 +88,9 @@ def _conv_fwd(x, w, geometry, y_shape):
 
 def _conv_bwd(geometry, y_shape, residuals, ct):
     x, w = residuals
-    return conv_backward_data(ct, w, geometry, x.shape), conv_backward_weights(x, ct, geometry, w.shape)
+    return conv_backward_data(ct, w, geometry, x.shape), conv_backward_weights(
+        x, ct, geometry, w.shape
+    )
 
 
 def _data_fwd(dy, w, geometry, x_shape):
@@ -110,7 +123,9 @@ def convolve(x, w, geometry: Geometry, y_shape: Shape):
     strides, pads, _ = geometry
     if w.shape[:2] == (1, 1) and tuple(strides) != (1, 1):
         (sh, sw), (_, ho, wo, _) = strides, y_shape
-        x = jnp.pad(x, ((0, 0), *pads, (0, 0)))[:, :(ho - 1) * sh + 1:sh, :(wo - 1) * sw + 1:sw]
+        x = jnp.pad(x, ((0, 0), *pads, (0, 0)))[
+            :, : (ho - 1) * sh + 1 : sh, : (wo - 1) * sw + 1 : sw
+        ]
         geometry = ((1, 1), ((0, 0), (0, 0)), (1, 1))
     return conv(x, w, geometry, y_shape)
 

@@ -1,4 +1,5 @@
-"""Training: train state, per-device steps, data-parallel wrappers, schedules, checkpoints, the loop.
+"""Training: train state, per-device steps, data-parallel wrappers, schedules,
+checkpoints, the loop.
 
 from cnnjax import train
 config = train.get_preset('cifar_resnet').replace(model='resnet56')

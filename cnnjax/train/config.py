@@ -31,10 +31,21 @@ MEMBER_MAPS = ("auto", "vmap", "loop")
 
 # Fields that may change when a run is resumed (how long, how often, how it is shown).
 # steps_per_dispatch and data_on_device change how the same steps are computed, not which.
-RESUMABLE_FIELDS = frozenset({
-    "num_steps", "num_epochs", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
-    "progress_bar", "data_dir", "steps_per_dispatch", "data_on_device", "member_map",
-})
+RESUMABLE_FIELDS = frozenset(
+    {
+        "num_steps",
+        "num_epochs",
+        "eval_every",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "progress_bar",
+        "data_dir",
+        "steps_per_dispatch",
+        "data_on_device",
+        "member_map",
+    }
+)
 
 
 # Pairs of fields of which a run sets one: the run's length, and the step schedule's boundaries.
@@ -67,7 +78,8 @@ class TrainConfig:
         learning_rate * global_batch_size / base_batch_size. None: no scaling.
       momentum: SGD momentum (or Adam's b1).
       nesterov: Nesterov momentum for SGD.
-      weight_decay: L2 coefficient (added to the gradient, as in the ResNet paper), or AdamW's decay.
+      weight_decay: L2 coefficient (added to the gradient, as in the ResNet
+          paper), or AdamW's decay.
       wd_mask: 'all' decays every parameter (the ResNet paper); 'no_bn_bias' skips every
         parameter with fewer than two axes (BatchNorm scale and bias, layer biases).
       schedule: 'step' (divide by 1/decay_factor at each boundary), 'cosine' (to zero at the
@@ -161,11 +173,20 @@ class TrainConfig:
         # JSON gives lists; keep the dataclass hashable-looking and comparable. Values of the
         # wrong type are kept as given, for `validate` to name the field and the expected type.
         if isinstance(self.boundaries, (list, tuple)):
-            object.__setattr__(self, "boundaries", tuple(
-                int(b) if _is_real(b) and math.isfinite(b) and float(b).is_integer() else b for b in self.boundaries))
+            object.__setattr__(
+                self,
+                "boundaries",
+                tuple(
+                    int(b) if _is_real(b) and math.isfinite(b) and float(b).is_integer() else b
+                    for b in self.boundaries
+                ),
+            )
         if isinstance(self.boundary_epochs, (list, tuple)):
-            object.__setattr__(self, "boundary_epochs", tuple(
-                float(b) if _is_real(b) else b for b in self.boundary_epochs))
+            object.__setattr__(
+                self,
+                "boundary_epochs",
+                tuple(float(b) if _is_real(b) else b for b in self.boundary_epochs),
+            )
         if isinstance(self.model_kwargs, dict):
             object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
 
@@ -208,8 +229,10 @@ class TrainConfig:
         type (naming the field and the expected type).
         """
         if not isinstance(d, dict):
-            raise ValueError(f"a TrainConfig is built from a JSON object (dict) of field names to values, "
-                             f"got a {_json_type(d)}")
+            raise ValueError(
+                f"a TrainConfig is built from a JSON object (dict) of field names to values, "
+                f"got a {_json_type(d)}"
+            )
         unknown = sorted(set(d) - set(field_names()), key=str)
         if unknown:
             raise ValueError(f"TrainConfig has no field(s) {unknown}; fields are {field_names()}")
@@ -224,12 +247,16 @@ class TrainConfig:
             with open(path) as f:
                 d = json.load(f)
         except OSError as e:
-            raise ValueError(f"cannot read config file {os.fspath(path)!r}: {e.strerror or e}") from None
+            raise ValueError(
+                f"cannot read config file {os.fspath(path)!r}: {e.strerror or e}"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"config file {os.fspath(path)!r} is not valid JSON: {e}") from None
         if not isinstance(d, dict):
-            raise ValueError(f"config file {os.fspath(path)!r} must hold a JSON object of TrainConfig fields "
-                             f"(like a run's config.json), got a JSON {_json_type(d)}")
+            raise ValueError(
+                f"config file {os.fspath(path)!r} must hold a JSON object of TrainConfig fields "
+                f"(like a run's config.json), got a JSON {_json_type(d)}"
+            )
         try:
             return cls.from_dict(d)
         except ValueError as e:
@@ -240,8 +267,10 @@ class TrainConfig:
         for name, hint in field_types().items():
             value = getattr(self, name)
             if not _has_type(value, hint):
-                raise ValueError(f"TrainConfig.{name} must be {_describe(hint)}, got {value!r} "
-                                 f"({_json_type(value)})")
+                raise ValueError(
+                    f"TrainConfig.{name} must be {_describe(hint)}, got {value!r} "
+                    f"({_json_type(value)})"
+                )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -254,82 +283,137 @@ class TrainConfig:
                 value = getattr(self, name)
                 if value is not None and math.isnan(value):
                     raise ValueError(f"TrainConfig.{name} must be a number, got nan")
-        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("warmup", WARMUPS),
-                              ("wd_mask", WD_MASKS), ("dtype", DTYPES), ("parallel", PARALLEL),
-                              ("rng_impl", RNG_IMPLS), ("member_map", MEMBER_MAPS),
-                              ("eval_split", ("test", "validation"))):
+        for name, choices in (
+            ("optimizer", OPTIMIZERS),
+            ("schedule", SCHEDULES),
+            ("warmup", WARMUPS),
+            ("wd_mask", WD_MASKS),
+            ("dtype", DTYPES),
+            ("parallel", PARALLEL),
+            ("rng_impl", RNG_IMPLS),
+            ("member_map", MEMBER_MAPS),
+            ("eval_split", ("test", "validation")),
+        ):
             if getattr(self, name) not in choices:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of {list(choices)}")
-        for name in ("global_batch_size", "log_every", "keep_checkpoints", "seeds",
-                     "steps_per_dispatch"):
+                raise ValueError(
+                    f"TrainConfig.{name}={getattr(self, name)!r} is not one of {list(choices)}"
+                )
+        for name in (
+            "global_batch_size",
+            "log_every",
+            "keep_checkpoints",
+            "seeds",
+            "steps_per_dispatch",
+        ):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"TrainConfig.{name} must be a positive int, got {getattr(self, name)!r}"
+                )
         for name in ("eval_every", "checkpoint_every", "warmup_steps", "validation_size"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"TrainConfig.{name} must be an int >= 0, got {getattr(self, name)!r}"
+                )
         if (self.num_steps is None) == (self.num_epochs is None):
-            raise ValueError(f"TrainConfig: set exactly one of num_steps and num_epochs, got "
-                             f"num_steps={self.num_steps}, num_epochs={self.num_epochs}")
+            raise ValueError(
+                f"TrainConfig: set exactly one of num_steps and num_epochs, got "
+                f"num_steps={self.num_steps}, num_epochs={self.num_epochs}"
+            )
         if self.num_steps is not None and (not is_int(self.num_steps) or self.num_steps < 1):
-            raise ValueError(f"TrainConfig.num_steps must be a positive int, got {self.num_steps!r}")
-        if self.num_epochs is not None and not (self.num_epochs > 0 and math.isfinite(self.num_epochs)):
-            raise ValueError(f"TrainConfig.num_epochs must be a finite number > 0, got {self.num_epochs!r}")
+            raise ValueError(
+                f"TrainConfig.num_steps must be a positive int, got {self.num_steps!r}"
+            )
+        if self.num_epochs is not None and not (
+            self.num_epochs > 0 and math.isfinite(self.num_epochs)
+        ):
+            raise ValueError(
+                f"TrainConfig.num_epochs must be a finite number > 0, got {self.num_epochs!r}"
+            )
         if self.boundaries and self.boundary_epochs:
-            raise ValueError("TrainConfig: give step-decay boundaries either in steps (boundaries) or in "
-                             f"epochs (boundary_epochs), not both: {self.boundaries} and {self.boundary_epochs}")
+            raise ValueError(
+                "TrainConfig: give step-decay boundaries either in steps (boundaries) or in "
+                f"epochs (boundary_epochs), not both: {self.boundaries} and {self.boundary_epochs}"
+            )
         for name in ("boundaries", "boundary_epochs"):
             b = getattr(self, name)
             if list(b) != sorted(set(b)) or any(x <= 0 for x in b):
                 raise ValueError(f"TrainConfig.{name} must be increasing and positive, got {b}")
         if self.schedule != "step" and (self.boundaries or self.boundary_epochs):
-            raise ValueError(f"TrainConfig: boundaries are only used by schedule='step', got schedule={self.schedule!r}")
+            raise ValueError(
+                "TrainConfig: boundaries are only used by schedule='step', "
+                f"got schedule={self.schedule!r}"
+            )
         if not self.learning_rate > 0 or self.warmup_lr < 0:
-            raise ValueError(f"TrainConfig: learning_rate must be > 0 and warmup_lr >= 0, got "
-                             f"{self.learning_rate} and {self.warmup_lr}")
+            raise ValueError(
+                f"TrainConfig: learning_rate must be > 0 and warmup_lr >= 0, got "
+                f"{self.learning_rate} and {self.warmup_lr}"
+            )
         for name in ("learning_rate", "warmup_lr"):
             value = getattr(self, name)
             if not math.isfinite(value) or (value and np.float32(value) == 0):
-                raise ValueError(f"TrainConfig.{name}={value!r} is not a rate float32 can hold "
-                                 "(finite, and 0 or at least 1.4e-45): the steps compute in "
-                                 "float32")
+                raise ValueError(
+                    f"TrainConfig.{name}={value!r} is not a rate float32 can hold "
+                    "(finite, and 0 or at least 1.4e-45): the steps compute in "
+                    "float32"
+                )
         if self.base_batch_size is not None and self.base_batch_size < 1:
-            raise ValueError(f"TrainConfig.base_batch_size must be a positive int or None, got {self.base_batch_size}")
+            raise ValueError(
+                "TrainConfig.base_batch_size must be a positive int or None, "
+                f"got {self.base_batch_size}"
+            )
         if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"TrainConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise ValueError(
+                f"TrainConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}"
+            )
         if self.weight_decay < 0 or self.aux_weight < 0 or not 0 <= self.momentum < 1:
-            raise ValueError(f"TrainConfig: need weight_decay >= 0, aux_weight >= 0 and 0 <= momentum < 1, got "
-                             f"{self.weight_decay}, {self.aux_weight}, {self.momentum}")
+            raise ValueError(
+                f"TrainConfig: need weight_decay >= 0, aux_weight >= 0 and 0 <= momentum < 1, got "
+                f"{self.weight_decay}, {self.aux_weight}, {self.momentum}"
+            )
         if not self.decay_factor > 0:
-            raise ValueError(f"TrainConfig.decay_factor must be > 0 (the rate is multiplied by it at each step-decay "
-                             f"boundary), got {self.decay_factor!r}")
+            raise ValueError(
+                "TrainConfig.decay_factor must be > 0 (the rate is multiplied by it at each "
+                f"step-decay boundary), got {self.decay_factor!r}"
+            )
         if not 0 <= self.seed < 2**32:
             # Larger seeds wrap around in jax.random.key (2**32 gives the key of seed 0).
             raise ValueError(f"TrainConfig.seed must be an int in [0, 2**32), got {self.seed!r}")
         if self.seed + self.seeds > 2**32:
             last = self.seed + self.seeds - 1
-            raise ValueError(f"TrainConfig: seeds {self.seed}..{last} pass 2**32 - 1; lower "
-                             "seed or seeds")
+            raise ValueError(
+                f"TrainConfig: seeds {self.seed}..{last} pass 2**32 - 1; lower seed or seeds"
+            )
         n = self.steps_per_dispatch
         for name in ("log_every", "eval_every", "checkpoint_every"):
             every = getattr(self, name)
             if every % n:
                 below, above = every // n * n, (every // n + 1) * n
                 fits = " or ".join(map(str, sorted({below, above} - {0})))
-                raise ValueError(f"TrainConfig.{name}={every} is not a multiple of "
-                                 f"steps_per_dispatch={n}: the host sees the run only between "
-                                 f"dispatches; use {name}={fits}, or change steps_per_dispatch")
+                raise ValueError(
+                    f"TrainConfig.{name}={every} is not a multiple of "
+                    f"steps_per_dispatch={n}: the host sees the run only between "
+                    f"dispatches; use {name}={fits}, or change steps_per_dispatch"
+                )
         if self.image_size is not None and self.image_size < 1:
-            raise ValueError(f"TrainConfig.image_size must be a positive int (pixels per side) or None for the "
-                             f"model's default, got {self.image_size!r}")
+            raise ValueError(
+                f"TrainConfig.image_size must be a positive int (pixels per side) or None for the "
+                f"model's default, got {self.image_size!r}"
+            )
         if self.channels is not None and self.channels not in (1, 3):
-            raise ValueError(f"TrainConfig.channels must be 1 or 3 (or None for the model's default), "
-                             f"got {self.channels!r}")
+            raise ValueError(
+                f"TrainConfig.channels must be 1 or 3 (or None for the model's default), "
+                f"got {self.channels!r}"
+            )
         if any(not isinstance(k, str) for k in self.model_kwargs):
-            raise ValueError(f"TrainConfig.model_kwargs must have string keys (model option names), "
-                             f"got {self.model_kwargs!r}")
+            raise ValueError(
+                f"TrainConfig.model_kwargs must have string keys (model option names), "
+                f"got {self.model_kwargs!r}"
+            )
         if self.eval_split == "validation" and self.validation_size == 0:
-            raise ValueError("TrainConfig.eval_split='validation' needs validation_size > 0 (examples held out "
-                             "from the training set)")
+            raise ValueError(
+                "TrainConfig.eval_split='validation' needs validation_size > 0 (examples held out "
+                "from the training set)"
+            )
         if check_registries:
             self._validate_names()
         return self
@@ -342,20 +426,30 @@ class TrainConfig:
             names = models.list_models()
             close = difflib.get_close_matches(str(self.model), names, n=5, cutoff=0.5)
             hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise ValueError(f"TrainConfig.model={self.model!r} is not a registered model; "
-                             f"{hint}valid choices: {names}")
-        npz = self.data_dir is not None and os.path.exists(os.path.join(self.data_dir, f"{self.dataset}.npz"))
+            raise ValueError(
+                f"TrainConfig.model={self.model!r} is not a registered model; "
+                f"{hint}valid choices: {names}"
+            )
+        npz = self.data_dir is not None and os.path.exists(
+            os.path.join(self.data_dir, f"{self.dataset}.npz")
+        )
         if self.dataset not in data.list_datasets() and not npz:
-            raise ValueError(f"TrainConfig.dataset={self.dataset!r} is not a known data set; valid choices: "
-                             f"{data.list_datasets()}, or the name of a <data_dir>/<name>.npz file")
+            raise ValueError(
+                f"TrainConfig.dataset={self.dataset!r} is not a known data set; valid choices: "
+                f"{data.list_datasets()}, or the name of a <data_dir>/<name>.npz file"
+            )
         for name, choices in (("augment", data.AUGMENTATIONS), ("normalize", data.NORMALIZATIONS)):
             if getattr(self, name) not in choices:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is not one of {list(choices)}")
+                raise ValueError(
+                    f"TrainConfig.{name}={getattr(self, name)!r} is not one of {list(choices)}"
+                )
         if self.data_on_device and self.augment not in data.device.AUGMENTATIONS:
             choices = list(data.device.AUGMENTATIONS)
-            raise ValueError(f"TrainConfig: data_on_device runs augment {choices} on the devices; "
-                             f"augment={self.augment!r} resizes on the host: set "
-                             "data_on_device=false")
+            raise ValueError(
+                f"TrainConfig: data_on_device runs augment {choices} on the devices; "
+                f"augment={self.augment!r} resizes on the host: set "
+                "data_on_device=false"
+            )
 
 
 def _is_real(x: Any) -> bool:
@@ -392,9 +486,17 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in args)
     origin = typing.get_origin(hint)
     if origin is tuple:
-        return {int: "a list of ints", float: "a list of numbers"}.get(args[0], f"a list of {args[0].__name__}")
-    return {type(None): "null", bool: "true or false", int: "an int", float: "a number", str: "a string",
-            dict: "a JSON object"}.get(origin or hint, str(hint))
+        return {int: "a list of ints", float: "a list of numbers"}.get(
+            args[0], f"a list of {args[0].__name__}"
+        )
+    return {
+        type(None): "null",
+        bool: "true or false",
+        int: "an int",
+        float: "a number",
+        str: "a string",
+        dict: "a JSON object",
+    }.get(origin or hint, str(hint))
 
 
 def _json_type(value: Any) -> str:
@@ -429,7 +531,11 @@ def parse_field(name: str, text: str) -> Any:
     optional = type(None) in args
     if optional and text.lower() in ("none", "null", ""):
         return None
-    base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) or optional else hint
+    base = (
+        next((a for a in args if a is not type(None)), hint)
+        if isinstance(hint, types.UnionType) or optional
+        else hint
+    )
     origin = typing.get_origin(base)
     try:
         if base is bool:
@@ -440,7 +546,9 @@ def parse_field(name: str, text: str) -> Any:
             raise ValueError(text)
         if origin is tuple:
             (elem, *_) = typing.get_args(base)
-            values = tuple(float(t) if elem is int else elem(t) for t in text.replace(",", " ").split())
+            values = tuple(
+                float(t) if elem is int else elem(t) for t in text.replace(",", " ").split()
+            )
             if elem is int and not all(math.isfinite(v) and v.is_integer() for v in values):
                 raise ValueError(text)
             return tuple(int(v) for v in values) if elem is int else values
@@ -463,48 +571,99 @@ _CIFAR_RESNET = TrainConfig(
     # He et al. 2016, section 4.2: batch 128, lr 0.1 divided by 10 at 32k and 48k iterations,
     # stop at 64k, weight decay 1e-4 on every weight, momentum 0.9, 4-pixel pad + crop + flip,
     # per-pixel mean subtracted; 45k/5k train/val split for tuning (here the full 50k trains).
-    model="resnet20", dataset="cifar10", global_batch_size=128, num_steps=64_000,
-    optimizer="sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-4, wd_mask="all",
-    schedule="step", boundaries=(32_000, 48_000), decay_factor=0.1,
-    augment="cifar", normalize="per_pixel_mean",
-    log_every=100, eval_every=2_000, checkpoint_every=2_000,
+    model="resnet20",
+    dataset="cifar10",
+    global_batch_size=128,
+    num_steps=64_000,
+    optimizer="sgd",
+    learning_rate=0.1,
+    momentum=0.9,
+    weight_decay=1e-4,
+    wd_mask="all",
+    schedule="step",
+    boundaries=(32_000, 48_000),
+    decay_factor=0.1,
+    augment="cifar",
+    normalize="per_pixel_mean",
+    log_every=100,
+    eval_every=2_000,
+    checkpoint_every=2_000,
+)
+
+_IMAGENET_RESNET = TrainConfig(
+    model="resnet50",
+    dataset="imagenet2012",
+    global_batch_size=256,
+    num_epochs=90,
+    optimizer="sgd",
+    learning_rate=0.1,
+    base_batch_size=256,
+    momentum=0.9,
+    weight_decay=1e-4,
+    wd_mask="all",
+    schedule="step",
+    boundary_epochs=(30, 60),
+    decay_factor=0.1,
+    augment="imagenet",
+    normalize="per_channel",
+    dtype="bfloat16",
+    log_every=100,
+    eval_every=5_000,
+    checkpoint_every=5_000,
 )
 
 PRESETS: dict[str, TrainConfig] = {
     # Smoke run on the embedded scikit-learn digits: seconds on a laptop CPU.
     "digits_lenet": TrainConfig(
-        model="lenet5", dataset="digits", global_batch_size=64,
-        num_steps=600, optimizer="sgd", learning_rate=0.05, momentum=0.9, weight_decay=5e-4,
-        schedule="cosine", normalize="scale", log_every=50, eval_every=200, checkpoint_every=200,
+        model="lenet5",
+        dataset="digits",
+        global_batch_size=64,
+        num_steps=600,
+        optimizer="sgd",
+        learning_rate=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        schedule="cosine",
+        normalize="scale",
+        log_every=50,
+        eval_every=200,
+        checkpoint_every=200,
     ),
     # The degradation experiment in minutes on a CPU (digits at 16x16, 3 channels).
     "digits_resnet": dataclasses.replace(
-        _CIFAR_RESNET, dataset="digits", image_size=16, channels=3, num_steps=400,
-        schedule="constant", boundaries=(), augment="none",
-        log_every=20, eval_every=100, checkpoint_every=100,
+        _CIFAR_RESNET,
+        dataset="digits",
+        image_size=16,
+        channels=3,
+        num_steps=400,
+        schedule="constant",
+        boundaries=(),
+        augment="none",
+        log_every=20,
+        eval_every=100,
+        checkpoint_every=100,
     ),
     "cifar_resnet": _CIFAR_RESNET,
     "cifar_plain": dataclasses.replace(_CIFAR_RESNET, model="plain20"),
     # ResNet-110: 0.01 until training error < 80% (about 400 iterations), then the same recipe.
-    "cifar_resnet110": dataclasses.replace(_CIFAR_RESNET, model="resnet110", warmup_steps=400,
-                                           warmup="constant", warmup_lr=0.01),
+    "cifar_resnet110": dataclasses.replace(
+        _CIFAR_RESNET, model="resnet110", warmup_steps=400, warmup="constant", warmup_lr=0.01
+    ),
     # He et al. 2016, section 3.4: batch 256, lr 0.1 (/10 at plateaus; epochs 30/60 as in the
     # reference implementations), 90 epochs, weight decay 1e-4, momentum 0.9, scale augmentation.
-    "imagenet_resnet": TrainConfig(
-        model="resnet50", dataset="imagenet2012", global_batch_size=256, num_epochs=90,
-        optimizer="sgd", learning_rate=0.1, base_batch_size=256, momentum=0.9, weight_decay=1e-4,
-        wd_mask="all", schedule="step", boundary_epochs=(30, 60), decay_factor=0.1,
-        augment="imagenet", normalize="per_channel", dtype="bfloat16",
-        log_every=100, eval_every=5_000, checkpoint_every=5_000,
-    ),
+    "imagenet_resnet": _IMAGENET_RESNET,
     # Goyal et al. 2017: the large-batch recipe (linear scaling + 5 epochs of linear warm-up).
-    "imagenet_resnet_large_batch": TrainConfig(
-        model="resnet50", dataset="imagenet2012", global_batch_size=8192, num_epochs=90,
-        optimizer="sgd", learning_rate=0.1, base_batch_size=256, momentum=0.9, weight_decay=1e-4,
-        wd_mask="no_bn_bias", schedule="step", boundary_epochs=(30, 60, 80), decay_factor=0.1,
-        warmup_steps=780, warmup="linear", warmup_lr=0.1,
-        augment="imagenet", normalize="per_channel", dtype="bfloat16",
-        log_every=20, eval_every=1_000, checkpoint_every=1_000,
+    "imagenet_resnet_large_batch": dataclasses.replace(
+        _IMAGENET_RESNET,
+        global_batch_size=8192,
+        wd_mask="no_bn_bias",
+        boundary_epochs=(30, 60, 80),
+        warmup_steps=780,
+        warmup="linear",
+        warmup_lr=0.1,
+        log_every=20,
+        eval_every=1_000,
+        checkpoint_every=1_000,
     ),
     # Szegedy et al. 2014, section 6: SGD with momentum 0.9, the rate decreased by 4% every 8
     # epochs (a step of 0.96 at each multiple of 8 epochs); the two auxiliary classifiers of
@@ -516,12 +675,27 @@ PRESETS: dict[str, TrainConfig] = {
     # rate, the paper's photometric distortions and 8%-100%-area crops (scale augmentation
     # instead).
     "imagenet_googlenet": TrainConfig(
-        model="googlenet", model_kwargs={"aux_logits": True}, dataset="imagenet2012",
-        global_batch_size=32, num_epochs=250, optimizer="sgd", learning_rate=0.01,
-        base_batch_size=32, momentum=0.9, weight_decay=2e-4, wd_mask="no_bn_bias",
-        schedule="step", boundary_epochs=tuple(range(8, 250, 8)), decay_factor=0.96,
-        aux_weight=0.3, augment="imagenet", normalize="per_channel", dtype="bfloat16",
-        log_every=100, eval_every=40_000, checkpoint_every=40_000,
+        model="googlenet",
+        model_kwargs={"aux_logits": True},
+        dataset="imagenet2012",
+        global_batch_size=32,
+        num_epochs=250,
+        optimizer="sgd",
+        learning_rate=0.01,
+        base_batch_size=32,
+        momentum=0.9,
+        weight_decay=2e-4,
+        wd_mask="no_bn_bias",
+        schedule="step",
+        boundary_epochs=tuple(range(8, 250, 8)),
+        decay_factor=0.96,
+        aux_weight=0.3,
+        augment="imagenet",
+        normalize="per_channel",
+        dtype="bfloat16",
+        log_every=100,
+        eval_every=40_000,
+        checkpoint_every=40_000,
     ),
 }
 

@@ -640,17 +640,22 @@ def evaluate_weights(
     '<split>_error', '<split>_top5_error'}.
     """
     if split not in (None, "test", "validation"):
-        raise ValueError(f"split must be 'test', 'validation' or None (the config's eval_split), "
-                         f"got {split!r}")
+        raise ValueError(
+            f"split must be 'test', 'validation' or None (the config's eval_split), got {split!r}"
+        )
     if config.seeds != 1:
         raise ValueError(f"one set of variables is one member: seeds must be 1, got {config.seeds}")
     setup = build(config, model_fn=model_fn)
     member = setup.members[0]
     shapes = jax.eval_shape(
-        lambda: member.init_model.init(jax.random.key(0), jnp.zeros((1, *setup.input_shape)),
-                                       train=False))
-    want = jax.tree.map(lambda a: (a.shape, a.dtype), {"params": shapes["params"],
-                                                       "batch_stats": shapes.get("batch_stats", {})})
+        lambda: member.init_model.init(
+            jax.random.key(0), jnp.zeros((1, *setup.input_shape)), train=False
+        )
+    )
+    want = jax.tree.map(
+        lambda a: (a.shape, a.dtype),
+        {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})},
+    )
     given = {"params": variables.get("params", {}), "batch_stats": variables.get("batch_stats", {})}
     got = jax.tree.map(lambda a: (np.shape(a), np.asarray(a).dtype), given)
     if jax.tree.structure(want) != jax.tree.structure(got) or (
@@ -662,11 +667,15 @@ def evaluate_weights(
             "this model and number of classes (cnnjax.weights.load(..., num_classes=N))"
         )
     params = jax.tree.map(np.asarray, given["params"])
-    state = TrainState(step=np.zeros((), np.int32), params=params,
-                       batch_stats=jax.tree.map(np.asarray, given["batch_stats"]),
-                       opt_state=jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
-                                              jax.eval_shape(setup.tx.init, params)),
-                       rng=np.asarray(jax.random.key_data(jax.random.key(0, impl=config.rng_impl))))
+    state = TrainState(
+        step=np.zeros((), np.int32),
+        params=params,
+        batch_stats=jax.tree.map(np.asarray, given["batch_stats"]),
+        opt_state=jax.tree.map(
+            lambda a: np.zeros(a.shape, a.dtype), jax.eval_shape(setup.tx.init, params)
+        ),
+        rng=np.asarray(jax.random.key_data(jax.random.key(0, impl=config.rng_impl))),
+    )
     engine = Engine(setup)
     return engine.evaluate(engine.place(state), split)[0]
 

@@ -48,7 +48,8 @@ def create_learning_rate_fn(config: TrainConfig, steps_per_epoch: int) -> optax.
     warm = config.warmup_steps
     if config.schedule == "step":
         main = optax.piecewise_constant_schedule(
-            peak, {b: config.decay_factor for b in step_boundaries(config, steps_per_epoch)})
+            peak, {b: config.decay_factor for b in step_boundaries(config, steps_per_epoch)}
+        )
     elif config.schedule == "cosine":
         cosine = optax.cosine_decay_schedule(peak, decay_steps=max(1, total - warm))
         main = lambda count: cosine(count - warm)  # noqa: E731
@@ -83,7 +84,9 @@ def weight_decay_mask(params: Any, mode: str) -> Any:
     raise ValueError(f"wd_mask={mode!r} is not one of 'all', 'no_bn_bias'")
 
 
-def create_optimizer(config: TrainConfig, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(
+    config: TrainConfig, learning_rate_fn: optax.Schedule
+) -> optax.GradientTransformation:
     """SGD (momentum, optional Nesterov) or Adam with L2 weight decay, or AdamW.
 
     For 'sgd' and 'adam' the decay is added to the gradient before the update (the loss gains
@@ -91,9 +94,13 @@ def create_optimizer(config: TrainConfig, learning_rate_fn: optax.Schedule) -> o
     """
     mask = lambda params: weight_decay_mask(params, config.wd_mask)  # noqa: E731
     if config.optimizer == "adamw":
-        return optax.adamw(learning_rate_fn, b1=config.momentum, weight_decay=config.weight_decay, mask=mask)
+        return optax.adamw(
+            learning_rate_fn, b1=config.momentum, weight_decay=config.weight_decay, mask=mask
+        )
     if config.optimizer == "sgd":
-        base = optax.sgd(learning_rate_fn, momentum=config.momentum or None, nesterov=config.nesterov)
+        base = optax.sgd(
+            learning_rate_fn, momentum=config.momentum or None, nesterov=config.nesterov
+        )
     elif config.optimizer == "adam":
         base = optax.adam(learning_rate_fn, b1=config.momentum)
     else:

@@ -20,7 +20,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXIS = "batch"
 MODES = ("shard_map", "pmap", "none")
@@ -42,8 +43,10 @@ class DataParallel:
             raise ValueError(f"parallel mode {mode!r} is not one of {list(MODES)}")
         if mode == "none":
             if jax.process_count() > 1:
-                raise ValueError("parallel='none' runs on one device of one process; with "
-                                 f"{jax.process_count()} processes use 'shard_map' or 'pmap'")
+                raise ValueError(
+                    "parallel='none' runs on one device of one process; with "
+                    f"{jax.process_count()} processes use 'shard_map' or 'pmap'"
+                )
             devices = [jax.local_devices()[0]] if devices is None else list(devices)[:1]
         self.mode = mode
         self.devices = list(jax.devices() if devices is None else devices)
@@ -68,7 +71,8 @@ class DataParallel:
             raise ValueError(
                 f"global_batch_size={global_batch_size} is not divisible by the {n} devices "
                 f"({jax.process_count()} process(es)); use a multiple of {n}, e.g. "
-                f"{max(n, global_batch_size // n * n)}")
+                f"{max(n, global_batch_size // n * n)}"
+            )
 
     # -- placing data ---------------------------------------------------------------------------
 
@@ -77,7 +81,9 @@ class DataParallel:
         if self.mode == "pmap":
             sharding = NamedSharding(self._local_mesh, P(AXIS))
             n = len(self.local_devices)
-            return jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * n), sharding), tree)
+            return jax.tree.map(
+                lambda x: jax.device_put(np.stack([np.asarray(x)] * n), sharding), tree
+            )
         sharding = NamedSharding(self.mesh, P())
 
         def put(x):
@@ -88,6 +94,7 @@ class DataParallel:
 
     def to_host(self, tree: Any) -> Any:
         """Replicated device pytree (state or metrics) -> NumPy pytree of one copy."""
+
         def get(x):
             shard = np.array(x.addressable_data(0))  # a copy: the device buffer may be donated next
             return shard[0] if self.mode == "pmap" else shard
@@ -115,9 +122,10 @@ class DataParallel:
         def split(x):
             x = np.asarray(x)
             if x.shape[axis] % n:
-                raise ValueError(f"local batch of {x.shape[axis]} does not split over {n} local "
-                                 "devices")
-            x = x.reshape(*x.shape[:axis], n, x.shape[axis] // n, *x.shape[axis + 1:])
+                raise ValueError(
+                    f"local batch of {x.shape[axis]} does not split over {n} local devices"
+                )
+            x = x.reshape(*x.shape[:axis], n, x.shape[axis] // n, *x.shape[axis + 1 :])
             return np.moveaxis(x, axis, 0)
 
         return jax.tree.map(split, batch)
@@ -129,7 +137,9 @@ class DataParallel:
     def put_local(self, tree: Any, axis: int = 0) -> Any:
         """This process's part of arrays split at dimension `axis` -> global arrays split over
         'batch'."""
-        from cnnjax import data  # the train package sits above data; imported late to keep this light
+        from cnnjax import (
+            data,
+        )  # the train package sits above data; imported late to keep this light
 
         put = data.pipeline.device_put_fn(self.split_sharding(axis))
         return jax.tree.map(put, self.host_layout(tree, axis))
@@ -137,17 +147,21 @@ class DataParallel:
     def put_global(self, tree: Any, axis: int = 0) -> Any:
         """Arrays every process holds whole -> split over 'batch' at dimension `axis`: device d of D
         gets the d-th of D equal slices (the dimension must divide)."""
+
         def put(x):
             x = np.asarray(x)
             if x.shape[axis] % self.num_devices:
-                raise ValueError(f"dimension {axis} of {x.shape} does not split over "
-                                 f"{self.num_devices} devices")
+                raise ValueError(
+                    f"dimension {axis} of {x.shape} does not split over {self.num_devices} devices"
+                )
             if self.mode != "pmap":
                 sharding = self.split_sharding(axis)
                 return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
             size = x.shape[axis] // self.num_devices
-            parts = [np.take(x, range(g * size, (g + 1) * size), axis=axis)
-                     for g in (self.devices.index(d) for d in self.local_devices)]
+            parts = [
+                np.take(x, range(g * size, (g + 1) * size), axis=axis)
+                for g in (self.devices.index(d) for d in self.local_devices)
+            ]
             return jax.device_put(np.stack(parts), self.split_sharding(axis))
 
         return jax.tree.map(put, tree)
@@ -178,17 +192,25 @@ class DataParallel:
         if self.mode == "none":
             return jax.jit(step_fn, donate_argnums=donate_argnums)
         if self.mode == "pmap":
-            return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=donate_argnums,
-                            in_axes=(0, *[None if a is None else 0 for a in split]),
-                            devices=self.devices if self.devices != jax.devices() else None)
+            return jax.pmap(
+                step_fn,
+                axis_name=AXIS,
+                donate_argnums=donate_argnums,
+                in_axes=(0, *[None if a is None else 0 for a in split]),
+                devices=self.devices if self.devices != jax.devices() else None,
+            )
         specs = [P() if a is None else P(*[None] * a, AXIS) for a in split]
-        mapped = jax.shard_map(step_fn, mesh=self.mesh, in_specs=(P(), *specs), out_specs=P(),
-                               check_vma=False)
+        mapped = jax.shard_map(
+            step_fn, mesh=self.mesh, in_specs=(P(), *specs), out_specs=P(), check_vma=False
+        )
         return jax.jit(mapped, donate_argnums=donate_argnums)
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
     """Calls `jax.distributed.initialize` when this is a multi-process run; returns whether it did.
 
     Args:
@@ -206,16 +228,24 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     n = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
     pid = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
     explicit = address is not None or n is not None or pid is not None
-    cluster = (_env_int("SLURM_NTASKS", 1) > 1 or _env_int("OMPI_COMM_WORLD_SIZE", 1) > 1
-               or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1)
+    cluster = (
+        _env_int("SLURM_NTASKS", 1) > 1
+        or _env_int("OMPI_COMM_WORLD_SIZE", 1) > 1
+        or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+    )
     if not explicit and not cluster:
         return False
     if explicit and n is not None and n <= 1 and address is None:
         return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=pid)
-    log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())
+    log.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 

@@ -42,8 +42,9 @@ class TrainState:
         return {"params": self.params}
 
 
-def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
-                       input_shape: tuple[int, ...]) -> TrainState:
+def create_train_state(
+    rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, ...]
+) -> TrainState:
     """Initialises a model and its optimiser on one device.
 
     Args:
@@ -59,8 +60,9 @@ def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTrans
     return train_state_initializer(model, tx, input_shape)(rng)
 
 
-def train_state_initializer(model: nn.Module, tx: optax.GradientTransformation,
-                            input_shape: tuple[int, ...]) -> Callable[[jax.Array], TrainState]:
+def train_state_initializer(
+    model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, ...]
+) -> Callable[[jax.Array], TrainState]:
     """`create_train_state` as a function of the key alone, compiled once for all its keys."""
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (H, W, C), got {tuple(input_shape)}")
@@ -71,9 +73,13 @@ def train_state_initializer(model: nn.Module, tx: optax.GradientTransformation,
         x = jnp.zeros((2, *input_shape), jnp.float32)
         variables = model.init({"params": init_key, "dropout": dropout_key}, x, train=True)
         params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                          rng=jax.random.key_data(train_key) if _is_typed_key(train_key) else train_key)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(train_key) if _is_typed_key(train_key) else train_key,
+        )
 
     return init
 

@@ -31,7 +31,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     (1 - eps) * onehot + eps / num_classes (Szegedy et al. 2016).
     """
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"logits must be (N, classes) and labels (N,), got {logits.shape} and {labels.shape}")
+        raise ValueError(
+            f"logits must be (N, classes) and labels (N,), got {logits.shape} and {labels.shape}"
+        )
     num_classes = logits.shape[-1]
     targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     if label_smoothing:
@@ -53,17 +55,26 @@ def split_outputs(outputs: Any) -> tuple[jax.Array, list[jax.Array]]:
     """(logits, [aux_logits, ...]) from a model's output: an array, or (logits, aux list)."""
     if isinstance(outputs, (tuple, list)):
         if len(outputs) != 2:
-            raise ValueError(f"a model returns logits or (logits, [aux_logits, ...]); got a tuple of {len(outputs)}")
+            raise ValueError(
+                "a model returns logits or (logits, [aux_logits, "
+                f"...]); got a tuple of {len(outputs)}"
+            )
         logits, aux = outputs
         aux = [aux] if isinstance(aux, jax.Array) else list(aux)
         return logits, aux
     return outputs, []
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, learning_rate_fn: optax.Schedule, *,
-                    label_smoothing: float = 0.0, aux_weight: float = 0.3,
-                    axis_name: str | None = "batch", rng_impl: str | None = None,
-                    ) -> Callable[..., tuple[TrainState, Metrics]]:
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    learning_rate_fn: optax.Schedule,
+    *,
+    label_smoothing: float = 0.0,
+    aux_weight: float = 0.3,
+    axis_name: str | None = "batch",
+    rng_impl: str | None = None,
+) -> Callable[..., tuple[TrainState, Metrics]]:
     """Builds the per-device training step `(state, batch, apply_kwargs=None) -> (state, metrics)`.
 
     Args:
@@ -73,7 +84,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, learning
       label_smoothing: epsilon for the main and auxiliary losses.
       aux_weight: weight of each auxiliary classifier's loss (GoogLeNet: 0.3).
       axis_name: the mapped device axis to average over, or None on one device.
-      rng_impl: PRNG implementation of `state.rng` ('threefry2x32', 'rbg', ...; None: JAX's default).
+      rng_impl: PRNG implementation of `state.rng` ('threefry2x32', 'rbg', ...;
+          None: JAX's default).
 
     batch: {'image': [b, H, W, C] float, 'label': [b] int}; apply_kwargs: extra arguments of the
     model's call (a twin's `shortcut_scale`). The metrics (loss of the main classifier, top-1 and
@@ -81,24 +93,39 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, learning
     the global batch.
     """
 
-    def train_step(state: TrainState, batch: Batch,
-                   apply_kwargs: dict | None = None) -> tuple[TrainState, Metrics]:
+    def train_step(
+        state: TrainState, batch: Batch, apply_kwargs: dict | None = None
+    ) -> tuple[TrainState, Metrics]:
         images, labels = batch["image"], batch["label"]
-        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=rng_impl), state.step)
+        dropout_key = jax.random.fold_in(
+            jax.random.wrap_key_data(state.rng, impl=rng_impl), state.step
+        )
         if axis_name is not None:
             dropout_key = jax.random.fold_in(dropout_key, lax.axis_index(axis_name))
 
         def loss_fn(params):
-            variables = {"params": params, "batch_stats": state.batch_stats} if state.batch_stats else {"params": params}
-            outputs, updates = model.apply(variables, images, train=True, mutable=["batch_stats"],
-                                           rngs={"dropout": dropout_key}, **(apply_kwargs or {}))
+            variables = (
+                {"params": params, "batch_stats": state.batch_stats}
+                if state.batch_stats
+                else {"params": params}
+            )
+            outputs, updates = model.apply(
+                variables,
+                images,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": dropout_key},
+                **(apply_kwargs or {}),
+            )
             logits, aux = split_outputs(outputs)
             loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
             aux_losses = [jnp.mean(cross_entropy(a, labels, label_smoothing)) for a in aux]
             total = loss + aux_weight * sum(aux_losses) if aux_losses else loss
             return total, (logits, loss, aux_losses, updates.get("batch_stats", {}))
 
-        grads, (logits, loss, aux_losses, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads, (logits, loss, aux_losses, batch_stats) = jax.grad(loss_fn, has_aux=True)(
+            state.params
+        )
         if axis_name is not None:
             grads = lax.pmean(grads, axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -113,7 +140,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, learning
         if axis_name is not None:
             metrics = lax.pmean(metrics, axis_name)
         metrics["lr"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        )
         return new_state, metrics
 
     return train_step

@@ -22,7 +22,9 @@ import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from cnnjax import data, train  # noqa: E402
-from cnnjax.data import augment as aug, device as device_data  # noqa: E402
+from cnnjax.data import augment as aug  # noqa: E402
+from cnnjax.data import device as device_data
+
 from tiny import TinyCNN  # noqa: E402
 
 config = train.TrainConfig(

@@ -18,14 +18,26 @@ def start(script, *args, env=None, **popen_kwargs):
 
     `env` adds environment variables.
     """
-    env = dict(os.environ, **(env or {}), JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    return subprocess.Popen([sys.executable, os.path.join(HELPERS, script), *map(str, args)], cwd=HELPERS, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs)
+    env = dict(
+        os.environ,
+        **(env or {}),
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+    )
+    return subprocess.Popen(
+        [sys.executable, os.path.join(HELPERS, script), *map(str, args)],
+        cwd=HELPERS,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen_kwargs,
+    )
 
 
 def finish(proc, timeout=300, returncode=0):
-    """Waits for `proc`; checks its exit status; returns its last stdout line parsed as JSON (or None)."""
+    """Waits for `proc`; checks its exit status; returns its last stdout line
+    parsed as JSON (or None)."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -20,16 +20,33 @@ import time
 import numpy as np
 
 NUM_STEPS = int(os.environ.get("CNNJAX_TEST_NUM_STEPS", 6))
-STEP_SLEEP = float(os.environ.get("CNNJAX_TEST_STEP_SLEEP", 0))  # seconds per step, to let signals propagate
+STEP_SLEEP = float(
+    os.environ.get("CNNJAX_TEST_STEP_SLEEP", 0)
+)  # seconds per step, to let signals propagate
 
 
 def config(parallel):
     from cnnjax import train
 
     config = train.TrainConfig(
-        model="tiny", dataset="digits", image_size=8, channels=1, global_batch_size=32, num_steps=NUM_STEPS,
-        learning_rate=0.1, momentum=0.9, weight_decay=5e-4, schedule="constant", normalize="per_channel",
-        parallel=parallel, log_every=2, eval_every=0, checkpoint_every=3, rng_impl="rbg", progress_bar=False)
+        model="tiny",
+        dataset="digits",
+        image_size=8,
+        channels=1,
+        global_batch_size=32,
+        num_steps=NUM_STEPS,
+        learning_rate=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+        schedule="constant",
+        normalize="per_channel",
+        parallel=parallel,
+        log_every=2,
+        eval_every=0,
+        checkpoint_every=3,
+        rng_impl="rbg",
+        progress_bar=False,
+    )
     if os.environ.get("CNNJAX_TEST_ENGINE") == "1" and parallel != "none":
         config = config.replace(seeds=2, data_on_device=True, steps_per_dispatch=3, log_every=3)
     return config
@@ -38,7 +55,10 @@ def config(parallel):
 def save_params(path, params):
     import jax
 
-    flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    flat = {
+        jax.tree_util.keystr(k): np.asarray(v)
+        for k, v in jax.tree_util.tree_leaves_with_path(params)
+    }
     np.savez(path, **flat)
 
 
@@ -60,11 +80,23 @@ def worker(process_id, port, workdir, out, sigterm_step=None):
             os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(STEP_SLEEP)
 
-    result = train.train_and_evaluate(config("shard_map"), workdir, model_fn=TinyCNN, callbacks=[sigterm])
+    result = train.train_and_evaluate(
+        config("shard_map"), workdir, model_fn=TinyCNN, callbacks=[sigterm]
+    )
     save_params(out, result.state.params)
-    print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
-                      "devices": jax.device_count(), "step": result.step, "metrics": result.metrics,
-                      "preempted": result.preempted, "resumed_from": result.resumed_from}))
+    print(
+        json.dumps(
+            {
+                "process": jax.process_index(),
+                "processes": jax.process_count(),
+                "devices": jax.device_count(),
+                "step": result.step,
+                "metrics": result.metrics,
+                "preempted": result.preempted,
+                "resumed_from": result.resumed_from,
+            }
+        )
+    )
     jax.distributed.shutdown()
 
 
@@ -72,14 +104,22 @@ def reference(workdir, out):
     import jax
 
     from cnnjax import data, train
+
     from tiny import TinyCNN
 
     setup = train.build(config("none"), model_fn=TinyCNN)
-    pipes = [data.Pipeline(setup.pipeline.ds, 32, normalize="per_channel", process_index=i, process_count=2)
-             for i in range(2)]
+    pipes = [
+        data.Pipeline(
+            setup.pipeline.ds, 32, normalize="per_channel", process_index=i, process_count=2
+        )
+        for i in range(2)
+    ]
     state = setup.par.replicate(train.initial_state(setup))
-    step = setup.par.wrap_train_step(train.make_train_step(setup.model, setup.tx, setup.learning_rate_fn,
-                                                           axis_name=None, rng_impl="rbg"))
+    step = setup.par.wrap_train_step(
+        train.make_train_step(
+            setup.model, setup.tx, setup.learning_rate_fn, axis_name=None, rng_impl="rbg"
+        )
+    )
     for local_batches in zip(*(p.train_batches(0) for p in pipes)):
         if int(state.step) == NUM_STEPS:
             break

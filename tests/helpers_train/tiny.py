@@ -25,11 +25,17 @@ class TinyCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        norm = functools.partial(cnn.BatchNorm, use_running_average=not train, axis_name=self.bn_axis_name,
-                                 dtype=self.dtype)
+        norm = functools.partial(
+            cnn.BatchNorm,
+            use_running_average=not train,
+            axis_name=self.bn_axis_name,
+            dtype=self.dtype,
+        )
         x = cnn.Conv(self.width, 3, padding=1, use_bias=False, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x))
-        x = cnn.Conv(2 * self.width, 3, strides=2, padding=1, use_bias=False, dtype=self.dtype, name="conv2")(x)
+        x = cnn.Conv(
+            2 * self.width, 3, strides=2, padding=1, use_bias=False, dtype=self.dtype, name="conv2"
+        )(x)
         x = nn.relu(norm(name="bn2")(x))
         x = cnn.GlobalAvgPool()(x)
         logits = cnn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
