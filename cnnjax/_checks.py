@@ -255,3 +255,307 @@ def conv_operands(x, kernel, groups) -> int:
             "(KH, KW, C_in // groups, C_out)"
         )
     return groups
+
+
+# --------------------------------------------------------------------------- layer operands
+# The checks of cnnjax.functional's layers, in the order the layers ran them inline.
+
+
+def padding(value, name: str = "padding"):
+    """A layer's `padding`: 'SAME' or 'VALID' (any case), or explicit ((top, bottom), (left,
+    right)) from an int p, a pair (ph, pw) or a pair of pairs."""
+    if isinstance(value, str):
+        mode = value.upper()
+        if mode in ("SAME", "VALID"):
+            return mode
+        raise ValueError(
+            f"{name} string must be 'SAME' or 'VALID', got {value!r}; "
+            "or pass an int, a pair, or ((top, bottom), (left, right))"
+        )
+    bad = ValueError(
+        f"{name} must be an int, (ph, pw), ((top, bottom), (left, right)), 'SAME' or 'VALID', got "
+        f"{value!r}; every entry must be an int (floats and bools are not accepted)"
+    )
+    single = index(value)
+    if single is not None:
+        pads = ((single, single), (single, single))
+    else:
+        if isinstance(value, (bytes, bool, np.bool_)):
+            raise bad
+        try:
+            items = list(value)  # type: ignore[arg-type]
+        except TypeError:
+            raise bad from None
+        if len(items) != 2:
+            raise ValueError(f"{name} must have 2 entries (height, width), got {value!r}")
+        both = ints(items)
+        if both is not None:
+            pads = ((both[0], both[0]), (both[1], both[1]))
+        else:
+            pairs = []
+            for item in items:
+                p = ints(item, 2)
+                if p is None:
+                    raise bad
+                pairs.append(tuple(p))
+            pads = tuple(pairs)
+    if any(p < 0 for lo_hi in pads for p in lo_hi):
+        raise ValueError(f"{name} must be non-negative, got {value!r}")
+    return pads
+
+
+def output_size_operands(size, window, stride, pad, dilation, ceil_mode):
+    """`output_size`'s arguments as (size, window, stride, (lo, hi), dilation, ceil_mode)."""
+    i = index(size)
+    if i is None or i < 0:
+        raise ValueError(f"size must be a non-negative int (the input extent), got {size!r}")
+    window = positive_int(window, "window", what=" (the kernel extent)")
+    stride = positive_int(stride, "stride")
+    dilation = positive_int(dilation, "dilation")
+    ceil_mode = flag(ceil_mode, "ceil_mode")
+    single = index(pad)
+    if single is not None:
+        lo, hi = single, single
+    else:
+        lo_hi = ints(pad, 2)
+        if lo_hi is None:
+            raise ValueError(f"pad must be an int or a pair of ints (lo, hi), got {pad!r}")
+        lo, hi = lo_hi
+    if min(lo, hi) < 0:
+        raise ValueError(f"pad must be non-negative, got {pad!r}")
+    return i, window, stride, (lo, hi), dilation, ceil_mode
+
+
+def conv2d_operands(x, kernel, bias, groups, stride, dilation):
+    """conv2d's bias (an array or None), groups, strides and dilations, after `conv_operands`."""
+    bias = None if bias is None else as_array(bias, "bias")
+    groups = conv_operands(x, kernel, groups)  # ranks, channels and groups
+    return bias, groups, pair(stride, "stride"), pair(dilation, "dilation")
+
+
+def check_conv_bias(bias, c_out: int) -> None:
+    if bias is not None and bias.shape != (c_out,):
+        raise ValueError(f"bias must have shape ({c_out},), got {tuple(bias.shape)}")
+
+
+def dense_operands(x, kernel, bias):
+    """dense's bias as an array (or None), after checking that x (..., in), kernel (in, out) and
+    bias (out,) agree."""
+    bias = None if bias is None else as_array(bias, "bias")
+    if kernel.ndim != 2:
+        raise ValueError(f"kernel must have rank 2 (in, out), got shape {tuple(kernel.shape)}")
+    if x.ndim < 1:
+        raise ValueError(
+            f"x must have a feature axis (shape (..., {kernel.shape[0]})), "
+            "got a scalar; reshape it, e.g. x.reshape(1, -1)"
+        )
+    if x.shape[-1] != kernel.shape[0]:
+        raise ValueError(
+            f"x has {x.shape[-1]} features but kernel {tuple(kernel.shape)} expects "
+            f"{kernel.shape[0]}; flatten the input or fix the layer's input size"
+        )
+    if bias is not None and bias.shape != (kernel.shape[1],):
+        raise ValueError(
+            f"bias must have shape ({kernel.shape[1]},) (the kernel's outputs), "
+            f"got {tuple(bias.shape)}"
+        )
+    return bias
+
+
+def flatten_input(x):
+    x = as_array(x, "x")
+    if x.ndim < 2:
+        raise ValueError(
+            f"x must have a batch axis and at least one more, got shape {tuple(x.shape)}"
+        )
+    return x
+
+
+def pool_window(x, kernel_size, stride, ceil_mode):
+    """A pool's (ceil_mode, window, strides) for an NHWC x; stride None is the window."""
+    check_rank(x, 4, "x", "NHWC")
+    ceil_mode = flag(ceil_mode, "ceil_mode")
+    window = pair(kernel_size, "kernel_size")
+    strides = window if stride is None else pair(stride, "stride")
+    return ceil_mode, window, strides
+
+
+def check_pool_padding(x, window, padding, pads, name: str) -> None:
+    """The window fits the padded input, and explicit padding is at most half the window."""
+    check_window_fits(x.shape[1:3], window, (1, 1), pads, f"{name} window", "kernel_size")
+    if not isinstance(padding, str):
+        for k, (lo, hi) in zip(window, pads):
+            if max(lo, hi) > k // 2:
+                raise ValueError(
+                    f"padding {padding!r} must be at most half the pooling window {window}; "
+                    "larger padding makes windows that see only padding"
+                )
+
+
+def check_max_pool_dtype(x) -> None:
+    if not any(jnp.issubdtype(x.dtype, t) for t in (jnp.floating, jnp.integer, jnp.bool_)):
+        raise ValueError(
+            f"max_pool needs a real x (float, int or bool), got dtype {x.dtype}; convert x first"
+        )
+
+
+def avg_pool_input(x, count_include_pad):
+    """avg_pool's x (an array, float or int) and count_include_pad (a bool)."""
+    x = as_array(x, "x")
+    count_include_pad = flag(count_include_pad, "count_include_pad")
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+        raise ValueError(
+            f"avg_pool needs a numeric x (float or int), got dtype {x.dtype}; "
+            "convert it first, e.g. x.astype(jnp.float32)"
+        )
+    return x, count_include_pad
+
+
+def global_pool_input(x, keepdims, name: str):
+    """A global pool's x: an NHWC array with H, W >= 1."""
+    x = as_array(x, "x")
+    check_rank(x, 4, "x", "NHWC")
+    flag(keepdims, "keepdims")
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(
+            f"x has an empty spatial extent (shape {tuple(x.shape)}); {name} needs H >= 1 and W >= "
+            "1 (the pool of zero positions is undefined): check the layers before it"
+        )
+    return x
+
+
+def batch_norm_apply_operands(x, mean, var, scale, bias, eps):
+    """batch_norm_apply's x, eps and (mean, var, scale, bias) as checked (C,) vectors."""
+    x = as_array(x, "x")
+    if x.ndim < 1:
+        raise ValueError(
+            "x must have a channel axis (last), got a scalar; pass (..., C) with C = mean.shape[0]"
+        )
+    eps = check_eps(eps)
+    vs = check_channel_vectors(
+        x.shape[-1],
+        f"for x of shape {tuple(x.shape)}",
+        ("mean", "var"),
+        mean=mean,
+        var=var,
+        scale=scale,
+        bias=bias,
+    )
+    return x, eps, (vs["mean"], vs["var"], vs["scale"], vs["bias"])
+
+
+def batch_norm_operands(x, train, momentum, eps):
+    """batch_norm's train (a bool), momentum (in [0, 1]) and eps (> 0) for an x of rank >= 2,
+    not empty in training."""
+    check_bn_rank(x)
+    train = flag(train, "train")
+    if train and x.size == 0:
+        raise ValueError(
+            f"batch_norm in training needs at least one value per channel, got x of "
+            f"shape {tuple(x.shape)}: the statistics of an empty batch are 0 / 0"
+        )
+    momentum = real(momentum, "momentum")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(
+            f"momentum must be in [0, 1] (Flax convention, 0.9 = PyTorch's 0.1), got {momentum}"
+        )
+    return train, momentum, check_eps(eps)
+
+
+def batch_norm_vectors(x, residual, scale, bias, running_mean, running_var):
+    """batch_norm's residual (x's shape, or None) checked, and (scale, bias, running_mean,
+    running_var) as (C,) vectors (scale and bias may be None)."""
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(
+            f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
+        )
+    vs = check_channel_vectors(
+        x.shape[-1],
+        f"for x of shape {tuple(x.shape)}",
+        ("running_mean", "running_var"),
+        "; start from zeros (mean) and ones (var)",
+        scale=scale,
+        bias=bias,
+        running_mean=running_mean,
+        running_var=running_var,
+    )
+    return vs["scale"], vs["bias"], vs["running_mean"], vs["running_var"]
+
+
+def fold_batch_norm_operands(kernel, bias, scale, shift, mean, var, eps):
+    """fold_batch_norm's kernel (rank >= 2), eps, and (bias, scale, shift, mean, var) as vectors
+    of the kernel's output channels (bias, scale and shift may be None)."""
+    kernel = as_array(kernel, "kernel")
+    if kernel.ndim < 2:
+        raise ValueError(
+            f"kernel must be a conv (HWIO) or dense (IO) kernel, got shape {tuple(kernel.shape)}"
+        )
+    eps = check_eps(eps)
+    vs = check_channel_vectors(
+        kernel.shape[-1],
+        f"to match kernel {tuple(kernel.shape)}",
+        ("mean", "var"),
+        bias=bias,
+        scale=scale,
+        shift=shift,
+        mean=mean,
+        var=var,
+    )
+    return kernel, eps, (vs["bias"], vs["scale"], vs["shift"], vs["mean"], vs["var"])
+
+
+def local_response_norm_operands(x, size, alpha, beta, k, alpha_over_n):
+    """local_response_norm's (size, alpha, beta, k, alpha_over_n) for an NHWC x.
+
+    The denominator (k + alpha' * sum of squares) ** beta: with k > 0 and alpha >= 0 its base is
+    positive, so any finite beta gives a finite value; k <= 0 gives 0 / 0 on a window of zeros
+    (and a fractional power of a negative base), alpha < 0 a negative base for large inputs.
+    Traced alpha, beta and k pass unchecked.
+    """
+    check_rank(x, 4, "x", "NHWC")
+    size = positive_int(size, "size", what=" (channels in the window)")
+    alpha_over_n = flag(alpha_over_n, "alpha_over_n")
+    k = real(k, "k", traced_ok=True)
+    if isinstance(k, float) and not k > 0:
+        raise ValueError(
+            f"k must be > 0, got {k!r}; with k <= 0 a window "
+            "of zeros gives 0 / 0 = NaN (the paper uses k = 2)"
+        )
+    alpha = real(alpha, "alpha", traced_ok=True)
+    if isinstance(alpha, float) and alpha < 0:
+        raise ValueError(
+            f"alpha must be >= 0, got {alpha!r}; a negative alpha makes k + alpha * sum(a^2) "
+            "negative for large activations, and its power NaN (the paper uses 1e-4)"
+        )
+    beta = real(beta, "beta", traced_ok=True)
+    return size, alpha, beta, k, alpha_over_n
+
+
+def dropout_operands(rate, rng, deterministic):
+    """dropout's rate (a float in [0, 1)) and deterministic (a bool); rng a single key or None."""
+    rate = real(rate, "rate")
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"rate must be in [0, 1), got {rate}")
+    deterministic = flag(deterministic, "deterministic")
+    if rng is not None:
+        check_key(rng, "rng")
+    return rate, deterministic
+
+
+def conv_output_shape_operands(input_shape, kernel_size, features, stride, dilation):
+    """conv_output_shape's NHWC input shape (4 ints >= 0, C >= 1), features (an int >= 1) and
+    (kernel_size, stride, dilation) as pairs."""
+    dims = ints(input_shape, 4)
+    if dims is None or min(dims) < 0:
+        raise ValueError(
+            "input_shape must be an NHWC shape (N, H, W, C) of 4 non-negative ints, got "
+            f"{input_shape!r}; add the batch dimension, e.g. (1, *shape)"
+        )
+    if dims[3] == 0:
+        raise ValueError(
+            f"input_shape has 0 channels ({input_shape!r}); "
+            "a convolution needs at least one input channel"
+        )
+    features = positive_int(features, "features")
+    pairs = pair(kernel_size, "kernel_size"), pair(stride, "stride"), pair(dilation, "dilation")
+    return dims, features, pairs

@@ -61,53 +61,23 @@ def resolve_padding(
     *,
     name: str = "padding",
 ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Converts any accepted padding form to explicit ((top, bottom), (left, right))."""
-    if isinstance(padding, str):
-        mode = padding.upper()
-        if mode == "VALID":
-            return ((0, 0), (0, 0))
-        if mode == "SAME":
-            pads = []
-            for size, k, s, d in zip(spatial, window, stride, dilation):
-                eff = (k - 1) * d + 1
-                out = -(-size // s)
-                total = max((out - 1) * s + eff - size, 0)
-                pads.append((total // 2, total - total // 2))
-            return tuple(pads)  # type: ignore[return-value]
-        raise ValueError(
-            f"{name} string must be 'SAME' or 'VALID', got {padding!r}; "
-            "or pass an int, a pair, or ((top, bottom), (left, right))"
-        )
-    bad = ValueError(
-        f"{name} must be an int, (ph, pw), ((top, bottom), (left, right)), 'SAME' or 'VALID', got "
-        f"{padding!r}; every entry must be an int (floats and bools are not accepted)"
-    )
-    single = C.index(padding)
-    if single is not None:
-        pads = ((single, single), (single, single))
-    else:
-        if isinstance(padding, (bytes, bool, np.bool_)):
-            raise bad
-        try:
-            items = list(padding)  # type: ignore[arg-type]
-        except TypeError:
-            raise bad from None
-        if len(items) != 2:
-            raise ValueError(f"{name} must have 2 entries (height, width), got {padding!r}")
-        ints = C.ints(items)
-        if ints is not None:
-            pads = ((ints[0], ints[0]), (ints[1], ints[1]))
-        else:
-            pairs = []
-            for item in items:
-                pair = C.ints(item, 2)
-                if pair is None:
-                    raise bad
-                pairs.append(tuple(pair))
-            pads = tuple(pairs)
-    if any(p < 0 for pair in pads for p in pair):
-        raise ValueError(f"{name} must be non-negative, got {padding!r}")
-    return pads  # type: ignore[return-value]
+    """Converts any accepted padding form to explicit ((top, bottom), (left, right)).
+
+    'SAME' pads each axis by max((ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0) in all,
+    the odd one at the far side (bottom, right); 'VALID' is no padding.
+    """
+    pads = C.padding(padding, name)  # 'SAME', 'VALID' or ((top, bottom), (left, right))
+    if pads == "VALID":
+        return ((0, 0), (0, 0))
+    if pads != "SAME":
+        return pads
+    same = []
+    for size, k, s, d in zip(spatial, window, stride, dilation):
+        eff = (k - 1) * d + 1
+        out = -(-size // s)
+        total = max((out - 1) * s + eff - size, 0)
+        same.append((total // 2, total - total // 2))
+    return tuple(same)  # type: ignore[return-value]
 
 
 def output_size(
@@ -122,24 +92,9 @@ def output_size(
 
     0 when the (dilated) window does not fit the padded input. `pad` is an int or (lo, hi).
     """
-    i = C.index(size)
-    if i is None or i < 0:
-        raise ValueError(f"size must be a non-negative int (the input extent), got {size!r}")
-    size = i
-    window = C.positive_int(window, "window", what=" (the kernel extent)")
-    stride = C.positive_int(stride, "stride")
-    dilation = C.positive_int(dilation, "dilation")
-    ceil_mode = C.flag(ceil_mode, "ceil_mode")
-    single = C.index(pad)
-    if single is not None:
-        lo, hi = single, single
-    else:
-        pair = C.ints(pad, 2)
-        if pair is None:
-            raise ValueError(f"pad must be an int or a pair of ints (lo, hi), got {pad!r}")
-        lo, hi = pair
-    if min(lo, hi) < 0:
-        raise ValueError(f"pad must be non-negative, got {pad!r}")
+    size, window, stride, (lo, hi), dilation, ceil_mode = C.output_size_operands(
+        size, window, stride, pad, dilation, ceil_mode
+    )
     eff = (window - 1) * dilation + 1
     span = size + lo + hi - eff
     if span < 0:
@@ -202,14 +157,10 @@ def conv2d(
       (N, H_out, W_out, C_out) with H_out = floor((H + pt + pb - ((KH - 1) * dh + 1)) / sh) + 1.
     """
     x, kernel = _floating(C.as_array(x, "x")), C.as_array(kernel, "kernel")
-    bias = None if bias is None else C.as_array(bias, "bias")
-    groups = C.conv_operands(x, kernel, groups)  # ranks, channels and groups
-    strides, dilations = C.pair(stride, "stride"), C.pair(dilation, "dilation")
-    window = kernel.shape[:2]
-    pads = resolve_padding(padding, x.shape[1:3], window, strides, dilations)
-    C.check_window_fits(x.shape[1:3], window, dilations, pads, "kernel", "kernel")
-    if bias is not None and bias.shape != (kernel.shape[3],):
-        raise ValueError(f"bias must have shape ({kernel.shape[3]},), got {tuple(bias.shape)}")
+    bias, groups, strides, dilations = C.conv2d_operands(x, kernel, bias, groups, stride, dilation)
+    pads = resolve_padding(padding, x.shape[1:3], kernel.shape[:2], strides, dilations)
+    C.check_window_fits(x.shape[1:3], kernel.shape[:2], dilations, pads, "kernel", "kernel")
+    C.check_conv_bias(bias, kernel.shape[3])
     kernel = kernel.astype(x.dtype)
     # The same convolution by faster code where there is some (oneDNN, or XLA's with the
     # canonical gradient: cnnjax.backends.conv), else XLA's with JAX's gradient.
@@ -237,35 +188,14 @@ def dense(
 ) -> Array:
     """Fully connected layer: x @ kernel + bias over the last axis (integer x in float32)."""
     x, kernel = _floating(C.as_array(x, "x")), C.as_array(kernel, "kernel")
-    bias = None if bias is None else C.as_array(bias, "bias")
-    if kernel.ndim != 2:
-        raise ValueError(f"kernel must have rank 2 (in, out), got shape {tuple(kernel.shape)}")
-    if x.ndim < 1:
-        raise ValueError(
-            f"x must have a feature axis (shape (..., {kernel.shape[0]})), "
-            "got a scalar; reshape it, e.g. x.reshape(1, -1)"
-        )
-    if x.shape[-1] != kernel.shape[0]:
-        raise ValueError(
-            f"x has {x.shape[-1]} features but kernel {tuple(kernel.shape)} expects "
-            f"{kernel.shape[0]}; flatten the input or fix the layer's input size"
-        )
-    if bias is not None and bias.shape != (kernel.shape[1],):
-        raise ValueError(
-            f"bias must have shape ({kernel.shape[1]},) (the kernel's outputs), "
-            f"got {tuple(bias.shape)}"
-        )
+    bias = C.dense_operands(x, kernel, bias)  # x (..., in), kernel (in, out), bias (out,)
     y = jnp.matmul(x, kernel.astype(x.dtype), precision=precision)
     return y if bias is None else y + bias.astype(y.dtype)
 
 
 def flatten(x: Array) -> Array:
     """Flattens all but the batch axis (NHWC order)."""
-    x = C.as_array(x, "x")
-    if x.ndim < 2:
-        raise ValueError(
-            f"x must have a batch axis and at least one more, got shape {tuple(x.shape)}"
-        )
+    x = C.flatten_input(x)
     return x.reshape(x.shape[0], -1)
 
 
@@ -273,19 +203,10 @@ def flatten(x: Array) -> Array:
 
 
 def _pool_geometry(x, kernel_size, stride, padding, ceil_mode, name):
-    C.check_rank(x, 4, "x", "NHWC")
-    ceil_mode = C.flag(ceil_mode, "ceil_mode")
-    window = C.pair(kernel_size, "kernel_size")
-    strides = window if stride is None else C.pair(stride, "stride")
+    """A pool's (window, strides, explicit pads); with ceil_mode the far side is padded further."""
+    ceil_mode, window, strides = C.pool_window(x, kernel_size, stride, ceil_mode)
     pads = resolve_padding(padding, x.shape[1:3], window, strides)
-    C.check_window_fits(x.shape[1:3], window, (1, 1), pads, f"{name} window", "kernel_size")
-    if not isinstance(padding, str):
-        for k, (lo, hi) in zip(window, pads):
-            if max(lo, hi) > k // 2:
-                raise ValueError(
-                    f"padding {padding!r} must be at most half the pooling window {window}; "
-                    "larger padding makes windows that see only padding"
-                )
+    C.check_pool_padding(x, window, padding, pads, name)
     if ceil_mode:
         # Extra padding on the far side so that the last partial window is kept.
         new = []
@@ -308,6 +229,7 @@ def max_pool(
     """Max pooling (padding never wins: it is -inf); stride defaults to the window."""
     x = C.as_array(x, "x")
     window, strides, pads = _pool_geometry(x, kernel_size, stride, padding, ceil_mode, "pooling")
+    C.check_max_pool_dtype(x)  # float, int or bool
     # NumPy (not traced) init values: lax.reduce_window only has autodiff rules for the known
     # monoids (max with -inf, add with 0), which it recognises from constant inits. On bools the
     # max is a logical or, and the padding (False) never wins either.
@@ -315,12 +237,8 @@ def max_pool(
         init = np.array(-np.inf, x.dtype)
     elif jnp.issubdtype(x.dtype, jnp.integer):
         init = np.array(np.iinfo(x.dtype).min, x.dtype)
-    elif jnp.issubdtype(x.dtype, jnp.bool_):
-        init = np.array(False)
     else:
-        raise ValueError(
-            f"max_pool needs a real x (float, int or bool), got dtype {x.dtype}; convert x first"
-        )
+        init = np.array(False)
     return lax.reduce_window(
         x, init, lax.max, (1, *window, 1), (1, *strides, 1), ((0, 0), *pads, (0, 0))
     )
@@ -338,13 +256,7 @@ def avg_pool(
     """Average pooling. count_include_pad counts the explicit zero padding in the divisor
     (PyTorch's default); the extra far-side padding of ceil_mode is never counted. Integer x is
     averaged in float32."""
-    x = C.as_array(x, "x")
-    count_include_pad = C.flag(count_include_pad, "count_include_pad")
-    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
-        raise ValueError(
-            f"avg_pool needs a numeric x (float or int), got dtype {x.dtype}; "
-            "convert it first, e.g. x.astype(jnp.float32)"
-        )
+    x, count_include_pad = C.avg_pool_input(x, count_include_pad)
     x = _floating(x)
     window, strides, pads = _pool_geometry(x, kernel_size, stride, padding, ceil_mode, "pooling")
     dims, wstrides, wpads = (1, *window, 1), (1, *strides, 1), ((0, 0), *pads, (0, 0))
@@ -361,18 +273,6 @@ def avg_pool(
     else:
         count = lax.reduce_window(ones, np.array(0, x.dtype), lax.add, dims, wstrides, wpads)
     return total / count
-
-
-def _check_global_pool_input(x, keepdims, name: str):
-    x = C.as_array(x, "x")
-    C.check_rank(x, 4, "x", "NHWC")
-    C.flag(keepdims, "keepdims")
-    if x.shape[1] == 0 or x.shape[2] == 0:
-        raise ValueError(
-            f"x has an empty spatial extent (shape {tuple(x.shape)}); {name} needs H >= 1 and W >= "
-            "1 (the pool of zero positions is undefined): check the layers before it"
-        )
-    return x
 
 
 def adaptive_avg_pool(x: Array, size: IntPair) -> Array:
@@ -402,13 +302,13 @@ def adaptive_avg_pool(x: Array, size: IntPair) -> Array:
 
 def global_avg_pool(x: Array, *, keepdims: bool = False) -> Array:
     """Mean over the spatial axes: (N, H, W, C) -> (N, C) (or (N, 1, 1, C)); integers in float32."""
-    x = _floating(_check_global_pool_input(x, keepdims, "global_avg_pool"))
+    x = _floating(C.global_pool_input(x, keepdims, "global_avg_pool"))
     return jnp.mean(x, axis=(1, 2), keepdims=keepdims)
 
 
 def global_max_pool(x: Array, *, keepdims: bool = False) -> Array:
     """Max over the spatial axes."""
-    x = _check_global_pool_input(x, keepdims, "global_max_pool")
+    x = C.global_pool_input(x, keepdims, "global_max_pool")
     return jnp.max(x, axis=(1, 2), keepdims=keepdims)
 
 
@@ -451,22 +351,8 @@ def batch_norm_apply(
     x: Array, mean: Array, var: Array, scale: Array | None, bias: Array | None, *, eps: float = 1e-5
 ) -> Array:
     """y = (x - mean) / sqrt(var + eps) * scale + bias, folded to one multiply-add per element."""
-    x = C.as_array(x, "x")
-    if x.ndim < 1:
-        raise ValueError(
-            "x must have a channel axis (last), got a scalar; pass (..., C) with C = mean.shape[0]"
-        )
-    eps = C.check_eps(eps)
-    vs = C.check_channel_vectors(
-        x.shape[-1],
-        f"for x of shape {tuple(x.shape)}",
-        ("mean", "var"),
-        mean=mean,
-        var=var,
-        scale=scale,
-        bias=bias,
-    )
-    mul, add = _bn_affine(vs["mean"], vs["var"], vs["scale"], vs["bias"], eps)
+    x, eps, (mean, var, scale, bias) = C.batch_norm_apply_operands(x, mean, var, scale, bias, eps)
+    mul, add = _bn_affine(mean, var, scale, bias, eps)
     return (x * mul.astype(x.dtype) + add.astype(x.dtype)).astype(x.dtype)
 
 
@@ -526,38 +412,11 @@ def batch_norm(
       (y, (new_running_mean, new_running_var)); integer x is normalised in float32.
     """
     x = _floating(C.as_array(x, "x"))
-    C.check_bn_rank(x)
-    train = C.flag(train, "train")
-    if train and x.size == 0:
-        raise ValueError(
-            f"batch_norm in training needs at least one value per channel, got x of "
-            f"shape {tuple(x.shape)}: the statistics of an empty batch are 0 / 0"
-        )
-    momentum = C.real(momentum, "momentum")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(
-            f"momentum must be in [0, 1] (Flax convention, 0.9 = PyTorch's 0.1), got {momentum}"
-        )
-    eps = C.check_eps(eps)
+    train, momentum, eps = C.batch_norm_operands(x, train, momentum, eps)
     act = _resolve_activation(activation)
-    if residual is not None:
-        residual = _floating(C.as_array(residual, "residual"))
-        if residual.shape != x.shape:
-            raise ValueError(
-                f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
-            )
-    vs = C.check_channel_vectors(
-        x.shape[-1],
-        f"for x of shape {tuple(x.shape)}",
-        ("running_mean", "running_var"),
-        "; start from zeros (mean) and ones (var)",
-        scale=scale,
-        bias=bias,
-        running_mean=running_mean,
-        running_var=running_var,
-    )
-    scale, bias, running_mean, running_var = (
-        vs[k] for k in ("scale", "bias", "running_mean", "running_var")
+    residual = None if residual is None else _floating(C.as_array(residual, "residual"))
+    scale, bias, running_mean, running_var = C.batch_norm_vectors(
+        x, residual, scale, bias, running_mean, running_var
     )
     # Faster code for the same math where there is some (cnnjax.backends.batch_norm): the native
     # kernels (which fuse the residual and a ReLU), or a hand-written training gradient.
@@ -611,24 +470,10 @@ def fold_batch_norm(
     BN(W x + b) = (W * g) x + (b - mean) * g + shift with g = scale / sqrt(var + eps), so the
     folded layer has kernel W * g (per output channel, the last axis) and that bias.
     """
-    kernel = C.as_array(kernel, "kernel")
-    if kernel.ndim < 2:
-        raise ValueError(
-            f"kernel must be a conv (HWIO) or dense (IO) kernel, got shape {tuple(kernel.shape)}"
-        )
-    eps = C.check_eps(eps)
-    c_out = kernel.shape[-1]
-    vs = C.check_channel_vectors(
-        c_out,
-        f"to match kernel {tuple(kernel.shape)}",
-        ("mean", "var"),
-        bias=bias,
-        scale=scale,
-        shift=shift,
-        mean=mean,
-        var=var,
+    kernel, eps, (bias, scale, shift, mean, var) = C.fold_batch_norm_operands(
+        kernel, bias, scale, shift, mean, var, eps
     )
-    bias, scale, shift, mean, var = vs["bias"], vs["scale"], vs["shift"], vs["mean"], vs["var"]
+    c_out = kernel.shape[-1]
     g = lax.rsqrt(var.astype(jnp.float32) + eps)
     if scale is not None:
         g = g * scale
@@ -654,25 +499,9 @@ def local_response_norm(
     with alpha' = alpha (the paper's formula) or alpha / size when `alpha_over_n` (PyTorch, Caffe).
     """
     x = _floating(C.as_array(x, "x"))
-    C.check_rank(x, 4, "x", "NHWC")
-    size = C.positive_int(size, "size", what=" (channels in the window)")
-    alpha_over_n = C.flag(alpha_over_n, "alpha_over_n")
-    # The denominator (k + alpha' * sum of squares) ** beta: with k > 0 and alpha >= 0 its base is
-    # positive, so any finite beta gives a finite value; k <= 0 gives 0 / 0 on a window of zeros
-    # (and a fractional power of a negative base), alpha < 0 a negative base for large inputs.
-    k = C.real(k, "k", traced_ok=True)
-    if isinstance(k, float) and not k > 0:
-        raise ValueError(
-            f"k must be > 0, got {k!r}; with k <= 0 a window "
-            "of zeros gives 0 / 0 = NaN (the paper uses k = 2)"
-        )
-    alpha = C.real(alpha, "alpha", traced_ok=True)
-    if isinstance(alpha, float) and alpha < 0:
-        raise ValueError(
-            f"alpha must be >= 0, got {alpha!r}; a negative alpha makes k + alpha * sum(a^2) "
-            "negative for large activations, and its power NaN (the paper uses 1e-4)"
-        )
-    beta = C.real(beta, "beta", traced_ok=True)
+    size, alpha, beta, k, alpha_over_n = C.local_response_norm_operands(
+        x, size, alpha, beta, k, alpha_over_n
+    )  # k > 0 and alpha >= 0 keep the denominator's base positive
     a = alpha / size if alpha_over_n else alpha
     sq = jnp.square(x.astype(jnp.float32))
     half = size // 2
@@ -696,12 +525,7 @@ def dropout(x: Array, rate: float, rng: Array | None, *, deterministic: bool) ->
     `rate` must be a concrete number (it decides what is traced); `rng` a single PRNG key.
     """
     x = C.as_array(x, "x")
-    rate = C.real(rate, "rate")
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"rate must be in [0, 1), got {rate}")
-    deterministic = C.flag(deterministic, "deterministic")
-    if rng is not None:
-        C.check_key(rng, "rng")
+    rate, deterministic = C.dropout_operands(rate, rng, deterministic)
     if deterministic or rate == 0.0:
         return x
     if rng is None:
@@ -752,22 +576,8 @@ def conv_output_shape(
     dilation: IntPair = 1,
 ) -> tuple[int, int, int, int]:
     """Static output shape of conv2d for an NHWC input shape; raises where conv2d would."""
-    dims = C.ints(input_shape, 4)
-    if dims is None or min(dims) < 0:
-        raise ValueError(
-            "input_shape must be an NHWC shape (N, H, W, C) of 4 non-negative ints, got "
-            f"{input_shape!r}; add the batch dimension, e.g. (1, *shape)"
-        )
-    if dims[3] == 0:
-        raise ValueError(
-            f"input_shape has 0 channels ({input_shape!r}); "
-            "a convolution needs at least one input channel"
-        )
-    features = C.positive_int(features, "features")
-    k, s, d = (
-        C.pair(kernel_size, "kernel_size"),
-        C.pair(stride, "stride"),
-        C.pair(dilation, "dilation"),
+    dims, features, (k, s, d) = C.conv_output_shape_operands(
+        input_shape, kernel_size, features, stride, dilation
     )
     spatial = (dims[1], dims[2])
     pads = resolve_padding(padding, spatial, k, s, d)
