@@ -29,53 +29,16 @@ from cnnjax.nn import Conv, Dense, Dropout, Flatten, MaxPool, batch_norm_for
 Array = jax.Array
 
 # Table 1 of Simonyan & Zisserman 2015: conv3 widths, 'M' = 2x2/2 max pool.
+# fmt: off
 VGG_CONFIGS: dict[int, tuple[int | str, ...]] = {
     11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),  # A
     13: (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),  # B
-    16: (
-        64,
-        64,
-        "M",
-        128,
-        128,
-        "M",
-        256,
-        256,
-        256,
-        "M",
-        512,
-        512,
-        512,
-        "M",
-        512,
-        512,
-        512,
-        "M",
-    ),  # D
-    19: (
-        64,
-        64,
-        "M",
-        128,
-        128,
-        "M",
-        256,
-        256,
-        256,
-        256,
-        "M",
-        512,
-        512,
-        512,
-        512,
-        "M",
-        512,
-        512,
-        512,
-        512,
-        "M",
-    ),  # E
+    16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
+         512, 512, 512, "M", 512, 512, 512, "M"),  # D
+    19: (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+         512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),  # E
 }
+# fmt: on
 
 # torchvision's parameter counts (1000 classes), plain / with BatchNorm.
 TORCHVISION_PARAMS = {
