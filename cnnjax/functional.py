@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cnnjax import _bn, settings
 from cnnjax import _checks as C
-from cnnjax import settings
 from cnnjax.backends import batch_norm as _bn_backend
 from cnnjax.backends import conv as _conv_backend
 
@@ -316,44 +316,24 @@ def global_max_pool(x: Array, *, keepdims: bool = False) -> Array:
 
 
 def batch_norm_statistics(x: Array, *, axis_name: str | None = None) -> tuple[Array, Array]:
-    """Per-channel mean and biased variance over every axis but the last, in float32.
+    """Per-channel mean and biased variance over every axis but the last, in float32:
+    E[x] and max(E[x^2] - E[x]^2, 0).
 
-    With `axis_name`, the statistics are those of the batch across all devices on that axis.
+    With `axis_name`, the statistics are those of the batch across all devices on that axis
+    (E[x] and E[x^2] averaged over it, `lax.pmean`).
     """
     x = C.as_array(x, "x")
     C.check_bn_rank(x)
-    axes = tuple(range(x.ndim - 1))
-    x32 = x.astype(jnp.float32)
-    return _mean_var(jnp.mean(x32, axes), jnp.mean(jnp.square(x32), axes), axis_name)
-
-
-def _mean_var(mean, mean_sq, axis_name):
-    """(mean, biased variance) from this device's E[x] and E[x^2], averaged over `axis_name`."""
-    if axis_name is not None:
-        mean, mean_sq = lax.pmean((mean, mean_sq), axis_name)
-    # E[x^2] - E[x]^2 can round below zero.
-    return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
-
-
-def _bn_affine(mean, var, scale, bias, eps):
-    """BatchNorm as one multiply-add per element, y = x * mul + add: the per-channel (mul, add) in
-    float32 (scale and bias may be None)."""
-    mul = lax.rsqrt(var.astype(jnp.float32) + eps)
-    if scale is not None:
-        mul = mul * scale.astype(jnp.float32)
-    add = -mean.astype(jnp.float32) * mul
-    if bias is not None:
-        add = add + bias.astype(jnp.float32)
-    return mul, add
+    return _bn.statistics(x, axis_name)
 
 
 def batch_norm_apply(
     x: Array, mean: Array, var: Array, scale: Array | None, bias: Array | None, *, eps: float = 1e-5
 ) -> Array:
-    """y = (x - mean) / sqrt(var + eps) * scale + bias, folded to one multiply-add per element."""
+    """y = (x - mean) / sqrt(var + eps) * scale + bias, folded to one multiply-add per element:
+    y = x * mul + add with mul = scale / sqrt(var + eps), add = bias - mean * mul."""
     x, eps, (mean, var, scale, bias) = C.batch_norm_apply_operands(x, mean, var, scale, bias, eps)
-    mul, add = _bn_affine(mean, var, scale, bias, eps)
-    return (x * mul.astype(x.dtype) + add.astype(x.dtype)).astype(x.dtype)
+    return _bn.apply(x, mean, var, scale, bias, eps)
 
 
 def _resolve_activation(activation):

@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cnnjax import _bn, settings
 from cnnjax import _checks as C
-from cnnjax import functional as F  # the reference math (a cycle: used at call time only)
-from cnnjax import settings
 from cnnjax._vma import vary_alike
 from cnnjax.backends import on_native, resolve_vjp
 from cnnjax.native import batch_norm as native_bn
@@ -72,7 +71,7 @@ def train(choice: Choice, x, scale, bias, residual, eps, axis_name, *, relu: boo
 
 def evaluate(x, mean, var, scale, bias, eps, residual, *, relu: bool):
     """Evaluation BatchNorm on the native kernels (+ residual, + ReLU where `relu`)."""
-    coef = jnp.stack(F._bn_affine(mean, var, scale, bias, eps))
+    coef = jnp.stack(_bn.affine(mean, var, scale, bias, eps))
     return native_bn.apply(x, coef, residual, relu=relu)
 
 
@@ -83,9 +82,9 @@ def _batch_norm_train(x, scale, bias, eps, axis_name):
 
 
 def _batch_norm_train_fwd(x, scale, bias, eps, axis_name):
-    mean, var = F.batch_norm_statistics(x, axis_name=axis_name)
+    mean, var = _bn.statistics(x, axis_name)
     inv = lax.rsqrt(var + eps)
-    y = F.batch_norm_apply(x, mean, var, scale, bias, eps=eps)
+    y = _bn.apply(x, mean, var, scale, bias, eps)
     return (y, mean, var), (x, scale, mean, inv)
 
 
@@ -149,8 +148,8 @@ def _batch_norm_native(x, scale, bias, residual, eps, axis_name, relu, has_resid
 
 def _batch_norm_native_fwd(x, scale, bias, residual, eps, axis_name, relu, has_residual):
     moments = native_bn.sums(x) / (x.size // x.shape[-1])
-    mean, var = F._mean_var(moments[0], moments[1], axis_name)
-    mul, add = F._bn_affine(mean, var, scale, bias, eps)
+    mean, var = _bn.mean_var(moments[0], moments[1], axis_name)
+    mul, add = _bn.affine(mean, var, scale, bias, eps)
     y = native_bn.apply(x, jnp.stack([mul, add]), residual, relu=relu)
     keep_y = relu and has_residual  # the ReLU's mask is read from y (x alone does not give it)
     return (y, mean, var), (x, y if keep_y else None, mean, lax.rsqrt(var + eps), mul, add)
