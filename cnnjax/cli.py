@@ -289,7 +289,9 @@ def run_convert(args: argparse.Namespace) -> int:
         weights.save(variables, args.dest)
     except (OSError, ImportError) as e:
         raise ValueError(str(e)) from None
-    count = sum(a.size for a in _leaves(variables["params"]))
+    import jax
+
+    count = sum(a.size for a in jax.tree.leaves(variables["params"]))
     print(
         json.dumps(
             {
@@ -301,11 +303,6 @@ def run_convert(args: argparse.Namespace) -> int:
         )
     )
     return 0
-
-
-def _leaves(tree):
-    for v in tree.values():
-        yield from (_leaves(v) if isinstance(v, dict) else (v,))
 
 
 # -- summary / models -----------------------------------------------------------------------------
