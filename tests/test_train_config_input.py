@@ -11,23 +11,16 @@ import pytest
 from cnnjax import train
 from cnnjax.train.config import TrainConfig
 
-from helpers_train.tiny import TinyCNN
+from helpers_train.tiny import TinyCNN, digits_config
 
 
 def tiny_config(**changes):
-    return TrainConfig(
-        model="tiny",
-        dataset="digits",
-        image_size=8,
-        channels=1,
-        global_batch_size=32,
+    return digits_config(
         num_steps=2,
-        normalize="per_channel",
         parallel="none",
         log_every=1,
         checkpoint_every=2,
         rng_impl="rbg",
-        progress_bar=False,
     ).replace(**changes)
 
 

@@ -18,7 +18,7 @@ from cnnjax import train
 from cnnjax.data import device as device_data
 from cnnjax.train.config import TrainConfig
 
-from helpers_train.tiny import TinyCNN
+from helpers_train.tiny import TinyCNN, digits_config
 
 TIMING = ("wall_time", "images_per_sec")
 
@@ -52,25 +52,18 @@ def assert_records_close(got, want):
 
 
 def tiny(**changes):
-    return TrainConfig(
-        model="tiny",
-        dataset="digits",
-        image_size=8,
-        channels=1,
-        global_batch_size=32,
+    return digits_config(
         num_steps=16,
         learning_rate=0.05,
         momentum=0.9,
         weight_decay=5e-4,
         schedule="cosine",
-        normalize="per_channel",
         augment="cifar",
         parallel="none",
         log_every=8,
         eval_every=16,
         checkpoint_every=0,
         rng_impl="threefry2x32",
-        progress_bar=False,
     ).replace(**changes)
 
 

@@ -14,7 +14,7 @@ from cnnjax import train
 from cnnjax.train import metrics as metrics_lib
 from cnnjax.train.config import TrainConfig
 
-from helpers_train.tiny import TinyCNN
+from helpers_train.tiny import TinyCNN, digits_config
 
 SHAPE, CLASSES = (8, 8, 3), 10
 
@@ -196,24 +196,17 @@ def test_checkpoint_metadata_is_snapshotted_at_save(tmp_path):
 
 
 def test_digits_loss_falls_well_below_chance_and_metrics_are_recorded(tmp_path):
-    config = TrainConfig(
-        model="tiny",
-        dataset="digits",
-        image_size=8,
-        channels=1,
-        global_batch_size=32,
+    config = digits_config(
         num_steps=300,
         learning_rate=0.1,
         momentum=0.9,
         weight_decay=5e-4,
         schedule="cosine",
-        normalize="per_channel",
         parallel="none",
         log_every=50,
         eval_every=150,
         checkpoint_every=150,
         rng_impl="rbg",
-        progress_bar=False,
     )
     result = train.train_and_evaluate(config, str(tmp_path), model_fn=TinyCNN)
     chance = math.log(10)
@@ -253,12 +246,7 @@ def test_divergence_stops_before_a_bad_checkpoint(tmp_path):
     # 0.1 for five steps, then 3e38 (finite: an infinite rate is refused) with a weight decay of 10,
     # so that some update passes float32's 3.4e38: step 6's update overflows (its loss, computed
     # before the update, is still finite), and only the parameter check can catch it.
-    config = TrainConfig(
-        model="tiny",
-        dataset="digits",
-        image_size=8,
-        channels=1,
-        global_batch_size=32,
+    config = digits_config(
         num_steps=20,
         learning_rate=3e38,
         weight_decay=10.0,
@@ -266,12 +254,10 @@ def test_divergence_stops_before_a_bad_checkpoint(tmp_path):
         warmup="constant",
         warmup_lr=0.1,
         schedule="constant",
-        normalize="per_channel",
         parallel="none",
         log_every=1,
         checkpoint_every=3,
         rng_impl="rbg",
-        progress_bar=False,
     )
     with pytest.raises(
         train.NonFiniteLossError, match=r"non-finite at step 6.*last good checkpoint \(step 3\)"

@@ -35,26 +35,16 @@ def torch_googlenet(**kwargs):
     return model
 
 
-def assert_input_matters(logits):
-    """The logits of different images differ by more than rounding."""
-    logits = np.asarray(logits)
-    assert np.std(logits, axis=0).max() > 0.05 * np.abs(logits).max()
-
-
-def convert_with_overrides(state_dict):
-    """The public path: load_torch_state_dict builds the model the state_dict needs."""
-    return weights.load_torch_state_dict(NAME, state_dict)
-
-
 @pytest.fixture(scope="module")
 def published():
     """The layout torchvision's pretrained model has: no aux heads, transform_input=True."""
     model = torch_googlenet(aux_logits=False, transform_input=True)
     assert not converter.model_overrides(model.state_dict())
-    variables = ts.check_logits(NAME, model, SIZE)
+    # Logits and one inception module's output; the logits vary across images by more than 5%.
+    variables = ts.check_logits(NAME, model, SIZE, features=[("inception4a", ("inception4a",))])
     assert not {"aux1", "aux2"} & set(variables["params"])
     with torch.no_grad():
-        assert_input_matters(model(ts.inputs(SIZE)))
+        ts.assert_input_matters(model(ts.inputs(SIZE)), 0.05)
     return model, variables
 
 
@@ -64,21 +54,16 @@ def test_logits_without_aux_heads(published):
     assert variables["params"]["inception3a"]["branch5x5"]["kernel"].shape == (3, 3, 16, 32)
 
 
-def test_inception_module_features():
-    model = torch_googlenet(aux_logits=False, transform_input=True)
-    ts.check_logits(NAME, model, SIZE, features=[("inception4a", ("inception4a",))])
-
-
 def test_aux_heads_and_no_transform_input():
     # torchvision.models.googlenet()'s own defaults: aux_logits=True, transform_input=False.
     model = torch_googlenet(dropout=0.0, dropout_aux=0.0)
     ts.randomize(model, size=SIZE)
     assert converter.model_overrides(model.state_dict()) == {"aux_logits": True}
-    variables = convert_with_overrides(model.state_dict())
+    variables = weights.load_torch_state_dict(NAME, model.state_dict())
     x = ts.inputs(SIZE, batch=4)
     with torch.no_grad():
         want = model.eval()(x).numpy()
-    assert_input_matters(want)
+    ts.assert_input_matters(want, 0.05)
     # The plain model ignores the heads' variables.
     ts.assert_close(ts.cnnjax_apply(NAME, variables, x, transform_input=False), want)
 
@@ -98,7 +83,9 @@ def test_aux_heads_and_no_transform_input():
 def test_one_aux_head_or_none_for_the_aux_model():
     sd = {k: v.numpy() for k, v in torch_googlenet().state_dict().items()}
     with pytest.raises(weights.WeightsError, match=r"missing tensor 'aux2\.conv\.conv\.weight'"):
-        convert_with_overrides({k: v for k, v in sd.items() if not k.startswith("aux2.")})
+        weights.load_torch_state_dict(
+            NAME, {k: v for k, v in sd.items() if not k.startswith("aux2.")}
+        )
     # A state_dict without heads converts into the plain model only.
     plain = {k: v for k, v in sd.items() if not k.startswith(("aux1.", "aux2."))}
     variables = weights.load_torch_state_dict(NAME, plain)

@@ -25,20 +25,14 @@ from cnnjax import data, train  # noqa: E402
 from cnnjax.data import augment as aug  # noqa: E402
 from cnnjax.data import device as device_data
 
-from tiny import TinyCNN  # noqa: E402
+from tiny import TinyCNN, digits_config  # noqa: E402
 
-config = train.TrainConfig(
-    model="tiny",
-    dataset="digits",
-    image_size=8,
-    channels=1,
-    global_batch_size=32,
+config = digits_config(
     num_steps=8,
     learning_rate=0.05,
     momentum=0.9,
     weight_decay=5e-4,
     schedule="constant",
-    normalize="per_channel",
     augment="cifar",
     log_every=4,
     eval_every=8,
@@ -46,7 +40,6 @@ config = train.TrainConfig(
     seeds=2,
     steps_per_dispatch=4,
     rng_impl="rbg",
-    progress_bar=False,
 )
 
 

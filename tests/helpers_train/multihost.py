@@ -26,26 +26,19 @@ STEP_SLEEP = float(
 
 
 def config(parallel):
-    from cnnjax import train
+    from tiny import digits_config
 
-    config = train.TrainConfig(
-        model="tiny",
-        dataset="digits",
-        image_size=8,
-        channels=1,
-        global_batch_size=32,
+    config = digits_config(
         num_steps=NUM_STEPS,
         learning_rate=0.1,
         momentum=0.9,
         weight_decay=5e-4,
         schedule="constant",
-        normalize="per_channel",
         parallel=parallel,
         log_every=2,
         eval_every=0,
         checkpoint_every=3,
         rng_impl="rbg",
-        progress_bar=False,
     )
     if os.environ.get("CNNJAX_TEST_ENGINE") == "1" and parallel != "none":
         config = config.replace(seeds=2, data_on_device=True, steps_per_dispatch=3, log_every=3)

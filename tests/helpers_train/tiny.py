@@ -42,3 +42,20 @@ class TinyCNN(nn.Module):
         if self.aux_head and train:
             return logits, [cnn.Dense(self.num_classes, dtype=self.dtype, name="aux_fc")(x)]
         return logits
+
+
+def digits_config(**fields):
+    """A TrainConfig for TinyCNN on the embedded digits at 8x8, one channel, batch 32, per-channel
+    normalisation, no progress bar; `fields` give the rest (and may replace these)."""
+    from cnnjax.train import TrainConfig
+
+    base = dict(
+        model="tiny",
+        dataset="digits",
+        image_size=8,
+        channels=1,
+        global_batch_size=32,
+        normalize="per_channel",
+        progress_bar=False,
+    )
+    return TrainConfig(**{**base, **fields})
