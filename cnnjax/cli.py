@@ -60,23 +60,10 @@ class Command:
 # -- train -----------------------------------------------------------------------------------------
 
 
-def _field_help() -> dict[str, str]:
-    """Each TrainConfig field's description, from the 'Args:' section of its docstring."""
-    from cnnjax.train.config import TrainConfig
-
-    helps: dict[str, str] = {}
-    name = None
-    for line in (TrainConfig.__doc__ or "").split("Args:", 1)[-1].splitlines():
-        m = re.match(r"^ {6}(\w+): (.*)$", line)
-        if m:
-            name, helps[m.group(1)] = m.group(1), m.group(2)
-        elif name and line.startswith(" " * 8):
-            helps[name] += " " + line.strip()
-    return helps
-
-
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from cnnjax.train.config import PRESETS, TrainConfig, field_names, field_types
+    import typing
+
+    from cnnjax.train.config import PRESETS, TrainConfig, field_help, field_names, field_types
 
     p.add_argument("--workdir", required=True, help="run directory; re-running with it resumes")
     p.add_argument(
@@ -109,14 +96,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     dist.add_argument("--num_processes", type=int)
     dist.add_argument("--process_id", type=int)
     fields = p.add_argument_group("config fields (override the preset)")
-    helps, types, defaults = _field_help(), field_types(), TrainConfig()
+    helps, types, defaults = field_help(), field_types(), TrainConfig()
     for name in field_names():
         kwargs = dict(
             dest=f"field_{name}",
             metavar=name.upper(),
             default=None,
-            help=f"{helps.get(name, '')} [default {getattr(defaults, name)!r}]".replace("%", "%%"),
+            help=f"{helps[name]} [default {getattr(defaults, name)!r}]".replace("%", "%%"),
         )
+        if typing.get_origin(types[name]) is typing.Literal:
+            kwargs.update(choices=typing.get_args(types[name]), metavar=None)
         if types[name] is bool:
             kwargs.update(nargs="?", const="true")
         fields.add_argument(f"--{name}", **kwargs)

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from cnnjax import cli, train
+from cnnjax.train import config as config_lib
 from cnnjax.train.config import TrainConfig
 
 
@@ -58,7 +59,7 @@ def test_config_file_and_print_config(tmp_path, capsys):
     [
         (
             ["--optimizer", "sgdd", "--num_steps", "3"],
-            "optimizer='sgdd' is not one of ['sgd', 'adam', 'adamw']",
+            "argument --optimizer: invalid choice: 'sgdd'",
         ),
         (["--model", "resnet7", "--num_steps", "3"], "model='resnet7' is not a registered model"),
         (["--num_steps", "1.5"], "cannot parse '1.5' for TrainConfig.num_steps"),
@@ -202,9 +203,9 @@ def test_a_model_that_cannot_be_built_leaves_nothing_and_the_corrected_rerun_tra
         ("[1, 2]", "--config: config file '{path}' must hold a JSON object of TrainConfig fields"),
         (
             '{"learning_rate": "0.1", "num_steps": 1}',
-            "TrainConfig.learning_rate must be a number, got '0.1' (string)",
+            "TrainConfig.learning_rate: Input should be a valid number, got '0.1'",
         ),
-        ('{"boundaries": 5}', "TrainConfig.boundaries must be a list of ints, got 5"),
+        ('{"boundaries": 5}', "TrainConfig.boundaries: Input should be a valid tuple, got 5"),
     ],
 )
 def test_a_bad_config_file_is_named_with_its_problem(tmp_path, capsys, content, needle):
@@ -222,7 +223,7 @@ def test_a_bad_config_file_is_named_with_its_problem(tmp_path, capsys, content, 
         ("{oops", "config.json' is not valid JSON"),
         (
             '{"learning_rate": "0.1", "num_steps": 1}',
-            "config.json': TrainConfig.learning_rate must be a number",
+            "config.json': TrainConfig.learning_rate: Input should be a valid number",
         ),
         ('{"num_steps": 1}', "has no checkpoint to evaluate"),
     ],
@@ -306,9 +307,37 @@ def test_one_flag_spelling_with_the_other_as_alias(tmp_path, capsys):
 
 
 def test_help_lists_the_commands_without_importing_jax():
+    """`cnnjax --help` and each command's help (the config fields' among them) load no JAX."""
     code = (
-        "import sys\nfrom cnnjax import cli\ntry:\n    cli.main(['--help'])\n"
-        "except SystemExit:\n    pass\nassert 'jax' not in sys.modules, 'imported jax'\n"
+        "import sys\nfrom cnnjax import cli\nfor argv in (['--help'], *([c, '--help'] for c in "
+        "cli.COMMANDS)):\n    try:\n        cli.main(argv)\n    except SystemExit:\n"
+        "        pass\nassert 'jax' not in sys.modules, 'imported jax'\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "convert" in out.stdout and "degradation" in out.stdout
+    assert "--optimizer {sgd,adam,adamw}" in out.stdout  # train's help, with a field's choices
+
+
+def test_train_names_load_on_first_use():
+    """`cnnjax.train` imports a submodule when one of its names is first used (the help of
+    `cnnjax train` needs only the config), and has exactly the names it lists."""
+    assert train.train_and_evaluate is train.loop.train_and_evaluate
+    assert set(train.__all__) <= set(dir(train))
+    assert all(getattr(train, name) is not None for name in train.__all__)
+    with pytest.raises(AttributeError, match="has no attribute 'trian_and_evaluate'"):
+        train.trian_and_evaluate
+
+
+def test_train_help_describes_every_config_field(capsys):
+    """Each field's flag carries its description from TrainConfig's docstring, whole (the
+    continuation lines too), and its default."""
+    helps = config_lib.field_help()
+    assert set(helps) == set(config_lib.field_names())
+    assert all(helps.values()), [name for name, text in helps.items() if not text]
+    assert helps["warmup"].endswith("or 'linear' ramps from warmup_lr to the peak (Goyal et al.).")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "below 80%, a fixed count is used here" in out.replace('"', "")
+    assert "--wd_mask {all,no_bn_bias} 'all' decays every parameter (the ResNet paper);" in out
+    assert "[default 'all']" in out

@@ -6,6 +6,7 @@ import json
 import os
 
 import flax.linen as nn
+import numpy as np
 import pytest
 
 from cnnjax import train
@@ -29,15 +30,27 @@ def tiny_config(**changes):
     [
         (
             {"learning_rate": "0.1", "num_steps": 1},
-            "TrainConfig.learning_rate must be a number, got '0.1' (string)",
+            "TrainConfig.learning_rate: Input should be a valid number, got '0.1'",
         ),
-        ({"num_steps": 1.0}, "TrainConfig.num_steps must be an int or null"),
-        ({"boundaries": 5}, "TrainConfig.boundaries must be a list of ints, got 5"),
-        ({"boundaries": [100.5]}, "TrainConfig.boundaries must be a list of ints"),
-        ({"boundary_epochs": "30,60"}, "TrainConfig.boundary_epochs must be a list of numbers"),
-        ({"nesterov": "yes"}, "TrainConfig.nesterov must be true or false"),
-        ({"model_kwargs": []}, "TrainConfig.model_kwargs must be a JSON object"),
-        ({"seed": True}, "TrainConfig.seed must be an int"),
+        ({"num_steps": 1.0}, "TrainConfig.num_steps: Input should be a valid integer, got 1.0"),
+        ({"boundaries": 5}, "TrainConfig.boundaries: Input should be a valid tuple, got 5"),
+        ({"boundaries": [100.5]}, "TrainConfig.boundaries[0]: Input should be a valid integer"),
+        (
+            {"boundary_epochs": "30,60"},
+            "TrainConfig.boundary_epochs: Input should be a valid tuple, got '30,60'",
+        ),
+        ({"nesterov": "yes"}, "TrainConfig.nesterov: Input should be a valid boolean, got 'yes'"),
+        (
+            {"model_kwargs": []},
+            "TrainConfig.model_kwargs: Input should be a valid dictionary, got []",
+        ),
+        ({"model_kwargs": {1: 2}}, "TrainConfig.model_kwargs key 1: Input should be a valid str"),
+        ({"seed": True}, "TrainConfig.seed: Input should be a valid integer, got True"),
+        ({"seed": np.int64(3)}, "TrainConfig.seed: Input should be a valid integer"),
+        (
+            {"optimizer": "sgdd"},
+            "TrainConfig.optimizer: Input should be 'sgd', 'adam' or 'adamw', got 'sgdd'",
+        ),
     ],
 )
 def test_from_dict_names_the_field_and_the_expected_type(d, needle):
@@ -47,7 +60,7 @@ def test_from_dict_names_the_field_and_the_expected_type(d, needle):
     # The same check when a config is built directly and validated.
     with pytest.raises(ValueError) as info:
         TrainConfig(num_steps=1).replace(**d).validate(check_registries=False)
-    assert needle.split(" must")[0] in str(info.value)
+    assert needle in str(info.value)
 
 
 def test_from_dict_wants_an_object():
@@ -72,7 +85,6 @@ def test_from_dict_wants_an_object():
         ("seed", 2**32, "seed must be an int in [0, 2**32)"),
         ("image_size", 0, "image_size must be a positive int"),
         ("channels", 2, "channels must be 1 or 3"),
-        ("model_kwargs", {1: 2}, "model_kwargs must have string keys"),
     ],
 )
 def test_validate_rejects_values_the_run_cannot_use(field, value, needle):
@@ -90,7 +102,7 @@ def test_from_json_file_names_the_file(tmp_path):
     for text, needle in (
         ("{oops", "is not valid JSON"),
         ("[1, 2]", "must hold a JSON object"),
-        ('{"learning_rate": "0.1"}', "learning_rate must be a number"),
+        ('{"learning_rate": "0.1"}', "learning_rate: Input should be a valid number"),
     ):
         (tmp_path / "c.json").write_text(text)
         with pytest.raises(ValueError, match="c.json") as info:
@@ -179,6 +191,7 @@ def test_evaluate_checkpoint_creates_nothing_and_checks_its_arguments(tmp_path):
         train.evaluate_checkpoint(str(tmp_path), split="train", model_fn=TinyCNN)
     (tmp_path / "config.json").write_text('{"learning_rate": "0.1", "num_steps": 1}')
     with pytest.raises(
-        ValueError, match=r"config file .*config.json.*learning_rate must be a number"
+        ValueError,
+        match=r"config file .*config.json.*learning_rate: Input should be a valid number",
     ):
         train.evaluate_checkpoint(str(tmp_path), model_fn=TinyCNN)

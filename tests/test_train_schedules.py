@@ -226,11 +226,13 @@ def test_adamw_decays_decoupled_and_adam_runs():
 @pytest.mark.parametrize(
     "field,value,needle",
     [
-        ("optimizer", "sgdd", "'sgd', 'adam', 'adamw'"),
-        ("schedule", "linear", "'step', 'cosine', 'constant'"),
-        ("wd_mask", "bn", "'all', 'no_bn_bias'"),
-        ("parallel", "dp", "'shard_map', 'pmap', 'none'"),
-        ("dtype", "float16", "'float32', 'bfloat16'"),
+        ("optimizer", "sgdd", "should be 'sgd', 'adam' or 'adamw', got 'sgdd'"),
+        ("schedule", "linear", "should be 'step', 'cosine' or 'constant', got 'linear'"),
+        ("wd_mask", "bn", "should be 'all' or 'no_bn_bias', got 'bn'"),
+        ("parallel", "dp", "should be 'shard_map', 'pmap' or 'none', got 'dp'"),
+        ("dtype", "float16", "should be 'float32' or 'bfloat16', got 'float16'"),
+        ("member_map", "map", "should be 'auto', 'vmap' or 'loop', got 'map'"),
+        ("rng_impl", "philox", "should be 'threefry2x32', 'rbg' or 'unsafe_rbg', got 'philox'"),
         ("global_batch_size", 0, "positive int"),
     ],
 )
@@ -271,8 +273,24 @@ def test_parse_field_types():
     assert config_lib.parse_field("image_size", "none") is None
     assert config_lib.parse_field("model_kwargs", '{"width": 4}') == {"width": 4}
     assert config_lib.parse_field("learning_rate", "0.1") == 0.1
-    with pytest.raises(ValueError, match="num_steps"):
-        config_lib.parse_field("num_steps", "1.5")
+    assert config_lib.parse_field("boundary_epochs", "30 60") == (30.0, 60.0)
+    assert config_lib.parse_field("nesterov", "off") is False
+    assert config_lib.parse_field("data_dir", "") is None
+    assert config_lib.parse_field("optimizer", "adamw") == "adamw"
+    for name, text, reason in (
+        ("num_steps", "1.5", "unable to parse string as an integer"),
+        ("num_steps", "1.5e0", "got a number with a fractional part"),
+        ("num_steps", "true", "unable to parse string as an integer"),
+        ("seed", "none", "unable to parse string as an integer"),  # seed may not be None
+        ("nesterov", "2", "should be a valid boolean"),
+        ("boundaries", "1,x", "unable to parse string as an integer"),
+        ("model_kwargs", "[1]", "should be an object"),
+        ("optimizer", "sgdd", "should be 'sgd', 'adam' or 'adamw'"),
+    ):
+        with pytest.raises(ValueError) as info:
+            config_lib.parse_field(name, text)
+        assert f"cannot parse {text!r} for TrainConfig.{name} of type " in str(info.value)
+        assert reason in str(info.value), (name, text, str(info.value))
 
 
 def test_override_gives_way_to_the_exclusive_twin():

@@ -6,28 +6,48 @@ config = train.get_preset('cifar_resnet').replace(model='resnet56')
 result = train.train_and_evaluate(config, 'runs/resnet56')
 """
 
-from cnnjax.train.checkpoint import Checkpointer
-from cnnjax.train.config import PRESETS, TrainConfig, get_preset
-from cnnjax.train.engine import Engine, Member
-from cnnjax.train.loop import (
-    RunResult,
-    build,
-    evaluate_checkpoint,
-    evaluate_weights,
-    initial_state,
-    train_and_evaluate,
-)
-from cnnjax.train.metrics import MetricsWriter, NonFiniteLossError, read_metrics
-from cnnjax.train.optim import (
-    create_learning_rate_fn,
-    create_optimizer,
-    num_train_steps,
-    weight_decay_mask,
-)
-from cnnjax.train.parallel import AXIS, DataParallel, initialize_distributed
-from cnnjax.train.state import TrainState, create_train_state
-from cnnjax.train.steps import cross_entropy, make_eval_step, make_train_step, top_k_error
-from cnnjax.train.workdir import CheckpointError, WorkdirLocked
+import importlib
+
+# Each name's module, imported when the name is first used: `cnnjax.train.config` (and so the
+# CLI's help) loads without JAX.
+_MODULES = {
+    "checkpoint": ("Checkpointer",),
+    "config": ("PRESETS", "TrainConfig", "get_preset"),
+    "engine": ("Engine", "Member"),
+    "loop": (
+        "RunResult",
+        "build",
+        "evaluate_checkpoint",
+        "evaluate_weights",
+        "initial_state",
+        "train_and_evaluate",
+    ),
+    "metrics": ("MetricsWriter", "NonFiniteLossError", "read_metrics"),
+    "optim": (
+        "create_learning_rate_fn",
+        "create_optimizer",
+        "num_train_steps",
+        "weight_decay_mask",
+    ),
+    "parallel": ("AXIS", "DataParallel", "initialize_distributed"),
+    "state": ("TrainState", "create_train_state"),
+    "steps": ("cross_entropy", "make_eval_step", "make_train_step", "top_k_error"),
+    "workdir": ("CheckpointError", "WorkdirLocked"),
+}
+_HOME = {name: module for module, names in _MODULES.items() for name in names}
+
+
+def __getattr__(name):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_HOME})
+
 
 __all__ = [
     "AXIS",

@@ -8,26 +8,29 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import numbers
 import os
+import re
 import types
 import typing
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from cnnjax._checks import is_int
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("step", "cosine", "constant")
-WARMUPS = ("linear", "constant")
-WD_MASKS = ("all", "no_bn_bias")
-DTYPES = ("float32", "bfloat16")
-PARALLEL = ("shard_map", "pmap", "none")
-RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
-MEMBER_MAPS = ("auto", "vmap", "loop")
+# The choices of the string fields, as types: pydantic checks them with the rest, and the CLI
+# offers them as its flags' choices.
+Optimizer = Literal["sgd", "adam", "adamw"]
+Schedule = Literal["step", "cosine", "constant"]
+Warmup = Literal["linear", "constant"]
+WdMask = Literal["all", "no_bn_bias"]
+Dtype = Literal["float32", "bfloat16"]
+Parallel = Literal["shard_map", "pmap", "none"]
+RngImpl = Literal["threefry2x32", "rbg", "unsafe_rbg"]
+MemberMap = Literal["auto", "vmap", "loop"]
+EvalSplit = Literal["test", "validation"]
 
 # Fields that may change when a run is resumed (how long, how often, how it is shown).
 # steps_per_dispatch and data_on_device change how the same steps are computed, not which.
@@ -132,37 +135,37 @@ class TrainConfig:
     image_size: int | None = None
     channels: int | None = None
     validation_size: int = 0
-    eval_split: str = "test"
+    eval_split: EvalSplit = "test"
     augment: str = "none"
     normalize: str = "per_pixel_mean"
     global_batch_size: int = 128
     num_steps: int | None = None
     num_epochs: float | None = None
-    optimizer: str = "sgd"
+    optimizer: Optimizer = "sgd"
     learning_rate: float = 0.1
     base_batch_size: int | None = None
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
-    wd_mask: str = "all"
-    schedule: str = "constant"
+    wd_mask: WdMask = "all"
+    schedule: Schedule = "constant"
     boundaries: tuple[int, ...] = ()
     boundary_epochs: tuple[float, ...] = ()
     decay_factor: float = 0.1
     warmup_steps: int = 0
-    warmup: str = "constant"
+    warmup: Warmup = "constant"
     warmup_lr: float = 0.0
     label_smoothing: float = 0.0
     aux_weight: float = 0.3
-    dtype: str = "float32"
-    parallel: str = "shard_map"
+    dtype: Dtype = "float32"
+    parallel: Parallel = "shard_map"
     seed: int = 0
     seeds: int = 1
     twins: bool = False
     data_on_device: bool = False
     steps_per_dispatch: int = 1
-    member_map: str = "auto"
-    rng_impl: str = "threefry2x32"
+    member_map: MemberMap = "auto"
+    rng_impl: RngImpl = "threefry2x32"
     log_every: int = 50
     eval_every: int = 0
     checkpoint_every: int = 1000
@@ -231,7 +234,7 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise ValueError(
                 f"a TrainConfig is built from a JSON object (dict) of field names to values, "
-                f"got a {_json_type(d)}"
+                f"got a {type(d).__name__}"
             )
         unknown = sorted(set(d) - set(field_names()), key=str)
         if unknown:
@@ -255,7 +258,7 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise ValueError(
                 f"config file {os.fspath(path)!r} must hold a JSON object of TrainConfig fields "
-                f"(like a run's config.json), got a JSON {_json_type(d)}"
+                f"(like a run's config.json), got a JSON {type(d).__name__}"
             )
         try:
             return cls.from_dict(d)
@@ -263,41 +266,34 @@ class TrainConfig:
             raise ValueError(f"config file {os.fspath(path)!r}: {e}") from None
 
     def _check_types(self) -> None:
-        """Raises ValueError naming the first field whose value has the wrong type."""
-        for name, hint in field_types().items():
-            value = getattr(self, name)
-            if not _has_type(value, hint):
-                raise ValueError(
-                    f"TrainConfig.{name} must be {_describe(hint)}, got {value!r} "
-                    f"({_json_type(value)})"
-                )
+        """Raises ValueError naming the first field whose value does not have its annotated type.
+
+        pydantic checks, strictly: '0.1' is not a number, 1.0 not an int, True neither.
+        """
+        import pydantic
+
+        try:
+            _fields_adapter().validate_python(
+                {name: getattr(self, name) for name in field_names()}, strict=True
+            )
+        except pydantic.ValidationError as e:
+            raise ValueError(_describe_error(e)) from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def validate(self, *, check_registries: bool = True) -> TrainConfig:
-        """Raises ValueError naming the first bad field, its value and the valid choices."""
+        """Raises ValueError naming the first bad field, its value and the valid choices.
+
+        The types first (`_check_types`), then what a type cannot say: ranges, the fields that
+        go together, the registries' names.
+        """
         self._check_types()
         for name, hint in field_types().items():
             if hint is float or hint == float | None:
                 value = getattr(self, name)
                 if value is not None and math.isnan(value):
                     raise ValueError(f"TrainConfig.{name} must be a number, got nan")
-        for name, choices in (
-            ("optimizer", OPTIMIZERS),
-            ("schedule", SCHEDULES),
-            ("warmup", WARMUPS),
-            ("wd_mask", WD_MASKS),
-            ("dtype", DTYPES),
-            ("parallel", PARALLEL),
-            ("rng_impl", RNG_IMPLS),
-            ("member_map", MEMBER_MAPS),
-            ("eval_split", ("test", "validation")),
-        ):
-            if getattr(self, name) not in choices:
-                raise ValueError(
-                    f"TrainConfig.{name}={getattr(self, name)!r} is not one of {list(choices)}"
-                )
         for name in (
             "global_batch_size",
             "log_every",
@@ -305,12 +301,12 @@ class TrainConfig:
             "seeds",
             "steps_per_dispatch",
         ):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+            if getattr(self, name) < 1:
                 raise ValueError(
                     f"TrainConfig.{name} must be a positive int, got {getattr(self, name)!r}"
                 )
         for name in ("eval_every", "checkpoint_every", "warmup_steps", "validation_size"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+            if getattr(self, name) < 0:
                 raise ValueError(
                     f"TrainConfig.{name} must be an int >= 0, got {getattr(self, name)!r}"
                 )
@@ -319,7 +315,7 @@ class TrainConfig:
                 f"TrainConfig: set exactly one of num_steps and num_epochs, got "
                 f"num_steps={self.num_steps}, num_epochs={self.num_epochs}"
             )
-        if self.num_steps is not None and (not is_int(self.num_steps) or self.num_steps < 1):
+        if self.num_steps is not None and self.num_steps < 1:
             raise ValueError(
                 f"TrainConfig.num_steps must be a positive int, got {self.num_steps!r}"
             )
@@ -404,11 +400,6 @@ class TrainConfig:
                 f"TrainConfig.channels must be 1 or 3 (or None for the model's default), "
                 f"got {self.channels!r}"
             )
-        if any(not isinstance(k, str) for k in self.model_kwargs):
-            raise ValueError(
-                f"TrainConfig.model_kwargs must have string keys (model option names), "
-                f"got {self.model_kwargs!r}"
-            )
         if self.eval_split == "validation" and self.validation_size == 0:
             raise ValueError(
                 "TrainConfig.eval_split='validation' needs validation_size > 0 (examples held out "
@@ -456,115 +447,93 @@ def _is_real(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _has_type(value: Any, hint: Any) -> bool:
-    """Whether `value` fits a TrainConfig annotation (an int is also a float; a bool is neither)."""
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return any(_has_type(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return is_int(value)
-    if hint is float:
-        return _is_real(value)
-    if hint is str:
-        return isinstance(value, str)
-    origin = typing.get_origin(hint)
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    if origin is tuple:
-        return isinstance(value, tuple) and all(_has_type(v, args[0]) for v in value)
-    return isinstance(value, origin or hint)
-
-
-def _describe(hint: Any) -> str:
-    """'an int', 'a number or null', 'a list of ints', ... (JSON's words)."""
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return " or ".join(_describe(a) for a in args)
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        return {int: "a list of ints", float: "a list of numbers"}.get(
-            args[0], f"a list of {args[0].__name__}"
-        )
-    return {
-        type(None): "null",
-        bool: "true or false",
-        int: "an int",
-        float: "a number",
-        str: "a string",
-        dict: "a JSON object",
-    }.get(origin or hint, str(hint))
-
-
-def _json_type(value: Any) -> str:
-    """The JSON name of a value's type ('string', 'list', ...), or the Python one."""
-    if isinstance(value, bool):
-        return "boolean"
-    if value is None:
-        return "null"
-    if is_int(value):
-        return "int"
-    if _is_real(value):
-        return "number"
-    for kind, name in ((str, "string"), ((list, tuple), "list"), (dict, "object")):
-        if isinstance(value, kind):
-            return name
-    return type(value).__name__
-
-
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
+@functools.cache
 def field_types() -> dict[str, Any]:
     """Field name -> resolved type annotation (for the CLI's per-field flags)."""
     return typing.get_type_hints(TrainConfig)
 
 
+@functools.cache
+def field_help() -> dict[str, str]:
+    """Field name -> its description in the docstring's Args section (the CLI's help)."""
+    import docstring_parser
+
+    doc = docstring_parser.parse(TrainConfig.__doc__ or "", docstring_parser.DocstringStyle.GOOGLE)
+    return {p.arg_name: " ".join((p.description or "").split()) for p in doc.params}
+
+
+@functools.cache
+def _fields_adapter():
+    """pydantic's validator of a dict holding every field: a model of the same annotations."""
+    import pydantic
+
+    fields = {name: (hint, ...) for name, hint in field_types().items()}
+    return pydantic.TypeAdapter(pydantic.create_model("TrainConfig", **fields))
+
+
+@functools.cache
+def _type_adapter(hint: Any):
+    import pydantic
+
+    return pydantic.TypeAdapter(hint)
+
+
+def _describe_error(e) -> str:
+    """One line for the first error of a pydantic ValidationError: where, what, and the value."""
+    error = e.errors()[0]
+    name, *inner = error["loc"]
+    key = ""
+    if inner[-1:] == ["[key]"]:  # a dict key's location ends with the key, then '[key]'
+        *inner, bad_key, _ = inner
+        key = f" key {bad_key!r}"
+    where = "".join(f"[{i!r}]" for i in inner) + key
+    return f"TrainConfig.{name}{where}: {error['msg']}, got {error['input']!r}"
+
+
 def parse_field(name: str, text: str) -> Any:
-    """Parses a command-line string into the type of TrainConfig field `name`."""
+    """A command-line string as the value of TrainConfig field `name`.
+
+    pydantic reads it as it reads strings ('64000', '1e-3', 'true' or 'yes', 'nan', a choice).
+    For the shell on top: 'none' (or 'null', or '') is None where a field may be None; a list is
+    'a,b' or 'a b'; an int may be written 64e3 (the paper's "64k iterations"); model_kwargs is
+    JSON.
+    """
+    import pydantic
+
     hint = field_types()[name]
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    if optional and text.lower() in ("none", "null", ""):
+    if type(None) in typing.get_args(hint) and text.lower() in ("none", "null", ""):
         return None
-    base = (
-        next((a for a in args if a is not type(None)), hint)
-        if isinstance(hint, types.UnionType) or optional
-        else hint
-    )
-    origin = typing.get_origin(base)
+    base = _without_none(hint)
+    adapter = _type_adapter(base)
     try:
-        if base is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        if origin is tuple:
-            (elem, *_) = typing.get_args(base)
-            values = tuple(
-                float(t) if elem is int else elem(t) for t in text.replace(",", " ").split()
-            )
-            if elem is int and not all(math.isfinite(v) and v.is_integer() for v in values):
-                raise ValueError(text)
-            return tuple(int(v) for v in values) if elem is int else values
-        if origin is dict or base is dict:
-            value = json.loads(text)
-            if not isinstance(value, dict):
-                raise ValueError(text)
-            return value
-        if base is int:
-            value = float(text)  # accepts 64e3
-            if value != int(value):
-                raise ValueError(text)
-            return int(value)
-        return base(text)
-    except (ValueError, TypeError, json.JSONDecodeError):
-        raise ValueError(f"cannot parse {text!r} for TrainConfig.{name} of type {hint}") from None
+        if typing.get_origin(base) is tuple:
+            return adapter.validate_python(text.replace(",", " ").split())
+        if typing.get_origin(base) is dict:
+            return adapter.validate_json(text)
+        if base is int and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", text):
+            return adapter.validate_python(float(text))  # 1.5e0 is refused: not integral
+        return adapter.validate_strings(text)
+    except pydantic.ValidationError as e:
+        raise ValueError(
+            f"cannot parse {text!r} for TrainConfig.{name} of type {_spelled(hint)}: "
+            f"{e.errors()[0]['msg']}"
+        ) from None
+
+
+def _without_none(hint: Any) -> Any:
+    """X of `X | None`; other annotations as they are."""
+    if isinstance(hint, types.UnionType):
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    return hint
+
+
+def _spelled(hint: Any) -> str:
+    """An annotation as written in the source ('bool', 'int | None', "Literal['sgd', 'adam']")."""
+    return hint.__name__ if type(hint) is type else str(hint).replace("typing.", "")
 
 
 _CIFAR_RESNET = TrainConfig(
