@@ -273,9 +273,7 @@ class TrainConfig:
         import pydantic
 
         try:
-            _fields_adapter().validate_python(
-                {name: getattr(self, name) for name in field_names()}, strict=True
-            )
+            _fields_adapter().validate_python({name: getattr(self, name) for name in field_names()})
         except pydantic.ValidationError as e:
             raise ValueError(_describe_error(e)) from None
 
@@ -472,7 +470,9 @@ def _fields_adapter():
     import pydantic
 
     fields = {name: (hint, ...) for name, hint in field_types().items()}
-    return pydantic.TypeAdapter(pydantic.create_model("TrainConfig", **fields))
+    # strict: no coercion ('0.1' is not a number); `model_kwargs` is a field name, not pydantic's.
+    config = pydantic.ConfigDict(strict=True, protected_namespaces=())
+    return pydantic.TypeAdapter(pydantic.create_model("TrainConfig", __config__=config, **fields))
 
 
 @functools.cache
