@@ -322,8 +322,10 @@ def test_train_names_load_on_first_use():
     """`cnnjax.train` imports a submodule when one of its names is first used (the help of
     `cnnjax train` needs only the config), and has exactly the names it lists."""
     assert train.train_and_evaluate is train.loop.train_and_evaluate
-    assert set(train.__all__) <= set(dir(train))
-    assert all(getattr(train, name) is not None for name in train.__all__)
+    assert len(train.__all__) == 30 and set(train.__all__) <= set(dir(train))
+    for name in train.__all__:  # each name listed under the module that defines it
+        value, home = getattr(train, name), f"cnnjax.train.{train._HOME[name]}"
+        assert getattr(value, "__module__", home) == home, (name, value.__module__, home)
     with pytest.raises(AttributeError, match="has no attribute 'trian_and_evaluate'"):
         train.trian_and_evaluate
 

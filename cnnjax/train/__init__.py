@@ -13,13 +13,12 @@ import importlib
 _MODULES = {
     "checkpoint": ("Checkpointer",),
     "config": ("PRESETS", "TrainConfig", "get_preset"),
-    "engine": ("Engine", "Member"),
+    "engine": ("Engine", "Member", "initial_state"),
     "loop": (
         "RunResult",
         "build",
         "evaluate_checkpoint",
         "evaluate_weights",
-        "initial_state",
         "train_and_evaluate",
     ),
     "metrics": ("MetricsWriter", "NonFiniteLossError", "read_metrics"),
@@ -49,35 +48,4 @@ def __dir__():
     return sorted({*globals(), *_HOME})
 
 
-__all__ = [
-    "AXIS",
-    "CheckpointError",
-    "Checkpointer",
-    "DataParallel",
-    "Engine",
-    "Member",
-    "MetricsWriter",
-    "NonFiniteLossError",
-    "PRESETS",
-    "RunResult",
-    "TrainConfig",
-    "TrainState",
-    "WorkdirLocked",
-    "build",
-    "create_learning_rate_fn",
-    "create_optimizer",
-    "create_train_state",
-    "cross_entropy",
-    "evaluate_checkpoint",
-    "evaluate_weights",
-    "get_preset",
-    "initial_state",
-    "initialize_distributed",
-    "make_eval_step",
-    "make_train_step",
-    "num_train_steps",
-    "read_metrics",
-    "top_k_error",
-    "train_and_evaluate",
-    "weight_decay_mask",
-]
+__all__ = sorted(_HOME)
